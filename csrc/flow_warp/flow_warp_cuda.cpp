@@ -1,0 +1,68 @@
+// flow_warp CUDA glue: checks, allocation and the launch on PyTorch's current stream. Built only with CUDA.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/native.h"
+#include "flow_warp/flow_warp.h"
+#include "flow_warp/flow_warp_cuda.cuh"
+
+namespace vosops {
+namespace flow_warp {
+namespace {
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor flow_warp_cuda(const at::Tensor& x, const at::Tensor& flow, c10::string_view mode_name,
+                          c10::string_view padding_name) {
+  check_inputs(x, flow);
+  const Mode mode = parse_mode(mode_name);
+  const Padding pad = parse_padding(padding_name);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = new_output(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  check_launch(forward_cuda(to_dtype(x.scalar_type()), x.const_data_ptr(), shape4(x), flow.const_data_ptr(),
+                            shape4(flow), out.data_ptr(), mode, pad, at::cuda::getCurrentCUDAStream()),
+               "flow_warp");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> flow_warp_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                                           const at::Tensor& flow, c10::string_view mode_name,
+                                                           c10::string_view padding_name, bool need_x_grad,
+                                                           bool need_flow_grad) {
+  check_inputs(x, flow);
+  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "flow_warp_backward: grad_out ", grad_out.sizes(),
+                    " must match x ", x.sizes());
+  const Mode mode = parse_mode(mode_name);
+  const Padding pad = parse_padding(padding_name);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool flow_grad_kernel = need_flow_grad && mode == Mode::Bilinear;
+  at::Tensor grad_x_acc;
+  if (need_x_grad) {
+    grad_x_acc = at::zeros(x.sizes(), x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  }
+  at::Tensor grad_flow = flow.new_empty({0});
+  if (need_flow_grad) {
+    grad_flow = flow_grad_kernel ? new_output(flow.sizes(), flow.options().memory_format(at::MemoryFormat::Contiguous))
+                                 : at::zeros(flow.sizes(), flow.options().memory_format(at::MemoryFormat::Contiguous));
+  }
+  check_launch(backward_cuda(to_dtype(x.scalar_type()), grad_out.const_data_ptr(), shape4(grad_out),
+                             x.const_data_ptr(), shape4(x), flow.const_data_ptr(), shape4(flow),
+                             need_x_grad ? grad_x_acc.data_ptr() : nullptr,
+                             flow_grad_kernel ? grad_flow.data_ptr() : nullptr, mode, pad,
+                             at::cuda::getCurrentCUDAStream()),
+               "flow_warp_backward");
+  at::Tensor grad_x = need_x_grad ? grad_x_acc.to(x.scalar_type()) : x.new_empty({0});
+  return {grad_x, grad_flow};
+}
+
+}  // namespace
+}  // namespace flow_warp
+}  // namespace vosops
+
+TORCH_LIBRARY_IMPL(vosops, CUDA, m) {
+  m.impl("flow_warp", &vosops::flow_warp::flow_warp_cuda);
+  m.impl("flow_warp_backward", &vosops::flow_warp::flow_warp_backward_cuda);
+}

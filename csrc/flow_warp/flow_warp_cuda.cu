@@ -1,0 +1,190 @@
+// flow_warp CUDA kernels (torch-free). One thread per output pixel: the taps are computed once and reused for every
+// channel, so for a fixed channel neighbouring threads read neighbouring inputs and write neighbouring outputs.
+// Backward: d(flow) is reduced over channels inside the thread; d(x) is scattered with atomics into an fp32
+// (fp64 for double) accumulator.
+#include <cstdint>
+
+#include "common/cuda_types.cuh"
+#include "flow_warp/flow_warp_cuda.cuh"
+
+namespace vosops {
+namespace flow_warp {
+namespace {
+
+constexpr int kThreads = 256;
+
+inline unsigned int grid_for(int64_t total) {
+  const int64_t blocks = (total + kThreads - 1) / kThreads;
+  return static_cast<unsigned int>(blocks < (1LL << 30) ? blocks : (1LL << 30));  // grid-stride loops cover the rest
+}
+
+struct PixelIndex {
+  int64_t b, i, j;
+};
+
+__device__ __forceinline__ PixelIndex unravel(int64_t idx, int64_t H, int64_t W) {
+  PixelIndex p;
+  p.j = idx % W;
+  const int64_t t = idx / W;
+  p.i = t % H;
+  p.b = t / H;
+  return p;
+}
+
+template <typename T, typename acc_t>
+__device__ __forceinline__ void sampling_point(const T* flow, const Shape4& fs, const PixelIndex& p, acc_t& px,
+                                               acc_t& py) {
+  const T* f = flow + p.b * fs.stride[0] + p.i * fs.stride[2] + p.j * fs.stride[3];
+  px = static_cast<acc_t>(p.j) + to_acc(f[0]);
+  py = static_cast<acc_t>(p.i) + to_acc(f[fs.stride[1]]);
+}
+
+template <typename T, Mode M>
+__global__ void forward_kernel(const T* __restrict__ x, Shape4 xs, const T* __restrict__ flow, Shape4 fs,
+                               T* __restrict__ out, Padding pad) {
+  using acc_t = typename AccType<T>::type;
+  const int64_t B = xs.size[0], C = xs.size[1], H = xs.size[2], W = xs.size[3];
+  const int64_t plane = H * W, total = B * plane;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const PixelIndex p = unravel(idx, H, W);
+    acc_t px, py;
+    sampling_point(flow, fs, p, px, py);
+    const T* xb = x + p.b * xs.stride[0];
+    T* ob = out + p.b * C * plane + p.i * W + p.j;
+    if (M == Mode::Bilinear) {
+      Taps<acc_t> t;
+      bilinear_taps(px, py, H, W, xs.stride[2], xs.stride[3], pad, t);
+      for (int64_t c = 0; c < C; ++c) {
+        const T* xc = xb + c * xs.stride[1];
+        const acc_t v = t.w[0] * to_acc(xc[t.off[0]]) + t.w[1] * to_acc(xc[t.off[1]]) +
+                        t.w[2] * to_acc(xc[t.off[2]]) + t.w[3] * to_acc(xc[t.off[3]]);
+        ob[c * plane] = from_acc<T>(v);
+      }
+    } else {
+      int64_t off;
+      const bool valid = nearest_tap(px, py, H, W, xs.stride[2], xs.stride[3], pad, off);
+      for (int64_t c = 0; c < C; ++c) {
+        ob[c * plane] = valid ? xb[c * xs.stride[1] + off] : from_acc<T>(acc_t(0));
+      }
+    }
+  }
+}
+
+template <typename T, Mode M>
+__global__ void backward_kernel(const T* __restrict__ grad_out, Shape4 gs, const T* __restrict__ x, Shape4 xs,
+                                const T* __restrict__ flow, Shape4 fs,
+                                typename AccType<T>::type* __restrict__ grad_x, T* __restrict__ grad_flow,
+                                Padding pad) {
+  using acc_t = typename AccType<T>::type;
+  const int64_t B = xs.size[0], C = xs.size[1], H = xs.size[2], W = xs.size[3];
+  const int64_t plane = H * W, total = B * plane;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const PixelIndex p = unravel(idx, H, W);
+    acc_t px, py;
+    sampling_point(flow, fs, p, px, py);
+    const T* gb = grad_out + p.b * gs.stride[0] + p.i * gs.stride[2] + p.j * gs.stride[3];
+    acc_t* gxb = grad_x ? grad_x + p.b * C * plane : nullptr;
+    if (M == Mode::Bilinear) {
+      Taps<acc_t> tx, ta;  // taps into x (its strides) and into the contiguous accumulator
+      bilinear_taps(px, py, H, W, xs.stride[2], xs.stride[3], pad, tx);
+      bilinear_taps(px, py, H, W, W, int64_t(1), pad, ta);
+      acc_t dx = acc_t(0), dy = acc_t(0);
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t g = to_acc(gb[c * gs.stride[1]]);
+        if (gxb) {
+          for (int k = 0; k < 4; ++k) {
+            if (ta.valid[k]) atomicAdd(gxb + c * plane + ta.off[k], ta.w[k] * g);
+          }
+        }
+        if (grad_flow) {
+          const T* xc = x + p.b * xs.stride[0] + c * xs.stride[1];
+          acc_t v[4];
+          for (int k = 0; k < 4; ++k) v[k] = tx.valid[k] ? to_acc(xc[tx.off[k]]) : acc_t(0);
+          acc_t dpx, dpy;
+          bilinear_point_grad(tx, v, dpx, dpy);
+          dx += g * dpx;
+          dy += g * dpy;
+        }
+      }
+      if (grad_flow) {
+        T* gf = grad_flow + p.b * 2 * plane + p.i * W + p.j;
+        gf[0] = from_acc<T>(dx);
+        gf[plane] = from_acc<T>(dy);
+      }
+    } else if (gxb) {
+      int64_t off;
+      if (nearest_tap(px, py, H, W, W, int64_t(1), pad, off)) {
+        for (int64_t c = 0; c < C; ++c) atomicAdd(gxb + c * plane + off, to_acc(gb[c * gs.stride[1]]));
+      }
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch_forward(const void* x, Shape4 xs, const void* flow, Shape4 fs, void* out, Mode mode, Padding pad,
+                           cudaStream_t stream) {
+  const int64_t total = xs.size[0] * xs.size[2] * xs.size[3];
+  if (total == 0 || xs.size[1] == 0) return cudaSuccess;
+  const T* xp = static_cast<const T*>(x);
+  const T* fp = static_cast<const T*>(flow);
+  T* op = static_cast<T*>(out);
+  if (mode == Mode::Bilinear) {
+    forward_kernel<T, Mode::Bilinear><<<grid_for(total), kThreads, 0, stream>>>(xp, xs, fp, fs, op, pad);
+  } else {
+    forward_kernel<T, Mode::Nearest><<<grid_for(total), kThreads, 0, stream>>>(xp, xs, fp, fs, op, pad);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_backward(const void* grad_out, Shape4 gs, const void* x, Shape4 xs, const void* flow, Shape4 fs,
+                            void* grad_x, void* grad_flow, Mode mode, Padding pad, cudaStream_t stream) {
+  using acc_t = typename AccType<T>::type;
+  const int64_t total = xs.size[0] * xs.size[2] * xs.size[3];
+  if (total == 0 || xs.size[1] == 0 || (!grad_x && !grad_flow)) return cudaSuccess;
+  const T* gp = static_cast<const T*>(grad_out);
+  const T* xp = static_cast<const T*>(x);
+  const T* fp = static_cast<const T*>(flow);
+  acc_t* gx = static_cast<acc_t*>(grad_x);
+  T* gf = static_cast<T*>(grad_flow);
+  if (mode == Mode::Bilinear) {
+    backward_kernel<T, Mode::Bilinear><<<grid_for(total), kThreads, 0, stream>>>(gp, gs, xp, xs, fp, fs, gx, gf, pad);
+  } else {
+    backward_kernel<T, Mode::Nearest><<<grid_for(total), kThreads, 0, stream>>>(gp, gs, xp, xs, fp, fs, gx, nullptr,
+                                                                                 pad);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t forward_cuda(DType dtype, const void* x, Shape4 xs, const void* flow, Shape4 fs, void* out, Mode mode,
+                         Padding pad, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::Float32: return launch_forward<float>(x, xs, flow, fs, out, mode, pad, stream);
+    case DType::Float64: return launch_forward<double>(x, xs, flow, fs, out, mode, pad, stream);
+    case DType::Float16: return launch_forward<__half>(x, xs, flow, fs, out, mode, pad, stream);
+    case DType::BFloat16: return launch_forward<__nv_bfloat16>(x, xs, flow, fs, out, mode, pad, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t backward_cuda(DType dtype, const void* grad_out, Shape4 gs, const void* x, Shape4 xs, const void* flow,
+                          Shape4 fs, void* grad_x_acc, void* grad_flow, Mode mode, Padding pad, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::Float32:
+      return launch_backward<float>(grad_out, gs, x, xs, flow, fs, grad_x_acc, grad_flow, mode, pad, stream);
+    case DType::Float64:
+      return launch_backward<double>(grad_out, gs, x, xs, flow, fs, grad_x_acc, grad_flow, mode, pad, stream);
+    case DType::Float16:
+      return launch_backward<__half>(grad_out, gs, x, xs, flow, fs, grad_x_acc, grad_flow, mode, pad, stream);
+    case DType::BFloat16:
+      return launch_backward<__nv_bfloat16>(grad_out, gs, x, xs, flow, fs, grad_x_acc, grad_flow, mode, pad, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace flow_warp
+}  // namespace vosops

@@ -1,0 +1,89 @@
+"""Build vosops' native extension `vosops._C`.
+
+The C++ CPU kernels are always built. The CUDA kernels are added when the installed PyTorch was built with CUDA and
+`nvcc` is found (arch list: TORCH_CUDA_ARCH_LIST, default "8.0;9.0"). If the native part cannot be compiled the
+package still installs, and `import vosops` warns once and uses the other backends.
+
+Environment:
+  VOSOPS_NO_NATIVE=1   skip the extension entirely (pure Python install)
+  VOSOPS_NO_CUDA=1     build the CPU kernels only, even with a CUDA PyTorch
+  MAX_JOBS=N           parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def _native_extensions():
+    if os.environ.get("VOSOPS_NO_NATIVE") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension as ce
+    except Exception as exc:  # torch missing: pure-Python install, the reference backend still works
+        print(f"vosops: PyTorch not importable ({exc}); installing without native kernels", file=sys.stderr)
+        return [], {}
+
+    cpu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
+    cuda_glue = [s for s in cpu_sources if s.endswith("_cuda.cpp")]
+    cpu_sources = [s for s in cpu_sources if s not in cuda_glue]
+    cu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True))
+
+    with_cuda = (
+        torch.version.cuda is not None
+        and ce.CUDA_HOME is not None
+        and os.environ.get("VOSOPS_NO_CUDA") != "1"
+    )
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", *openmp]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        ext = ce.CUDAExtension(
+            "vosops._C",
+            cpu_sources + cuda_glue + cu_sources,
+            include_dirs=include_dirs,
+            define_macros=[("VOSOPS_WITH_CUDA", "1"), ("Py_LIMITED_API", "0x030A0000")],
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+            },
+            extra_link_args=openmp,
+            py_limited_api=True,
+        )
+    else:
+        ext = ce.CppExtension(
+            "vosops._C",
+            cpu_sources,
+            include_dirs=include_dirs,
+            define_macros=[("Py_LIMITED_API", "0x030A0000")],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=openmp,
+            py_limited_api=True,
+        )
+
+    class TolerantBuildExtension(ce.BuildExtension):
+        """Install without the native part when it cannot be compiled, instead of failing the whole install."""
+
+        def build_extension(self, extension):
+            try:
+                super().build_extension(extension)
+            except Exception as exc:  # compiler missing or broken: vosops warns at import and falls back
+                if os.environ.get("VOSOPS_REQUIRE_NATIVE") == "1":
+                    raise
+                print(f"vosops: native build failed ({exc}); installing without native kernels", file=sys.stderr)
+
+    return [ext], {"build_ext": TolerantBuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _native_extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass, options={"bdist_wheel": {"py_limited_api": "cp310"}})

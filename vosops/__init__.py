@@ -1,0 +1,19 @@
+"""vosops: fused CPU, CUDA and Triton kernels for video object segmentation mask propagation.
+
+Every op takes `backend=` ("auto", "reference", "cpu", "cuda", "triton"); `vosops.use_backend(name)` sets it for
+a block. See README.md for the op table.
+"""
+
+from ._version import __version__
+from . import _native  # loads vosops._C (warns once if it cannot)
+from ._backends import BACKENDS, BackendUnavailableError, current_backend, use_backend
+from .ops.flow_warp import flow_warp
+
+__all__ = [
+    "__version__",
+    "BACKENDS",
+    "BackendUnavailableError",
+    "current_backend",
+    "use_backend",
+    "flow_warp",
+]

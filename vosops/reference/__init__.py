@@ -1,0 +1,9 @@
+"""Plain-PyTorch reference implementations: readable, float64-capable, differentiable by autograd.
+
+They define the semantics of every vosops op; every backend is tested against them and every benchmark uses
+them as the baseline.
+"""
+
+from .flow_warp import flow_warp, flow_warp_valid
+
+__all__ = ["flow_warp", "flow_warp_valid"]
