@@ -1,9 +1,5 @@
 // flow_warp: op schemas and the CPU kernels.
 //
-// Forward parallelises over (batch, output row): a row's taps are computed once into per-thread scratch and then
-// reused by every channel, so the channel loop is a pure gather-and-FMA over contiguous output.
-// Backward: d(flow) parallelises over rows like the forward; d(x) is a scatter, so it parallelises over (b, c)
-// planes (no two threads write one plane) with the taps of a block of rows shared by all channels.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -19,72 +15,50 @@ namespace vosops {
 namespace flow_warp {
 namespace {
 
-template <typename acc_t>
-struct RowTaps {
-  std::vector<int64_t> off;  // 4 per pixel (1 used for nearest)
-  std::vector<acc_t> w;
-  explicit RowTaps(int64_t n) : off(4 * n), w(4 * n) {}
-};
-
-// Taps of pixels [p0, p1) of batch b (pixel p = i * W + j); writes 4 taps per pixel starting at slot 0.
 template <typename scalar_t, typename acc_t>
-void compute_taps(const scalar_t* flow, const Shape4& fs, int64_t b, int64_t p0, int64_t p1, int64_t H, int64_t W,
-                  int64_t sh, int64_t sw, Mode mode, Padding pad, int64_t* off, acc_t* w) {
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t i = p / W, j = p % W;
-    const int64_t fo = b * fs.stride[0] + i * fs.stride[2] + j * fs.stride[3];
-    const acc_t px = acc_t(j) + static_cast<acc_t>(flow[fo]);
-    const acc_t py = acc_t(i) + static_cast<acc_t>(flow[fo + fs.stride[1]]);
-    int64_t* o = off + 4 * (p - p0);
-    acc_t* ww = w + 4 * (p - p0);
-    if (mode == Mode::Bilinear) {
-      Taps<acc_t> t;
-      bilinear_taps(px, py, H, W, sh, sw, pad, t);
-      for (int k = 0; k < 4; ++k) {
-        o[k] = t.off[k];
-        ww[k] = t.w[k];
-      }
-    } else {
-      const bool valid = nearest_tap(px, py, H, W, sh, sw, pad, o[0]);
-      ww[0] = valid ? acc_t(1) : acc_t(0);
-      for (int k = 1; k < 4; ++k) {
-        o[k] = 0;
-        ww[k] = acc_t(0);
-      }
-    }
-  }
+inline void sampling_point(const scalar_t* flow, const Shape4& fs, int64_t b, int64_t i, int64_t j, acc_t& px,
+                           acc_t& py) {
+  const int64_t fo = b * fs.stride[0] + i * fs.stride[2] + j * fs.stride[3];
+  px = acc_t(j) + static_cast<acc_t>(flow[fo]);
+  py = acc_t(i) + static_cast<acc_t>(flow[fo + fs.stride[1]]);
 }
 
+// Pixel-outer, channel-inner: a pixel's taps stay in registers while its channels are gathered, so each output
+// costs four loads and a store. Neighbouring pixels reuse the same cache lines of every channel plane.
 template <typename scalar_t>
 void forward_cpu(const at::Tensor& x, const at::Tensor& flow, at::Tensor& out, Mode mode, Padding pad) {
   using acc_t = at::opmath_type<scalar_t>;
   const Shape4 xs = shape4(x), fs = shape4(flow);
-  const int64_t B = xs.size[0], C = xs.size[1], H = xs.size[2], W = xs.size[3];
+  const int64_t B = xs.size[0], C = xs.size[1], H = xs.size[2], W = xs.size[3], HW = H * W;
+  const int64_t sc = xs.stride[1];
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* fp = flow.const_data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, W * C));
   at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    RowTaps<acc_t> taps(W);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / H, i = row % H;
-      compute_taps(fp, fs, b, i * W, (i + 1) * W, H, W, xs.stride[2], xs.stride[3], mode, pad, taps.off.data(),
-                   taps.w.data());
-      const int64_t* off = taps.off.data();
-      const acc_t* w = taps.w.data();
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* plane = xp + b * xs.stride[0] + c * xs.stride[1];
-        scalar_t* orow = op + ((b * C + c) * H + i) * W;
+      const scalar_t* xb = xp + b * xs.stride[0];
+      for (int64_t j = 0; j < W; ++j) {
+        acc_t px, py;
+        sampling_point(fp, fs, b, i, j, px, py);
+        scalar_t* o = op + b * C * HW + i * W + j;
         if (mode == Mode::Bilinear) {
-          for (int64_t j = 0; j < W; ++j) {
-            const int64_t* o = off + 4 * j;
-            const acc_t* ww = w + 4 * j;
-            orow[j] = static_cast<scalar_t>(ww[0] * acc_t(plane[o[0]]) + ww[1] * acc_t(plane[o[1]]) +
-                                            ww[2] * acc_t(plane[o[2]]) + ww[3] * acc_t(plane[o[3]]));
+          Taps<acc_t> t;
+          bilinear_taps(px, py, H, W, xs.stride[2], xs.stride[3], pad, t);
+          const acc_t w0 = t.w[0], w1 = t.w[1], w2 = t.w[2], w3 = t.w[3];
+          const scalar_t *x0 = xb + t.off[0], *x1 = xb + t.off[1], *x2 = xb + t.off[2], *x3 = xb + t.off[3];
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t k = c * sc;
+            o[c * HW] = static_cast<scalar_t>(w0 * acc_t(x0[k]) + w1 * acc_t(x1[k]) + w2 * acc_t(x2[k]) +
+                                              w3 * acc_t(x3[k]));
           }
         } else {
-          for (int64_t j = 0; j < W; ++j) {
-            orow[j] = w[4 * j] != acc_t(0) ? plane[off[4 * j]] : scalar_t(0);
+          int64_t off;
+          if (nearest_tap(px, py, H, W, xs.stride[2], xs.stride[3], pad, off)) {
+            for (int64_t c = 0; c < C; ++c) o[c * HW] = xb[off + c * sc];
+          } else {
+            for (int64_t c = 0; c < C; ++c) o[c * HW] = scalar_t(0);
           }
         }
       }
@@ -92,87 +66,80 @@ void forward_cpu(const at::Tensor& x, const at::Tensor& flow, at::Tensor& out, M
   });
 }
 
-// d(x): scatter of grad_out through the taps into a contiguous accumulator of type acc_t.
-template <typename scalar_t, typename acc_t>
-void grad_x_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& flow, acc_t* gx, Mode mode,
-                Padding pad) {
-  const Shape4 gs = shape4(grad_out), fs = shape4(flow);
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-  const scalar_t* fp = flow.const_data_ptr<scalar_t>();
-  // Taps index the contiguous accumulator, so they use its strides (W, 1).
-  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(H * W, 1 << 15));
-  std::vector<int64_t> off(4 * block);
-  std::vector<acc_t> w(4 * block);
-  const int ntaps = mode == Mode::Bilinear ? 4 : 1;
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t p0 = 0; p0 < H * W; p0 += block) {
-      const int64_t p1 = std::min(H * W, p0 + block);
-      at::parallel_for(p0, p1, 2048, [&](int64_t begin, int64_t end) {
-        compute_taps(fp, fs, b, begin, end, H, W, W, 1, mode, pad, off.data() + 4 * (begin - p0),
-                     w.data() + 4 * (begin - p0));
-      });
-      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          acc_t* plane = gx + (b * C + c) * H * W;
-          const scalar_t* g = gp + b * gs.stride[0] + c * gs.stride[1];
-          for (int64_t p = p0; p < p1; ++p) {
-            const acc_t gv = static_cast<acc_t>(g[(p / W) * gs.stride[2] + (p % W) * gs.stride[3]]);
-            const int64_t* o = off.data() + 4 * (p - p0);
-            const acc_t* ww = w.data() + 4 * (p - p0);
-            for (int k = 0; k < ntaps; ++k) plane[o[k]] += ww[k] * gv;
-          }
-        }
-      });
-    }
-  }
-}
-
-// d(flow) for bilinear sampling: per pixel, the sum over channels of grad_out times d(out)/d(point).
+// One pass for both gradients. d(x) is a scatter, so work is split by (batch, block of channels): no two tasks
+// write the same plane. Each task sums its channels' share of d(flow) into a private partial, reduced at the end.
 template <typename scalar_t>
-void grad_flow_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& flow, at::Tensor& gflow,
-                   Padding pad) {
+void backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& flow,
+                  at::opmath_type<scalar_t>* gx, at::Tensor* gflow, Mode mode, Padding pad) {
   using acc_t = at::opmath_type<scalar_t>;
   const Shape4 xs = shape4(x), fs = shape4(flow), gs = shape4(grad_out);
-  const int64_t B = xs.size[0], C = xs.size[1], H = xs.size[2], W = xs.size[3];
+  const int64_t B = xs.size[0], C = xs.size[1], H = xs.size[2], W = xs.size[3], HW = H * W;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* fp = flow.const_data_ptr<scalar_t>();
   const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-  scalar_t* out = gflow.data_ptr<scalar_t>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, W * C));
-  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<Taps<acc_t>> taps(W);
-    std::vector<acc_t> dx(W), dy(W);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / H, i = row % H;
-      for (int64_t j = 0; j < W; ++j) {
-        const int64_t fo = b * fs.stride[0] + i * fs.stride[2] + j * fs.stride[3];
-        const acc_t px = acc_t(j) + static_cast<acc_t>(fp[fo]);
-        const acc_t py = acc_t(i) + static_cast<acc_t>(fp[fo + fs.stride[1]]);
-        bilinear_taps(px, py, H, W, xs.stride[2], xs.stride[3], pad, taps[j]);
-        dx[j] = acc_t(0);
-        dy[j] = acc_t(0);
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* plane = xp + b * xs.stride[0] + c * xs.stride[1];
-        const scalar_t* g = gp + b * gs.stride[0] + c * gs.stride[1] + i * gs.stride[2];
+  const bool want_flow = gflow != nullptr && mode == Mode::Bilinear;
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(C, at::get_num_threads()));
+  std::vector<acc_t> partial(want_flow ? static_cast<size_t>(nchunks * B * 2 * HW) : 0);
+  at::parallel_for(0, B * nchunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nchunks, k = task % nchunks;
+      const int64_t c0 = C * k / nchunks, c1 = C * (k + 1) / nchunks;
+      acc_t* dflow = want_flow ? partial.data() + (k * B + b) * 2 * HW : nullptr;
+      const scalar_t* xb = xp + b * xs.stride[0];
+      const scalar_t* gb = gp + b * gs.stride[0];
+      acc_t* gxb = gx ? gx + b * C * HW : nullptr;
+      for (int64_t i = 0; i < H; ++i) {
         for (int64_t j = 0; j < W; ++j) {
-          const Taps<acc_t>& t = taps[j];
-          acc_t v[4];
-          for (int k = 0; k < 4; ++k) v[k] = t.valid[k] ? static_cast<acc_t>(plane[t.off[k]]) : acc_t(0);
-          acc_t dpx, dpy;
-          bilinear_point_grad(t, v, dpx, dpy);
-          const acc_t gv = static_cast<acc_t>(g[j * gs.stride[3]]);
-          dx[j] += gv * dpx;
-          dy[j] += gv * dpy;
+          acc_t px, py;
+          sampling_point(fp, fs, b, i, j, px, py);
+          const scalar_t* g = gb + i * gs.stride[2] + j * gs.stride[3];
+          if (mode == Mode::Nearest) {
+            int64_t off;
+            if (gxb && nearest_tap(px, py, H, W, W, int64_t(1), pad, off)) {
+              for (int64_t c = c0; c < c1; ++c) gxb[c * HW + off] += static_cast<acc_t>(g[c * gs.stride[1]]);
+            }
+            continue;
+          }
+          Taps<acc_t> tx, ta;  // taps into x (its strides) and into the contiguous accumulator
+          bilinear_taps(px, py, H, W, xs.stride[2], xs.stride[3], pad, tx);
+          bilinear_taps(px, py, H, W, W, int64_t(1), pad, ta);
+          acc_t m[4];
+          for (int q = 0; q < 4; ++q) m[q] = tx.valid[q] ? acc_t(1) : acc_t(0);
+          acc_t dx = acc_t(0), dy = acc_t(0);
+          for (int64_t c = c0; c < c1; ++c) {
+            const acc_t gv = static_cast<acc_t>(g[c * gs.stride[1]]);
+            if (gxb) {
+              acc_t* plane = gxb + c * HW;
+              for (int q = 0; q < 4; ++q) plane[ta.off[q]] += ta.w[q] * gv;
+            }
+            if (want_flow) {
+              const scalar_t* xc = xb + c * xs.stride[1];
+              acc_t v[4];
+              for (int q = 0; q < 4; ++q) v[q] = m[q] * static_cast<acc_t>(xc[tx.off[q]]);
+              acc_t dpx, dpy;
+              bilinear_point_grad(tx, v, dpx, dpy);
+              dx += gv * dpx;
+              dy += gv * dpy;
+            }
+          }
+          if (want_flow) {
+            dflow[i * W + j] = dx;
+            dflow[HW + i * W + j] = dy;
+          }
         }
-      }
-      for (int64_t j = 0; j < W; ++j) {
-        out[((b * 2 + 0) * H + i) * W + j] = static_cast<scalar_t>(dx[j]);
-        out[((b * 2 + 1) * H + i) * W + j] = static_cast<scalar_t>(dy[j]);
       }
     }
   });
+  if (want_flow) {
+    scalar_t* out = gflow->data_ptr<scalar_t>();
+    at::parallel_for(0, B * 2 * HW, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) {
+        acc_t sum = acc_t(0);
+        for (int64_t k = 0; k < nchunks; ++k) sum += partial[k * B * 2 * HW + e];
+        out[e] = static_cast<scalar_t>(sum);
+      }
+    });
+  }
 }
 
 at::Tensor flow_warp_cpu(const at::Tensor& x, const at::Tensor& flow, c10::string_view mode_name,
@@ -198,27 +165,23 @@ std::tuple<at::Tensor, at::Tensor> flow_warp_backward_cpu(const at::Tensor& grad
   const Padding pad = parse_padding(padding_name);
   at::Tensor grad_x = x.new_empty({0});
   at::Tensor grad_flow = flow.new_empty({0});
-  if (need_x_grad) {
-    const bool exact_acc = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
-    at::Tensor acc = at::zeros(x.sizes(), x.options().dtype(exact_acc ? x.scalar_type() : at::kFloat));
-    if (x.numel() > 0) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "flow_warp_grad_x_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        grad_x_cpu<scalar_t, acc_t>(grad_out, x, flow, acc.data_ptr<acc_t>(), mode, pad);
-      });
-    }
-    grad_x = exact_acc ? acc : acc.to(x.scalar_type());
-  }
+  const bool exact_acc = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+  at::Tensor acc;
+  if (need_x_grad) acc = at::zeros(x.sizes(), x.options().dtype(exact_acc ? x.scalar_type() : at::kFloat));
   if (need_flow_grad) {
-    if (mode == Mode::Nearest || x.numel() == 0) {
-      // Nearest sampling is piecewise constant in the flow: its gradient is zero almost everywhere.
-      grad_flow = at::zeros(flow.sizes(), flow.options().memory_format(at::MemoryFormat::Contiguous));
-    } else {
-      grad_flow = new_output(flow.sizes(), flow.options().memory_format(at::MemoryFormat::Contiguous));
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "flow_warp_grad_flow_cpu",
-                                      [&] { grad_flow_cpu<scalar_t>(grad_out, x, flow, grad_flow, pad); });
-    }
+    // Nearest sampling is piecewise constant in the flow: its gradient is zero almost everywhere.
+    grad_flow = mode == Mode::Bilinear && x.numel() > 0
+                    ? new_output(flow.sizes(), flow.options().memory_format(at::MemoryFormat::Contiguous))
+                    : at::zeros(flow.sizes(), flow.options().memory_format(at::MemoryFormat::Contiguous));
   }
+  if (x.numel() > 0 && (need_x_grad || (need_flow_grad && mode == Mode::Bilinear))) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "flow_warp_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      backward_cpu<scalar_t>(grad_out, x, flow, need_x_grad ? acc.data_ptr<acc_t>() : nullptr,
+                             need_flow_grad ? &grad_flow : nullptr, mode, pad);
+    });
+  }
+  if (need_x_grad) grad_x = exact_acc ? acc : acc.to(x.scalar_type());
   return {grad_x, grad_flow};
 }
 

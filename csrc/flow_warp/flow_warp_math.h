@@ -11,11 +11,28 @@ namespace flow_warp {
 enum class Mode : int { Bilinear = 0, Nearest = 1 };
 enum class Padding : int { Zeros = 0, Border = 1 };
 
-VOSOPS_HD float floor_(float v) { return floorf(v); }
-VOSOPS_HD double floor_(double v) { return floor(v); }
+// Floor of a value known to lie in (-2^62, 2^62), by truncation: inlined everywhere, where floorf would be a libm
+// call on a baseline x86-64 build.
+template <typename acc_t>
+VOSOPS_HD int64_t floor_in_range(acc_t v) {
+  const int64_t t = static_cast<int64_t>(v);
+  return static_cast<acc_t>(t) > v ? t - 1 : t;
+}
+
 // Round half to even (the default rounding mode), as grid_sample's nearest mode does with nearbyint.
-VOSOPS_HD float rint_(float v) { return rintf(v); }
-VOSOPS_HD double rint_(double v) { return rint(v); }
+#if defined(__CUDA_ARCH__)
+__device__ __forceinline__ float rint_(float v) { return rintf(v); }
+__device__ __forceinline__ double rint_(double v) { return rint(v); }
+#else
+template <typename acc_t>
+inline acc_t rint_(acc_t v) {
+  if (!(v > acc_t(-4e18) && v < acc_t(4e18))) return v;  // NaN, inf and huge values: no integer conversion
+  const int64_t f = floor_in_range(v);
+  const acc_t d = v - static_cast<acc_t>(f);  // exact: v and its floor share the exponent range
+  const int64_t r = d > acc_t(0.5) ? f + 1 : (d < acc_t(0.5) ? f : f + (f & 1));
+  return static_cast<acc_t>(r);
+}
+#endif
 
 // Up to four taps of one output pixel inside a (b, c) plane of x. A tap outside the frame has weight 0 and offset
 // 0, so every tap can be read without a branch.
@@ -66,9 +83,8 @@ VOSOPS_HD void bilinear_taps(acc_t px, acc_t py, int64_t H, int64_t W, int64_t s
   t.fx = acc_t(0);
   t.fy = acc_t(0);
   if (!(px > acc_t(-1) && px < acc_t(W) && py > acc_t(-1) && py < acc_t(H))) return;
-  const acc_t x0f = floor_(px), y0f = floor_(py);
-  const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
-  const acc_t fx = px - x0f, fy = py - y0f;
+  const int64_t x0 = floor_in_range(px), y0 = floor_in_range(py);
+  const acc_t fx = px - static_cast<acc_t>(x0), fy = py - static_cast<acc_t>(y0);
   t.fx = fx;
   t.fy = fy;
   const acc_t wts[4] = {(acc_t(1) - fx) * (acc_t(1) - fy), fx * (acc_t(1) - fy), (acc_t(1) - fx) * fy, fx * fy};

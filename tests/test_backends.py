@@ -1,0 +1,95 @@
+"""Backend selection, availability errors and the native build."""
+
+import pytest
+import torch
+
+import vosops
+from vosops import _backends, _native
+
+
+def _inputs():
+    return torch.randn(1, 2, 4, 5), torch.randn(1, 2, 4, 5)
+
+
+def test_native_extension_loaded():
+    # CI builds the extension; a silent fallback to Python would hide a broken build.
+    assert _native.LOADED, _native.LOAD_ERROR
+    assert "flow_warp" in _backends._KERNELS["CPU"]
+
+
+def test_auto_picks_cpu_kernels_for_cpu_tensors():
+    assert _backends.select("flow_warp", torch.device("cpu")) == "cpu"
+
+
+def test_use_backend_context_manager_nests_and_restores():
+    assert vosops.current_backend() == "auto"
+    with vosops.use_backend("reference"):
+        assert _backends.select("flow_warp", torch.device("cpu")) == "reference"
+        with vosops.use_backend("cpu"):
+            assert _backends.select("flow_warp", torch.device("cpu")) == "cpu"
+        assert vosops.current_backend() == "reference"
+    assert vosops.current_backend() == "auto"
+
+
+def test_per_call_backend_beats_context():
+    x, f = _inputs()
+    with vosops.use_backend("reference"):
+        assert _backends.select("flow_warp", x.device, "cpu") == "cpu"
+        torch.testing.assert_close(vosops.flow_warp(x, f, backend="cpu"), vosops.flow_warp(x, f))
+
+
+def test_unknown_backend_is_a_value_error():
+    x, f = _inputs()
+    with pytest.raises(ValueError, match="backend must be"):
+        vosops.flow_warp(x, f, backend="metal")
+    with pytest.raises(ValueError, match="backend must be"):
+        with vosops.use_backend("metal"):
+            pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_backend_on_cpu_tensors_explains():
+    x, f = _inputs()
+    with pytest.raises(vosops.BackendUnavailableError, match="CUDA tensors"):
+        vosops.flow_warp(x, f, backend="cuda")
+
+
+def test_triton_on_cpu_without_interpreter_explains(monkeypatch):
+    monkeypatch.setattr(_backends, "TRITON_INTERPRET", False)
+    x, f = _inputs()
+    with pytest.raises(vosops.BackendUnavailableError, match="TRITON_INTERPRET"):
+        vosops.flow_warp(x, f, backend="triton")
+
+
+def test_missing_native_kernels_explain(monkeypatch):
+    monkeypatch.setitem(_backends._KERNELS, "CPU", frozenset())
+    x, f = _inputs()
+    with pytest.raises(vosops.BackendUnavailableError, match="pip install --no-build-isolation"):
+        vosops.flow_warp(x, f, backend="cpu")
+    # auto falls back to the reference instead of failing
+    assert _backends.select("flow_warp", x.device) == "reference"
+
+
+def test_import_without_native_extension_warns_and_falls_back(tmp_path):
+    """A build without the native part still imports: one warning, and auto uses the reference."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys, warnings
+        sys.modules['vosops._C'] = None  # makes `from . import _C` raise ImportError
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter('always')
+            import vosops, torch
+        msgs = [str(x.message) for x in w if 'native extension' in str(x.message)]
+        assert len(msgs) == 1, msgs
+        x = torch.randn(1, 1, 3, 3); f = torch.zeros(1, 2, 3, 3)
+        assert torch.equal(vosops.flow_warp(x, f), x)
+        print('ok')
+        """
+    )
+    env_path = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=env_path)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr

@@ -1,0 +1,232 @@
+"""flow_warp: every backend against the reference; the reference against F.grid_sample and cv2.remap."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vosops
+from vosops import reference, testing
+
+from conftest import backend_device_params
+
+MODES = ["bilinear", "nearest"]
+PADDINGS = ["zeros", "border"]
+BACKENDS = backend_device_params("flow_warp")
+
+
+def random_flow(B, H, W, *, dtype=torch.float64, device="cpu", far=True):
+    """Flows of a few pixels, with some pointing far out of the frame (and one exactly at a pixel)."""
+    flow = torch.randn(B, 2, H, W, dtype=dtype) * 2.5
+    if far:
+        far_mask = torch.rand(B, 1, H, W) < 0.15
+        flow = torch.where(far_mask, flow * 40, flow)
+    flow[:, :, 0, 0] = 1.0  # an integer displacement: a tap lands exactly on a pixel
+    return flow.to(device)
+
+
+def grid_sample_warp(x, flow, mode, padding_mode):
+    """What users write today: build a normalised grid from the flow and call F.grid_sample."""
+    B, _, H, W = x.shape
+    ii, jj = torch.meshgrid(torch.arange(H, dtype=x.dtype, device=x.device),
+                            torch.arange(W, dtype=x.dtype, device=x.device), indexing="ij")
+    gx = (jj + flow[:, 0]) * (2.0 / max(W - 1, 1)) - 1.0
+    gy = (ii + flow[:, 1]) * (2.0 / max(H - 1, 1)) - 1.0
+    return F.grid_sample(x, torch.stack([gx, gy], dim=-1), mode=mode, padding_mode=padding_mode,
+                         align_corners=True)
+
+
+# --- the reference against the two external definitions -------------------------------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+@pytest.mark.parametrize("shape", [(2, 3, 7, 9), (1, 4, 16, 5)])
+def test_reference_matches_grid_sample(mode, padding_mode, shape):
+    B, C, H, W = shape
+    x = torch.randn(shape, dtype=torch.float64)
+    flow = random_flow(B, H, W)
+    if mode == "nearest":  # keep rounding away from exact .5 ties, where grid_sample's float round trip decides
+        flow = torch.where((flow - flow.floor() - 0.5).abs() < 1e-6, flow + 0.01, flow)
+    out = reference.flow_warp(x, flow, mode, padding_mode)
+    torch.testing.assert_close(out, grid_sample_warp(x, flow, mode, padding_mode), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode,cv_interp", [("bilinear", cv2.INTER_LINEAR), ("nearest", cv2.INTER_NEAREST)])
+@pytest.mark.parametrize("padding_mode,cv_border", [("zeros", cv2.BORDER_CONSTANT), ("border", cv2.BORDER_REPLICATE)])
+def test_reference_matches_opencv_remap(mode, cv_interp, padding_mode, cv_border):
+    H, W = 23, 31
+    img = np.random.default_rng(1).uniform(0, 1, (H, W, 3)).astype(np.float32)
+    flow = random_flow(1, H, W, dtype=torch.float32)
+    flow = flow + 0.013  # off the exact half-pixel ties, where OpenCV's and PyTorch's rounding may differ
+    jj, ii = np.meshgrid(np.arange(W, dtype=np.float32), np.arange(H, dtype=np.float32))
+    map_x = jj + flow[0, 0].numpy()
+    map_y = ii + flow[0, 1].numpy()
+    expected = cv2.remap(img, map_x, map_y, cv_interp, borderMode=cv_border, borderValue=0)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].double()
+    out = reference.flow_warp(x, flow.double(), mode, padding_mode)[0].permute(1, 2, 0).numpy()
+    # OpenCV quantises bilinear weights to 1/32 of a pixel; nearest must agree exactly.
+    atol = 1.0 / 32 if mode == "bilinear" else 0.0
+    np.testing.assert_allclose(out, expected, atol=atol + 1e-6)
+
+
+def test_reference_gradcheck():
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)
+    flow = random_flow(2, 6, 7).add_(0.37).requires_grad_()  # keep taps off the integer kinks
+    for padding_mode in PADDINGS:
+        testing.check_gradcheck(lambda a, f: reference.flow_warp(a, f, "bilinear", padding_mode), (x, flow))
+
+
+# --- every backend against the reference -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous", "channels_last"])
+def test_backend_matches_reference(backend, device, mode, padding_mode, layout):
+    for dtype in testing.backend_dtypes(backend, device):
+        for shape in [(2, 3, 7, 9), (1, 5, 1, 6), (3, 1, 13, 2)]:
+            B, C, H, W = shape
+            x = torch.randn(shape, device=device)
+            flow = random_flow(B, H, W, dtype=torch.float32, device=device)
+            if mode == "nearest" and dtype in (torch.float16, torch.bfloat16):
+                flow = flow.round() + 0.25  # far from ties, so low-precision rounding cannot move the tap
+            grads = ("x", "flow") if mode == "bilinear" else ("x",)
+            testing.check_against_reference(
+                lambda x, flow: vosops.flow_warp(x, flow, mode=mode, padding_mode=padding_mode, backend=backend),
+                lambda x, flow: reference.flow_warp(x, flow, mode, padding_mode),
+                {"x": x, "flow": flow}, dtype=dtype, grad_inputs=grads, layout=layout,
+                # the flow gradient jumps at integer points; low precision can put a tap on the other side
+                grad_atol=0.1 if dtype in (torch.float16, torch.bfloat16) else None,
+            )
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "cpu"])
+def test_cpu_gradcheck(backend, device):
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)
+    flow = random_flow(2, 6, 7).add_(0.37).requires_grad_()
+    for padding_mode in PADDINGS:
+        testing.check_gradcheck(
+            lambda a, f: vosops.flow_warp(a, f, padding_mode=padding_mode, backend=backend), (x, flow))
+    testing.check_gradcheck(
+        lambda a: vosops.flow_warp(a, flow.detach(), mode="nearest", backend=backend), (x,))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_zero_flow_is_identity_and_integer_flow_is_a_shift(backend, device):
+    x = torch.randn(2, 3, 8, 10, device=device)
+    zero = torch.zeros(2, 2, 8, 10, device=device)
+    for mode in MODES:
+        torch.testing.assert_close(vosops.flow_warp(x, zero, mode=mode, backend=backend), x)
+    shift = zero.clone()
+    shift[:, 0] = 2.0  # sample two pixels to the right
+    out = vosops.flow_warp(x, shift, backend=backend)
+    torch.testing.assert_close(out[..., :-2], x[..., 2:])
+    assert not out[..., -2:].any()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_non_finite_flow_samples_nothing(backend, device):
+    x = torch.randn(1, 2, 5, 6, device=device)
+    flow = torch.zeros(1, 2, 5, 6, device=device)
+    flow[0, 0, 1, 1] = float("nan")
+    flow[0, 1, 2, 2] = float("inf")
+    flow[0, 0, 3, 3] = 1e30
+    for mode in MODES:
+        out = vosops.flow_warp(x, flow, mode=mode, backend=backend)
+        assert torch.isfinite(out).all()
+        assert not out[0, :, 1, 1].any() and not out[0, :, 2, 2].any() and not out[0, :, 3, 3].any()
+        torch.testing.assert_close(out[0, :, 0], x[0, :, 0])
+
+
+# --- registration, compile, validity, errors ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck_native(mode):
+    x = torch.randn(2, 3, 5, 6, requires_grad=True)
+    flow = random_flow(2, 5, 6, dtype=torch.float32).requires_grad_(mode == "bilinear")
+    testing.check_opcheck(torch.ops.vosops.flow_warp.default, (x, flow, mode, "zeros"))
+    testing.check_opcheck(torch.ops.vosops.flow_warp.default, (x, flow, mode, "border"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck_triton(mode):
+    pytest.importorskip("triton")
+    from vosops.triton import flow_warp as tfw
+
+    x = torch.randn(2, 3, 5, 6, requires_grad=True)
+    flow = random_flow(2, 5, 6, dtype=torch.float32).requires_grad_(mode == "bilinear")
+    testing.check_opcheck(tfw.flow_warp_triton, (x, flow, mode, "zeros"))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_torch_compile_fullgraph(backend, device):
+    x = torch.randn(2, 3, 5, 6, device=device, requires_grad=True)
+    flow = random_flow(2, 5, 6, dtype=torch.float32, device=device).requires_grad_()
+    testing.check_compile(lambda a, f: vosops.flow_warp(a, f, backend=backend), (x, flow))
+
+
+def test_return_valid_marks_points_inside_the_frame():
+    x = torch.randn(1, 1, 4, 5)
+    flow = torch.zeros(1, 2, 4, 5)
+    flow[0, 0, 0, 0] = -0.5   # x = -0.5: outside
+    flow[0, 0, 1, 4] = 0.0    # x = 4 = W-1: inside
+    flow[0, 1, 3, 2] = 0.4    # y = 3.4 > H-1: outside for bilinear, rounds to 3 for nearest
+    _, valid = vosops.flow_warp(x, flow, return_valid=True)
+    assert valid.shape == (1, 1, 4, 5) and valid.dtype == torch.bool
+    assert not valid[0, 0, 0, 0] and valid[0, 0, 1, 4] and not valid[0, 0, 3, 2]
+    assert valid.sum() == 4 * 5 - 2
+    _, valid_nearest = vosops.flow_warp(x, flow, mode="nearest", return_valid=True)
+    # nearest judges the rounded point: -0.5 rounds half to even (0) and 3.4 rounds to 3, both inside
+    assert valid_nearest.all()
+
+
+@pytest.mark.parametrize(
+    "x,flow,kwargs,exc,match",
+    [
+        (torch.randn(3, 4, 5), torch.randn(3, 2, 4, 5), {}, ValueError, "x must have 4 dimensions"),
+        (torch.randn(1, 3, 4, 5), torch.randn(1, 3, 4, 5), {}, ValueError, "flow must be .B, 2, H, W."),
+        (torch.randn(2, 3, 4, 5), torch.randn(1, 2, 4, 5), {}, ValueError, "batch and spatial"),
+        (torch.randn(1, 3, 4, 5), torch.randn(1, 2, 4, 6), {}, ValueError, "batch and spatial"),
+        (torch.randn(1, 3, 4, 5), torch.randn(1, 2, 4, 5).double(), {}, TypeError, "flow has dtype"),
+        (torch.randint(0, 3, (1, 3, 4, 5)), torch.randn(1, 2, 4, 5), {}, TypeError, "x must be float32"),
+        (torch.randn(0, 3, 4, 5), torch.randn(0, 2, 4, 5), {}, ValueError, "x must not be empty"),
+        (torch.randn(1, 3, 4, 5), torch.randn(1, 2, 4, 5), {"mode": "bicubic"}, ValueError, "mode must be"),
+        (torch.randn(1, 3, 4, 5), torch.randn(1, 2, 4, 5), {"padding_mode": "reflection"}, ValueError,
+         "padding_mode must be"),
+        ([1.0], torch.randn(1, 2, 4, 5), {}, TypeError, "x must be a torch.Tensor"),
+    ],
+)
+def test_bad_input_raises_clear_errors(x, flow, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        vosops.flow_warp(x, flow, **kwargs)
+
+
+def test_native_op_checks_its_arguments_too():
+    """Calling torch.ops.vosops.flow_warp directly must not crash on bad input."""
+    with pytest.raises(ValueError, match="flow must be"):
+        torch.ops.vosops.flow_warp(torch.randn(1, 3, 4, 5), torch.randn(1, 3, 4, 5), "bilinear", "zeros")
+    with pytest.raises(ValueError, match="mode must be"):
+        torch.ops.vosops.flow_warp(torch.randn(1, 3, 4, 5), torch.randn(1, 2, 4, 5), "cubic", "zeros")
+    with pytest.raises(TypeError, match="same dtype"):
+        torch.ops.vosops.flow_warp(torch.randn(1, 3, 4, 5), torch.randn(1, 2, 4, 5).double(), "bilinear", "zeros")
+
+
+def test_triton_rejects_float64_clearly():
+    pytest.importorskip("triton")
+    if vosops._backends.why_unusable("triton", "flow_warp", "cpu") is not None:
+        pytest.skip("triton backend not usable on CPU here")
+    with pytest.raises(TypeError, match="triton backend takes float32"):
+        vosops.flow_warp(torch.randn(1, 1, 3, 3, dtype=torch.float64), torch.zeros(1, 2, 3, 3, dtype=torch.float64),
+                         backend="triton")
+
+
+@pytest.mark.cuda
+def test_cuda_uses_current_stream():
+    x = torch.randn(2, 3, 32, 40, device="cuda")
+    flow = torch.randn(2, 2, 32, 40, device="cuda")
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        out = vosops.flow_warp(x, flow, backend="cuda")
+    s.synchronize()
+    torch.testing.assert_close(out, reference.flow_warp(x, flow, "bilinear", "zeros"), atol=1e-5, rtol=1e-5)

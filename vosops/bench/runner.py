@@ -1,0 +1,122 @@
+"""Run benchmark cases and report: a printed table, a JSON file and a speed-up plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from typing import Iterable
+
+import torch
+
+from .registry import Case
+from .timing import measure_ms, peak_extra_bytes
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def run_cases(cases: Iterable[Case], *, budget_s: float = 1.0, memory: bool = True, log=print) -> list[dict]:
+    rows = []
+    for case in cases:
+        fn = case.setup()
+        t = measure_ms(fn, case.device, budget_s=budget_s)
+        row = {
+            "op": case.op, "config": case.config, "device": case.device, "device_name": device_name(case.device),
+            "dtype": case.dtype, "direction": case.direction, "impl": case.impl, "baseline": case.baseline,
+            **t,
+        }
+        if case.flops:
+            row["gflops"] = case.flops / (t["ms"] * 1e6)
+        if case.bytes:
+            row["gbps"] = case.bytes / (t["ms"] * 1e6)
+        if memory:
+            row["peak_extra_mb"] = peak_extra_bytes(fn, case.device) / 2**20
+        row.update(case.extra)
+        rows.append(row)
+        del fn
+        log(f"  {case.name}: {t['ms']:.3f} ms")
+    _add_speedups(rows)
+    return rows
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    key = lambda r: (r["op"], r["config"], r["device"], r["dtype"], r["direction"])  # noqa: E731
+    base = {key(r): r["ms"] for r in rows if r["baseline"]}
+    for r in rows:
+        b = base.get(key(r))
+        r["speedup"] = b / r["ms"] if b else None
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'op/config':<24}{'dev':<5}{'dir':<5}{'impl':<13}{'ms':>10}{'GB/s':>9}{'GFLOP/s':>9}{'speedup':>9}{'peak MB':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        fmt = lambda v, f: (f.format(v) if v is not None else "-")  # noqa: E731
+        lines.append(
+            f"{r['op'] + '/' + r['config']:<24}{r['device']:<5}{r['direction']:<5}{r['impl']:<13}"
+            f"{r['ms']:>10.3f}{fmt(r.get('gbps'), '{:.1f}'):>9}{fmt(r.get('gflops'), '{:.1f}'):>9}"
+            f"{fmt(r.get('speedup'), '{:.2f}x'):>9}{fmt(r.get('peak_extra_mb'), '{:.1f}'):>9}"
+        )
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    import vosops
+
+    env = {
+        "vosops": vosops.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
+        "cpu_threads": torch.get_num_threads(), "command": " ".join(sys.argv),
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        env["cuda"] = torch.version.cuda
+        env["gpu"] = torch.cuda.get_device_name()
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def write_json(rows: list[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"environment": environment(), "results": rows}, f, indent=1)
+
+
+def plot_speedups(rows: list[dict], path: str, title: str = "vosops speed-up over the PyTorch baseline") -> None:
+    """Grouped bars: one group per (op/config/direction), one bar per non-baseline implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["op"], r["config"], r["device"], r["direction"]) for r in rows})
+    impls = sorted({r["impl"] for r in rows if not r["baseline"] and r.get("speedup")})
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups) * max(1, len(impls)) / 2), 4))
+    width = 0.8 / max(1, len(impls))
+    for k, impl in enumerate(impls):
+        vals = []
+        for g in groups:
+            match = [r for r in rows if (r["op"], r["config"], r["device"], r["direction"]) == g and r["impl"] == impl]
+            vals.append(match[0]["speedup"] if match and match[0].get("speedup") else 0.0)
+        xs = [i + k * width for i in range(len(groups))]
+        bars = ax.bar(xs, vals, width, label=impl)
+        ax.bar_label(bars, fmt="%.1fx", fontsize=7)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(groups))])
+    ax.set_xticklabels([f"{o}\n{c}\n{d} {dr}" for o, c, d, dr in groups], fontsize=7)
+    ax.set_ylabel("speed-up vs baseline (x)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

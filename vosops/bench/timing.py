@@ -1,0 +1,91 @@
+"""Timers. GPU: CUDA events around each repetition, warm-up first, L2 flushed in between, median (the method of
+triton.testing.do_bench). CPU: wall clock around synchronous work, warm-up first, median. Peak extra memory:
+CUDA allocator statistics on GPU, the profiler's allocation events on CPU."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+_L2_FLUSH_BYTES = 256 * 1024 * 1024  # larger than any current GPU's L2
+
+
+def measure_ms(fn: Callable[[], object], device: str, *, min_reps: int = 5, max_reps: int = 200,
+               budget_s: float = 1.0, warmup: int = 2) -> dict:
+    """Median milliseconds of `fn()` plus spread; repetitions adapt to a time budget."""
+    if device == "cuda":
+        return _cuda_ms(fn, min_reps=min_reps, max_reps=max_reps, budget_s=budget_s, warmup=warmup)
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return _summary(times)
+
+
+def _cuda_ms(fn, *, min_reps, max_reps, budget_s, warmup) -> dict:
+    flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    # estimate one call to choose the repetition count
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    fn()
+    e1.record()
+    torch.cuda.synchronize()
+    est_ms = max(e0.elapsed_time(e1), 1e-3)
+    reps = int(min(max_reps, max(min_reps, budget_s * 1e3 / est_ms)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        flush.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def _summary(times: list[float]) -> dict:
+    times = sorted(times)
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+    return {"ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "reps": len(times)}
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak bytes allocated by one call of `fn` beyond what was allocated before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return int(peak)
+    import os
+
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start/stop lines off the console
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    # Walk allocation events in time order and track the running total.
+    events = sorted(
+        (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0) != 0),
+        key=lambda e: e.time_range.start,
+    )
+    running = peak = 0
+    for e in events:
+        running += e.cpu_memory_usage
+        peak = max(peak, running)
+    return int(peak)

@@ -1,0 +1,1 @@
+"""Subcommands of the `vosops` CLI (see vosops/cli.py)."""

@@ -1,0 +1,58 @@
+"""`vosops bench`: run the standard configurations, print a table, write JSON and a speed-up PNG."""
+
+from __future__ import annotations
+
+import os
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark the standard configurations against the PyTorch baselines")
+    p.add_argument("--op", action="append", help="op to benchmark (repeatable; default: all)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when a GPU is present, else cpu")
+    p.add_argument("--config", action="append", help="only these configurations (repeatable)")
+    p.add_argument("--impl", action="append", help="only these implementations (repeatable; baseline always kept)")
+    p.add_argument("--out", default="bench-out", help="folder for results.json and speedup.png")
+    p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from vosops.bench import OPS, cases_for
+    from vosops.bench.runner import format_table, plot_speedups, write_json
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("vosops bench: --device cuda asked for, but no CUDA device is available")
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ops = args.op or OPS
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        print(f"vosops bench: unknown op(s) {unknown}; choose from {OPS}")
+        return 2
+    cases = [c for op in ops for c in cases_for(op, device)]
+    if args.config:
+        cases = [c for c in cases if c.config in args.config]
+    if args.impl:
+        cases = [c for c in cases if c.baseline or c.impl in args.impl]
+    if not cases:
+        print("vosops bench: nothing to run for this selection")
+        return 2
+    print(f"vosops bench: {len(cases)} cases on {device} ({torch.get_num_threads()} CPU threads)")
+    from vosops.bench.runner import run_cases
+
+    rows = run_cases(cases, budget_s=args.budget, memory=not args.no_memory)
+    print()
+    print(format_table(rows))
+    json_path = os.path.join(args.out, "results.json")
+    png_path = os.path.join(args.out, "speedup.png")
+    write_json(rows, json_path)
+    plot_speedups(rows, png_path, title=f"vosops speed-up over the PyTorch baseline ({rows[0]['device_name']})")
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
