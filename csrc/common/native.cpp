@@ -30,6 +30,11 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
 
 static void set_poison_outputs(bool enable) { g_poison.store(enable); }
 
+// For the harness's own test: an output allocated exactly as the kernels allocate theirs.
+static at::Tensor new_output_for_test(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return new_output(sizes, at::TensorOptions().dtype(dtype));
+}
+
 static bool built_with_cuda() {
 #ifdef VOSOPS_WITH_CUDA
   return true;
@@ -43,6 +48,7 @@ static bool built_with_cuda() {
 TORCH_LIBRARY(vosops, m) {
   m.def("_set_poison_outputs(bool enable) -> ()", &vosops::set_poison_outputs);
   m.def("_built_with_cuda() -> bool", &vosops::built_with_cuda);
+  m.def("_new_output(int[] size, ScalarType dtype) -> Tensor", &vosops::new_output_for_test);
 }
 
 // `import vosops._C` only needs to load the shared object: the static TORCH_LIBRARY blocks register the ops.

@@ -1,0 +1,58 @@
+"""The test harness itself: poisoning really poisons, relayout keeps values, comparisons can fail."""
+
+import pytest
+import torch
+
+from vosops import _alloc, testing
+
+
+def test_native_outputs_are_poisoned_only_inside_the_block():
+    with testing.poisoned_outputs():
+        f = torch.ops.vosops._new_output([3, 4], torch.float32)
+        i = torch.ops.vosops._new_output([5], torch.int64)
+    assert torch.isnan(f).all()
+    assert (i == -7777).all()
+    g = torch.ops.vosops._new_output([1000], torch.float32)
+    assert g.shape == (1000,)  # no poisoning outside the block (contents unspecified)
+
+
+def test_python_outputs_are_poisoned():
+    with testing.poisoned_outputs():
+        t = _alloc.empty(2, 3, dtype=torch.float16, device="cpu")
+    assert torch.isnan(t).all()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous", "channels_last"])
+def test_relayout_keeps_values(layout):
+    x = torch.randn(2, 3, 4, 5)
+    y = testing.relayout(x, layout)
+    assert torch.equal(x, y)
+    if layout == "noncontiguous":
+        assert not y.is_contiguous()
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_check_against_reference_catches_an_unwritten_element():
+    def leaky(x):
+        out = _alloc.empty(*x.shape, dtype=x.dtype, device=x.device)
+        out[..., :-1] = x[..., :-1] * 2  # forgets the last column
+        return out
+
+    with pytest.raises(AssertionError):
+        testing.check_against_reference(leaky, lambda x: x * 2, {"x": torch.randn(3, 4)}, dtype=torch.float32)
+
+
+def test_check_against_reference_catches_a_wrong_gradient():
+    class WrongGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 3
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    with pytest.raises(AssertionError, match="grad of x"):
+        testing.check_against_reference(WrongGrad.apply, lambda x: x * 3, {"x": torch.randn(4)},
+                                        dtype=torch.float64, grad_inputs=("x",))
