@@ -93,3 +93,34 @@ def test_import_without_native_extension_warns_and_falls_back(tmp_path):
     env_path = str(__import__("pathlib").Path(__file__).resolve().parents[1])
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=env_path)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+def test_import_without_triton_works_and_reports_it():
+    """vosops must import on a machine without triton; the triton backend then explains what is missing."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules['triton'] = None  # as if triton were not installed
+        import importlib.util
+        real_find_spec = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == 'triton' else real_find_spec(name, *a)
+        import torch, vosops
+        from vosops import _backends
+        assert not _backends.TRITON_INSTALLED
+        x = torch.randn(1, 1, 3, 3); f = torch.zeros(1, 2, 3, 3)
+        try:
+            vosops.flow_warp(x, f, backend='triton')
+        except vosops.BackendUnavailableError as e:
+            assert 'pip install triton' in str(e), e
+        else:
+            raise AssertionError('expected BackendUnavailableError')
+        print('ok')
+        """
+    )
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr

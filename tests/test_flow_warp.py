@@ -195,6 +195,7 @@ def test_return_valid_marks_points_inside_the_frame():
         (torch.randn(1, 3, 4, 5), torch.randn(1, 2, 4, 5), {"padding_mode": "reflection"}, ValueError,
          "padding_mode must be"),
         ([1.0], torch.randn(1, 2, 4, 5), {}, TypeError, "x must be a torch.Tensor"),
+        (torch.randn(1, 3, 4, 5), torch.randn(1, 2, 4, 5, device="meta"), {}, ValueError, "flow is on meta"),
     ],
 )
 def test_bad_input_raises_clear_errors(x, flow, kwargs, exc, match):
