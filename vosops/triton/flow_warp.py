@@ -79,7 +79,8 @@ def _forward_kernel(x_ptr, flow_ptr, out_ptr, B, C, H, W, sxb, sxc, sxh, sxw, sf
         w10 = (1.0 - fx) * fy
         w11 = fx * fy
         o00 = y0 * sxh + x0 * sxw
-        for c in range(C):
+        for c32 in range(C):
+            c = c32 + tl.zeros([1], tl.int64)  # int64: channel offsets can pass 2^31 elements
             p = x_ptr + x_base + c * sxc + o00
             acc = w00 * tl.load(p, mask=m & v00, other=0.0).to(tl.float32)
             acc += w01 * tl.load(p + sxw, mask=m & v01, other=0.0).to(tl.float32)
@@ -91,7 +92,8 @@ def _forward_kernel(x_ptr, flow_ptr, out_ptr, B, C, H, W, sxb, sxc, sxh, sxw, sf
         ry = _round_half_even(py)
         valid = (rx >= 0.0) & (rx <= (W - 1).to(tl.float32)) & (ry >= 0.0) & (ry <= (H - 1).to(tl.float32))
         off = tl.where(valid, ry, 0.0).to(tl.int64) * sxh + tl.where(valid, rx, 0.0).to(tl.int64) * sxw
-        for c in range(C):
+        for c32 in range(C):
+            c = c32 + tl.zeros([1], tl.int64)
             v = tl.load(x_ptr + x_base + c * sxc + off, mask=m & valid, other=0.0)
             tl.store(out_ptr + out_base + c * H * W, v.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -115,7 +117,8 @@ def _backward_kernel(g_ptr, x_ptr, flow_ptr, gx_ptr, gf_ptr, B, C, H, W, sgb, sg
         x00 = b * sxb + y0 * sxh + x0 * sxw
         dx = tl.zeros(px.shape, tl.float32)
         dy = tl.zeros(px.shape, tl.float32)
-        for c in range(C):
+        for c32 in range(C):
+            c = c32 + tl.zeros([1], tl.int64)
             g = tl.load(g_ptr + g_base + c * sgc, mask=m, other=0.0).to(tl.float32)
             if NEED_GX:
                 a = gx_ptr + a00 + c * H * W
@@ -140,7 +143,8 @@ def _backward_kernel(g_ptr, x_ptr, flow_ptr, gx_ptr, gf_ptr, B, C, H, W, sgb, sg
         ry = _round_half_even(py)
         valid = (rx >= 0.0) & (rx <= (W - 1).to(tl.float32)) & (ry >= 0.0) & (ry <= (H - 1).to(tl.float32))
         a = acc_base + tl.where(valid, ry, 0.0).to(tl.int64) * W + tl.where(valid, rx, 0.0).to(tl.int64)
-        for c in range(C):
+        for c32 in range(C):
+            c = c32 + tl.zeros([1], tl.int64)
             g = tl.load(g_ptr + g_base + c * sgc, mask=m, other=0.0).to(tl.float32)
             tl.atomic_add(gx_ptr + a + c * H * W, g, mask=m & valid)
 
