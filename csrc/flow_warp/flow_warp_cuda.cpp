@@ -1,5 +1,5 @@
 // flow_warp CUDA glue: checks, allocation and the launch on PyTorch's current stream. Built only with CUDA.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -23,7 +23,7 @@ at::Tensor flow_warp_cuda(const at::Tensor& x, const at::Tensor& flow, c10::stri
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = new_output(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   check_launch(forward_cuda(to_dtype(x.scalar_type()), x.const_data_ptr(), shape4(x), flow.const_data_ptr(),
-                            shape4(flow), out.data_ptr(), mode, pad, at::cuda::getCurrentCUDAStream()),
+                            shape4(flow), out.data_ptr(), mode, pad, c10::cuda::getCurrentCUDAStream().stream()),
                "flow_warp");
   return out;
 }
@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> flow_warp_backward_cuda(const at::Tensor& gra
                              x.const_data_ptr(), shape4(x), flow.const_data_ptr(), shape4(flow),
                              need_x_grad ? grad_x_acc.data_ptr() : nullptr,
                              flow_grad_kernel ? grad_flow.data_ptr() : nullptr, mode, pad,
-                             at::cuda::getCurrentCUDAStream()),
+                             c10::cuda::getCurrentCUDAStream().stream()),
                "flow_warp_backward");
   at::Tensor grad_x = need_x_grad ? grad_x_acc.to(x.scalar_type()) : x.new_empty({0});
   return {grad_x, grad_flow};
