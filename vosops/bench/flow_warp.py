@@ -3,6 +3,8 @@
 warp-cpu  : x (5, 64, 60, 107)            : the CPU configuration
 warp-480p : x (5, 64, 120, 214) and a 7-channel mask (5, 7, 120, 214) warped by the same flow (MAMP's use)
 Baseline: what users write today, a normalised grid built from the flow and F.grid_sample(align_corners=True).
+Flows are smooth random fields of a few pixels (coarse noise upsampled), shaped like real optical flow; every
+implementation warps the same tensors.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ def grid_sample_warp(x, flow, mode="bilinear", padding_mode="zeros"):
     return F.grid_sample(x, torch.stack([gx, gy], dim=-1), mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
+def smooth_flow(B: int, H: int, W: int, device: str, magnitude: float = 4.0) -> torch.Tensor:
+    coarse = torch.randn(B, 2, max(2, H // 8), max(2, W // 8), device=device) * magnitude
+    return F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)
+
+
 def _impls(device: str):
     impls = {"grid_sample": grid_sample_warp, "reference": ref.flow_warp}
     for b in ("cpu", "cuda", "triton"):
@@ -52,14 +59,14 @@ def cases(device: str) -> list[Case]:
             def setup_fwd(fn=fn, B=B, C=C, H=H, W=W, Cm=Cm):
                 x = torch.randn(B, C, H, W, device=device)
                 m = torch.rand(B, Cm, H, W, device=device) if Cm else None
-                flow = torch.randn(B, 2, H, W, device=device) * 4
+                flow = smooth_flow(B, H, W, device)
                 if m is None:
                     return lambda: fn(x, flow)
                 return lambda: (fn(x, flow), fn(m, flow))
 
             def setup_bwd(fn=fn, B=B, C=C, H=H, W=W):
                 x = torch.randn(B, C, H, W, device=device, requires_grad=True)
-                flow = (torch.randn(B, 2, H, W, device=device) * 4).requires_grad_()
+                flow = smooth_flow(B, H, W, device).requires_grad_()
                 out = fn(x, flow)
                 g = torch.randn_like(out)
                 return lambda: torch.autograd.grad(out, (x, flow), g, retain_graph=True)
