@@ -8,6 +8,7 @@ from ._version import __version__
 from . import _native  # loads vosops._C (warns once if it cannot)
 from ._backends import BACKENDS, BackendUnavailableError, current_backend, use_backend
 from .ops.flow_warp import flow_warp
+from .ops.topk import global_topk, merge_topk, topk_aggregate, topk_attention
 
 __all__ = [
     "__version__",
@@ -16,4 +17,8 @@ __all__ = [
     "current_backend",
     "use_backend",
     "flow_warp",
+    "global_topk",
+    "merge_topk",
+    "topk_aggregate",
+    "topk_attention",
 ]

@@ -5,5 +5,6 @@ them as the baseline.
 """
 
 from .flow_warp import flow_warp, flow_warp_valid
+from .topk import global_topk, merge_topk, topk_aggregate, topk_attention
 
-__all__ = ["flow_warp", "flow_warp_valid"]
+__all__ = ["flow_warp", "flow_warp_valid", "global_topk", "merge_topk", "topk_aggregate", "topk_attention"]
