@@ -9,6 +9,7 @@ from . import _native  # loads vosops._C (warns once if it cannot)
 from ._backends import BACKENDS, BackendUnavailableError, current_backend, use_backend
 from .ops.flow_warp import flow_warp
 from .ops.local_attention import local_affinity, local_aggregate, local_attention
+from .ops.topk import global_topk, merge_topk, topk_aggregate, topk_attention
 
 __all__ = [
     "__version__",
@@ -20,4 +21,8 @@ __all__ = [
     "local_affinity",
     "local_aggregate",
     "local_attention",
+    "global_topk",
+    "merge_topk",
+    "topk_aggregate",
+    "topk_attention",
 ]
