@@ -20,7 +20,7 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     m = torch.tensor([[0.412453, 0.357580, 0.180423],
                       [0.212671, 0.715160, 0.072169],
                       [0.019334, 0.119193, 0.950227]], dtype=rgb.dtype, device=rgb.device)
-    xyz = torch.einsum("ij,bjhw->bihw", m, c)
+    xyz = (m @ c.flatten(2)).view_as(c)
     white = torch.tensor([0.950456, 1.0, 1.088754], dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
     t = xyz / white
     f = torch.where(t > 0.008856, t.clamp_min(1e-12) ** (1 / 3), 7.787 * t + 16 / 116)

@@ -129,6 +129,7 @@ class CRWReadout:
                 q, kl, vl, radius=self.radius, scale=self.scale, topk=kk, window=self.window, border="mask",
                 return_topk=True, backend=self.backend)
             idx = local_candidates_to_memory_index(cand, self.radius, 1, h, w, base=base)
+            idx = torch.where(torch.isfinite(logits), idx, torch.full_like(idx, -1))  # excluded slots: index -1
             cands.append((logits.reshape(1, h * w, kk), idx.reshape(1, h * w, kk)))
             values.append(vl.permute(0, 1, 3, 4, 2).reshape(1, len(loc) * h * w, K))
         logits, index = merge_topk(cands, min(self.topk, sum(c[0].shape[-1] for c in cands)))
