@@ -406,7 +406,7 @@ GRADCHECK_KW = [
 
 @pytest.mark.parametrize("kw", GRADCHECK_KW)
 def test_reference_gradcheck(kw):
-    inputs, kw = make_inputs(1, 2, 2, 4, 5, 2, kw, "cpu")
+    inputs, kw = make_inputs(1, 2, 2, 3, 4, 2, kw, "cpu")
     off = inputs.get("offsets")
     q, k, v = (inputs[n].double().requires_grad_() for n in ("q", "k", "v"))
     testing.check_gradcheck(
@@ -416,7 +416,7 @@ def test_reference_gradcheck(kw):
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "cpu"])
 @pytest.mark.parametrize("kw", GRADCHECK_KW)
 def test_cpu_gradcheck(backend, device, kw):
-    inputs, kw = make_inputs(1, 2, 2, 4, 5, 2, kw, "cpu")
+    inputs, kw = make_inputs(1, 2, 2, 3, 4, 2, kw, "cpu")
     off = inputs.get("offsets")
     q, k, v = (inputs[n].double().requires_grad_() for n in ("q", "k", "v"))
     testing.check_gradcheck(

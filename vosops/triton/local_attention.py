@@ -13,6 +13,8 @@ Accumulation is fp32; the triton backend takes float32, float16 and bfloat16 (bf
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -20,7 +22,11 @@ import triton.language as tl
 from .. import _alloc
 from ..reference.local_attention import round_offsets, window_columns
 
-_BLOCK_Q = 16
+
+
+def _block_q() -> int:
+    """Queries per program: 32 on a GPU; under the interpreter one wide block is far cheaper (numpy per op)."""
+    return 128 if os.environ.get("TRITON_INTERPRET") == "1" else 32
 
 
 @triton.jit
@@ -180,11 +186,12 @@ def local_attention_triton(
     off, has_off = _rounded(offsets, radius, dilation, q)
     out = _alloc.empty(B, CV, H, W, dtype=q.dtype, device=q.device)
     lse = _alloc.empty(B, H, W, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(B * H * W, _BLOCK_Q),)
+    bq = _block_q()
+    grid = (triton.cdiv(B * H * W, bq),)
     _forward_kernel[grid](
         q, k, v, off, tab, out, lse, B, C, CV, H, W, N, tab.shape[0], dilation, scale,
         *q.stride(), *k.stride(), *v.stride(),
-        HAS_OFF=has_off, ZERO_BORDER=border == "zero", BLOCK_Q=_BLOCK_Q, CP=CP, CVP=CVP,
+        HAS_OFF=has_off, ZERO_BORDER=border == "zero", BLOCK_Q=bq, CP=CP, CVP=CVP,
     )
     empty_logits = q.new_empty(B, H, W, 0)
     empty_index = torch.empty(B, H, W, 0, dtype=torch.int64, device=q.device)
@@ -212,13 +219,14 @@ def local_attention_triton_backward(
     dk = torch.zeros(B, N, C, H, W, dtype=torch.float32, device=q.device) if need_k else None
     dv = torch.zeros(B, N, CV, H, W, dtype=torch.float32, device=q.device) if need_v else None
     dummy = q.new_empty(1, dtype=torch.float32)
-    grid = (triton.cdiv(B * H * W, _BLOCK_Q),)
+    bq = _block_q()
+    grid = (triton.cdiv(B * H * W, bq),)
     _backward_kernel[grid](
         grad_out, q, k, v, off, tab, lse, delta, dq if need_q else dummy, dk if need_k else dummy,
         dv if need_v else dummy, B, C, CV, H, W, N, tab.shape[0], dilation, scale,
         *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(),
         HAS_OFF=has_off, ZERO_BORDER=border == "zero", NEED_Q=need_q, NEED_K=need_k, NEED_V=need_v,
-        BLOCK_Q=_BLOCK_Q, CP=CP, CVP=CVP,
+        BLOCK_Q=bq, CP=CP, CVP=CVP,
     )
     return (dq.to(q.dtype) if need_q else q.new_empty(0), dk.to(k.dtype) if need_k else k.new_empty(0),
             dv.to(v.dtype) if need_v else v.new_empty(0))
