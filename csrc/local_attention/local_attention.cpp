@@ -24,14 +24,34 @@ namespace vosops {
 namespace local_attention {
 namespace {
 
-// Contiguous dot product; `omp simd` lets the compiler vectorise the reduction (same order every call, so a
-// recomputed score in the backward is bit-identical to the forward's).
+#define VOSOPS_INLINE inline __attribute__((always_inline))
+
+// Contiguous dot products; `omp simd` lets the compiler vectorise the reductions. dot4 runs four independent
+// accumulator chains against one query vector (one chain is FMA-latency bound).
 template <typename T>
-inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+VOSOPS_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
   T s = T(0);
 #pragma omp simd reduction(+ : s)
   for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
   return s;
+}
+
+template <typename T>
+VOSOPS_INLINE void dot4(const T* __restrict q, const T* __restrict k0, const T* __restrict k1,
+                        const T* __restrict k2, const T* __restrict k3, int64_t n, T* out) {
+  T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t c = 0; c < n; ++c) {
+    const T qc = q[c];
+    s0 += qc * k0[c];
+    s1 += qc * k1[c];
+    s2 += qc * k2[c];
+    s3 += qc * k3[c];
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
 }
 
 // Channels-last, accumulation-precision views of the inputs plus the window geometry.
@@ -83,19 +103,74 @@ inline acc_t score(const Config& c, const Views<acc_t>& x, const acc_t* qv, int6
   return static_cast<acc_t>(c.scale) * dot(qv, kv, c.C);
 }
 
-// Scores and key positions of every candidate n*Q + t of one query.
+// Scores and key positions of every candidate n*Q + t of one query. Compiled once per instruction set as a
+// non-inlined function that the forward and the backward both call, so a recomputed score is bit-identical to the
+// forward's (the threshold rule compares scores exactly).
+template <typename acc_t>
+VOSOPS_INLINE void score_all_impl(const Config& c, const Views<acc_t>& x, int64_t b, int64_t i, int64_t j, acc_t* s,
+                                  int64_t* pos) {
+  const int64_t N = c.N, H = c.H, W = c.W, C = c.C, Q = c.Q(), HW = H * W;
+  const acc_t scale = static_cast<acc_t>(c.scale);
+  const acc_t fill = c.zero_border ? acc_t(0) : -std::numeric_limits<acc_t>::infinity();
+  const acc_t* qv = x.q + ((b * H + i) * W + j) * C;
+  const int64_t* dys = x.dy.data();
+  const int64_t* dxs = x.dx.data();
+  for (int64_t n = 0; n < N; ++n) {
+    int64_t oy = 0, ox = 0;
+    if (x.off) {
+      const int32_t* o = x.off + ((b * N + n) * 2 * H + i) * W + j;
+      ox = o[0];
+      oy = o[HW];
+    }
+    const int64_t y0 = i + oy, x0 = j + ox;
+    const acc_t* kb = x.k + (b * N + n) * HW * C;
+    acc_t* sn = s + n * Q;
+    int64_t* pn = pos + n * Q;
+    int64_t group[4];
+    int ng = 0;
+    acc_t d[4];
+    for (int64_t t = 0; t < Q; ++t) {
+      const int64_t y = y0 + dys[t], xx = x0 + dxs[t];
+      if (y >= 0 && y < H && xx >= 0 && xx < W) {
+        pn[t] = y * W + xx;
+        group[ng++] = t;
+        if (ng == 4) {
+          dot4(qv, kb + pn[group[0]] * C, kb + pn[group[1]] * C, kb + pn[group[2]] * C, kb + pn[group[3]] * C, C, d);
+          for (int e = 0; e < 4; ++e) sn[group[e]] = scale * d[e];
+          ng = 0;
+        }
+      } else {
+        pn[t] = -1;
+        sn[t] = fill;
+      }
+    }
+    for (int e = 0; e < ng; ++e) sn[group[e]] = scale * dot(qv, kb + pn[group[e]] * C, C);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define VOSOPS_LA_AVX2 1
+template <typename acc_t>
+__attribute__((noinline, target("avx2,fma"))) void score_all_avx2(const Config& c, const Views<acc_t>& x, int64_t b,
+                                                                    int64_t i, int64_t j, acc_t* s, int64_t* pos) {
+  score_all_impl(c, x, b, i, j, s, pos);
+}
+#endif
+
+template <typename acc_t>
+__attribute__((noinline)) void score_all_base(const Config& c, const Views<acc_t>& x, int64_t b, int64_t i,
+                                              int64_t j, acc_t* s, int64_t* pos) {
+  score_all_impl(c, x, b, i, j, s, pos);
+}
+
 template <typename acc_t>
 inline void score_all(const Config& c, const Views<acc_t>& x, int64_t b, int64_t i, int64_t j, acc_t* s,
                       int64_t* pos) {
-  const acc_t* qv = x.q + ((b * c.H + i) * c.W + j) * c.C;
-  const int64_t Q = c.Q();
-  for (int64_t n = 0; n < c.N; ++n) {
-    for (int64_t t = 0; t < Q; ++t) {
-      const int64_t p = key_pos(c, x, b, n, t, i, j);
-      pos[n * Q + t] = p;
-      s[n * Q + t] = score(c, x, qv, b, n, p);
-    }
-  }
+#ifdef VOSOPS_LA_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) return score_all_avx2(c, x, b, i, j, s, pos);
+#endif
+  score_all_base(c, x, b, i, j, s, pos);
 }
 
 // Running top-k over candidates visited in increasing index order: a heap whose top is the worst kept entry, so a
