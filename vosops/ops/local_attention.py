@@ -25,6 +25,7 @@ NORMALIZE = ("softmax", "threshold")
 
 # Backends that implement each public op here (local_affinity / local_aggregate are composed from the reference).
 ATTENTION_BACKENDS = ("reference", "cpu", "cuda", "triton")
+TOPK_BACKENDS = ("reference", "cpu", "cuda")
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -160,7 +161,13 @@ def local_attention(q, k, v, *, radius, scale=1.0, topk=None, normalize="softmax
     if return_topk and topk is None:
         raise ValueError("return_topk=True needs topk")
 
-    chosen = _backends.select("local_attention", q.device, backend, supported=ATTENTION_BACKENDS)
+    # The Triton kernels cover softmax over all candidates; top-k / threshold run on the other backends.
+    supported = ATTENTION_BACKENDS if topk is None else TOPK_BACKENDS
+    requested = backend if backend is not None else _backends.current_backend()
+    if requested == "triton" and topk is not None:
+        raise ValueError("local_attention: the triton backend implements normalize='softmax' without topk; "
+                         f"use backend 'cpu', 'cuda' or 'reference' for topk={topk}")
+    chosen = _backends.select("local_attention", q.device, backend, supported=supported)
     if chosen == "reference":
         return _ref_attention(q, k, v, radius, scale, topk, normalize, window, dilation, offsets, border,
                                     return_topk)
@@ -174,3 +181,15 @@ def local_attention(q, k, v, *, radius, scale=1.0, topk=None, normalize="softmax
     if return_topk:
         return out, (lg, idx)
     return out
+
+
+def _register_native() -> None:
+    """Fake kernels and autograd of the native op live in ._local_attention_native (next to the C++ schema)."""
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__}._local_attention_native") is not None:
+        from . import _local_attention_native  # noqa: F401
+
+
+if _native.LOADED:
+    _register_native()
