@@ -44,6 +44,55 @@ void check_like(const at::Tensor& a, const at::Tensor& b, const char* op, const 
                     a.device(), " and ", b.device());
 }
 
+// --- per-query candidate selection (CPU) ------------------------------------------------------------------------
+
+template <typename acc_t>
+struct Cand {
+  acc_t v;
+  int64_t i;
+};
+
+template <typename acc_t>
+inline bool cand_before(const Cand<acc_t>& a, const Cand<acc_t>& b) {
+  return ranks_before(a.v, a.i, b.v, b.i);
+}
+
+// The best k candidates of one query seen so far, over a buffer of k + key-tile slots. A tile's scores above the
+// current k-th logit are appended; when more than k are held, nth_element prunes back to k. Tiles arrive in
+// increasing key index, so a later candidate equal to the k-th logit loses the tie and `v > thr` is the whole test.
+template <typename acc_t>
+struct TopKBuffer {
+  Cand<acc_t>* c;
+  int64_t k, n;
+  acc_t thr;
+
+  void reset(Cand<acc_t>* storage, int64_t k_) {
+    c = storage;
+    k = k_;
+    n = 0;
+    thr = -std::numeric_limits<acc_t>::infinity();
+  }
+  void scan(const acc_t* row, int64_t lt, acc_t scale, int64_t base, const bool* mask) {
+    const acc_t t = thr;
+    int64_t m = n;
+    for (int64_t j = 0; j < lt; ++j) {
+      const acc_t v = scale * row[j];
+      if (v > t && (mask == nullptr || mask[j])) c[m++] = Cand<acc_t>{v, base + j};  // NaN and -inf never pass
+    }
+    n = m;
+    if (n > k) prune();
+  }
+  void prune() {
+    std::nth_element(c, c + (k - 1), c + n, cand_before<acc_t>);
+    n = k;
+    thr = c[k - 1].v;
+  }
+  void finish() {  // sorted best-first
+    if (n > k) prune();
+    std::sort(c, c + n, cand_before<acc_t>);
+  }
+};
+
 // --- global_topk --------------------------------------------------------------------------------------------------
 
 template <typename scalar_t>
@@ -61,12 +110,11 @@ void global_topk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   int64_t* ip = out_i.data_ptr<int64_t>();
   at::parallel_for(0, B * mtiles, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buf = at::empty({kQueryTile * LT}, qf.options());  // this thread's score tile
-    std::vector<acc_t> vals(kQueryTile * topk);
-    std::vector<int64_t> idxs(kQueryTile * topk);
-    std::vector<RunningTopK<acc_t>> lists(kQueryTile);
+    std::vector<Cand<acc_t>> store(kQueryTile * (topk + LT));
+    std::vector<TopKBuffer<acc_t>> lists(kQueryTile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / mtiles, m0 = (task % mtiles) * kQueryTile, mt = std::min(kQueryTile, M - m0);
-      for (int64_t r = 0; r < mt; ++r) lists[r].reset(vals.data() + r * topk, idxs.data() + r * topk, topk);
+      for (int64_t r = 0; r < mt; ++r) lists[r].reset(store.data() + r * (topk + LT), topk);
       const at::Tensor qt = qf[b].narrow(0, m0, mt), kb = kf[b];
       for (int64_t l0 = 0; l0 < L; l0 += LT) {
         const int64_t lt = std::min(LT, L - l0);
@@ -74,25 +122,16 @@ void global_topk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         at::mm_out(s, qt, kb.narrow(0, l0, lt).t());
         const acc_t* sp = s.const_data_ptr<acc_t>();
         const bool* mrow = mp ? mp + b * L + l0 : nullptr;
-        for (int64_t r = 0; r < mt; ++r) {
-          RunningTopK<acc_t>& list = lists[r];
-          acc_t thr = list.threshold(neg_inf);
-          const acc_t* row = sp + r * lt;
-          for (int64_t j = 0; j < lt; ++j) {
-            const acc_t v = scale * row[j];
-            if (v > thr && (mrow == nullptr || mrow[j])) {
-              list.push(v, l0 + j);
-              thr = list.threshold(neg_inf);
-            }
-          }
-        }
+        for (int64_t r = 0; r < mt; ++r) lists[r].scan(sp + r * lt, lt, scale, l0, mrow);
       }
       for (int64_t r = 0; r < mt; ++r) {
+        TopKBuffer<acc_t>& list = lists[r];
+        list.finish();
         const int64_t o = (b * M + m0 + r) * topk;
         for (int64_t j = 0; j < topk; ++j) {
-          const bool have = j < lists[r].n;
-          lp[o + j] = static_cast<scalar_t>(have ? vals[r * topk + j] : neg_inf);
-          ip[o + j] = have ? idxs[r * topk + j] : -1;
+          const bool have = j < list.n;
+          lp[o + j] = static_cast<scalar_t>(have ? list.c[j].v : neg_inf);
+          ip[o + j] = have ? list.c[j].i : -1;
         }
       }
     }
@@ -349,97 +388,80 @@ void attention_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::
   scalar_t* op = out.data_ptr<scalar_t>();
   acc_t* lsep = lse.data_ptr<acc_t>();
   int64_t* ixp = kk > 0 ? index.data_ptr<int64_t>() : nullptr;
+  // Elementwise tile work (scale, max, exp, sums) goes through ATen ops: they are vectorised (AVX2 exp) inside
+  // libtorch, which this extension's portable build flags are not.
   at::parallel_for(0, BH * mtiles, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor sbuf = at::empty({kQueryTile * LT}, qf.options());
-    at::Tensor abuf = at::empty({kQueryTile * Dv}, qf.options());
-    std::vector<acc_t> mrow(kQueryTile), lrow(kQueryTile), vals(kQueryTile * kk);
-    std::vector<int64_t> idxs(kQueryTile * kk);
-    std::vector<RunningTopK<acc_t>> lists(kQueryTile);
+    const auto opts = qf.options();
+    at::Tensor sbuf = at::empty({kQueryTile * LT}, opts);
+    std::vector<Cand<acc_t>> store(kk > 0 ? kQueryTile * (kk + LT) : 0);
+    std::vector<TopKBuffer<acc_t>> lists(kQueryTile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / mtiles, m0 = (task % mtiles) * kQueryTile, mt = std::min(kQueryTile, M - m0);
       const at::Tensor qt = qf[bh].narrow(0, m0, mt), kb = kf[bh], vb = vf[bh];
       const acc_t* vp = vb.const_data_ptr<acc_t>();
-      at::Tensor acc_t_ = abuf.narrow(0, 0, mt * Dv).view({mt, Dv});
-      acc_t_.zero_();
-      acc_t* ap = acc_t_.data_ptr<acc_t>();
-      std::fill(mrow.begin(), mrow.end(), neg_inf);
-      std::fill(lrow.begin(), lrow.end(), acc_t(0));
-      // Dense keys: flash-style online softmax, P tile times V tile through matmul.
+      at::Tensor acc_tile = at::zeros({mt, Dv}, opts);
+      at::Tensor mrow = at::full({mt}, neg_inf, opts);  // running max
+      at::Tensor lrow = at::zeros({mt}, opts);          // running sum of exp(logit - max)
+      // Dense keys: flash-style online softmax, the P tile times the V tile through matmul.
       for (int64_t l0 = 0; l0 < dense; l0 += LT) {
         const int64_t lt = std::min(LT, dense - l0);
         at::Tensor s = sbuf.narrow(0, 0, mt * lt).view({mt, lt});
         at::mm_out(s, qt, kb.narrow(0, l0, lt).t());
-        acc_t* sp = s.data_ptr<acc_t>();
-        for (int64_t r = 0; r < mt; ++r) {
-          acc_t* row = sp + r * lt;
-          acc_t mx = mrow[r];
-          for (int64_t j = 0; j < lt; ++j) {
-            row[j] *= scale;
-            mx = std::max(mx, row[j]);
-          }
-          if (mx == neg_inf) {  // nothing finite yet: contributes nothing
-            std::fill(row, row + lt, acc_t(0));
-            continue;
-          }
-          const acc_t alpha = mrow[r] == neg_inf ? acc_t(0) : std::exp(mrow[r] - mx);
-          acc_t sum = 0;
-          for (int64_t j = 0; j < lt; ++j) {
-            row[j] = std::exp(row[j] - mx);
-            sum += row[j];
-          }
-          lrow[r] = lrow[r] * alpha + sum;
-          mrow[r] = mx;
-          for (int64_t c = 0; c < Dv; ++c) ap[r * Dv + c] *= alpha;
-        }
-        acc_t_.addmm_(s, vb.narrow(0, l0, lt));
+        s.mul_(scale);
+        const at::Tensor mnew = at::maximum(mrow, s.amax(1));
+        const at::Tensor msafe = mnew.masked_fill(mnew == neg_inf, 0);  // nothing finite yet: add nothing
+        const at::Tensor alpha = (mrow - msafe).exp_();
+        s.sub_(msafe.unsqueeze(1)).exp_();
+        lrow.mul_(alpha).add_(s.sum(1));
+        acc_tile.mul_(alpha.unsqueeze(1)).addmm_(s, vb.narrow(0, l0, lt));
+        mrow = mnew;
       }
       // Sparse keys: a running top-k per query over key tiles, then folded into the same softmax.
       if (kk > 0) {
-        for (int64_t r = 0; r < mt; ++r) lists[r].reset(vals.data() + r * kk, idxs.data() + r * kk, kk);
+        for (int64_t r = 0; r < mt; ++r) lists[r].reset(store.data() + r * (kk + LT), kk);
         for (int64_t l0 = dense; l0 < L; l0 += LT) {
           const int64_t lt = std::min(LT, L - l0);
           at::Tensor s = sbuf.narrow(0, 0, mt * lt).view({mt, lt});
           at::mm_out(s, qt, kb.narrow(0, l0, lt).t());
           const acc_t* sp = s.const_data_ptr<acc_t>();
-          for (int64_t r = 0; r < mt; ++r) {
-            RunningTopK<acc_t>& list = lists[r];
-            acc_t thr = list.threshold(neg_inf);
-            const acc_t* row = sp + r * lt;
-            for (int64_t j = 0; j < lt; ++j) {
-              const acc_t x = scale * row[j];
-              if (x > thr) {
-                list.push(x, l0 + j);
-                thr = list.threshold(neg_inf);
-              }
-            }
-          }
+          for (int64_t r = 0; r < mt; ++r) lists[r].scan(sp + r * lt, lt, scale, l0, nullptr);
         }
+        at::Tensor top = at::empty({mt, kk}, opts);
+        acc_t* tp = top.data_ptr<acc_t>();
         for (int64_t r = 0; r < mt; ++r) {
-          const RunningTopK<acc_t>& list = lists[r];
-          if (list.n > 0) {
-            const acc_t mx = std::max(mrow[r], list.val[0]);
-            const acc_t alpha = mrow[r] == neg_inf ? acc_t(0) : std::exp(mrow[r] - mx);
-            lrow[r] *= alpha;
-            acc_t* a = ap + r * Dv;
-            for (int64_t c = 0; c < Dv; ++c) a[c] *= alpha;
-            for (int64_t j = 0; j < list.n; ++j) {
-              const acc_t p = std::exp(list.val[j] - mx);
-              lrow[r] += p;
-              const acc_t* vr = vp + list.idx[j] * Dv;
-              for (int64_t c = 0; c < Dv; ++c) a[c] += p * vr[c];
-            }
-            mrow[r] = mx;
-          }
+          TopKBuffer<acc_t>& list = lists[r];
+          list.finish();
           int64_t* ix = ixp + (bh * M + m0 + r) * kk;
-          for (int64_t j = 0; j < kk; ++j) ix[j] = j < list.n ? list.idx[j] : -1;
+          for (int64_t j = 0; j < kk; ++j) {
+            tp[r * kk + j] = j < list.n ? list.c[j].v : neg_inf;
+            ix[j] = j < list.n ? list.c[j].i : -1;
+          }
         }
+        const at::Tensor mnew = at::maximum(mrow, top.amax(1));
+        const at::Tensor msafe = mnew.masked_fill(mnew == neg_inf, 0);
+        const at::Tensor alpha = (mrow - msafe).exp_();
+        top.sub_(msafe.unsqueeze(1)).exp_();
+        lrow.mul_(alpha).add_(top.sum(1));
+        acc_tile.mul_(alpha.unsqueeze(1));
+        acc_t* ap = acc_tile.data_ptr<acc_t>();
+        for (int64_t r = 0; r < mt; ++r) {  // gather the winners' values
+          acc_t* a = ap + r * Dv;
+          for (int64_t j = 0; j < lists[r].n; ++j) {
+            const acc_t p = tp[r * kk + j];
+            const acc_t* vr = vp + lists[r].c[j].i * Dv;
+            for (int64_t c = 0; c < Dv; ++c) a[c] += p * vr[c];
+          }
+        }
+        mrow = mnew;
       }
+      const acc_t *ap = acc_tile.const_data_ptr<acc_t>(), *mp = mrow.const_data_ptr<acc_t>();
+      const acc_t* lsp = lrow.const_data_ptr<acc_t>();
       for (int64_t r = 0; r < mt; ++r) {
-        const acc_t l = lrow[r];
+        const acc_t l = lsp[r];
         const acc_t inv = l > acc_t(0) ? acc_t(1) / l : acc_t(0);  // a query with nothing kept outputs 0
         scalar_t* o = op + (bh * M + m0 + r) * Dv;
         for (int64_t c = 0; c < Dv; ++c) o[c] = static_cast<scalar_t>(ap[r * Dv + c] * inv);
-        lsep[bh * M + m0 + r] = l > acc_t(0) ? mrow[r] + std::log(l) : neg_inf;
+        lsep[bh * M + m0 + r] = l > acc_t(0) ? mp[r] + std::log(l) : neg_inf;
       }
     }
   });
@@ -494,6 +516,10 @@ void attention_backward_impl(const at::Tensor& g, const at::Tensor& q, const at:
           for (int64_t c = 0; c < Dv; ++c) d += gp[(m0 + r) * Dv + c] * opp[(m0 + r) * Dv + c];
           drow[r] = d;
         }
+        const at::Tensor d_t = at::from_blob(drow.data(), {mt}, q.options()).clone();
+        // exp(S - lse) with lse = -inf (a query with nothing kept) must be 0: use +inf there.
+        at::Tensor lse_t = lse[bh].narrow(0, m0, mt);
+        lse_t = lse_t.masked_fill(lse_t == neg_inf, std::numeric_limits<acc_t>::infinity());
         for (int64_t l0 = 0; l0 < dense; l0 += LT) {
           const int64_t lt = std::min(LT, dense - l0);
           at::Tensor p = pbuf.narrow(0, 0, mt * lt).view({mt, lt});
@@ -501,15 +527,8 @@ void attention_backward_impl(const at::Tensor& g, const at::Tensor& q, const at:
           const at::Tensor kt = kb.narrow(0, l0, lt), vt = vb.narrow(0, l0, lt);
           at::mm_out(p, qt, kt.t());
           at::mm_out(dp, gt, vt.t());
-          acc_t *pp = p.data_ptr<acc_t>(), *dpp = dp.data_ptr<acc_t>();
-          for (int64_t r = 0; r < mt; ++r) {
-            const acc_t l = lp[m0 + r];
-            for (int64_t j = 0; j < lt; ++j) {
-              const acc_t pr = l == neg_inf ? acc_t(0) : std::exp(scale * pp[r * lt + j] - l);
-              pp[r * lt + j] = pr;
-              dpp[r * lt + j] = pr * (dpp[r * lt + j] - drow[r]);  // dS
-            }
-          }
+          p.mul_(scale).sub_(lse_t.unsqueeze(1)).exp_();          // P = exp(S - lse)
+          dp.sub_(d_t.unsqueeze(1)).mul_(p);                       // dS = P (dP - D)
           dvb.narrow(0, l0, lt).addmm_(p.t(), gt);
           dqt.addmm_(dp, kt, 1, scale);
           dkb.narrow(0, l0, lt).addmm_(dp.t(), qt, 1, scale);
