@@ -195,13 +195,13 @@ class MaskWriter:
     `put(name, ids)` starts a non-blocking device->host copy (pinned memory + CUDA event on GPU); the thread waits
     for the copy and writes `<folder>/<name>.png` (palette PNG) and an optional overlay."""
 
-    def __init__(self, folder: str, overlay_folder: str | None = None, frames_for_overlay: dict | None = None,
-                 max_pending: int = 16):
+    def __init__(self, folder: str, overlay_folder: str | None = None, overlay_video: str | None = None,
+                 fps: float = 24.0, max_pending: int = 16):
         import os
 
         os.makedirs(folder, exist_ok=True)
         self.folder, self.overlay_folder = folder, overlay_folder
-        self.frames_for_overlay = frames_for_overlay
+        self.overlay_video, self.fps, self._video = overlay_video, fps, None
         self.q: queue.Queue = queue.Queue(maxsize=max_pending)
         self.error: BaseException | None = None
         self.written = 0
@@ -237,15 +237,31 @@ class MaskWriter:
                     ev.synchronize()
                 a = host.numpy()
                 write_mask(os.path.join(self.folder, f"{name}.png"), a)
-                if self.overlay_folder is not None and frame is not None:
-                    os.makedirs(self.overlay_folder, exist_ok=True)
-                    Image.fromarray(overlay(frame, a)).save(os.path.join(self.overlay_folder, f"{name}.png"))
+                if frame is not None and (self.overlay_folder or self.overlay_video):
+                    ov = overlay(frame, a)
+                    if self.overlay_folder is not None:
+                        os.makedirs(self.overlay_folder, exist_ok=True)
+                        Image.fromarray(ov).save(os.path.join(self.overlay_folder, f"{name}.png"))
+                    if self.overlay_video is not None:
+                        self._write_video_frame(ov)
                 self.written += 1
             except BaseException as e:  # reported to the producer on its next put/close
                 self.error = e
 
+    def _write_video_frame(self, ov: np.ndarray) -> None:
+        import cv2
+
+        if self._video is None:
+            h, w = ov.shape[:2]
+            self._video = cv2.VideoWriter(self.overlay_video, cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
+            if not self._video.isOpened():
+                raise ValueError(f"OpenCV cannot write an MP4 to {self.overlay_video!r}")
+        self._video.write(cv2.cvtColor(ov, cv2.COLOR_RGB2BGR))
+
     def close(self) -> None:
         self.q.put(None)
         self.thread.join()
+        if self._video is not None:
+            self._video.release()
         if self.error is not None:
             raise RuntimeError("the mask writer failed") from self.error
