@@ -183,17 +183,17 @@ def test_local_candidate_indices_gather_the_right_values():
 # -- the engine ----------------------------------------------------------------------------------------------------
 def _small_engine(**kw):
     return Propagator(LabPositionFeatures(stride=4), kw.pop("memory", MampMemory()),
-                      kw.pop("readout", LocalReadout(radius=4, topk=16, scale=40.0)), **kw)
+                      kw.pop("readout", LocalReadout(radius=8, topk=36, scale=40.0)), **kw)
 
 
 def test_engine_multi_object_on_synthetic_video():
-    frames, gts = synthetic_video(T=8, H=64, W=84, seed=1)  # 84 is not a multiple of 4*... padding exercised
-    frames = [f[:63, :83] for f in frames]
-    gts = [g[:63, :83] for g in gts]
+    frames, gts = synthetic_video(T=8, H=96, W=128, seed=1)
+    frames = [f[:95, :127] for f in frames]  # not multiples of the stride: padding and exact unpadding
+    gts = [g[:95, :127] for g in gts]
     out = list(_small_engine().propagate(frames, {0: gts[0]}))
     assert [t for t, _ in out] == list(range(8))
     preds = [ids.numpy() for _, ids in out]
-    assert all(p.shape == (63, 83) and p.dtype == np.uint8 for p in preds)
+    assert all(p.shape == (95, 127) and p.dtype == np.uint8 for p in preds)
     np.testing.assert_array_equal(preds[0], gts[0])
     assert set(np.unique(np.concatenate([p.ravel() for p in preds]))) <= {0, 1, 3}
     s = metrics.summarize(metrics.evaluate_sequence(preds, gts))
@@ -201,7 +201,7 @@ def test_engine_multi_object_on_synthetic_video():
 
 
 def test_engine_late_appearing_object():
-    frames, gts = synthetic_video(T=7, H=48, W=64, seed=2)
+    frames, gts = synthetic_video(T=7, H=96, W=128, seed=2)
     first = np.where(gts[0] == 3, 0, gts[0])  # object 3 not given at frame 0
     late = np.where(gts[3] == 3, 3, 0)  # its own mask at frame 3
     preds = {t: ids.numpy() for t, ids in _small_engine().propagate(frames, {0: first, 3: late})}
@@ -215,33 +215,38 @@ def test_engine_late_appearing_object():
 
 
 def test_engine_flow_displaced_windows_follow_fast_motion():
-    # a textured square jumps 12 px per frame; windows of radius 1 at stride 4 (±4 px) cannot follow without flow
+    # a smooth textured square jumps 12 px per frame over a static textured background; windows of radius 1 at
+    # stride 4 (+-4 px) cannot follow it without flow, and follow it with the true flow or OpenCV DIS
+    from vosops.propagation.synthetic import _smooth_texture
+
     rng = np.random.default_rng(0)
-    H, W, T = 64, 160, 6
-    bg = np.full((H, W, 3), 128, np.uint8)
-    tex = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
-    tex = np.repeat(np.repeat(tex[::4, ::4], 4, 0), 4, 1)
-    frames, gts = [], []
+    H, W, T = 96, 192, 6
+    bg = _smooth_texture(rng, H, W, 16, (128, 128, 128), 30).astype(np.uint8)
+    tex = _smooth_texture(rng, 40, 40, 8, (128, 128, 128), 90).astype(np.uint8)
+    frames, gts, x0 = [], [], {}
     for t in range(T):
         f, g = bg.copy(), np.zeros((H, W), np.uint8)
-        x0 = 8 + 12 * t
-        f[20:44, x0:x0 + 24] = tex
-        g[20:44, x0:x0 + 24] = 2
+        x = 16 + 12 * t
+        f[28:68, x:x + 40] = tex
+        g[28:68, x:x + 40] = 2
         frames.append(f)
         gts.append(g)
+        x0[f.tobytes()] = x
+
+    def true_flow(query, mem):  # around the query's square: the displacement to the square in each memory frame
+        xq = x0[query.tobytes()]
+        out = torch.zeros(len(mem), 2, H, W)
+        for n, m in enumerate(mem):
+            out[n, 0, 20:76, max(0, xq - 8):xq + 48] = x0[m.tobytes()] - xq
+        return out
 
     def run(flow):
-        eng = _small_engine(readout=LocalReadout(radius=1, topk=4, scale=40.0), flow=flow,
-                            memory=first_last(1))
-        return [ids.numpy() for _, ids in eng.propagate(frames, {0: gts[0]})]
+        eng = _small_engine(readout=LocalReadout(radius=1, topk=4, scale=40.0), flow=flow, memory=first_last(1))
+        preds = [ids.numpy() for _, ids in eng.propagate(frames, {0: gts[0]})]
+        return np.mean([metrics.jaccard(p == 2, g == 2) for p, g in zip(preds[1:], gts[1:])])
 
-    def shift_flow(query, mem):  # the true motion: the memory frame holds the square 12 px to the left
-        return torch.tensor([-12.0, 0.0]).view(1, 2, 1, 1).expand(len(mem), 2, H, W).clone()
-
-    j_no = np.mean([metrics.jaccard(p == 2, g == 2) for p, g in zip(run(None)[1:], gts[1:])])
-    j_true = np.mean([metrics.jaccard(p == 2, g == 2) for p, g in zip(run(shift_flow)[1:], gts[1:])])
-    j_dis = np.mean([metrics.jaccard(p == 2, g == 2) for p, g in zip(run("dis")[1:], gts[1:])])
-    assert j_true > 0.9 and j_dis > 0.6 and j_no < 0.5, (j_no, j_true, j_dis)
+    j_no, j_true, j_dis = run(None), run(true_flow), run("dis")
+    assert j_true > 0.85 and j_dis > 0.7 and j_no < 0.5, (j_no, j_true, j_dis)
 
 
 def test_engine_bad_input():

@@ -44,8 +44,9 @@ def build_engine(preset: str | None, device, flow: str = "none"):
 
 
 class Progress:
-    def __init__(self, total: int, label: str, stream=sys.stderr):
-        self.total, self.label, self.stream, self.t0 = total, label, stream, time.perf_counter()
+    def __init__(self, total: int, label: str, stream=None):
+        self.total, self.label, self.t0 = total, label, time.perf_counter()
+        self.stream = stream if stream is not None else sys.stderr
 
     def update(self, done: int) -> None:
         if not self.stream.isatty() and done not in (self.total,) and done % 10:
