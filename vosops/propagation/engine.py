@@ -137,6 +137,7 @@ class Propagator:
         if max(object_ids) > 254:
             raise ValueError(f"object ids must lie in 1..254, got {max(object_ids)}")
         id_table = torch.tensor([0] + object_ids, dtype=torch.uint8, device=self.device)
+        onehot_table = id_table.long()  # built once: no host-to-device copy inside the loop
         self.memory.with_anchors(given.keys())
         given_dev = {t: m.to(self.device, non_blocking=True) for t, m in given.items()}
         cache: dict[int, _Entry] = {}
@@ -160,7 +161,7 @@ class Propagator:
                 if tuple(given_dev[0].shape) != size:
                     raise ValueError(f"masks[0] has size {tuple(given_dev[0].shape)} but the frames are {size}")
                 ids_p = torch.where(ids_p == VOID_ID, torch.zeros_like(ids_p), ids_p)
-                label = self._labels_from_ids(ids_p, object_ids)
+                label = self._labels_from_ids(ids_p, onehot_table)
                 ids = ids_p
             else:
                 mem = self.memory.indices(t)
@@ -182,7 +183,7 @@ class Propagator:
                     ids = torch.where((g > 0) & (g != VOID_ID), g, ids)
                     label = None  # a given frame stores its (merged) hard labels
                 if label is None:
-                    label = self._labels_from_ids(ids, object_ids)
+                    label = self._labels_from_ids(ids, onehot_table)
             cache[t] = _Entry(feat, label, np_frame)
             keep = self.memory.retain(t)
             for f in [f for f in cache if f not in keep]:

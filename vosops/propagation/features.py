@@ -14,14 +14,26 @@ import torch
 import torch.nn.functional as F
 
 
+_CONSTANTS: dict = {}
+
+
+def _lab_constants(dtype, device):
+    """sRGB->XYZ matrix and D65 white, cached per device so no host-to-device copy happens per frame."""
+    key = (dtype, str(device))
+    if key not in _CONSTANTS:
+        m = torch.tensor([[0.412453, 0.357580, 0.180423],
+                          [0.212671, 0.715160, 0.072169],
+                          [0.019334, 0.119193, 0.950227]], dtype=dtype, device=device)
+        white = torch.tensor([0.950456, 1.0, 1.088754], dtype=dtype, device=device).view(1, 3, 1, 1)
+        _CONSTANTS[key] = (m, white)
+    return _CONSTANTS[key]
+
+
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1] (B, 3, H, W) -> CIE-Lab (D65): L in [0, 100], a and b roughly in [-128, 127]."""
     c = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    m = torch.tensor([[0.412453, 0.357580, 0.180423],
-                      [0.212671, 0.715160, 0.072169],
-                      [0.019334, 0.119193, 0.950227]], dtype=rgb.dtype, device=rgb.device)
+    m, white = _lab_constants(rgb.dtype, rgb.device)
     xyz = (m @ c.flatten(2)).view_as(c)
-    white = torch.tensor([0.950456, 1.0, 1.088754], dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
     t = xyz / white
     f = torch.where(t > 0.008856, t.clamp_min(1e-12) ** (1 / 3), 7.787 * t + 16 / 116)
     L = 116 * f[:, 1] - 16

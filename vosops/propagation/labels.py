@@ -10,12 +10,16 @@ import torch.nn.functional as F
 DOWNSAMPLE = ("stride", "bilinear")
 
 
-def to_onehot(ids: torch.Tensor, object_ids: Sequence[int]) -> torch.Tensor:
+def to_onehot(ids: torch.Tensor, object_ids) -> torch.Tensor:
     """(H, W) integer ids -> (1, K+1, H, W) float one-hot; channel 0 is background, channel c is object_ids[c-1].
-    Ids not in `object_ids` count as background."""
+    Ids not in `object_ids` count as background. `object_ids` may be a list or a (K+1,) tensor [0, ids...] already
+    on the device (the engine passes that, so no host-to-device copy happens per frame)."""
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise ValueError(f"ids must be a 2-D (H, W) tensor of object ids, got {getattr(ids, 'shape', type(ids))}")
-    table = torch.tensor([0] + list(object_ids), device=ids.device, dtype=torch.long)
+    if isinstance(object_ids, torch.Tensor):
+        table = object_ids.to(torch.long)
+    else:
+        table = torch.tensor([0] + list(object_ids), device=ids.device, dtype=torch.long)
     ids = ids.long()
     oh = (ids.unsqueeze(0) == table.view(-1, 1, 1)).float()
     oh[0] = 1.0 - oh[1:].sum(0).clamp(max=1.0)

@@ -114,16 +114,20 @@ class CRWReadout:
         g = [i for i in range(N) if is_global[i]]
         loc = [i for i in range(N) if not is_global[i]]
         qf = q.flatten(2).transpose(1, 2)  # (1, hw, C)
+
+        def pick(x, which):  # slices, not a list index: no index tensor copied to the device per frame
+            return torch.cat([x[:, i:i + 1] for i in which], 1)
+
         cands, values = [], []
         base = 0
         if g:
-            kg = k[:, g].permute(0, 1, 3, 4, 2).reshape(1, len(g) * h * w, C)
+            kg = pick(k, g).permute(0, 1, 3, 4, 2).reshape(1, len(g) * h * w, C)
             kk = min(self.topk, kg.shape[1])
             cands.append(global_topk(qf, kg, topk=kk, scale=self.scale))
-            values.append(v[:, g].permute(0, 1, 3, 4, 2).reshape(1, len(g) * h * w, K))
+            values.append(pick(v, g).permute(0, 1, 3, 4, 2).reshape(1, len(g) * h * w, K))
             base = len(g) * h * w
         if loc:
-            kl, vl = k[:, loc], v[:, loc]
+            kl, vl = pick(k, loc), pick(v, loc)
             kk = min(self.topk, len(loc) * _window_size(self.radius, self.window))
             _, (logits, cand) = vosops.local_attention(
                 q, kl, vl, radius=self.radius, scale=self.scale, topk=kk, window=self.window, border="mask",
