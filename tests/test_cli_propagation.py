@@ -77,6 +77,8 @@ def test_propagate_bad_arguments(tmp_path, capsys):
                      "--mask", "x.png"]) == 2
     assert "preset must be one of" in capsys.readouterr().err
     assert cli.main(["eval", "--pred", str(tmp_path / "none"), "--gt", str(tmp_path)]) == 2
+    assert cli.main(["propagate", str(tmp_path), "--mask", "x.png", "--out", str(tmp_path), "--backend", "gpu"]) == 2
+    assert "--backend must be" in capsys.readouterr().err
 
 
 def _davis_layout(root, seqs=3, T=4, H=48, W=64):

@@ -114,6 +114,10 @@ def run(args) -> int:
             print("vosops propagate: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
             return 2
         device = f"cuda:{local}"
+    if args.backend and args.backend != "auto" and args.backend not in vosops.BACKENDS:
+        print(f"vosops propagate: --backend must be 'auto' or one of {vosops.BACKENDS}, got {args.backend!r}",
+              file=sys.stderr)
+        return 2
     backend_ctx = vosops.use_backend(args.backend) if args.backend else _null()
     try:
         engine, desc = build_engine(args.preset, device, args.flow)
