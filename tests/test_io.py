@@ -79,6 +79,8 @@ def test_frame_folder_streaming(tmp_path):
     assert u.dtype == torch.uint8 and torch.equal(u.permute(1, 2, 0), torch.from_numpy(frames[0]))
     im = vio.frame_to_tensor(frames[0], normalize="imagenet")
     torch.testing.assert_close(im[0], (t[0] - 0.485) / 0.229)
+    streamed = list(r.tensors(normalize="unit"))
+    assert len(streamed) == 4 and torch.equal(streamed[1], vio.frame_to_tensor(frames[1]))
     video, names = vio.read_video(str(tmp_path), normalize="unit")
     assert video.shape == (4, 3, 24, 32) and names == r.names
 

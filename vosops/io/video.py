@@ -104,6 +104,11 @@ class VideoReader:
             raise IndexError(f"could not decode frame {i} of {self.path!r}")
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
+    def tensors(self, normalize: str | None = "unit", device=None) -> Iterator[torch.Tensor]:
+        """Stream the frames as (3, H, W) tensors (see `frame_to_tensor` for `normalize`)."""
+        for frame in self:
+            yield frame_to_tensor(frame, normalize, device)
+
     @property
     def size(self) -> tuple[int, int]:
         """(H, W) of the first frame."""
