@@ -20,12 +20,6 @@ from vosops.reference.local_attention import round_offsets
 from conftest import backend_device_params
 
 BACKENDS = backend_device_params("local_attention")
-# The triton backend implements softmax over all candidates (no top-k / threshold).
-TOPK_BACKENDS = [p for p in BACKENDS if p.values[0] != "triton"]
-
-
-def topk_ok(backend, kw):
-    return backend != "triton" or kw.get("topk") is None
 
 
 def rand_offsets(B, N, H, W, *, spread=3.0, far=0.1, dtype=torch.float32, device="cpu"):
@@ -291,11 +285,6 @@ def make_inputs(B, C, Cv, H, W, N, kw, device, seed=0):
 @pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
 def test_backend_matches_reference(backend, device, case, layout):
     B, C, Cv, H, W, N, kw = CASES[case]
-    if backend == "triton" and kw.get("topk"):
-        with pytest.raises(ValueError, match="triton backend implements normalize='softmax' without topk"):
-            vosops.local_attention(*make_inputs(B, C, Cv, H, W, N, {}, device)[0].values(), backend=backend, **{
-                k: v for k, v in kw.items() if k != "offsets"})
-        return
     inputs, kw = make_inputs(B, C, Cv, H, W, N, kw, device, seed=case)
     ret = kw.get("topk") is not None
     for dtype in testing.backend_dtypes(backend, device):
@@ -310,7 +299,7 @@ def test_backend_matches_reference(backend, device, case, layout):
         )
 
 
-@pytest.mark.parametrize("backend,device", TOPK_BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_backend_ties_indices_exact(backend, device):
     """Integer-valued features make many exact ties; indices and kept sets must match the stable-sort rule."""
     B, C, H, W, N = 1, 2, 5, 6, 2
@@ -340,8 +329,6 @@ def test_backend_no_valid_candidate_is_zero_not_nan(backend, device):
     offsets[0, :, 1, 1, 2] = -50.0
     offsets[0, 1, 0, 3, 3] = float("inf")
     for kw in ({}, {"topk": 3}, {"topk": 3, "normalize": "threshold"}):
-        if not topk_ok(backend, kw):
-            continue
         out = vosops.local_attention(q, k, v, radius=1, offsets=offsets, backend=backend, **kw)
         assert torch.isfinite(out).all() and not out[0, :, 1, 2].any()
         ref = vosops.local_attention(q, k, v, radius=1, offsets=offsets, backend="reference", **kw)
@@ -358,7 +345,7 @@ def test_backend_large_logits_do_not_overflow(backend, device):
     q = F.normalize(torch.randn(B, C, H, W), dim=1).to(device)
     k = F.normalize(torch.randn(B, 1, C, H, W), dim=2).to(device)
     v = torch.randn(B, 1, 2, H, W).to(device)
-    topk = None if backend == "triton" else 10
+    topk = 10
     ref = vosops.local_attention(q.double(), k.double(), v.double(), radius=2, scale=30.0, topk=topk,
                                  backend="reference")
     for dtype in (torch.float32, torch.float16):
@@ -459,7 +446,7 @@ def test_torch_compile_fullgraph(backend, device):
     inputs, _ = make_inputs(1, 3, 2, 5, 6, 2, {}, device)
     q, k, v = (inputs[n].requires_grad_() for n in ("q", "k", "v"))
     offsets = rand_offsets(1, 2, 5, 6, device=device)
-    topk = None if backend == "triton" else 4
+    topk = 4
     testing.check_compile(
         lambda a, b, c: vosops.local_attention(a, b, c, radius=1, topk=topk, offsets=offsets, backend=backend),
         (q, k, v))

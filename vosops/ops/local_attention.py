@@ -25,7 +25,6 @@ NORMALIZE = ("softmax", "threshold")
 
 # Backends that implement each public op here (local_affinity / local_aggregate are composed from the reference).
 ATTENTION_BACKENDS = ("reference", "cpu", "cuda", "triton")
-TOPK_BACKENDS = ("reference", "cpu", "cuda")
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -161,13 +160,7 @@ def local_attention(q, k, v, *, radius, scale=1.0, topk=None, normalize="softmax
     if return_topk and topk is None:
         raise ValueError("return_topk=True needs topk")
 
-    # The Triton kernels cover softmax over all candidates; top-k / threshold run on the other backends.
-    supported = ATTENTION_BACKENDS if topk is None else TOPK_BACKENDS
-    requested = backend if backend is not None else _backends.current_backend()
-    if requested == "triton" and topk is not None:
-        raise ValueError("local_attention: the triton backend implements normalize='softmax' without topk; "
-                         f"use backend 'cpu', 'cuda' or 'reference' for topk={topk}")
-    chosen = _backends.select("local_attention", q.device, backend, supported=supported)
+    chosen = _backends.select("local_attention", q.device, backend, supported=ATTENTION_BACKENDS)
     if chosen == "reference":
         return _ref_attention(q, k, v, radius, scale, topk, normalize, window, dilation, offsets, border,
                                     return_topk)
@@ -175,7 +168,7 @@ def local_attention(q, k, v, *, radius, scale=1.0, topk=None, normalize="softmax
     if chosen == "triton":
         from ..triton import local_attention as _triton
 
-        out, _, lg, idx = _triton.local_attention(*args)
+        out, lg, idx = _triton.local_attention(*args)
     else:
         out, _, lg, idx = torch.ops.vosops.local_attention(*args)
     if return_topk:
