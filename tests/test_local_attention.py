@@ -205,6 +205,35 @@ def test_attention_equals_aggregate_of_softmax_affinity():
         torch.testing.assert_close(out, vosops.local_aggregate(w, v, radius=r, offsets=offsets))
 
 
+@pytest.mark.parametrize("kw", [dict(topk=5, border="zero"), dict(topk=3, normalize="threshold"), dict()])
+def test_reference_chunking_does_not_change_results(monkeypatch, kw):
+    """Tiny chunks (one row, a few window positions per block) give the same outputs and gradients."""
+    import importlib
+
+    ref_mod = importlib.import_module("vosops.reference.local_attention")  # the module, not the function
+
+    B, C, H, W, N, r = 1, 3, 5, 6, 2, 2
+    q = torch.randn(B, C, H, W, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, N, C, H, W, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, N, 2, H, W, dtype=torch.float64, requires_grad=True)
+    offsets = rand_offsets(B, N, H, W, dtype=torch.float64)
+    args = dict(radius=r, offsets=offsets, **kw)
+    whole = vosops.local_attention(q, k, v, backend="reference", return_topk=bool(kw), **args)
+    aff = vosops.local_affinity(q, k, radius=r, offsets=offsets)
+    agg = vosops.local_aggregate(aff.softmax(2).nan_to_num(), v, radius=r, offsets=offsets)
+    monkeypatch.setattr(ref_mod, "_CHUNK_ELEMS", 40)
+    small = vosops.local_attention(q, k, v, backend="reference", return_topk=bool(kw), **args)
+    for a, b in zip(testing._flatten(small), testing._flatten(whole)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(vosops.local_affinity(q, k, radius=r, offsets=offsets), aff)
+    torch.testing.assert_close(vosops.local_aggregate(aff.softmax(2).nan_to_num(), v, radius=r, offsets=offsets), agg)
+    out_s = testing._flatten(small)[0]
+    out_w = testing._flatten(whole)[0]
+    g = torch.randn_like(out_w)
+    for a, b in zip(torch.autograd.grad(out_s, (q, k, v), g), torch.autograd.grad(out_w, (q, k, v), g)):
+        torch.testing.assert_close(a, b)
+
+
 def test_zero_border_candidates_win_topk_when_scores_are_negative():
     B, C, H, W, r = 1, 2, 3, 3, 1
     q = torch.ones(B, C, H, W, dtype=torch.float64)
