@@ -168,6 +168,20 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaProblem p, 
   }
 }
 
+// Position t of window column `col` among the ascending in-window columns (binary search).
+__device__ __forceinline__ int64_t column_position(const CudaProblem& p, int64_t col) {
+  int64_t lo = 0, hi = p.Q - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (p.cols[mid] < col) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
 // Per candidate of the backward: dp = <g, v_c> (0 out of frame).
 __device__ __forceinline__ float value_dot(const CudaProblem& p, const float* __restrict__ gv, int64_t b, int64_t n,
                                            int64_t pos) {
@@ -216,16 +230,14 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const CudaProblem p,
     if (list_mode) {
       for (int64_t e = 0; e < K; ++e) {
         const int64_t full = top_index[qi * K + e], n = full / p.P;
-        int64_t t = 0;
-        while (p.cols[t] != full % p.P) ++t;
+        const int64_t t = column_position(p, full % p.P);
         const int64_t pos = key_pos(p, b, n, t, i, j);
         const float s = score_at(p, qv, b, n, pos);
         if (s > -INFINITY) D += expf(s - lse) * value_dot(p, gv, b, n, pos);
       }
       for (int64_t e = 0; e < K; ++e) {
         const int64_t full = top_index[qi * K + e], n = full / p.P;
-        int64_t t = 0;
-        while (p.cols[t] != full % p.P) ++t;
+        const int64_t t = column_position(p, full % p.P);
         const int64_t pos = key_pos(p, b, n, t, i, j);
         const float s = score_at(p, qv, b, n, pos);
         if (!(s > -INFINITY)) continue;
