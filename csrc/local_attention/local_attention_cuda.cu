@@ -44,7 +44,8 @@ __device__ __forceinline__ float score_at(const CudaProblem& p, const float* __r
   if (pos < 0) return p.zero_border ? 0.f : -INFINITY;
   const float* __restrict__ kv = p.k + ((b * p.N + n) * p.H * p.W + pos) * p.C;
   float s = 0.f;
-  if ((p.C & 3) == 0) {
+  // float4 loads when aligned (a caller's channels-last view may start anywhere); same fmaf order either way.
+  if ((p.C & 3) == 0 && ((reinterpret_cast<uintptr_t>(qv) | reinterpret_cast<uintptr_t>(kv)) & 15) == 0) {
     const float4* q4 = reinterpret_cast<const float4*>(qv);
     const float4* k4 = reinterpret_cast<const float4*>(kv);
     for (int64_t c = 0; c < p.C / 4; ++c) {
