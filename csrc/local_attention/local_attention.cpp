@@ -373,16 +373,18 @@ __attribute__((noinline)) void backward_rows_base(const Config& c, const Views<a
 template <typename scalar_t>
 void backward_cpu(const Config& c, const Views<at::opmath_type<scalar_t>>& x,
                   const BwdIO<at::opmath_type<scalar_t>>& io, at::opmath_type<scalar_t>* dk,
-                  at::opmath_type<scalar_t>* dv, int64_t tasks) {
+                  at::opmath_type<scalar_t>* dv, int64_t tasks, bool by_batch) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rows = c.B * c.H, HW = c.H * c.W;
-  const int64_t dk_size = c.B * c.N * HW * c.C, dv_size = c.B * c.N * HW * c.Cv;
+  // by_batch: tasks own whole batches, whose dk/dv regions are disjoint, so they share one accumulator.
+  const int64_t dk_size = by_batch ? 0 : c.B * c.N * HW * c.C, dv_size = by_batch ? 0 : c.B * c.N * HW * c.Cv;
   at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
     BwdScratch<acc_t> sc(c.N * c.Q(), c.C);
     for (int64_t task = tb; task < te; ++task) {
       acc_t* dkb = dk ? dk + task * dk_size : nullptr;
       acc_t* dvb = dv ? dv + task * dv_size : nullptr;
-      const int64_t r0 = rows * task / tasks, r1 = rows * (task + 1) / tasks;
+      const int64_t r0 = by_batch ? c.B * task / tasks * c.H : rows * task / tasks;
+      const int64_t r1 = by_batch ? c.B * (task + 1) / tasks * c.H : rows * (task + 1) / tasks;
 #ifdef VOSOPS_LA_AVX2
       static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
       if (avx2) {
@@ -449,10 +451,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_backward_cpu(
   const auto aopts = q.options().dtype(a);
   at::Tensor dq_cl, dk_buf, dv_buf;
   const int64_t rows = c.B * c.H;
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  // dk/dv are scatters: with at least as many batches as threads, tasks split by batch and share one accumulator;
+  // otherwise each task (a block of query rows) has a private accumulator, summed at the end.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const bool by_batch = c.B >= threads;
+  const int64_t tasks = by_batch ? threads : std::max<int64_t>(1, std::min<int64_t>(threads, rows));
+  const int64_t copies = by_batch ? 1 : tasks;
   if (need_q) dq_cl = at::zeros({c.B, c.H, c.W, c.C}, aopts);
-  if (need_k) dk_buf = at::zeros({tasks, c.B, c.N, c.H, c.W, c.C}, aopts);
-  if (need_v) dv_buf = at::zeros({tasks, c.B, c.N, c.H, c.W, c.Cv}, aopts);
+  if (need_k) dk_buf = at::zeros({copies, c.B, c.N, c.H, c.W, c.C}, aopts);
+  if (need_v) dv_buf = at::zeros({copies, c.B, c.N, c.H, c.W, c.Cv}, aopts);
   if ((need_q || need_k || need_v) && q.numel() > 0 && v.numel() > 0) {
     const at::Tensor qc = to_cl(q), kc = to_cl(k), vc = to_cl(v);
     const at::Tensor oc = offsets.has_value() ? rounded_offsets_cpu(*offsets, c) : at::Tensor();
@@ -466,7 +473,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_backward_cpu(
                             sc.const_data_ptr<acc_t>(), c.topk ? ic.const_data_ptr<int64_t>() : nullptr,
                             need_q ? dq_cl.data_ptr<acc_t>() : nullptr};
       backward_cpu<scalar_t>(c, x, io, need_k ? dk_buf.data_ptr<acc_t>() : nullptr,
-                             need_v ? dv_buf.data_ptr<acc_t>() : nullptr, tasks);
+                             need_v ? dv_buf.data_ptr<acc_t>() : nullptr, tasks, by_batch);
     });
   }
   const auto st = q.scalar_type();
