@@ -15,7 +15,9 @@ Forward pass 2 folds the kept scores into an online softmax (running max, sum, C
 affinity never exists; per query only the KP-long key list and the saved (log-sum-exp, kth key) remain.
 Backward (flash-style): p = exp(s - lse) on the kept set, ds = p * (g.v - g.out); dq per query in the program,
 dk and dv scattered into fp32 buffers with atomics. Gradients of the returned top-k logits add to ds.
-Offsets are rounded (half away from zero) once on the host with the reference's rule.
+Offsets are rounded (half away from zero) once on the host with the reference's rule. The kernels are launched
+with enable_fp_fusion=False: no FMA contraction, so every pass rounds a score identically and the kept set of the
+selection pass is exactly the one the aggregation and the backward recompute.
 Accumulation is fp32; the triton backend takes float32, float16 and bfloat16 (bfloat16 on GPU only).
 """
 
@@ -311,7 +313,7 @@ def local_attention_triton(
         B, mt["C"], mt["CV"], H, W, mt["N"], tab.shape[0], dilation, mt["P"], mt["D"], radius, topk, scale,
         *q.stride(), *k.stride(), *v.stride(),
         HAS_OFF=has_off, ZERO_BORDER=border == "zero", MODE=mt["mode"], RET=bool(K),
-        BQ=bq, KP=mt["KP"], CB=mt["CB"], CVP=mt["CVP"],
+        BQ=bq, KP=mt["KP"], CB=mt["CB"], CVP=mt["CVP"], enable_fp_fusion=False,
     )
     return out, lse, thr, logits, index
 
@@ -351,6 +353,7 @@ def local_attention_triton_backward(
         *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(),
         HAS_OFF=has_off, ZERO_BORDER=border == "zero", MODE=mt["mode"], HAS_GLG=has_glg,
         NEED_Q=need_q, NEED_K=need_k, NEED_V=need_v, BQ=bq, KP=mt["KP"], CB=mt["CB"], CVP=mt["CVP"],
+        enable_fp_fusion=False,
     )
     return (dq.to(q.dtype) if need_q else q.new_empty(0), dk.to(k.dtype) if need_k else k.new_empty(0),
             dv.to(v.dtype) if need_v else v.new_empty(0))
