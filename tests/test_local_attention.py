@@ -481,6 +481,22 @@ def test_torch_compile_fullgraph(backend, device):
         (q, k, v))
 
 
+def test_auto_backend_choice():
+    from vosops.ops.local_attention import _auto_candidates
+
+    assert _auto_candidates(torch.float32, None) == ("reference", "cpu", "cuda", "triton")
+    assert "cuda" not in _auto_candidates(torch.float32, 65) and "triton" in _auto_candidates(torch.float32, 65)
+    assert _auto_candidates(torch.float64, 5) == ("reference", "cpu")
+    # on CPU tensors auto takes the C++ kernel when it is built, and it agrees with an explicit call
+    q, k, v = torch.randn(1, 3, 4, 5), torch.randn(1, 2, 3, 4, 5), torch.randn(1, 2, 2, 4, 5)
+    expected = "cpu" if vosops._backends.why_unusable("cpu", "local_attention", "cpu") is None else "reference"
+    torch.testing.assert_close(vosops.local_attention(q, k, v, radius=1, topk=3),
+                               vosops.local_attention(q, k, v, radius=1, topk=3, backend=expected))
+    with vosops.use_backend("reference"):
+        torch.testing.assert_close(vosops.local_attention(q, k, v, radius=1, topk=3),
+                                   vosops.local_attention(q, k, v, radius=1, topk=3, backend="reference"))
+
+
 Q, K, V = torch.randn(1, 3, 4, 5), torch.randn(1, 2, 3, 4, 5), torch.randn(1, 2, 2, 4, 5)
 
 

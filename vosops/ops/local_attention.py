@@ -25,6 +25,18 @@ NORMALIZE = ("softmax", "threshold")
 
 # Backends that implement each public op here (local_affinity / local_aggregate are composed from the reference).
 ATTENTION_BACKENDS = ("reference", "cpu", "cuda", "triton")
+CUDA_MAX_TOPK = 64  # the CUDA kernel keeps its top-k list in registers (csrc/local_attention, kCudaMaxTopk)
+
+
+def _auto_candidates(dtype: torch.dtype, topk) -> tuple[str, ...]:
+    """The backends "auto" may pick for this call: float64 runs on reference/cpu only, topk > 64 not on cuda.
+    An explicitly requested backend is not filtered; it raises its own clear error instead."""
+    names = ATTENTION_BACKENDS
+    if dtype == torch.float64:
+        names = tuple(b for b in names if b not in ("cuda", "triton"))
+    if topk is not None and topk > CUDA_MAX_TOPK:
+        names = tuple(b for b in names if b != "cuda")
+    return names
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -160,7 +172,9 @@ def local_attention(q, k, v, *, radius, scale=1.0, topk=None, normalize="softmax
     if return_topk and topk is None:
         raise ValueError("return_topk=True needs topk")
 
-    chosen = _backends.select("local_attention", q.device, backend, supported=ATTENTION_BACKENDS)
+    auto = (backend if backend is not None else _backends.current_backend()) == "auto"
+    supported = _auto_candidates(q.dtype, topk) if auto else ATTENTION_BACKENDS
+    chosen = _backends.select("local_attention", q.device, backend, supported=supported)
     if chosen == "reference":
         return _ref_attention(q, k, v, radius, scale, topk, normalize, window, dilation, offsets, border,
                                     return_topk)
