@@ -144,7 +144,10 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, out_ptr, lse_ptr, thr
             s = _chunk_scores(q_ptr, k_ptr, qbase, kpix, lm, C, sqc, skc, scale, ZERO_BORDER, BQ, KP, CB,
                               inside, cvalid)
             key = tl.where(cvalid[None, :], _pack(s, cid[None, :]), -9223000000000000000)
-            run = _merge_topk(run, key, BQ, KP)
+            # exact early-out: once the list is full most chunks hold no key above its last (KP-th) entry
+            last = tl.sum(tl.where(col[None, :] == KP - 1, run, 0), axis=1)
+            if tl.max((key > last[:, None]).to(tl.int32)) > 0:
+                run = _merge_topk(run, key, BQ, KP)
         kth = tl.sum(tl.where(col[None, :] == TOPK - 1, run, 0), axis=1)
         if MODE == 1:
             thr = kth
