@@ -329,6 +329,16 @@ def test_backend_matches_reference(backend, device, case, layout):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_backend_channels_last_query(backend, device):
+    inputs, kw = make_inputs(1, 4, 3, 5, 6, 2, dict(radius=2, topk=5, offsets=True, border="zero"), device, seed=9)
+    testing.check_against_reference(
+        lambda **t: vosops.local_attention(**t, **kw, backend=backend),
+        lambda **t: vosops.local_attention(**t, **kw, backend="reference"),
+        inputs, dtype=torch.float32, grad_inputs=("q", "k", "v"), layout="channels_last",
+    )
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_backend_ties_indices_exact(backend, device):
     """Integer-valued features make many exact ties; indices and kept sets must match the stable-sort rule."""
     B, C, H, W, N = 1, 2, 5, 6, 2
