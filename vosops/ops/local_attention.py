@@ -177,7 +177,7 @@ def local_attention(q, k, v, *, radius, scale=1.0, topk=None, normalize="softmax
     chosen = _backends.select("local_attention", q.device, backend, supported=supported)
     if chosen == "reference":
         return _ref_attention(q, k, v, radius, scale, topk, normalize, window, dilation, offsets, border,
-                                    return_topk)
+                              return_topk)
     args = (q, k, v, offsets, radius, dilation, scale, topk or 0, normalize, window, border, return_topk)
     if chosen == "triton":
         from ..triton import local_attention as _triton
@@ -190,13 +190,6 @@ def local_attention(q, k, v, *, radius, scale=1.0, topk=None, normalize="softmax
     return out
 
 
-def _register_native() -> None:
-    """Fake kernels and autograd of the native op live in ._local_attention_native (next to the C++ schema)."""
-    import importlib.util
-
-    if importlib.util.find_spec(f"{__package__}._local_attention_native") is not None:
-        from . import _local_attention_native  # noqa: F401
-
-
 if _native.LOADED:
-    _register_native()
+    # Fake kernels and autograd of the native op live next to its schema's Python side.
+    from . import _local_attention_native  # noqa: F401
