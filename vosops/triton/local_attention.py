@@ -14,7 +14,8 @@ for top-k (exactly k candidates, ties to the lower index), `key >= kth with its 
 Forward pass 2 folds the kept scores into an online softmax (running max, sum, Cv accumulator). The N*P-wide
 affinity never exists; per query only the KP-long key list and the saved (log-sum-exp, kth key) remain.
 Backward (flash-style): p = exp(s - lse) on the kept set, ds = p * (g.v - g.out); dq per query in the program,
-dk and dv scattered into fp32 buffers with atomics. Gradients of the returned top-k logits add to ds.
+dk and dv scattered into fp32 channels-last buffers with atomics. Inputs are read through channels-last views
+(copied once per call when they are not), so a candidate's channel block is one contiguous load. Gradients of the returned top-k logits add to ds.
 Offsets are rounded (half away from zero) once on the host with the reference's rule. The kernels are launched
 with enable_fp_fusion=False: no FMA contraction, so every pass rounds a score identically and the kept set of the
 selection pass is exactly the one the aggregation and the backward recompute.
@@ -246,8 +247,9 @@ def _backward_kernel(g_ptr, glg_ptr, idx_ptr, q_ptr, k_ptr, v_ptr, off_ptr, tab_
             ds += tl.sum(tl.where(hit, top_g[:, None, :], 0.0), axis=2)
         ds = tl.where(lm, ds, 0.0) * scale  # out-of-frame scores are constants
         if NEED_V:
-            vb = (b[:, None] * N + n[None, :]) * CV * H * W + y * W + x  # fp32 accumulators: contiguous
-            tl.atomic_add(dv_ptr + vb[:, :, None] + cv[None, None, :] * H * W, p[:, :, None] * g[:, None, :],
+            # fp32 accumulators are contiguous channels-last (B, N, H, W, C|Cv) / (B, H, W, C)
+            vb = (((b[:, None] * N + n[None, :]) * H + y) * W + x) * CV
+            tl.atomic_add(dv_ptr + vb[:, :, None] + cv[None, None, :], p[:, :, None] * g[:, None, :],
                           mask=vmask)
         for cc0 in range(0, C, CB):
             c = cc0 + tl.arange(0, CB).to(tl.int64)
@@ -255,14 +257,24 @@ def _backward_kernel(g_ptr, glg_ptr, idx_ptr, q_ptr, k_ptr, v_ptr, off_ptr, tab_
             if NEED_Q:
                 kv = tl.load(k_ptr + kpix[:, :, None] + c[None, None, :] * skc,
                              mask=lm[:, :, None] & cm[None, None, :], other=0.0).to(tl.float32)
-                qa = dq_ptr + (b * C * H * W + i * W + j)[:, None] + c[None, :] * H * W
+                qa = dq_ptr + (((b * H + i) * W + j) * C)[:, None] + c[None, :]
                 qm = pm[:, None] & cm[None, :]
                 tl.store(qa, tl.load(qa, mask=qm, other=0.0) + tl.sum(ds[:, :, None] * kv, axis=1), mask=qm)
             if NEED_K:
                 qv = tl.load(q_ptr + qbase[:, None] + c[None, :] * sqc, mask=cm[None, :], other=0.0).to(tl.float32)
-                kb = (b[:, None] * N + n[None, :]) * C * H * W + y * W + x
-                tl.atomic_add(dk_ptr + kb[:, :, None] + c[None, None, :] * H * W, ds[:, :, None] * qv[:, None, :],
+                kb = (((b[:, None] * N + n[None, :]) * H + y) * W + x) * C
+                tl.atomic_add(dk_ptr + kb[:, :, None] + c[None, None, :], ds[:, :, None] * qv[:, None, :],
                               mask=lm[:, :, None] & cm[None, None, :])
+
+
+def _channels_last(x: torch.Tensor, cdim: int) -> torch.Tensor:
+    """A view with x's shape whose channel dim `cdim` has stride 1 (copying only when it has not): each candidate's
+    channel vector is then one contiguous load, matching the kernels' channel-fastest tiles."""
+    if x.stride(cdim) == 1:
+        return x
+    perm = [d for d in range(x.dim()) if d != cdim] + [cdim]
+    inverse = sorted(range(x.dim()), key=perm.__getitem__)
+    return x.permute(perm).contiguous().permute(inverse)
 
 
 def _check(q: torch.Tensor) -> None:
@@ -302,6 +314,7 @@ def local_attention_triton(
     (B, H, W, 0)."""
     _check(q)
     mt = _meta(q, k, v, radius, window, topk, normalize)
+    q, k, v = _channels_last(q, 1), _channels_last(k, 2), _channels_last(v, 2)
     B, H, W, K = mt["B"], mt["H"], mt["W"], topk if return_topk else 0
     tab = _table(radius, window, q.device)
     off, has_off = _rounded(offsets, radius, dilation, q)
@@ -339,12 +352,14 @@ def local_attention_triton_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mt = _meta(q, k, v, radius, window, topk, normalize)
     B, C, CV, H, W, N = mt["B"], mt["C"], mt["CV"], mt["H"], mt["W"], mt["N"]
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    q, k, v = _channels_last(q, 1), _channels_last(k, 2), _channels_last(v, 2)
     tab = _table(radius, window, q.device)
     off, has_off = _rounded(offsets, radius, dilation, q)
     delta = (grad_out.float() * out.float()).sum(1).contiguous()
-    dq = torch.zeros(B, C, H, W, dtype=torch.float32, device=q.device) if need_q else None
-    dk = torch.zeros(B, N, C, H, W, dtype=torch.float32, device=q.device) if need_k else None
-    dv = torch.zeros(B, N, CV, H, W, dtype=torch.float32, device=q.device) if need_v else None
+    dq = torch.zeros(B, H, W, C, dtype=torch.float32, device=q.device) if need_q else None
+    dk = torch.zeros(B, N, H, W, C, dtype=torch.float32, device=q.device) if need_k else None
+    dv = torch.zeros(B, N, H, W, CV, dtype=torch.float32, device=q.device) if need_v else None
     has_glg = grad_logits is not None and index.shape[-1] > 0
     dummy = q.new_empty(1, dtype=torch.float32)
     bq = _block_q(B * H * W)
@@ -358,8 +373,11 @@ def local_attention_triton_backward(
         NEED_Q=need_q, NEED_K=need_k, NEED_V=need_v, BQ=bq, KP=mt["KP"], CB=mt["CB"], CVP=mt["CVP"],
         enable_fp_fusion=False,
     )
-    return (dq.to(q.dtype) if need_q else q.new_empty(0), dk.to(k.dtype) if need_k else k.new_empty(0),
-            dv.to(v.dtype) if need_v else v.new_empty(0))
+    # back to (B, [N,] C, H, W), contiguous like the fake kernel's outputs
+    dq = dq.permute(0, 3, 1, 2).to(dtypes[0]).contiguous() if need_q else q.new_empty(0)
+    dk = dk.permute(0, 1, 4, 2, 3).to(dtypes[1]).contiguous() if need_k else k.new_empty(0)
+    dv = dv.permute(0, 1, 4, 2, 3).to(dtypes[2]).contiguous() if need_v else v.new_empty(0)
+    return dq, dk, dv
 
 
 @local_attention_triton_backward.register_fake
