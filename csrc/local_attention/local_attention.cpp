@@ -417,7 +417,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_cpu(
   at::Tensor stats = new_output({c.B, c.H, c.W, 2}, opts.dtype(acc_type(q.scalar_type())));
   at::Tensor top_logits = new_output({c.B, c.H, c.W, c.topk}, opts);
   at::Tensor top_index = new_output({c.B, c.H, c.W, c.topk}, opts.dtype(at::kLong));
-  if (q.numel() == 0 || out.numel() == 0) return {out, stats, top_logits, top_index};
+  // Empty channels (C or Cv = 0) still run: scores are then 0 and the statistics / top-k lists are defined.
+  if (c.B * c.H * c.W == 0) return {out, stats, top_logits, top_index};
   const at::Tensor qc = to_cl(q), kc = to_cl(k), vc = to_cl(v);
   const at::Tensor oc = offsets.has_value() ? rounded_offsets_cpu(*offsets, c) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "local_attention_cpu", [&] {
@@ -460,7 +461,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_backward_cpu(
   if (need_q) dq_cl = at::zeros({c.B, c.H, c.W, c.C}, aopts);
   if (need_k) dk_buf = at::zeros({copies, c.B, c.N, c.H, c.W, c.C}, aopts);
   if (need_v) dv_buf = at::zeros({copies, c.B, c.N, c.H, c.W, c.Cv}, aopts);
-  if ((need_q || need_k || need_v) && q.numel() > 0 && v.numel() > 0) {
+  if ((need_q || need_k || need_v) && c.B * c.H * c.W > 0) {
     const at::Tensor qc = to_cl(q), kc = to_cl(k), vc = to_cl(v);
     const at::Tensor oc = offsets.has_value() ? rounded_offsets_cpu(*offsets, c) : at::Tensor();
     const at::Tensor gc = to_cl(grad_out);
