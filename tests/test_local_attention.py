@@ -20,12 +20,6 @@ from vosops.reference.local_attention import round_offsets
 from conftest import backend_device_params
 
 BACKENDS = backend_device_params("local_attention")
-# The triton backend implements softmax over all candidates (no top-k / threshold).
-TOPK_BACKENDS = [p for p in BACKENDS if p.values[0] != "triton"]
-
-
-def topk_ok(backend, kw):
-    return backend != "triton" or kw.get("topk") is None
 
 
 def rand_offsets(B, N, H, W, *, spread=3.0, far=0.1, dtype=torch.float32, device="cpu"):
@@ -211,6 +205,35 @@ def test_attention_equals_aggregate_of_softmax_affinity():
         torch.testing.assert_close(out, vosops.local_aggregate(w, v, radius=r, offsets=offsets))
 
 
+@pytest.mark.parametrize("kw", [dict(topk=5, border="zero"), dict(topk=3, normalize="threshold"), dict()])
+def test_reference_chunking_does_not_change_results(monkeypatch, kw):
+    """Tiny chunks (one row, a few window positions per block) give the same outputs and gradients."""
+    import importlib
+
+    ref_mod = importlib.import_module("vosops.reference.local_attention")  # the module, not the function
+
+    B, C, H, W, N, r = 1, 3, 5, 6, 2, 2
+    q = torch.randn(B, C, H, W, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, N, C, H, W, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, N, 2, H, W, dtype=torch.float64, requires_grad=True)
+    offsets = rand_offsets(B, N, H, W, dtype=torch.float64)
+    args = dict(radius=r, offsets=offsets, **kw)
+    whole = vosops.local_attention(q, k, v, backend="reference", return_topk=bool(kw), **args)
+    aff = vosops.local_affinity(q, k, radius=r, offsets=offsets)
+    agg = vosops.local_aggregate(aff.softmax(2).nan_to_num(), v, radius=r, offsets=offsets)
+    monkeypatch.setattr(ref_mod, "_CHUNK_ELEMS", 40)
+    small = vosops.local_attention(q, k, v, backend="reference", return_topk=bool(kw), **args)
+    for a, b in zip(testing._flatten(small), testing._flatten(whole)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(vosops.local_affinity(q, k, radius=r, offsets=offsets), aff)
+    torch.testing.assert_close(vosops.local_aggregate(aff.softmax(2).nan_to_num(), v, radius=r, offsets=offsets), agg)
+    out_s = testing._flatten(small)[0]
+    out_w = testing._flatten(whole)[0]
+    g = torch.randn_like(out_w)
+    for a, b in zip(torch.autograd.grad(out_s, (q, k, v), g), torch.autograd.grad(out_w, (q, k, v), g)):
+        torch.testing.assert_close(a, b)
+
+
 def test_zero_border_candidates_win_topk_when_scores_are_negative():
     B, C, H, W, r = 1, 2, 3, 3, 1
     q = torch.ones(B, C, H, W, dtype=torch.float64)
@@ -291,11 +314,6 @@ def make_inputs(B, C, Cv, H, W, N, kw, device, seed=0):
 @pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
 def test_backend_matches_reference(backend, device, case, layout):
     B, C, Cv, H, W, N, kw = CASES[case]
-    if backend == "triton" and kw.get("topk"):
-        with pytest.raises(ValueError, match="triton backend implements normalize='softmax' without topk"):
-            vosops.local_attention(*make_inputs(B, C, Cv, H, W, N, {}, device)[0].values(), backend=backend, **{
-                k: v for k, v in kw.items() if k != "offsets"})
-        return
     inputs, kw = make_inputs(B, C, Cv, H, W, N, kw, device, seed=case)
     ret = kw.get("topk") is not None
     for dtype in testing.backend_dtypes(backend, device):
@@ -310,7 +328,17 @@ def test_backend_matches_reference(backend, device, case, layout):
         )
 
 
-@pytest.mark.parametrize("backend,device", TOPK_BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_backend_channels_last_query(backend, device):
+    inputs, kw = make_inputs(1, 4, 3, 5, 6, 2, dict(radius=2, topk=5, offsets=True, border="zero"), device, seed=9)
+    testing.check_against_reference(
+        lambda **t: vosops.local_attention(**t, **kw, backend=backend),
+        lambda **t: vosops.local_attention(**t, **kw, backend="reference"),
+        inputs, dtype=torch.float32, grad_inputs=("q", "k", "v"), layout="channels_last",
+    )
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_backend_ties_indices_exact(backend, device):
     """Integer-valued features make many exact ties; indices and kept sets must match the stable-sort rule."""
     B, C, H, W, N = 1, 2, 5, 6, 2
@@ -340,8 +368,6 @@ def test_backend_no_valid_candidate_is_zero_not_nan(backend, device):
     offsets[0, :, 1, 1, 2] = -50.0
     offsets[0, 1, 0, 3, 3] = float("inf")
     for kw in ({}, {"topk": 3}, {"topk": 3, "normalize": "threshold"}):
-        if not topk_ok(backend, kw):
-            continue
         out = vosops.local_attention(q, k, v, radius=1, offsets=offsets, backend=backend, **kw)
         assert torch.isfinite(out).all() and not out[0, :, 1, 2].any()
         ref = vosops.local_attention(q, k, v, radius=1, offsets=offsets, backend="reference", **kw)
@@ -358,7 +384,7 @@ def test_backend_large_logits_do_not_overflow(backend, device):
     q = F.normalize(torch.randn(B, C, H, W), dim=1).to(device)
     k = F.normalize(torch.randn(B, 1, C, H, W), dim=2).to(device)
     v = torch.randn(B, 1, 2, H, W).to(device)
-    topk = None if backend == "triton" else 10
+    topk = 10
     ref = vosops.local_attention(q.double(), k.double(), v.double(), radius=2, scale=30.0, topk=topk,
                                  backend="reference")
     for dtype in (torch.float32, torch.float16):
@@ -459,10 +485,26 @@ def test_torch_compile_fullgraph(backend, device):
     inputs, _ = make_inputs(1, 3, 2, 5, 6, 2, {}, device)
     q, k, v = (inputs[n].requires_grad_() for n in ("q", "k", "v"))
     offsets = rand_offsets(1, 2, 5, 6, device=device)
-    topk = None if backend == "triton" else 4
+    topk = 4
     testing.check_compile(
         lambda a, b, c: vosops.local_attention(a, b, c, radius=1, topk=topk, offsets=offsets, backend=backend),
         (q, k, v))
+
+
+def test_auto_backend_choice():
+    from vosops.ops.local_attention import _auto_candidates
+
+    assert _auto_candidates(torch.float32, None) == ("reference", "cpu", "cuda", "triton")
+    assert "cuda" not in _auto_candidates(torch.float32, 65) and "triton" in _auto_candidates(torch.float32, 65)
+    assert _auto_candidates(torch.float64, 5) == ("reference", "cpu")
+    # on CPU tensors auto takes the C++ kernel when it is built, and it agrees with an explicit call
+    q, k, v = torch.randn(1, 3, 4, 5), torch.randn(1, 2, 3, 4, 5), torch.randn(1, 2, 2, 4, 5)
+    expected = "cpu" if vosops._backends.why_unusable("cpu", "local_attention", "cpu") is None else "reference"
+    torch.testing.assert_close(vosops.local_attention(q, k, v, radius=1, topk=3),
+                               vosops.local_attention(q, k, v, radius=1, topk=3, backend=expected))
+    with vosops.use_backend("reference"):
+        torch.testing.assert_close(vosops.local_attention(q, k, v, radius=1, topk=3),
+                                   vosops.local_attention(q, k, v, radius=1, topk=3, backend="reference"))
 
 
 Q, K, V = torch.randn(1, 3, 4, 5), torch.randn(1, 2, 3, 4, 5), torch.randn(1, 2, 2, 4, 5)
@@ -523,3 +565,64 @@ def test_native_op_checks_its_arguments_too():
         op(Q, K, V, None, 1, 1, 1.0, 2, "nope", "square", "mask", False)
     with pytest.raises(ValueError, match="offsets"):
         op(Q, K, V, torch.zeros(1, 2, 2, 4, 4), 1, 1, 1.0, 0, "softmax", "square", "mask", False)
+
+
+# --- the Triton kernels lower to a real GPU binary (the interpreter does not check that) --------------------------
+
+_AOT_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vosops.triton import local_attention as tla
+
+arch = int(sys.argv[1])
+ints = {"off_ptr": "*i32", "tab_ptr": "*i32", "thr_ptr": "*i64", "idx_ptr": "*i64", "lse_ptr": "*fp32",
+        "dlt_ptr": "*fp32", "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dv_ptr": "*fp32"}
+launches = [
+    # small blocks: the same code paths as the real sizes, at a fraction of the compile time
+    (tla._forward_kernel, dict(HAS_OFF=True, ZERO_BORDER=True, MODE=1, RET=True, BQ=16, KP=16, CB=8, CVP=8)),
+    (tla._forward_kernel, dict(HAS_OFF=False, ZERO_BORDER=False, MODE=0, RET=False, BQ=16, KP=16, CB=8, CVP=4)),
+    (tla._backward_kernel, dict(HAS_OFF=True, ZERO_BORDER=False, MODE=2, HAS_GLG=True, NEED_Q=True, NEED_K=True,
+                                NEED_V=True, BQ=16, KP=16, CB=8, CVP=8)),
+]
+for fn, const in launches:
+    sig = {}
+    for name in fn.arg_names:
+        if name in const:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = ints.get(name, "*fp16")
+        else:
+            sig[name] = "fp32" if name == "scale" else "i64"
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": False})
+    assert "cubin" in kernel.asm, kernel.asm.keys()
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_gpu():
+    """Ahead-of-time compile of the forward (top-k with returned logits; softmax) and backward (threshold, returned
+    logit grads) kernels to cubin for sm_90, in a subprocess without TRITON_INTERPRET (~30 s here)."""
+    arch = 90
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no ahead-of-time compile API")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
+    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(arch)], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr:
+        pytest.skip("triton cannot find ptxas here")
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

@@ -256,87 +256,143 @@ void forward_cpu(const Config& c, const Views<at::opmath_type<scalar_t>>& x, at:
   });
 }
 
-template <typename scalar_t>
-void backward_cpu(const Config& c, const Views<at::opmath_type<scalar_t>>& x, const at::opmath_type<scalar_t>* g,
-                  const at::opmath_type<scalar_t>* gl, const at::opmath_type<scalar_t>* st, const int64_t* idx,
-                  at::opmath_type<scalar_t>* dq, at::opmath_type<scalar_t>* dk, at::opmath_type<scalar_t>* dv,
-                  int64_t tasks) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t Q = c.Q(), NQ = c.N * Q, K = c.topk, HW = c.H * c.W, C = c.C, Cv = c.Cv;
-  const int64_t rows = c.B * c.H;
-  const int64_t dk_size = c.B * c.N * HW * C, dv_size = c.B * c.N * HW * Cv;
+// Per-thread scratch of the backward: one query's candidates.
+template <typename acc_t>
+struct BwdScratch {
+  std::vector<acc_t> s, p, dp, ds, dqv;
+  std::vector<int64_t> pos, items;
+  BwdScratch(int64_t NQ, int64_t C) : s(NQ), p(NQ), dp(NQ), ds(NQ), dqv(C), pos(NQ) { items.reserve(NQ); }
+};
+
+template <typename acc_t>
+struct BwdIO {
+  const acc_t* g;    // grad_out (B, H, W, Cv)
+  const acc_t* gl;   // grad of the returned top-k logits (B, H, W, topk), or null
+  const acc_t* st;   // stats (B, H, W, 2)
+  const int64_t* idx;  // top-k indices (B, H, W, topk)
+  acc_t* dq;         // (B, H, W, C) or null
+};
+
+// Query rows [r0, r1): dq per query; dk/dv scattered into this task's private accumulators dkb/dvb.
+template <typename acc_t>
+VOSOPS_INLINE void backward_rows_impl(const Config& c, const Views<acc_t>& x, const BwdIO<acc_t>& io, acc_t* dkb,
+                                      acc_t* dvb, int64_t r0, int64_t r1, BwdScratch<acc_t>& sc) {
+  const int64_t Q = c.Q(), NQ = c.N * Q, K = c.topk, HW = c.H * c.W, C = c.C, Cv = c.Cv, P = c.P;
   const acc_t scale = static_cast<acc_t>(c.scale);
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   const bool topk_list = K && c.normalize == Normalize::Softmax;  // the kept set is exactly the saved list
+  acc_t* s = sc.s.data();
+  acc_t* p = sc.p.data();
+  acc_t* dp = sc.dp.data();
+  acc_t* ds = sc.ds.data();
+  acc_t* dqv = sc.dqv.data();
+  int64_t* pos = sc.pos.data();
+  std::vector<int64_t>& items = sc.items;
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t b = row / c.H, i = row % c.H;
+    for (int64_t j = 0; j < c.W; ++j) {
+      const int64_t qi = row * c.W + j;
+      const acc_t lse = io.st[qi * 2], thr = io.st[qi * 2 + 1];
+      if (!(lse < kInf)) continue;  // no candidate kept: zero gradient
+      const acc_t* __restrict qv = x.q + qi * C;
+      const acc_t* __restrict gv = io.g + qi * Cv;
+      // The kept candidates ("items", as n*Q + t) with recomputed scores and key positions.
+      items.clear();
+      if (topk_list) {
+        for (int64_t e = 0; e < K; ++e) {
+          const int64_t full = io.idx[qi * K + e];
+          const int64_t n = full / P, t = x.colpos[full % P];
+          const int64_t cand = n * Q + t;
+          pos[cand] = key_pos(c, x, b, n, t, i, j);
+          s[cand] = score(c, x, qv, b, n, pos[cand]);
+          if (s[cand] > -kInf) items.push_back(cand);
+        }
+      } else {
+        score_all(c, x, b, i, j, s, pos);
+        for (int64_t e = 0; e < NQ; ++e)
+          if (s[e] > -kInf && s[e] >= thr) items.push_back(e);
+      }
+      acc_t D = acc_t(0);
+      for (int64_t e : items) {
+        p[e] = std::exp(s[e] - lse);
+        acc_t d = acc_t(0);
+        if (pos[e] >= 0) d = dot(gv, x.v + ((b * c.N + e / Q) * HW + pos[e]) * Cv, Cv);
+        dp[e] = d;
+        D += p[e] * d;
+      }
+      for (int64_t e : items) ds[e] = p[e] * (dp[e] - D);
+      if (io.gl && K) {  // gradient flowing into the returned top-k logits
+        for (int64_t e = 0; e < K; ++e) {
+          const int64_t full = io.idx[qi * K + e];
+          const int64_t cand = (full / P) * Q + x.colpos[full % P];
+          if (pos[cand] >= 0) ds[cand] += io.gl[qi * K + e];
+        }
+      }
+      for (int64_t cc = 0; cc < C; ++cc) dqv[cc] = acc_t(0);
+      for (int64_t e : items) {
+        if (pos[e] < 0) continue;  // zero-border candidate: constant logit, zero value
+        const int64_t kbase = (b * c.N + e / Q) * HW + pos[e];
+        const acc_t w = scale * ds[e];
+        if (io.dq) {
+          const acc_t* __restrict kv = x.k + kbase * C;
+#pragma omp simd
+          for (int64_t cc = 0; cc < C; ++cc) dqv[cc] += w * kv[cc];
+        }
+        if (dkb) {
+          acc_t* __restrict d = dkb + kbase * C;
+#pragma omp simd
+          for (int64_t cc = 0; cc < C; ++cc) d[cc] += w * qv[cc];
+        }
+        if (dvb) {
+          acc_t* __restrict d = dvb + kbase * Cv;
+          const acc_t pe = p[e];
+          for (int64_t cv = 0; cv < Cv; ++cv) d[cv] += pe * gv[cv];
+        }
+      }
+      if (io.dq) std::copy(dqv, dqv + C, io.dq + qi * C);
+    }
+  }
+}
+
+#ifdef VOSOPS_LA_AVX2
+template <typename acc_t>
+__attribute__((noinline, target("avx2,fma"))) void backward_rows_avx2(const Config& c, const Views<acc_t>& x,
+                                                                        const BwdIO<acc_t>& io, acc_t* dkb, acc_t* dvb,
+                                                                        int64_t r0, int64_t r1, BwdScratch<acc_t>& sc) {
+  backward_rows_impl(c, x, io, dkb, dvb, r0, r1, sc);
+}
+#endif
+
+template <typename acc_t>
+__attribute__((noinline)) void backward_rows_base(const Config& c, const Views<acc_t>& x, const BwdIO<acc_t>& io,
+                                                  acc_t* dkb, acc_t* dvb, int64_t r0, int64_t r1,
+                                                  BwdScratch<acc_t>& sc) {
+  backward_rows_impl(c, x, io, dkb, dvb, r0, r1, sc);
+}
+
+template <typename scalar_t>
+void backward_cpu(const Config& c, const Views<at::opmath_type<scalar_t>>& x,
+                  const BwdIO<at::opmath_type<scalar_t>>& io, at::opmath_type<scalar_t>* dk,
+                  at::opmath_type<scalar_t>* dv, int64_t tasks, bool by_batch) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = c.B * c.H, HW = c.H * c.W;
+  // by_batch: tasks own whole batches, whose dk/dv regions are disjoint, so they share one accumulator.
+  const int64_t dk_size = by_batch ? 0 : c.B * c.N * HW * c.C, dv_size = by_batch ? 0 : c.B * c.N * HW * c.Cv;
   at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
-    std::vector<acc_t> s(NQ), p(NQ), dp(NQ), ds(NQ), dqv(C);
-    std::vector<int64_t> pos(NQ), items;
-    items.reserve(NQ);
+    BwdScratch<acc_t> sc(c.N * c.Q(), c.C);
     for (int64_t task = tb; task < te; ++task) {
       acc_t* dkb = dk ? dk + task * dk_size : nullptr;
       acc_t* dvb = dv ? dv + task * dv_size : nullptr;
-      for (int64_t row = rows * task / tasks; row < rows * (task + 1) / tasks; ++row) {
-        const int64_t b = row / c.H, i = row % c.H;
-        for (int64_t j = 0; j < c.W; ++j) {
-          const int64_t qi = row * c.W + j;
-          const acc_t lse = st[qi * 2], thr = st[qi * 2 + 1];
-          if (!(lse < kInf)) continue;  // no candidate kept: zero gradient
-          const acc_t* qv = x.q + qi * C;
-          const acc_t* gv = g + qi * Cv;
-          // The kept candidates ("items", as n*Q + t) with recomputed scores and key positions.
-          items.clear();
-          if (topk_list) {
-            for (int64_t e = 0; e < K; ++e) {
-              const int64_t full = idx[qi * K + e];
-              const int64_t n = full / c.P, t = x.colpos[full % c.P];
-              const int64_t cand = n * Q + t;
-              pos[cand] = key_pos(c, x, b, n, t, i, j);
-              s[cand] = score(c, x, qv, b, n, pos[cand]);
-              if (s[cand] > -kInf) items.push_back(cand);
-            }
-          } else {
-            score_all(c, x, b, i, j, s.data(), pos.data());
-            for (int64_t e = 0; e < NQ; ++e)
-              if (s[e] > -kInf && s[e] >= thr) items.push_back(e);
-          }
-          acc_t D = acc_t(0);
-          for (int64_t e : items) {
-            p[e] = std::exp(s[e] - lse);
-            acc_t d = acc_t(0);
-            if (pos[e] >= 0) d = dot(gv, x.v + ((b * c.N + e / Q) * HW + pos[e]) * Cv, Cv);
-            dp[e] = d;
-            D += p[e] * d;
-          }
-          for (int64_t e : items) ds[e] = p[e] * (dp[e] - D);
-          if (gl && K) {  // gradient flowing into the returned top-k logits
-            for (int64_t e = 0; e < K; ++e) {
-              const int64_t full = idx[qi * K + e];
-              const int64_t cand = (full / c.P) * Q + x.colpos[full % c.P];
-              if (pos[cand] >= 0) ds[cand] += gl[qi * K + e];
-            }
-          }
-          std::fill(dqv.begin(), dqv.end(), acc_t(0));
-          for (int64_t e : items) {
-            if (pos[e] < 0) continue;  // zero-border candidate: constant logit, zero value
-            const int64_t kbase = (b * c.N + e / Q) * HW + pos[e];
-            const acc_t w = scale * ds[e];
-            if (dq) {
-              const acc_t* kv = x.k + kbase * C;
-              for (int64_t cc = 0; cc < C; ++cc) dqv[cc] += w * kv[cc];
-            }
-            if (dkb) {
-              acc_t* d = dkb + kbase * C;
-              for (int64_t cc = 0; cc < C; ++cc) d[cc] += w * qv[cc];
-            }
-            if (dvb) {
-              acc_t* d = dvb + kbase * Cv;
-              const acc_t pe = p[e];
-              for (int64_t cv = 0; cv < Cv; ++cv) d[cv] += pe * gv[cv];
-            }
-          }
-          if (dq) std::copy(dqv.begin(), dqv.end(), dq + qi * C);
-        }
+      const int64_t r0 = by_batch ? c.B * task / tasks * c.H : rows * task / tasks;
+      const int64_t r1 = by_batch ? c.B * (task + 1) / tasks * c.H : rows * (task + 1) / tasks;
+#ifdef VOSOPS_LA_AVX2
+      static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+      if (avx2) {
+        backward_rows_avx2(c, x, io, dkb, dvb, r0, r1, sc);
+        continue;
       }
+#endif
+      backward_rows_base(c, x, io, dkb, dvb, r0, r1, sc);
     }
   });
 }
@@ -361,7 +417,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_cpu(
   at::Tensor stats = new_output({c.B, c.H, c.W, 2}, opts.dtype(acc_type(q.scalar_type())));
   at::Tensor top_logits = new_output({c.B, c.H, c.W, c.topk}, opts);
   at::Tensor top_index = new_output({c.B, c.H, c.W, c.topk}, opts.dtype(at::kLong));
-  if (q.numel() == 0 || out.numel() == 0) return {out, stats, top_logits, top_index};
+  // Empty channels (C or Cv = 0) still run: scores are then 0 and the statistics / top-k lists are defined.
+  if (c.B * c.H * c.W == 0) return {out, stats, top_logits, top_index};
   const at::Tensor qc = to_cl(q), kc = to_cl(k), vc = to_cl(v);
   const at::Tensor oc = offsets.has_value() ? rounded_offsets_cpu(*offsets, c) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "local_attention_cpu", [&] {
@@ -395,11 +452,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_backward_cpu(
   const auto aopts = q.options().dtype(a);
   at::Tensor dq_cl, dk_buf, dv_buf;
   const int64_t rows = c.B * c.H;
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  // dk/dv are scatters: with at least as many batches as threads, tasks split by batch and share one accumulator;
+  // otherwise each task (a block of query rows) has a private accumulator, summed at the end.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const bool by_batch = c.B >= threads;
+  const int64_t tasks = by_batch ? threads : std::max<int64_t>(1, std::min<int64_t>(threads, rows));
+  const int64_t copies = by_batch ? 1 : tasks;
   if (need_q) dq_cl = at::zeros({c.B, c.H, c.W, c.C}, aopts);
-  if (need_k) dk_buf = at::zeros({tasks, c.B, c.N, c.H, c.W, c.C}, aopts);
-  if (need_v) dv_buf = at::zeros({tasks, c.B, c.N, c.H, c.W, c.Cv}, aopts);
-  if ((need_q || need_k || need_v) && q.numel() > 0 && v.numel() > 0) {
+  if (need_k) dk_buf = at::zeros({copies, c.B, c.N, c.H, c.W, c.C}, aopts);
+  if (need_v) dv_buf = at::zeros({copies, c.B, c.N, c.H, c.W, c.Cv}, aopts);
+  if ((need_q || need_k || need_v) && c.B * c.H * c.W > 0) {
     const at::Tensor qc = to_cl(q), kc = to_cl(k), vc = to_cl(v);
     const at::Tensor oc = offsets.has_value() ? rounded_offsets_cpu(*offsets, c) : at::Tensor();
     const at::Tensor gc = to_cl(grad_out);
@@ -408,10 +470,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_backward_cpu(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "local_attention_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const Views<acc_t> x = make_views<acc_t>(c, qc, kc, vc, oc);
-      backward_cpu<scalar_t>(c, x, gc.const_data_ptr<acc_t>(), with_gl ? glc.const_data_ptr<acc_t>() : nullptr,
-                             sc.const_data_ptr<acc_t>(), c.topk ? ic.const_data_ptr<int64_t>() : nullptr,
-                             need_q ? dq_cl.data_ptr<acc_t>() : nullptr, need_k ? dk_buf.data_ptr<acc_t>() : nullptr,
-                             need_v ? dv_buf.data_ptr<acc_t>() : nullptr, tasks);
+      const BwdIO<acc_t> io{gc.const_data_ptr<acc_t>(), with_gl ? glc.const_data_ptr<acc_t>() : nullptr,
+                            sc.const_data_ptr<acc_t>(), c.topk ? ic.const_data_ptr<int64_t>() : nullptr,
+                            need_q ? dq_cl.data_ptr<acc_t>() : nullptr};
+      backward_cpu<scalar_t>(c, x, io, need_k ? dk_buf.data_ptr<acc_t>() : nullptr,
+                             need_v ? dv_buf.data_ptr<acc_t>() : nullptr, tasks, by_batch);
     });
   }
   const auto st = q.scalar_type();

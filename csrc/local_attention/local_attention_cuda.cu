@@ -44,7 +44,8 @@ __device__ __forceinline__ float score_at(const CudaProblem& p, const float* __r
   if (pos < 0) return p.zero_border ? 0.f : -INFINITY;
   const float* __restrict__ kv = p.k + ((b * p.N + n) * p.H * p.W + pos) * p.C;
   float s = 0.f;
-  if ((p.C & 3) == 0) {
+  // float4 loads when aligned (a caller's channels-last view may start anywhere); same fmaf order either way.
+  if ((p.C & 3) == 0 && ((reinterpret_cast<uintptr_t>(qv) | reinterpret_cast<uintptr_t>(kv)) & 15) == 0) {
     const float4* q4 = reinterpret_cast<const float4*>(qv);
     const float4* k4 = reinterpret_cast<const float4*>(kv);
     for (int64_t c = 0; c < p.C / 4; ++c) {
@@ -168,6 +169,20 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaProblem p, 
   }
 }
 
+// Position t of window column `col` among the ascending in-window columns (binary search).
+__device__ __forceinline__ int64_t column_position(const CudaProblem& p, int64_t col) {
+  int64_t lo = 0, hi = p.Q - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (p.cols[mid] < col) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
 // Per candidate of the backward: dp = <g, v_c> (0 out of frame).
 __device__ __forceinline__ float value_dot(const CudaProblem& p, const float* __restrict__ gv, int64_t b, int64_t n,
                                            int64_t pos) {
@@ -216,16 +231,14 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const CudaProblem p,
     if (list_mode) {
       for (int64_t e = 0; e < K; ++e) {
         const int64_t full = top_index[qi * K + e], n = full / p.P;
-        int64_t t = 0;
-        while (p.cols[t] != full % p.P) ++t;
+        const int64_t t = column_position(p, full % p.P);
         const int64_t pos = key_pos(p, b, n, t, i, j);
         const float s = score_at(p, qv, b, n, pos);
         if (s > -INFINITY) D += expf(s - lse) * value_dot(p, gv, b, n, pos);
       }
       for (int64_t e = 0; e < K; ++e) {
         const int64_t full = top_index[qi * K + e], n = full / p.P;
-        int64_t t = 0;
-        while (p.cols[t] != full % p.P) ++t;
+        const int64_t t = column_position(p, full % p.P);
         const int64_t pos = key_pos(p, b, n, t, i, j);
         const float s = score_at(p, qv, b, n, pos);
         if (!(s > -INFINITY)) continue;
@@ -263,6 +276,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const CudaProblem p,
 
 }  // namespace
 
+// Launchers. tests/cuda_emulation compiles the kernels above as host code (one emulated thread walks the
+// grid-stride loops) to check their logic against the reference on machines without a GPU; it skips these.
+#ifndef VOSOPS_CUDA_EMULATION
 cudaError_t forward_cuda(const CudaProblem& p, float* out, float* stats, float* top_logits, int64_t* top_index,
                          cudaStream_t stream) {
   const int64_t total = p.B * p.H * p.W;
@@ -289,6 +305,8 @@ cudaError_t backward_cuda(const CudaProblem& p, const float* grad_out, const flo
   backward_kernel<<<grid_for(total), kThreads, 0, stream>>>(p, grad_out, grad_logits, stats, top_index, dq, dk, dv);
   return cudaGetLastError();
 }
+
+#endif  // VOSOPS_CUDA_EMULATION
 
 }  // namespace local_attention
 }  // namespace vosops

@@ -135,13 +135,15 @@ def _impls(device: str):
 
 
 def _flops(spec) -> float:
-    """Multiply-adds as 2: the scores of every in-window candidate plus the value sum over the kept ones."""
+    """Multiply-adds as 2: a dot product per in-frame candidate (counted at zero offsets; out-of-frame ones cost
+    none) plus the value sum over the kept ones."""
     B, C, Cv, H, W, N, kw, *_ = spec
     r = kw["radius"]
-    window = kw.get("window", "square")
-    Q = len(window_columns(r, window))
-    kept = kw.get("topk") or Q * N
-    return 2.0 * B * H * W * (N * Q * C + kept * Cv)
+    D = 2 * r + 1
+    in_frame = sum(max(0, H - abs(p // D - r)) * max(0, W - abs(p % D - r))
+                   for p in window_columns(r, kw.get("window", "square")))
+    kept = kw.get("topk") or N * in_frame / (H * W)
+    return 2.0 * B * N * in_frame * C + 2.0 * B * H * W * kept * Cv
 
 
 def cases(device: str) -> list[Case]:

@@ -25,7 +25,18 @@ NORMALIZE = ("softmax", "threshold")
 
 # Backends that implement each public op here (local_affinity / local_aggregate are composed from the reference).
 ATTENTION_BACKENDS = ("reference", "cpu", "cuda", "triton")
-TOPK_BACKENDS = ("reference", "cpu", "cuda")
+CUDA_MAX_TOPK = 64  # the CUDA kernel keeps its top-k list in registers (csrc/local_attention, kCudaMaxTopk)
+
+
+def _auto_candidates(dtype: torch.dtype, topk) -> tuple[str, ...]:
+    """The backends "auto" may pick for this call: float64 runs on reference/cpu only, topk > 64 not on cuda.
+    An explicitly requested backend is not filtered; it raises its own clear error instead."""
+    names = ATTENTION_BACKENDS
+    if dtype == torch.float64:
+        names = tuple(b for b in names if b not in ("cuda", "triton"))
+    if topk is not None and topk > CUDA_MAX_TOPK:
+        names = tuple(b for b in names if b != "cuda")
+    return names
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -161,21 +172,17 @@ def local_attention(q, k, v, *, radius, scale=1.0, topk=None, normalize="softmax
     if return_topk and topk is None:
         raise ValueError("return_topk=True needs topk")
 
-    # The Triton kernels cover softmax over all candidates; top-k / threshold run on the other backends.
-    supported = ATTENTION_BACKENDS if topk is None else TOPK_BACKENDS
-    requested = backend if backend is not None else _backends.current_backend()
-    if requested == "triton" and topk is not None:
-        raise ValueError("local_attention: the triton backend implements normalize='softmax' without topk; "
-                         f"use backend 'cpu', 'cuda' or 'reference' for topk={topk}")
+    auto = (backend if backend is not None else _backends.current_backend()) == "auto"
+    supported = _auto_candidates(q.dtype, topk) if auto else ATTENTION_BACKENDS
     chosen = _backends.select("local_attention", q.device, backend, supported=supported)
     if chosen == "reference":
         return _ref_attention(q, k, v, radius, scale, topk, normalize, window, dilation, offsets, border,
-                                    return_topk)
+                              return_topk)
     args = (q, k, v, offsets, radius, dilation, scale, topk or 0, normalize, window, border, return_topk)
     if chosen == "triton":
         from ..triton import local_attention as _triton
 
-        out, _, lg, idx = _triton.local_attention(*args)
+        out, lg, idx = _triton.local_attention(*args)
     else:
         out, _, lg, idx = torch.ops.vosops.local_attention(*args)
     if return_topk:
@@ -183,13 +190,6 @@ def local_attention(q, k, v, *, radius, scale=1.0, topk=None, normalize="softmax
     return out
 
 
-def _register_native() -> None:
-    """Fake kernels and autograd of the native op live in ._local_attention_native (next to the C++ schema)."""
-    import importlib.util
-
-    if importlib.util.find_spec(f"{__package__}._local_attention_native") is not None:
-        from . import _local_attention_native  # noqa: F401
-
-
 if _native.LOADED:
-    _register_native()
+    # Fake kernels and autograd of the native op live next to its schema's Python side.
+    from . import _local_attention_native  # noqa: F401

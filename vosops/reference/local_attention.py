@@ -7,7 +7,8 @@ ones with dy^2 + dx^2 < r^2. Candidate index n*P + (dy+r)(2r+1) + (dx+r) (the F.
 offset puts every candidate of that reference out of frame. Out-of-frame candidates: border="zero" gives logit 0
 and value 0, border="mask" excludes them (logit -inf).
 
-Everything is computed in chunks of query rows so memory stays bounded; every step is differentiable by autograd
+Everything is computed in chunks of query rows, and per reference and block of window positions, so memory
+stays bounded; every step is differentiable by autograd
 in q, k, v (offsets only choose positions and are not differentiated).
 """
 
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-# Elements of the largest gathered (B, N, C, candidates, rows, W) block per chunk.
+# Elements of the largest block the reference materialises at once: a row chunk's (B, N, candidates, rows, W)
+# logits, or one reference's gathered (B, C, candidate block, rows, W) keys or values.
 _CHUNK_ELEMS = 1 << 24
 
 
@@ -83,15 +85,41 @@ def _row_chunks(H: int, per_row: int):
         yield i0, min(H, i0 + step)
 
 
+def _col_chunks(Q: int, per_col: int):
+    """Blocks of window columns so one gathered (B, C, block, h, W) tensor stays within _CHUNK_ELEMS."""
+    step = max(1, _CHUNK_ELEMS // max(1, per_col))
+    for t0 in range(0, Q, step):
+        yield t0, min(Q, t0 + step)
+
+
 def _chunk_logits(q, k, rows, radius, dilation, cols, offsets, scale, border):
     """Logits (B, N, Q, h, W) of the in-window candidates of rows `rows`, plus positions and in-frame mask."""
-    flat, inside = _positions(*k.shape[:2], *k.shape[3:], rows, radius, dilation, cols, offsets, q.device)
-    keys = _gather(k, flat)  # (B, N, C, Q, h, W)
-    qr = q[:, :, rows].unsqueeze(1).unsqueeze(3)  # (B, 1, C, 1, h, W)
-    score = (qr * keys).sum(2) * scale
+    B, N, C, H, W = k.shape
+    flat, inside = _positions(B, N, H, W, rows, radius, dilation, cols, offsets, q.device)
+    qr = q[:, :, rows].unsqueeze(2)  # (B, C, 1, h, W)
+    per_ref = []
+    for n in range(N):
+        blocks = []
+        for t0, t1 in _col_chunks(len(cols), B * C * flat[0, 0, 0].numel()):
+            keys = _gather(k[:, n : n + 1], flat[:, n : n + 1, t0:t1])[:, 0]  # (B, C, t, h, W)
+            blocks.append((qr * keys).sum(1))
+        per_ref.append(torch.cat(blocks, dim=1))
+    score = torch.stack(per_ref, dim=1) * scale
     fill = 0.0 if border == "zero" else float("-inf")
     logits = torch.where(inside, score, torch.full_like(score, fill))
     return logits, flat, inside
+
+
+def _weighted_values(v, flat, inside, weights):
+    """sum over candidates of weights (B, N, Q, h, W) times their values (0 out of frame) -> (B, Cv, h, W)."""
+    B, N, Cv = v.shape[:3]
+    out = 0
+    for n in range(N):
+        for t0, t1 in _col_chunks(flat.shape[2], B * Cv * flat[0, 0, 0].numel()):
+            vals = _gather(v[:, n : n + 1], flat[:, n : n + 1, t0:t1])[:, 0]  # (B, Cv, t, h, W)
+            w = weights[:, n, t0:t1] * inside[:, n, t0:t1].to(weights.dtype)
+            out = out + (vals * w.unsqueeze(1)).sum(2)
+    return out
 
 
 def local_affinity(q, k, radius, dilation=1, window="square", offsets=None, scale=1.0, border="mask"):
@@ -100,7 +128,7 @@ def local_affinity(q, k, radius, dilation=1, window="square", offsets=None, scal
     P = (2 * radius + 1) ** 2
     cols = window_columns(radius, window)
     out = []
-    for i0, i1 in _row_chunks(H, B * N * C * len(cols) * W):
+    for i0, i1 in _row_chunks(H, B * N * P * W):
         rows = torch.arange(i0, i1, device=q.device)
         logits, _, _ = _chunk_logits(q, k, rows, radius, dilation, cols, offsets, scale, border)
         full = logits.new_full((B, N, P, i1 - i0, W), float("-inf"))
@@ -114,11 +142,10 @@ def local_aggregate(weights, v, radius, dilation=1, offsets=None):
     B, N, Cv, H, W = v.shape
     cols = window_columns(radius, "square")
     out = []
-    for i0, i1 in _row_chunks(H, B * N * Cv * len(cols) * W):
+    for i0, i1 in _row_chunks(H, B * N * len(cols) * W):
         rows = torch.arange(i0, i1, device=v.device)
         flat, inside = _positions(B, N, H, W, rows, radius, dilation, cols, offsets, v.device)
-        vals = _gather(v, flat) * inside.unsqueeze(2).to(v.dtype)  # (B, N, Cv, P, h, W)
-        out.append((vals * weights[:, :, :, i0:i1].unsqueeze(2)).sum(dim=(1, 3)))
+        out.append(_weighted_values(v, flat, inside, weights[:, :, :, i0:i1]))
     return torch.cat(out, dim=2)
 
 
@@ -160,15 +187,14 @@ def local_attention(q, k, v, radius, scale=1.0, topk=None, normalize="softmax", 
     full_index = (torch.arange(N, device=q.device).view(N, 1) * P
                   + torch.tensor(cols, device=q.device).view(1, Q)).reshape(-1)
     outs, top_logits, top_index = [], [], []
-    for i0, i1 in _row_chunks(H, B * N * max(C, v.shape[2]) * Q * W):
+    for i0, i1 in _row_chunks(H, B * N * Q * W):
         rows = torch.arange(i0, i1, device=q.device)
         logits, flat, inside = _chunk_logits(q, k, rows, radius, dilation, cols, offsets, scale, border)
         h = i1 - i0
         lg = logits.reshape(B, N * Q, h, W).permute(0, 2, 3, 1)  # candidate axis last: (B, h, W, N*Q)
         weights, sorted_vals, order = _normalize(lg, topk, normalize)
-        w = weights.permute(0, 3, 1, 2).reshape(B, N, 1, Q, h, W)
-        vals = _gather(v, flat) * inside.unsqueeze(2).to(v.dtype)  # (B, N, Cv, Q, h, W)
-        outs.append((vals * w).sum(dim=(1, 3)))
+        w = weights.permute(0, 3, 1, 2).reshape(B, N, Q, h, W)
+        outs.append(_weighted_values(v, flat, inside, w))
         if return_topk:
             top_logits.append(sorted_vals[..., :topk])
             top_index.append(full_index[order[..., :topk]])
