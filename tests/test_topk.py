@@ -313,7 +313,8 @@ def attention_inputs(B, Hh, M, L, D, Dv, device="cpu"):
 @pytest.mark.parametrize("backend,device", ATT_BACKENDS)
 @pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
 def test_topk_attention_backend_matches_reference(backend, device, layout):
-    shapes = [(1, 2, 16, 48, 16, 16, 5, 16), (2, 1, 17, 40, 16, 16, 40, 0), (1, 1, 20, 35, 16, 16, 3, 32)]
+    shapes = [(1, 2, 16, 48, 16, 16, 5, 16), (2, 1, 17, 40, 16, 16, 40, 0), (1, 1, 20, 35, 16, 16, 3, 32),
+              (1, 1, 20, 40, 16, 16, 5, 32)]
     if backend != "triton":
         shapes += [(1, 3, 7, 13, 5, 3, 4, 2), (1, 1, 1, 1, 2, 1, 1, 0), (1, 1, 3, 9, 4, 2, 2, 9)]
     for dtype in testing.backend_dtypes(backend, device):
@@ -372,6 +373,14 @@ def test_opcheck_triton():
     q, k, v = attention_inputs(1, 1, 16, 40, 16, 16)
     q, k, v = (t.float().requires_grad_() for t in (q, k, v))
     testing.check_opcheck(ttk.topk_attention_triton, (q, k, v, 5, 0.25, 16))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in ATT_BACKENDS if p.values[0] == "triton"])
+def test_torch_compile_fullgraph_triton(backend, device):
+    q, k, v = attention_inputs(1, 1, 16, 40, 16, 16, device)
+    q, k, v = (t.float().requires_grad_() for t in (q, k, v))
+    testing.check_compile(lambda a, b, c: vosops.topk_attention(a, b, c, topk=5, scale=0.25, dense_keys=16,
+                                                                backend=backend), (q, k, v))
 
 
 @pytest.mark.parametrize("backend,device", [("reference", "cpu")] + GT_BACKENDS)

@@ -15,7 +15,7 @@ from ..reference import topk as _ref
 
 GLOBAL_TOPK_BACKENDS = ("reference", "cpu")
 AGGREGATE_BACKENDS = ("reference", "cpu")
-ATTENTION_BACKENDS = ("reference", "cpu")
+ATTENTION_BACKENDS = ("reference", "cpu", "triton")
 MERGE_BACKENDS = ("reference",)
 
 
