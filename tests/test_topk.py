@@ -282,6 +282,28 @@ def test_global_topk_random_floats_many_tiles(backend, device):
     torch.testing.assert_close(got[0].double(), exp[0], atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend,device", GT_BACKENDS)
+def test_selection_exact_when_the_first_key_tile_misleads(backend, device):
+    """Kernels may guess a threshold from the first key tile; a memory whose first tile is unlike the rest (here:
+    the best keys are concentrated there, so few keys pass the guess) must still give the exact top-k."""
+    q = torch.rand(2, 40, 8, device=device) + 0.5
+    k = torch.randn(2, 3000, 8, device=device)
+    k[:, :700] += 2.0
+    k[:, 700:] -= 2.0
+    exp = dense_topk(q.double(), k.double(), 24, 0.5)
+    got = vosops.global_topk(q, k, topk=24, scale=0.5, backend=backend)
+    torch.testing.assert_close(got[1], exp[1], atol=0, rtol=0)
+    v = torch.randn(2, 1, 3000, 5, device=device)
+    for dense in (0, 100):
+        out = vosops.topk_attention(q[:, None], k[:, None], v, topk=24, scale=0.5, dense_keys=dense, backend=backend)
+        ref = reference.topk_attention(q[:, None].double(), k[:, None].double(), v.double(), topk=24, scale=0.5,
+                                       dense_keys=dense)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    k2 = k.flip(1).contiguous()  # the best keys last: the guess admits many, pruning does the work
+    exp = dense_topk(q.double(), k2.double(), 24, 0.5)
+    torch.testing.assert_close(vosops.global_topk(q, k2, topk=24, scale=0.5, backend=backend)[1], exp[1], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("backend,device", AGG_BACKENDS)
 @pytest.mark.parametrize("normalize", ["softmax", "threshold"])
 @pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])

@@ -52,13 +52,38 @@ struct TopKBuffer {
   Cand<acc_t>* c;
   int64_t k, n;
   acc_t thr;
+  bool speculative;
 
   void reset(Cand<acc_t>* storage, int64_t k_) {
     c = storage;
     k = k_;
     n = 0;
     thr = -std::numeric_limits<acc_t>::infinity();
+    speculative = false;
   }
+  // Before the first tile: guess a threshold that about 2k + 16 of the row's `total` keys exceed, from a strided
+  // sample of the tile's scores, so most keys are rejected by one compare and nth_element sees few candidates.
+  // The guess is exact-safe whenever at least k keys end up above it (then every true top-k key was admitted);
+  // a row that ends with fewer is redone without a guess (needs_fallback).
+  void speculate(const acc_t* row, int64_t lt, acc_t scale, int64_t total, const bool* mask, acc_t* sample) {
+    const double f = static_cast<double>(2 * k + 16) / static_cast<double>(total);
+    if (f >= 0.5 || lt < 64) return;
+    const int64_t st = std::max<int64_t>(1, lt / 128);
+    int64_t ns = 0;
+    for (int64_t j = 0; j < lt; j += st) {
+      if (mask != nullptr && !mask[j]) continue;
+      const acc_t v = scale * row[j];
+      sample[ns++] = v == v ? v : -std::numeric_limits<acc_t>::infinity();  // NaN would break the ordering
+    }
+    const int64_t rs = static_cast<int64_t>(std::ceil(f * static_cast<double>(ns))) + 1;
+    if (ns < 32 || rs > ns) return;
+    std::nth_element(sample, sample + (rs - 1), sample + ns, std::greater<acc_t>());
+    if (sample[rs - 1] > -std::numeric_limits<acc_t>::infinity()) {
+      thr = sample[rs - 1];
+      speculative = true;
+    }
+  }
+  bool needs_fallback() const { return speculative && n < k; }
   void scan(const acc_t* row, int64_t lt, acc_t scale, int64_t base, const bool* mask) {
     const acc_t t = thr;
     int64_t m = n;
@@ -70,15 +95,25 @@ struct TopKBuffer {
     if (n > k) prune();
   }
   void prune() {
-    std::nth_element(c, c + (k - 1), c + n, cand_before<acc_t>);
+    std::nth_element(c, c + (k - 1), c + n, [](const Cand<acc_t>& a, const Cand<acc_t>& b) { return cand_before(a, b); });
     n = k;
     thr = c[k - 1].v;
   }
-  void finish() {  // sorted best-first
+  void finish(bool sorted) {  // the best min(k, n), sorted best-first when asked
     if (n > k) prune();
-    std::sort(c, c + n, cand_before<acc_t>);
+    if (sorted) std::sort(c, c + n, [](const Cand<acc_t>& a, const Cand<acc_t>& b) { return cand_before(a, b); });
   }
 };
+
+// Redo one row exactly (no guessed threshold) from its freshly computed scores `row` (total keys from `base`).
+template <typename acc_t>
+void exact_row(TopKBuffer<acc_t>& list, const acc_t* row, int64_t total, int64_t tile, acc_t scale, int64_t base,
+               const bool* mask) {
+  list.reset(list.c, list.k);
+  for (int64_t l0 = 0; l0 < total; l0 += tile) {
+    list.scan(row + l0, std::min(tile, total - l0), scale, base + l0, mask ? mask + l0 : nullptr);
+  }
+}
 
 // --- global_topk --------------------------------------------------------------------------------------------------
 
@@ -99,6 +134,7 @@ void global_topk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     at::Tensor buf = at::empty({kQueryTile * LT}, qf.options());  // this thread's score tile
     std::vector<Cand<acc_t>> store(kQueryTile * (topk + LT));
     std::vector<TopKBuffer<acc_t>> lists(kQueryTile);
+    std::vector<acc_t> sample(LT);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / mtiles, m0 = (task % mtiles) * kQueryTile, mt = std::min(kQueryTile, M - m0);
       for (int64_t r = 0; r < mt; ++r) lists[r].reset(store.data() + r * (topk + LT), topk);
@@ -109,11 +145,18 @@ void global_topk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         at::mm_out(s, qt, kb.narrow(0, l0, lt).t());
         const acc_t* sp = s.const_data_ptr<acc_t>();
         const bool* mrow = mp ? mp + b * L + l0 : nullptr;
-        for (int64_t r = 0; r < mt; ++r) lists[r].scan(sp + r * lt, lt, scale, l0, mrow);
+        for (int64_t r = 0; r < mt; ++r) {
+          if (l0 == 0) lists[r].speculate(sp + r * lt, lt, scale, L, mrow, sample.data());
+          lists[r].scan(sp + r * lt, lt, scale, l0, mrow);
+        }
       }
       for (int64_t r = 0; r < mt; ++r) {
         TopKBuffer<acc_t>& list = lists[r];
-        list.finish();
+        if (list.needs_fallback()) {
+          const at::Tensor row = at::mv(kb, qt[r]);
+          exact_row(list, row.const_data_ptr<acc_t>(), L, LT, scale, int64_t(0), mp ? mp + b * L : nullptr);
+        }
+        list.finish(true);
         const int64_t o = (b * M + m0 + r) * topk;
         for (int64_t j = 0; j < topk; ++j) {
           const bool have = j < list.n;
@@ -365,6 +408,7 @@ void attention_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::
     at::Tensor sbuf = at::empty({kQueryTile * LT}, opts);
     std::vector<Cand<acc_t>> store(kk > 0 ? kQueryTile * (kk + LT) : 0);
     std::vector<TopKBuffer<acc_t>> lists(kQueryTile);
+    std::vector<acc_t> sample(LT);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / mtiles, m0 = (task % mtiles) * kQueryTile, mt = std::min(kQueryTile, M - m0);
       const at::Tensor qt = qf[bh].narrow(0, m0, mt), kb = kf[bh], vb = vf[bh];
@@ -394,13 +438,20 @@ void attention_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::
           at::Tensor s = sbuf.narrow(0, 0, mt * lt).view({mt, lt});
           at::mm_out(s, qt, kb.narrow(0, l0, lt).t());
           const acc_t* sp = s.const_data_ptr<acc_t>();
-          for (int64_t r = 0; r < mt; ++r) lists[r].scan(sp + r * lt, lt, scale, l0, nullptr);
+          for (int64_t r = 0; r < mt; ++r) {
+            if (l0 == dense) lists[r].speculate(sp + r * lt, lt, scale, L - dense, nullptr, sample.data());
+            lists[r].scan(sp + r * lt, lt, scale, l0, nullptr);
+          }
         }
         at::Tensor top = at::empty({mt, kk}, opts);
         acc_t* tp = top.data_ptr<acc_t>();
         for (int64_t r = 0; r < mt; ++r) {
           TopKBuffer<acc_t>& list = lists[r];
-          list.finish();
+          if (list.needs_fallback()) {
+            const at::Tensor row = at::mv(kb.narrow(0, dense, L - dense), qt[r]);
+            exact_row(list, row.const_data_ptr<acc_t>(), L - dense, LT, scale, dense, static_cast<const bool*>(nullptr));
+          }
+          list.finish(false);  // the kept set is what matters here, not its order
           int64_t* ix = ixp + (bh * M + m0 + r) * kk;
           for (int64_t j = 0; j < kk; ++j) {
             tp[r * kk + j] = j < list.n ? list.c[j].v : neg_inf;
