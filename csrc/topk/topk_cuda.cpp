@@ -1,5 +1,5 @@
 // topk CUDA glue: checks, allocation and the launches on PyTorch's current stream. Built only with CUDA.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> global_topk_cuda_op(const at::Tensor& q, cons
   at::Tensor out_i = new_output({B, M, topk}, q.options().dtype(at::kLong));
   check_launch(global_topk_cuda(to_dtype(q.scalar_type()), q.const_data_ptr(), shape3(q), k.const_data_ptr(),
                                 shape3(k), mask.defined() ? mask.const_data_ptr<bool>() : nullptr, topk, scale,
-                                out_l.data_ptr(), out_i.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream()),
+                                out_l.data_ptr(), out_i.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
                "global_topk");
   return {out_l, out_i};
 }
@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_cuda_op(const at::
                                            k.const_data_ptr(), shape4(k), v.const_data_ptr(), shape4(v), dense, kk,
                                            scale, out.data_ptr(), lse.data_ptr(),
                                            kk > 0 ? index.data_ptr<int64_t>() : nullptr,
-                                           at::cuda::getCurrentCUDAStream()),
+                                           c10::cuda::getCurrentCUDAStream()),
                "topk_attention");
   return {out, lse, index};
 }
@@ -94,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward_cuda_op(
                                             v.const_data_ptr(), shape4(v), o.const_data_ptr(), l.const_data_ptr(),
                                             kk > 0 ? ix.const_data_ptr<int64_t>() : nullptr, dense, kk, scale,
                                             dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-                                            at::cuda::getCurrentCUDAStream()),
+                                            c10::cuda::getCurrentCUDAStream()),
                "topk_attention_backward");
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
 }

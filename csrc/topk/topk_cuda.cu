@@ -8,7 +8,6 @@
 
 #include "common/cuda_types.cuh"
 #include "topk/topk_cuda.cuh"
-#include "topk/topk_math.h"
 
 namespace vosops {
 namespace topk {
@@ -55,39 +54,45 @@ __device__ void score_tile(const acc_t* qsh, const T* kb, int64_t skl, int64_t s
   for (int r = 0; r < kQT; ++r) s[r * kKT + j] = scale * dot[r];
 }
 
-// Push the tile's scores of row r into its running list (one warp per row). mask: the tile's key_mask or null.
+// Push the tile's scores of row r into its running list (one warp per row), kept sorted by logit descending with
+// ties to the lower index: keys arrive in increasing index, so a new key equal to the k-th logit loses and
+// `x > threshold` is the whole admission test. mask: the tile's key_mask or null.
 template <typename acc_t>
-__device__ void select_tile(const acc_t* srow, int64_t lt, int64_t l0, const bool* mask, acc_t* vals, int64_t* idx,
-                            int64_t k, int64_t* count) {
+__device__ __forceinline__ void select_tile(const acc_t* srow, int64_t lt, int64_t l0, const bool* mask, acc_t* vals,
+                                            int64_t* idx, int64_t k, int64_t* count) {
   const int lane = threadIdx.x & 31;
-  RunningTopK<acc_t> list;
-  list.val = vals;
-  list.idx = idx;
-  list.k = k;
-  list.n = *count;
-  acc_t thr = list.threshold(neg_inf<acc_t>());
+  int64_t n = *count;
+  acc_t thr = n < k ? neg_inf<acc_t>() : vals[k - 1];
   for (int64_t j0 = 0; j0 < lt; j0 += 32) {
     const int64_t j = j0 + lane;
     const acc_t v = j < lt ? srow[j] : neg_inf<acc_t>();
-    const bool ok = j < lt && v > thr && (mask == nullptr || mask[j]);
+    const bool ok = j < lt && v > thr && (mask == nullptr || mask[j]);  // NaN and -inf never pass
     unsigned ballot = __ballot_sync(0xffffffffu, ok);
     if (lane == 0) {
       while (ballot) {
         const int bit = __ffs(ballot) - 1;
         ballot &= ballot - 1;
         const acc_t x = srow[j0 + bit];
-        if (x > list.threshold(neg_inf<acc_t>())) list.push(x, l0 + j0 + bit);
+        if (n == k && !(x > vals[k - 1])) continue;
+        int64_t pos = n < k ? n++ : k - 1;
+        while (pos > 0 && x > vals[pos - 1]) {
+          vals[pos] = vals[pos - 1];
+          idx[pos] = idx[pos - 1];
+          --pos;
+        }
+        vals[pos] = x;
+        idx[pos] = l0 + j0 + bit;
       }
-      thr = list.threshold(neg_inf<acc_t>());
+      thr = n < k ? neg_inf<acc_t>() : vals[k - 1];
     }
     thr = __shfl_sync(0xffffffffu, thr, 0);
   }
-  if (lane == 0) *count = list.n;
+  if (lane == 0) *count = n;
   __syncwarp();
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) global_topk_kernel(const T* __restrict__ q, Shape3 qs,
+__global__ void __launch_bounds__(kThreads, 1) global_topk_kernel(const T* __restrict__ q, Shape3 qs,
                                                                const T* __restrict__ k, Shape3 ks,
                                                                const bool* __restrict__ mask, int64_t topk,
                                                                double scale_d, T* __restrict__ out_l,
@@ -158,7 +163,7 @@ __device__ void softmax_step(acc_t* srow, int64_t lt, acc_t* m, acc_t* l, acc_t*
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) attention_forward_kernel(const T* __restrict__ q, Shape4 qs,
+__global__ void __launch_bounds__(kThreads, 1) attention_forward_kernel(const T* __restrict__ q, Shape4 qs,
                                                                      const T* __restrict__ k, Shape4 ks,
                                                                      const T* __restrict__ v, Shape4 vs, int64_t dense,
                                                                      int64_t kk, double scale_d, T* __restrict__ out,
@@ -261,7 +266,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const T* __
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) attention_backward_kernel(
+__global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(
     const T* __restrict__ g, Shape4 gs, const T* __restrict__ q, Shape4 qs, const T* __restrict__ k, Shape4 ks,
     const T* __restrict__ v, Shape4 vs, const T* __restrict__ o, const typename AccType<T>::type* __restrict__ lse,
     const int64_t* __restrict__ index, int64_t dense, int64_t kk, double scale_d,
