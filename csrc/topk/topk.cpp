@@ -44,28 +44,33 @@ inline bool cand_before(const Cand<acc_t>& a, const Cand<acc_t>& b) {
   return ranks_before(a.v, a.i, b.v, b.i);
 }
 
-// The best k candidates of one query seen so far, over a buffer of k + key-tile slots. A tile's scores above the
-// current k-th logit are appended; when more than k are held, nth_element prunes back to k. Tiles arrive in
-// increasing key index, so a later candidate equal to the k-th logit loses the tie and `v > thr` is the whole test.
+// The best k candidates of one query seen so far, over a buffer of 2k + key-tile slots (slots(k, tile)). A tile's
+// scores above the current threshold are appended in key order; when more than 2k are held they are pruned back
+// to k. Tiles arrive in increasing key index, so a later candidate equal to the k-th logit loses the tie and
+// `v > thr` is the whole admission test.
 template <typename acc_t>
 struct TopKBuffer {
   Cand<acc_t>* c;
+  acc_t* scratch;  // k + 2k + tile floats shared by the rows of a thread (prune is immediate)
   int64_t k, n;
   acc_t thr;
   bool speculative;
 
-  void reset(Cand<acc_t>* storage, int64_t k_) {
+  static int64_t slots(int64_t k, int64_t tile) { return 2 * k + tile; }
+
+  void reset(Cand<acc_t>* storage, acc_t* scratch_, int64_t k_) {
     c = storage;
+    scratch = scratch_;
     k = k_;
     n = 0;
     thr = -std::numeric_limits<acc_t>::infinity();
     speculative = false;
   }
   // Before the first tile: guess a threshold that about 2k + 16 of the row's `total` keys exceed, from a strided
-  // sample of the tile's scores, so most keys are rejected by one compare and nth_element sees few candidates.
+  // sample of the tile's scores, so most keys are rejected by one compare and the prune sees few candidates.
   // The guess is exact-safe whenever at least k keys end up above it (then every true top-k key was admitted);
   // a row that ends with fewer is redone without a guess (needs_fallback).
-  void speculate(const acc_t* row, int64_t lt, acc_t scale, int64_t total, const bool* mask, acc_t* sample) {
+  void speculate(const acc_t* row, int64_t lt, acc_t scale, int64_t total, const bool* mask) {
     const double f = static_cast<double>(2 * k + 16) / static_cast<double>(total);
     if (f >= 0.5 || lt < 64) return;
     const int64_t st = std::max<int64_t>(1, lt / 128);
@@ -73,31 +78,51 @@ struct TopKBuffer {
     for (int64_t j = 0; j < lt; j += st) {
       if (mask != nullptr && !mask[j]) continue;
       const acc_t v = scale * row[j];
-      sample[ns++] = v == v ? v : -std::numeric_limits<acc_t>::infinity();  // NaN would break the ordering
+      scratch[ns++] = v == v ? v : -std::numeric_limits<acc_t>::infinity();  // NaN would break the ordering
     }
     const int64_t rs = static_cast<int64_t>(std::ceil(f * static_cast<double>(ns))) + 1;
     if (ns < 32 || rs > ns) return;
-    std::nth_element(sample, sample + (rs - 1), sample + ns, std::greater<acc_t>());
-    if (sample[rs - 1] > -std::numeric_limits<acc_t>::infinity()) {
-      thr = sample[rs - 1];
+    std::nth_element(scratch, scratch + (rs - 1), scratch + ns, std::greater<acc_t>());
+    if (scratch[rs - 1] > -std::numeric_limits<acc_t>::infinity()) {
+      thr = scratch[rs - 1];
       speculative = true;
     }
   }
   bool needs_fallback() const { return speculative && n < k; }
   void scan(const acc_t* row, int64_t lt, acc_t scale, int64_t base, const bool* mask) {
+    constexpr int64_t kBlock = 16;
     const acc_t t = thr;
     int64_t m = n;
-    for (int64_t j = 0; j < lt; ++j) {
-      const acc_t v = scale * row[j];
-      if (v > t && (mask == nullptr || mask[j])) c[m++] = Cand<acc_t>{v, base + j};  // NaN and -inf never pass
+    for (int64_t j0 = 0; j0 < lt; j0 += kBlock) {
+      if (j0 + kBlock <= lt) {  // most blocks hold no candidate: one branch-free (vectorisable) test first
+        bool any = false;
+        for (int64_t j = j0; j < j0 + kBlock; ++j) any |= scale * row[j] > t;
+        if (!any) continue;
+      }
+      const int64_t je = std::min(lt, j0 + kBlock);
+      for (int64_t j = j0; j < je; ++j) {
+        const acc_t v = scale * row[j];
+        if (v > t && (mask == nullptr || mask[j])) c[m++] = Cand<acc_t>{v, base + j};  // NaN and -inf never pass
+      }
     }
     n = m;
-    if (n > k) prune();
+    if (n > 2 * k) prune();
   }
+  // Keep the best k: the k-th largest logit t by a float nth_element, then a stable compaction that keeps every
+  // logit > t and the lowest-index ones equal to t (the buffer stays in key order).
   void prune() {
-    std::nth_element(c, c + (k - 1), c + n, [](const Cand<acc_t>& a, const Cand<acc_t>& b) { return cand_before(a, b); });
+    for (int64_t i = 0; i < n; ++i) scratch[i] = c[i].v;
+    std::nth_element(scratch, scratch + (k - 1), scratch + n, std::greater<acc_t>());
+    const acc_t t = scratch[k - 1];
+    int64_t above = 0;
+    for (int64_t i = 0; i < n; ++i) above += c[i].v > t;
+    int64_t ties = k - above, m = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t v = c[i].v;
+      if (v > t || (v == t && ties-- > 0)) c[m++] = c[i];
+    }
     n = k;
-    thr = c[k - 1].v;
+    thr = t;
   }
   void finish(bool sorted) {  // the best min(k, n), sorted best-first when asked
     if (n > k) prune();
@@ -109,7 +134,7 @@ struct TopKBuffer {
 template <typename acc_t>
 void exact_row(TopKBuffer<acc_t>& list, const acc_t* row, int64_t total, int64_t tile, acc_t scale, int64_t base,
                const bool* mask) {
-  list.reset(list.c, list.k);
+  list.reset(list.c, list.scratch, list.k);
   for (int64_t l0 = 0; l0 < total; l0 += tile) {
     list.scan(row + l0, std::min(tile, total - l0), scale, base + l0, mask ? mask + l0 : nullptr);
   }
@@ -132,12 +157,13 @@ void global_topk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   int64_t* ip = out_i.data_ptr<int64_t>();
   at::parallel_for(0, B * mtiles, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buf = at::empty({kQueryTile * LT}, qf.options());  // this thread's score tile
-    std::vector<Cand<acc_t>> store(kQueryTile * (topk + LT));
+    const int64_t slots = TopKBuffer<acc_t>::slots(topk, LT);
+    std::vector<Cand<acc_t>> store(kQueryTile * slots);
+    std::vector<acc_t> scratch(slots);
     std::vector<TopKBuffer<acc_t>> lists(kQueryTile);
-    std::vector<acc_t> sample(LT);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / mtiles, m0 = (task % mtiles) * kQueryTile, mt = std::min(kQueryTile, M - m0);
-      for (int64_t r = 0; r < mt; ++r) lists[r].reset(store.data() + r * (topk + LT), topk);
+      for (int64_t r = 0; r < mt; ++r) lists[r].reset(store.data() + r * slots, scratch.data(), topk);
       const at::Tensor qt = qf[b].narrow(0, m0, mt), kb = kf[b];
       for (int64_t l0 = 0; l0 < L; l0 += LT) {
         const int64_t lt = std::min(LT, L - l0);
@@ -146,7 +172,7 @@ void global_topk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         const acc_t* sp = s.const_data_ptr<acc_t>();
         const bool* mrow = mp ? mp + b * L + l0 : nullptr;
         for (int64_t r = 0; r < mt; ++r) {
-          if (l0 == 0) lists[r].speculate(sp + r * lt, lt, scale, L, mrow, sample.data());
+          if (l0 == 0) lists[r].speculate(sp + r * lt, lt, scale, L, mrow);
           lists[r].scan(sp + r * lt, lt, scale, l0, mrow);
         }
       }
@@ -406,9 +432,10 @@ void attention_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::
   at::parallel_for(0, BH * mtiles, 1, [&](int64_t begin, int64_t end) {
     const auto opts = qf.options();
     at::Tensor sbuf = at::empty({kQueryTile * LT}, opts);
-    std::vector<Cand<acc_t>> store(kk > 0 ? kQueryTile * (kk + LT) : 0);
+    const int64_t slots = TopKBuffer<acc_t>::slots(kk, LT);
+    std::vector<Cand<acc_t>> store(kk > 0 ? kQueryTile * slots : 0);
+    std::vector<acc_t> scratch(slots);
     std::vector<TopKBuffer<acc_t>> lists(kQueryTile);
-    std::vector<acc_t> sample(LT);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / mtiles, m0 = (task % mtiles) * kQueryTile, mt = std::min(kQueryTile, M - m0);
       const at::Tensor qt = qf[bh].narrow(0, m0, mt), kb = kf[bh], vb = vf[bh];
@@ -432,14 +459,14 @@ void attention_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::
       }
       // Sparse keys: a running top-k per query over key tiles, then folded into the same softmax.
       if (kk > 0) {
-        for (int64_t r = 0; r < mt; ++r) lists[r].reset(store.data() + r * (kk + LT), kk);
+        for (int64_t r = 0; r < mt; ++r) lists[r].reset(store.data() + r * slots, scratch.data(), kk);
         for (int64_t l0 = dense; l0 < L; l0 += LT) {
           const int64_t lt = std::min(LT, L - l0);
           at::Tensor s = sbuf.narrow(0, 0, mt * lt).view({mt, lt});
           at::mm_out(s, qt, kb.narrow(0, l0, lt).t());
           const acc_t* sp = s.const_data_ptr<acc_t>();
           for (int64_t r = 0; r < mt; ++r) {
-            if (l0 == dense) lists[r].speculate(sp + r * lt, lt, scale, L - dense, nullptr, sample.data());
+            if (l0 == dense) lists[r].speculate(sp + r * lt, lt, scale, L - dense, nullptr);
             lists[r].scan(sp + r * lt, lt, scale, l0, nullptr);
           }
         }
