@@ -282,6 +282,28 @@ def test_global_topk_random_floats_many_tiles(backend, device):
     torch.testing.assert_close(got[0].double(), exp[0], atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend,device", GT_BACKENDS)
+def test_selection_exact_when_the_first_key_tile_misleads(backend, device):
+    """Kernels may guess a threshold from the first key tile; a memory whose first tile is unlike the rest (here:
+    the best keys are concentrated there, so few keys pass the guess) must still give the exact top-k."""
+    q = torch.rand(2, 40, 8, device=device) + 0.5
+    k = torch.randn(2, 3000, 8, device=device)
+    k[:, :700] += 2.0
+    k[:, 700:] -= 2.0
+    exp = dense_topk(q.double(), k.double(), 24, 0.5)
+    got = vosops.global_topk(q, k, topk=24, scale=0.5, backend=backend)
+    torch.testing.assert_close(got[1], exp[1], atol=0, rtol=0)
+    v = torch.randn(2, 1, 3000, 5, device=device)
+    for dense in (0, 100):
+        out = vosops.topk_attention(q[:, None], k[:, None], v, topk=24, scale=0.5, dense_keys=dense, backend=backend)
+        ref = reference.topk_attention(q[:, None].double(), k[:, None].double(), v.double(), topk=24, scale=0.5,
+                                       dense_keys=dense)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    k2 = k.flip(1).contiguous()  # the best keys last: the guess admits many, pruning does the work
+    exp = dense_topk(q.double(), k2.double(), 24, 0.5)
+    torch.testing.assert_close(vosops.global_topk(q, k2, topk=24, scale=0.5, backend=backend)[1], exp[1], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("backend,device", AGG_BACKENDS)
 @pytest.mark.parametrize("normalize", ["softmax", "threshold"])
 @pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
@@ -313,7 +335,8 @@ def attention_inputs(B, Hh, M, L, D, Dv, device="cpu"):
 @pytest.mark.parametrize("backend,device", ATT_BACKENDS)
 @pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
 def test_topk_attention_backend_matches_reference(backend, device, layout):
-    shapes = [(1, 2, 16, 48, 16, 16, 5, 16), (2, 1, 17, 40, 16, 16, 40, 0), (1, 1, 20, 35, 16, 16, 3, 32)]
+    shapes = [(1, 2, 16, 48, 16, 16, 5, 16), (2, 1, 17, 40, 16, 16, 40, 0), (1, 1, 20, 35, 16, 16, 3, 32),
+              (1, 1, 20, 40, 16, 16, 5, 32)]
     if backend != "triton":
         shapes += [(1, 3, 7, 13, 5, 3, 4, 2), (1, 1, 1, 1, 2, 1, 1, 0), (1, 1, 3, 9, 4, 2, 2, 9)]
     for dtype in testing.backend_dtypes(backend, device):
@@ -372,6 +395,14 @@ def test_opcheck_triton():
     q, k, v = attention_inputs(1, 1, 16, 40, 16, 16)
     q, k, v = (t.float().requires_grad_() for t in (q, k, v))
     testing.check_opcheck(ttk.topk_attention_triton, (q, k, v, 5, 0.25, 16))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in ATT_BACKENDS if p.values[0] == "triton"])
+def test_torch_compile_fullgraph_triton(backend, device):
+    q, k, v = attention_inputs(1, 1, 16, 40, 16, 16, device)
+    q, k, v = (t.float().requires_grad_() for t in (q, k, v))
+    testing.check_compile(lambda a, b, c: vosops.topk_attention(a, b, c, topk=5, scale=0.25, dense_keys=16,
+                                                                backend=backend), (q, k, v))
 
 
 @pytest.mark.parametrize("backend,device", [("reference", "cpu")] + GT_BACKENDS)

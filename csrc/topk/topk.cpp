@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/native.h"
+#include "topk/topk.h"
 #include "topk/topk_math.h"
 
 namespace vosops {
@@ -28,21 +29,7 @@ using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 constexpr int64_t kQueryTile = 128;
 constexpr int64_t kKeyTile = 512;
 
-inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-void check_float(const at::Tensor& t, const char* op, const char* name) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
-                   " must be float32, float64, float16 or bfloat16, got ", s);
-}
-
-void check_like(const at::Tensor& a, const at::Tensor& b, const char* op, const char* na, const char* nb) {
-  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": ", na, " and ", nb, " must have the same dtype, got ",
-                   a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", na, " and ", nb, " must be on the same device, got ",
-                    a.device(), " and ", b.device());
-}
 
 // --- per-query candidate selection (CPU) ------------------------------------------------------------------------
 
@@ -57,41 +44,103 @@ inline bool cand_before(const Cand<acc_t>& a, const Cand<acc_t>& b) {
   return ranks_before(a.v, a.i, b.v, b.i);
 }
 
-// The best k candidates of one query seen so far, over a buffer of k + key-tile slots. A tile's scores above the
-// current k-th logit are appended; when more than k are held, nth_element prunes back to k. Tiles arrive in
-// increasing key index, so a later candidate equal to the k-th logit loses the tie and `v > thr` is the whole test.
+// The best k candidates of one query seen so far, over a buffer of 2k + key-tile + 1 slots (slots(k, tile)). A tile's
+// scores above the current threshold are appended in key order; when more than 2k are held they are pruned back
+// to k. Tiles arrive in increasing key index, so a later candidate equal to the k-th logit loses the tie and
+// `v > thr` is the whole admission test.
 template <typename acc_t>
 struct TopKBuffer {
   Cand<acc_t>* c;
+  acc_t* scratch;  // k + 2k + tile floats shared by the rows of a thread (prune is immediate)
   int64_t k, n;
   acc_t thr;
+  bool speculative;
 
-  void reset(Cand<acc_t>* storage, int64_t k_) {
+  static int64_t slots(int64_t k, int64_t tile) { return 2 * k + tile + 1; }  // +1: the branch-free append
+
+  void reset(Cand<acc_t>* storage, acc_t* scratch_, int64_t k_) {
     c = storage;
+    scratch = scratch_;
     k = k_;
     n = 0;
     thr = -std::numeric_limits<acc_t>::infinity();
+    speculative = false;
   }
+  // Before the first tile: guess a threshold that about 2k + 16 of the row's `total` keys exceed, from a strided
+  // sample of the tile's scores, so most keys are rejected by one compare and the prune sees few candidates.
+  // The guess is exact-safe whenever at least k keys end up above it (then every true top-k key was admitted);
+  // a row that ends with fewer is redone without a guess (needs_fallback).
+  void speculate(const acc_t* row, int64_t lt, acc_t scale, int64_t total, const bool* mask) {
+    const double f = static_cast<double>(2 * k + 16) / static_cast<double>(total);
+    if (f >= 0.5 || lt < 64) return;
+    const int64_t st = std::max<int64_t>(1, lt / 128);
+    int64_t ns = 0;
+    for (int64_t j = 0; j < lt; j += st) {
+      if (mask != nullptr && !mask[j]) continue;
+      const acc_t v = scale * row[j];
+      scratch[ns++] = v == v ? v : -std::numeric_limits<acc_t>::infinity();  // NaN would break the ordering
+    }
+    const int64_t rs = static_cast<int64_t>(std::ceil(f * static_cast<double>(ns))) + 1;
+    if (ns < 32 || rs > ns) return;
+    std::nth_element(scratch, scratch + (rs - 1), scratch + ns, std::greater<acc_t>());
+    if (scratch[rs - 1] > -std::numeric_limits<acc_t>::infinity()) {
+      thr = scratch[rs - 1];
+      speculative = true;
+    }
+  }
+  bool needs_fallback() const { return speculative && n < k; }
+  // Branch-free append: every score is written, the count advances only for admitted ones (a data-dependent
+  // branch here mispredicts at the 10-20% admission rates of JointFormer's top-k).
   void scan(const acc_t* row, int64_t lt, acc_t scale, int64_t base, const bool* mask) {
     const acc_t t = thr;
     int64_t m = n;
-    for (int64_t j = 0; j < lt; ++j) {
-      const acc_t v = scale * row[j];
-      if (v > t && (mask == nullptr || mask[j])) c[m++] = Cand<acc_t>{v, base + j};  // NaN and -inf never pass
+    if (mask == nullptr) {
+      for (int64_t j = 0; j < lt; ++j) {
+        const acc_t v = scale * row[j];
+        c[m] = Cand<acc_t>{v, base + j};
+        m += v > t;  // NaN and -inf never pass
+      }
+    } else {
+      for (int64_t j = 0; j < lt; ++j) {
+        const acc_t v = scale * row[j];
+        c[m] = Cand<acc_t>{v, base + j};
+        m += (v > t) & mask[j];
+      }
     }
     n = m;
-    if (n > k) prune();
+    if (n > 2 * k) prune();
   }
+  // Keep the best k: the k-th largest logit t by a float nth_element, then a stable compaction that keeps every
+  // logit > t and the lowest-index ones equal to t (the buffer stays in key order).
   void prune() {
-    std::nth_element(c, c + (k - 1), c + n, cand_before<acc_t>);
+    for (int64_t i = 0; i < n; ++i) scratch[i] = c[i].v;
+    std::nth_element(scratch, scratch + (k - 1), scratch + n, std::greater<acc_t>());
+    const acc_t t = scratch[k - 1];
+    int64_t above = 0;
+    for (int64_t i = 0; i < n; ++i) above += c[i].v > t;
+    int64_t ties = k - above, m = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t v = c[i].v;
+      if (v > t || (v == t && ties-- > 0)) c[m++] = c[i];
+    }
     n = k;
-    thr = c[k - 1].v;
+    thr = t;
   }
-  void finish() {  // sorted best-first
+  void finish(bool sorted) {  // the best min(k, n), sorted best-first when asked
     if (n > k) prune();
-    std::sort(c, c + n, cand_before<acc_t>);
+    if (sorted) std::sort(c, c + n, [](const Cand<acc_t>& a, const Cand<acc_t>& b) { return cand_before(a, b); });
   }
 };
+
+// Redo one row exactly (no guessed threshold) from its freshly computed scores `row` (total keys from `base`).
+template <typename acc_t>
+void exact_row(TopKBuffer<acc_t>& list, const acc_t* row, int64_t total, int64_t tile, acc_t scale, int64_t base,
+               const bool* mask) {
+  list.reset(list.c, list.scratch, list.k);
+  for (int64_t l0 = 0; l0 < total; l0 += tile) {
+    list.scan(row + l0, std::min(tile, total - l0), scale, base + l0, mask ? mask + l0 : nullptr);
+  }
+}
 
 // --- global_topk --------------------------------------------------------------------------------------------------
 
@@ -110,11 +159,13 @@ void global_topk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   int64_t* ip = out_i.data_ptr<int64_t>();
   at::parallel_for(0, B * mtiles, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buf = at::empty({kQueryTile * LT}, qf.options());  // this thread's score tile
-    std::vector<Cand<acc_t>> store(kQueryTile * (topk + LT));
+    const int64_t slots = TopKBuffer<acc_t>::slots(topk, LT);
+    std::vector<Cand<acc_t>> store(kQueryTile * slots);
+    std::vector<acc_t> scratch(slots);
     std::vector<TopKBuffer<acc_t>> lists(kQueryTile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / mtiles, m0 = (task % mtiles) * kQueryTile, mt = std::min(kQueryTile, M - m0);
-      for (int64_t r = 0; r < mt; ++r) lists[r].reset(store.data() + r * (topk + LT), topk);
+      for (int64_t r = 0; r < mt; ++r) lists[r].reset(store.data() + r * slots, scratch.data(), topk);
       const at::Tensor qt = qf[b].narrow(0, m0, mt), kb = kf[b];
       for (int64_t l0 = 0; l0 < L; l0 += LT) {
         const int64_t lt = std::min(LT, L - l0);
@@ -122,11 +173,18 @@ void global_topk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         at::mm_out(s, qt, kb.narrow(0, l0, lt).t());
         const acc_t* sp = s.const_data_ptr<acc_t>();
         const bool* mrow = mp ? mp + b * L + l0 : nullptr;
-        for (int64_t r = 0; r < mt; ++r) lists[r].scan(sp + r * lt, lt, scale, l0, mrow);
+        for (int64_t r = 0; r < mt; ++r) {
+          if (l0 == 0) lists[r].speculate(sp + r * lt, lt, scale, L, mrow);
+          lists[r].scan(sp + r * lt, lt, scale, l0, mrow);
+        }
       }
       for (int64_t r = 0; r < mt; ++r) {
         TopKBuffer<acc_t>& list = lists[r];
-        list.finish();
+        if (list.needs_fallback()) {
+          const at::Tensor row = at::mv(kb, qt[r]);
+          exact_row(list, row.const_data_ptr<acc_t>(), L, LT, scale, int64_t(0), mp ? mp + b * L : nullptr);
+        }
+        list.finish(true);
         const int64_t o = (b * M + m0 + r) * topk;
         for (int64_t j = 0; j < topk; ++j) {
           const bool have = j < list.n;
@@ -355,23 +413,6 @@ std::tuple<at::Tensor, at::Tensor> topk_aggregate_backward_cpu(const at::Tensor&
 
 // --- topk_attention -----------------------------------------------------------------------------------------------
 
-void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK_VALUE(q.dim() == 4, "topk_attention: q must be (B, H, M, D), got shape ", q.sizes());
-  TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
-                    "topk_attention: k must be (B, H, L, D) with q's B, H and D, got ", k.sizes());
-  TORCH_CHECK_VALUE(v.dim() == 4 && v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2),
-                    "topk_attention: v must be (B, H, L, Dv) with k's B, H and L, got ", v.sizes());
-  check_float(q, "topk_attention", "q");
-  check_like(q, k, "topk_attention", "q", "k");
-  check_like(q, v, "topk_attention", "q", "v");
-}
-
-// Dense keys [0, dense) and how many sparse keys each query keeps; topk >= L - dense_keys keeps all keys densely.
-std::pair<int64_t, int64_t> split_keys(int64_t L, int64_t topk, int64_t dense_keys) {
-  if (topk >= L - dense_keys) return {L, 0};
-  return {dense_keys, topk};
-}
-
 template <typename scalar_t>
 void attention_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t kk, double scale_d,
                             int64_t dense, at::Tensor& out, at::Tensor& lse, at::Tensor& index) {
@@ -393,7 +434,9 @@ void attention_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::
   at::parallel_for(0, BH * mtiles, 1, [&](int64_t begin, int64_t end) {
     const auto opts = qf.options();
     at::Tensor sbuf = at::empty({kQueryTile * LT}, opts);
-    std::vector<Cand<acc_t>> store(kk > 0 ? kQueryTile * (kk + LT) : 0);
+    const int64_t slots = TopKBuffer<acc_t>::slots(kk, LT);
+    std::vector<Cand<acc_t>> store(kk > 0 ? kQueryTile * slots : 0);
+    std::vector<acc_t> scratch(slots);
     std::vector<TopKBuffer<acc_t>> lists(kQueryTile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / mtiles, m0 = (task % mtiles) * kQueryTile, mt = std::min(kQueryTile, M - m0);
@@ -418,19 +461,26 @@ void attention_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::
       }
       // Sparse keys: a running top-k per query over key tiles, then folded into the same softmax.
       if (kk > 0) {
-        for (int64_t r = 0; r < mt; ++r) lists[r].reset(store.data() + r * (kk + LT), kk);
+        for (int64_t r = 0; r < mt; ++r) lists[r].reset(store.data() + r * slots, scratch.data(), kk);
         for (int64_t l0 = dense; l0 < L; l0 += LT) {
           const int64_t lt = std::min(LT, L - l0);
           at::Tensor s = sbuf.narrow(0, 0, mt * lt).view({mt, lt});
           at::mm_out(s, qt, kb.narrow(0, l0, lt).t());
           const acc_t* sp = s.const_data_ptr<acc_t>();
-          for (int64_t r = 0; r < mt; ++r) lists[r].scan(sp + r * lt, lt, scale, l0, nullptr);
+          for (int64_t r = 0; r < mt; ++r) {
+            if (l0 == dense) lists[r].speculate(sp + r * lt, lt, scale, L - dense, nullptr);
+            lists[r].scan(sp + r * lt, lt, scale, l0, nullptr);
+          }
         }
         at::Tensor top = at::empty({mt, kk}, opts);
         acc_t* tp = top.data_ptr<acc_t>();
         for (int64_t r = 0; r < mt; ++r) {
           TopKBuffer<acc_t>& list = lists[r];
-          list.finish();
+          if (list.needs_fallback()) {
+            const at::Tensor row = at::mv(kb.narrow(0, dense, L - dense), qt[r]);
+            exact_row(list, row.const_data_ptr<acc_t>(), L - dense, LT, scale, dense, static_cast<const bool*>(nullptr));
+          }
+          list.finish(false);  // the kept set is what matters here, not its order
           int64_t* ix = ixp + (bh * M + m0 + r) * kk;
           for (int64_t j = 0; j < kk; ++j) {
             tp[r * kk + j] = j < list.n ? list.c[j].v : neg_inf;

@@ -13,9 +13,9 @@ import torch
 from .. import _backends, _native, _validate
 from ..reference import topk as _ref
 
-GLOBAL_TOPK_BACKENDS = ("reference", "cpu")
+GLOBAL_TOPK_BACKENDS = ("reference", "cpu", "cuda")
 AGGREGATE_BACKENDS = ("reference", "cpu")
-ATTENTION_BACKENDS = ("reference", "cpu")
+ATTENTION_BACKENDS = ("reference", "cpu", "cuda", "triton")
 MERGE_BACKENDS = ("reference",)
 
 
