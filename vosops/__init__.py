@@ -8,6 +8,8 @@ from ._version import __version__
 from . import _native  # loads vosops._C (warns once if it cannot)
 from ._backends import BACKENDS, BackendUnavailableError, current_backend, use_backend
 from .ops.flow_warp import flow_warp
+from .ops.local_attention import local_affinity, local_aggregate, local_attention
+from .ops.topk import global_topk, merge_topk, topk_aggregate, topk_attention
 
 __all__ = [
     "__version__",
@@ -16,4 +18,11 @@ __all__ = [
     "current_backend",
     "use_backend",
     "flow_warp",
+    "local_affinity",
+    "local_aggregate",
+    "local_attention",
+    "global_topk",
+    "merge_topk",
+    "topk_aggregate",
+    "topk_attention",
 ]

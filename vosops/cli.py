@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["info", "bench"]
+SUBCOMMANDS = ["info", "bench", "propagate", "eval", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,312 @@
+// local_attention CUDA kernels (torch-free). One thread per query pixel, channels-last fp32 inputs.
+//
+// Forward: a pass over the N*Q candidates computes each score (contiguous dot product) and keeps a running top-k
+// (a small sorted list: later candidates enter only when strictly larger, so ties go to the lower index) or the
+// running maximum; a second pass (softmax over all / threshold) or the list (top-k) accumulates the max-subtracted
+// exponentials and the values, Cv in register chunks of 8. Backward recomputes the kept scores from q and k with the
+// saved log-sum-exp / threshold / top-k indices: dq per thread, dk and dv scattered with fp32 atomics.
+// Scores are computed by one fmaf chain in a fixed order and scaled with __fmul_rn (never contracted), so every
+// recomputation is bit-identical to the forward's (the threshold rule compares scores exactly).
+#include <cmath>
+#include <cstdint>
+
+#include "local_attention/local_attention_cuda.cuh"
+
+namespace vosops {
+namespace local_attention {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kVChunk = 8;
+
+inline unsigned int grid_for(int64_t total) {
+  const int64_t blocks = (total + kThreads - 1) / kThreads;
+  return static_cast<unsigned int>(blocks < (1LL << 30) ? blocks : (1LL << 30));  // grid-stride loops cover the rest
+}
+
+// Flat key position y*W + x of in-window column t of reference n for query (b, i, j), or -1 outside the frame.
+__device__ __forceinline__ int64_t key_pos(const CudaProblem& p, int64_t b, int64_t n, int64_t t, int64_t i,
+                                           int64_t j) {
+  int64_t oy = 0, ox = 0;
+  if (p.offsets != nullptr) {
+    const int32_t* o = p.offsets + ((b * p.N + n) * 2 * p.H + i) * p.W + j;
+    ox = o[0];
+    oy = o[p.H * p.W];
+  }
+  const int32_t col = p.cols[t];
+  const int64_t y = i + oy + (col / (2 * p.radius + 1) - p.radius) * p.dilation;
+  const int64_t x = j + ox + (col % (2 * p.radius + 1) - p.radius) * p.dilation;
+  return (y >= 0 && y < p.H && x >= 0 && x < p.W) ? y * p.W + x : -1;
+}
+
+__device__ __forceinline__ float score_at(const CudaProblem& p, const float* __restrict__ qv, int64_t b, int64_t n,
+                                          int64_t pos) {
+  if (pos < 0) return p.zero_border ? 0.f : -INFINITY;
+  const float* __restrict__ kv = p.k + ((b * p.N + n) * p.H * p.W + pos) * p.C;
+  float s = 0.f;
+  // float4 loads when aligned (a caller's channels-last view may start anywhere); same fmaf order either way.
+  if ((p.C & 3) == 0 && ((reinterpret_cast<uintptr_t>(qv) | reinterpret_cast<uintptr_t>(kv)) & 15) == 0) {
+    const float4* q4 = reinterpret_cast<const float4*>(qv);
+    const float4* k4 = reinterpret_cast<const float4*>(kv);
+    for (int64_t c = 0; c < p.C / 4; ++c) {
+      const float4 a = q4[c], kk = __ldg(k4 + c);
+      s = fmaf(a.x, kk.x, s);
+      s = fmaf(a.y, kk.y, s);
+      s = fmaf(a.z, kk.z, s);
+      s = fmaf(a.w, kk.w, s);
+    }
+  } else {
+    for (int64_t c = 0; c < p.C; ++c) s = fmaf(qv[c], __ldg(kv + c), s);
+  }
+  return __fmul_rn(p.scale, s);
+}
+
+// Insert (s, e) into the descending list ts/ti of length cnt (capacity K); e arrives in increasing order.
+template <int MAXK>
+__device__ __forceinline__ void topk_push(float s, int32_t e, float* ts, int32_t* ti, int& cnt, int K) {
+  int j;
+  if (cnt < K) {
+    j = cnt++;
+  } else if (s > ts[K - 1]) {
+    j = K - 1;
+  } else {
+    return;
+  }
+  while (j > 0 && s > ts[j - 1]) {
+    ts[j] = ts[j - 1];
+    ti[j] = ti[j - 1];
+    --j;
+  }
+  ts[j] = s;
+  ti[j] = e;
+}
+
+template <int MAXK>
+__global__ void __launch_bounds__(kThreads) forward_kernel(const CudaProblem p, float* __restrict__ out,
+                                                           float* __restrict__ stats, float* __restrict__ top_logits,
+                                                           int64_t* __restrict__ top_index) {
+  const int64_t HW = p.H * p.W, total = p.B * HW, Q = p.Q, NQ = p.N * Q;
+  const int K = static_cast<int>(p.topk);
+  for (int64_t qi = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; qi < total;
+       qi += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t b = qi / HW, i = (qi % HW) / p.W, j = qi % p.W;
+    const float* qv = p.q + qi * p.C;
+    float ts[MAXK > 0 ? MAXK : 1];
+    int32_t ti[MAXK > 0 ? MAXK : 1];
+    int cnt = 0;
+    float m = -INFINITY, thr = -INFINITY;
+    // Pass 1: scores -> running top-k or running maximum.
+    for (int64_t n = 0; n < p.N; ++n) {
+      for (int64_t t = 0; t < Q; ++t) {
+        const float s = score_at(p, qv, b, n, key_pos(p, b, n, t, i, j));
+        if (MAXK > 0) {
+          topk_push<MAXK>(s, static_cast<int32_t>(n * Q + t), ts, ti, cnt, K);
+        } else {
+          m = fmaxf(m, s);
+        }
+      }
+    }
+    if (MAXK > 0) {
+      m = ts[0];
+      if (p.normalize == Normalize::Threshold) thr = ts[K - 1];
+      for (int e = 0; e < K; ++e) {
+        top_logits[qi * K + e] = ts[e];
+        top_index[qi * K + e] = (ti[e] / Q) * p.P + p.cols[ti[e] % Q];
+      }
+    }
+    float* o = out + b * p.Cv * HW + i * p.W + j;
+    if (!(m > -INFINITY)) {  // nothing kept: zero output, lse = +inf gives zero gradient
+      for (int64_t c = 0; c < p.Cv; ++c) o[c * HW] = 0.f;
+      stats[qi * 2] = INFINITY;
+      stats[qi * 2 + 1] = thr;
+      continue;
+    }
+    float sum = 0.f;
+    if (MAXK > 0 && p.normalize == Normalize::Softmax) {
+      // Top-k softmax: weights over the list, then one gather of the winners' values per channel.
+      for (int e = 0; e < K; ++e)
+        if (ts[e] > -INFINITY) sum += expf(ts[e] - m);
+      for (int64_t c = 0; c < p.Cv; ++c) {
+        float acc = 0.f;
+        for (int e = 0; e < K; ++e) {
+          if (!(ts[e] > -INFINITY)) continue;
+          const int64_t n = ti[e] / Q;
+          const int64_t pos = key_pos(p, b, n, ti[e] % Q, i, j);
+          if (pos >= 0) acc += expf(ts[e] - m) * __ldg(p.v + ((b * p.N + n) * HW + pos) * p.Cv + c);
+        }
+        o[c * HW] = acc / sum;
+      }
+    } else {
+      // Softmax over all / threshold: recompute the scores, accumulate Cv in register chunks.
+      for (int64_t c0 = 0; c0 < p.Cv; c0 += kVChunk) {
+        float acc[kVChunk];
+#pragma unroll
+        for (int c = 0; c < kVChunk; ++c) acc[c] = 0.f;
+        float s_sum = 0.f;
+        for (int64_t n = 0; n < p.N; ++n) {
+          for (int64_t t = 0; t < Q; ++t) {
+            const int64_t pos = key_pos(p, b, n, t, i, j);
+            const float s = score_at(p, qv, b, n, pos);
+            if (!(s > -INFINITY) || s < thr) continue;
+            const float w = expf(s - m);
+            s_sum += w;
+            if (pos < 0) continue;
+            const float* vv = p.v + ((b * p.N + n) * HW + pos) * p.Cv + c0;
+#pragma unroll
+            for (int c = 0; c < kVChunk; ++c)
+              if (c0 + c < p.Cv) acc[c] = fmaf(w, __ldg(vv + c), acc[c]);
+          }
+        }
+        sum = s_sum;
+#pragma unroll
+        for (int c = 0; c < kVChunk; ++c)
+          if (c0 + c < p.Cv) o[(c0 + c) * HW] = acc[c] / sum;
+      }
+    }
+    stats[qi * 2] = m + logf(sum);
+    stats[qi * 2 + 1] = thr;
+    (void)NQ;
+  }
+}
+
+// Position t of window column `col` among the ascending in-window columns (binary search).
+__device__ __forceinline__ int64_t column_position(const CudaProblem& p, int64_t col) {
+  int64_t lo = 0, hi = p.Q - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (p.cols[mid] < col) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// Per candidate of the backward: dp = <g, v_c> (0 out of frame).
+__device__ __forceinline__ float value_dot(const CudaProblem& p, const float* __restrict__ gv, int64_t b, int64_t n,
+                                           int64_t pos) {
+  if (pos < 0) return 0.f;
+  const float* vv = p.v + ((b * p.N + n) * p.H * p.W + pos) * p.Cv;
+  float d = 0.f;
+  for (int64_t c = 0; c < p.Cv; ++c) d = fmaf(gv[c], __ldg(vv + c), d);
+  return d;
+}
+
+__device__ __forceinline__ void scatter(const CudaProblem& p, const float* __restrict__ qv,
+                                        const float* __restrict__ gv, int64_t b, int64_t n, int64_t pos, float ds,
+                                        float pe, float* dqv, float* dk, float* dv) {
+  if (pos < 0) return;  // zero-border candidate: constant logit, zero value
+  const int64_t kb = (b * p.N + n) * p.H * p.W + pos;
+  const float w = p.scale * ds;
+  if (dqv != nullptr) {
+    const float* kv = p.k + kb * p.C;
+    for (int64_t c = 0; c < p.C; ++c) dqv[c] = fmaf(w, __ldg(kv + c), dqv[c]);
+  }
+  if (dk != nullptr)
+    for (int64_t c = 0; c < p.C; ++c) atomicAdd(dk + kb * p.C + c, w * qv[c]);
+  if (dv != nullptr)
+    for (int64_t c = 0; c < p.Cv; ++c) atomicAdd(dv + kb * p.Cv + c, pe * gv[c]);
+}
+
+__global__ void __launch_bounds__(kThreads) backward_kernel(const CudaProblem p, const float* __restrict__ grad_out,
+                                                            const float* __restrict__ grad_logits,
+                                                            const float* __restrict__ stats,
+                                                            const int64_t* __restrict__ top_index,
+                                                            float* __restrict__ dq, float* __restrict__ dk,
+                                                            float* __restrict__ dv) {
+  const int64_t HW = p.H * p.W, total = p.B * HW, Q = p.Q;
+  const int64_t K = p.topk;
+  const bool list_mode = K > 0 && p.normalize == Normalize::Softmax;
+  for (int64_t qi = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; qi < total;
+       qi += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const float lse = stats[qi * 2], thr = stats[qi * 2 + 1];
+    if (!(lse < INFINITY)) continue;  // nothing kept: zero gradient
+    const int64_t b = qi / HW, i = (qi % HW) / p.W, j = qi % p.W;
+    const float* qv = p.q + qi * p.C;
+    const float* gv = grad_out + qi * p.Cv;
+    float* dqv = dq != nullptr ? dq + qi * p.C : nullptr;  // this thread's own row: no atomics
+    // Pass A: D = sum over kept of p * dp.  Pass B: ds = p (dp - D) (+ the returned logit's gradient), scatter.
+    float D = 0.f;
+    if (list_mode) {
+      for (int64_t e = 0; e < K; ++e) {
+        const int64_t full = top_index[qi * K + e], n = full / p.P;
+        const int64_t t = column_position(p, full % p.P);
+        const int64_t pos = key_pos(p, b, n, t, i, j);
+        const float s = score_at(p, qv, b, n, pos);
+        if (s > -INFINITY) D += expf(s - lse) * value_dot(p, gv, b, n, pos);
+      }
+      for (int64_t e = 0; e < K; ++e) {
+        const int64_t full = top_index[qi * K + e], n = full / p.P;
+        const int64_t t = column_position(p, full % p.P);
+        const int64_t pos = key_pos(p, b, n, t, i, j);
+        const float s = score_at(p, qv, b, n, pos);
+        if (!(s > -INFINITY)) continue;
+        const float pe = expf(s - lse);
+        float ds = pe * (value_dot(p, gv, b, n, pos) - D);
+        if (grad_logits != nullptr) ds += grad_logits[qi * K + e];
+        scatter(p, qv, gv, b, n, pos, ds, pe, dqv, dk, dv);
+      }
+      continue;
+    }
+    for (int64_t n = 0; n < p.N; ++n) {
+      for (int64_t t = 0; t < Q; ++t) {
+        const int64_t pos = key_pos(p, b, n, t, i, j);
+        const float s = score_at(p, qv, b, n, pos);
+        if (s > -INFINITY && s >= thr) D += expf(s - lse) * value_dot(p, gv, b, n, pos);
+      }
+    }
+    for (int64_t n = 0; n < p.N; ++n) {
+      for (int64_t t = 0; t < Q; ++t) {
+        const int64_t pos = key_pos(p, b, n, t, i, j);
+        const float s = score_at(p, qv, b, n, pos);
+        if (!(s > -INFINITY) || s < thr) continue;
+        const float pe = expf(s - lse);
+        float ds = pe * (value_dot(p, gv, b, n, pos) - D);
+        if (grad_logits != nullptr) {  // threshold: a kept candidate may also be one of the returned logits
+          const int64_t full = n * p.P + p.cols[t];
+          for (int64_t e = 0; e < K; ++e)
+            if (top_index[qi * K + e] == full) ds += grad_logits[qi * K + e];
+        }
+        scatter(p, qv, gv, b, n, pos, ds, pe, dqv, dk, dv);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// Launchers. tests/cuda_emulation compiles the kernels above as host code (one emulated thread walks the
+// grid-stride loops) to check their logic against the reference on machines without a GPU; it skips these.
+#ifndef VOSOPS_CUDA_EMULATION
+cudaError_t forward_cuda(const CudaProblem& p, float* out, float* stats, float* top_logits, int64_t* top_index,
+                         cudaStream_t stream) {
+  const int64_t total = p.B * p.H * p.W;
+  if (total == 0) return cudaSuccess;
+  const unsigned int grid = grid_for(total);
+  if (p.topk == 0) {
+    forward_kernel<0><<<grid, kThreads, 0, stream>>>(p, out, stats, top_logits, top_index);
+  } else if (p.topk <= 8) {
+    forward_kernel<8><<<grid, kThreads, 0, stream>>>(p, out, stats, top_logits, top_index);
+  } else if (p.topk <= 16) {
+    forward_kernel<16><<<grid, kThreads, 0, stream>>>(p, out, stats, top_logits, top_index);
+  } else if (p.topk <= kCudaMaxTopk) {
+    forward_kernel<kCudaMaxTopk><<<grid, kThreads, 0, stream>>>(p, out, stats, top_logits, top_index);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t backward_cuda(const CudaProblem& p, const float* grad_out, const float* grad_logits, const float* stats,
+                          const int64_t* top_index, float* dq, float* dk, float* dv, cudaStream_t stream) {
+  const int64_t total = p.B * p.H * p.W;
+  if (total == 0) return cudaSuccess;
+  backward_kernel<<<grid_for(total), kThreads, 0, stream>>>(p, grad_out, grad_logits, stats, top_index, dq, dk, dv);
+  return cudaGetLastError();
+}
+
+#endif  // VOSOPS_CUDA_EMULATION
+
+}  // namespace local_attention
+}  // namespace vosops

@@ -1,0 +1,110 @@
+// topk CUDA glue: checks, allocation and the launches on PyTorch's current stream. Built only with CUDA.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/native.h"
+#include "topk/topk.h"
+#include "topk/topk_cuda.cuh"
+
+namespace vosops {
+namespace topk {
+namespace {
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+Shape3 shape3(const at::Tensor& t) {
+  Shape3 s;
+  for (int i = 0; i < 3; ++i) {
+    s.size[i] = t.size(i);
+    s.stride[i] = t.stride(i);
+  }
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor> global_topk_cuda_op(const at::Tensor& q, const at::Tensor& k, int64_t topk,
+                                                       double scale, const std::optional<at::Tensor>& key_mask) {
+  TORCH_CHECK_VALUE(q.dim() == 3, "global_topk: q must be (B, M, C), got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == 3 && k.size(0) == q.size(0) && k.size(2) == q.size(2),
+                    "global_topk: k must be (B, L, C) with q's B and C, got ", k.sizes(), " for q ", q.sizes());
+  check_float(q, "global_topk", "q");
+  check_like(q, k, "global_topk", "q", "k");
+  const int64_t B = q.size(0), M = q.size(1), L = k.size(1);
+  TORCH_CHECK_VALUE(topk >= 1 && topk <= L, "global_topk: topk must be in [1, L] = [1, ", L, "], got ", topk);
+  at::Tensor mask;
+  if (key_mask.has_value()) {
+    mask = key_mask->contiguous();
+    TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "global_topk: key_mask must be bool, got ", mask.scalar_type());
+    TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == L && mask.device() == q.device(),
+                      "global_topk: key_mask must be (B, L) = (", B, ", ", L, ") on q's device, got ", mask.sizes());
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out_l = new_output({B, M, topk}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out_i = new_output({B, M, topk}, q.options().dtype(at::kLong));
+  check_launch(global_topk_cuda(to_dtype(q.scalar_type()), q.const_data_ptr(), shape3(q), k.const_data_ptr(),
+                                shape3(k), mask.defined() ? mask.const_data_ptr<bool>() : nullptr, topk, scale,
+                                out_l.data_ptr(), out_i.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
+               "global_topk");
+  return {out_l, out_i};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_cuda_op(const at::Tensor& q, const at::Tensor& k,
+                                                                      const at::Tensor& v, int64_t topk, double scale,
+                                                                      int64_t dense_keys) {
+  check_attention_inputs(q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), M = q.size(2), L = k.size(2), Dv = v.size(3);
+  TORCH_CHECK_VALUE(topk >= 1 && topk <= L, "topk_attention: topk must be in [1, L] = [1, ", L, "], got ", topk);
+  TORCH_CHECK_VALUE(dense_keys >= 0 && dense_keys <= L, "topk_attention: dense_keys must be in [0, L] = [0, ", L,
+                    "], got ", dense_keys);
+  const auto [dense, kk] = split_keys(L, topk, dense_keys);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = new_output({B, H, M, Dv}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = new_output({B, H, M}, q.options().dtype(acc_type(q.scalar_type())));
+  at::Tensor index = new_output({B, H, M, kk}, q.options().dtype(at::kLong));
+  check_launch(topk_attention_forward_cuda(to_dtype(q.scalar_type()), q.const_data_ptr(), shape4(q),
+                                           k.const_data_ptr(), shape4(k), v.const_data_ptr(), shape4(v), dense, kk,
+                                           scale, out.data_ptr(), lse.data_ptr(),
+                                           kk > 0 ? index.data_ptr<int64_t>() : nullptr,
+                                           c10::cuda::getCurrentCUDAStream()),
+               "topk_attention");
+  return {out, lse, index};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward_cuda_op(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& index, double scale, int64_t dense_keys) {
+  check_attention_inputs(q, k, v);
+  TORCH_CHECK_VALUE(grad_out.sizes() == out.sizes() && out.dim() == 4 && out.size(2) == q.size(2) &&
+                        out.size(3) == v.size(3),
+                    "topk_attention_backward: grad_out and out must be (B, H, M, Dv), got ", grad_out.sizes(), " and ",
+                    out.sizes());
+  const int64_t kk = index.size(-1);
+  const int64_t dense = kk == 0 ? k.size(2) : dense_keys;
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto acc = acc_type(q.scalar_type());
+  at::Tensor g = grad_out.to(q.scalar_type());
+  at::Tensor o = out.contiguous(), l = lse.to(acc).contiguous(), ix = index.contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options().dtype(acc));
+  at::Tensor dk = at::zeros(k.sizes(), k.options().dtype(acc));
+  at::Tensor dv = at::zeros(v.sizes(), v.options().dtype(acc));
+  check_launch(topk_attention_backward_cuda(to_dtype(q.scalar_type()), g.const_data_ptr(), shape4(g),
+                                            q.const_data_ptr(), shape4(q), k.const_data_ptr(), shape4(k),
+                                            v.const_data_ptr(), shape4(v), o.const_data_ptr(), l.const_data_ptr(),
+                                            kk > 0 ? ix.const_data_ptr<int64_t>() : nullptr, dense, kk, scale,
+                                            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                                            c10::cuda::getCurrentCUDAStream()),
+               "topk_attention_backward");
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+}
+
+}  // namespace
+}  // namespace topk
+}  // namespace vosops
+
+TORCH_LIBRARY_IMPL(vosops, CUDA, m) {
+  m.impl("global_topk", &vosops::topk::global_topk_cuda_op);
+  m.impl("topk_attention", &vosops::topk::topk_attention_cuda_op);
+  m.impl("topk_attention_backward", &vosops::topk::topk_attention_backward_cuda_op);
+}

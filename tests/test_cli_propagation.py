@@ -1,0 +1,106 @@
+"""The propagate / eval / demo commands, and --dataset sharded over 2 torchrun CPU processes (gloo)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vosops import cli
+from vosops.io import read_mask, write_mask
+from vosops.propagation.synthetic import synthetic_video
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The demo's floor. Measured: J&F 0.958 (J 0.935, F 0.981) with the weight-free extractor (`vosops demo`, CPU);
+# 0.85 leaves room for platform differences in the float sums while still failing if propagation breaks (copying
+# the first mask to every frame scores 0.143, an empty prediction 0.0).
+DEMO_FLOOR = 0.85
+
+
+def test_demo_above_floor(tmp_path, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    jf = float(re.search(r"J&F ([0-9.]+)", out).group(1))
+    assert jf >= DEMO_FLOOR, out
+    im = Image.open(tmp_path / "contact_sheet.png")
+    assert im.size[0] > 600 and im.size[1] > 200
+
+
+def test_copying_first_mask_is_below_the_demo_floor():
+    from vosops import metrics
+
+    _, gts = synthetic_video(T=30)
+    s = metrics.summarize(metrics.evaluate_sequence([gts[0]] * 30, gts))
+    assert s["J&F-Mean"] < DEMO_FLOOR - 0.2
+
+
+def _write_video(folder, frames, names, ext=".jpg"):
+    os.makedirs(folder, exist_ok=True)
+    for f, n in zip(frames, names):
+        Image.fromarray(f).save(os.path.join(folder, n + ext), quality=95)
+
+
+def test_propagate_folder_and_eval(tmp_path, capsys):
+    frames, gts = synthetic_video(T=6, H=70, W=90, seed=4)  # sizes not multiples of 4: exact unpadding
+    names = [f"{17 + i:05d}" for i in range(6)]
+    _write_video(str(tmp_path / "frames"), frames, names)
+    write_mask(str(tmp_path / "first.png"), gts[0])
+    rc = cli.main(["propagate", str(tmp_path / "frames"), "--mask", str(tmp_path / "first.png"),
+                   "--out", str(tmp_path / "out" / "seq")])
+    assert rc == 0
+    out = capsys.readouterr()
+    assert "frames/s" in out.out
+    for n in names:
+        m = read_mask(str(tmp_path / "out" / "seq" / f"{n}.png"))
+        assert m.shape == (70, 90)
+    assert Image.open(tmp_path / "out" / "seq" / "00017.png").mode == "P"
+    assert os.path.getsize(tmp_path / "out" / "seq" / "overlay.mp4") > 0
+    for g, n in zip(gts, names):
+        write_mask(str(tmp_path / "gt" / "seq" / f"{n}.png"), g)
+    rc = cli.main(["eval", "--pred", str(tmp_path / "out"), "--gt", str(tmp_path / "gt"),
+                   "--csv", str(tmp_path / "r.csv")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "seq" in text and "J&F-Mean" in text
+    rows = (tmp_path / "r.csv").read_text().splitlines()
+    assert rows[-1].startswith("all,global") and any(r.startswith("seq_1,object") for r in rows)
+    assert float(rows[-1].split(",")[2]) > 0.5
+
+
+def test_propagate_bad_arguments(tmp_path, capsys):
+    assert cli.main(["propagate", "--out", str(tmp_path)]) == 2
+    assert cli.main(["propagate", str(tmp_path), "--out", str(tmp_path), "--preset", "nope",
+                     "--mask", "x.png"]) == 2
+    assert "preset must be one of" in capsys.readouterr().err
+    assert cli.main(["eval", "--pred", str(tmp_path / "none"), "--gt", str(tmp_path)]) == 2
+    assert cli.main(["propagate", str(tmp_path), "--mask", "x.png", "--out", str(tmp_path), "--backend", "gpu"]) == 2
+    assert "--backend must be" in capsys.readouterr().err
+
+
+def _davis_layout(root, seqs=3, T=4, H=48, W=64):
+    for s in range(seqs):
+        frames, gts = synthetic_video(T=T, H=H, W=W, seed=10 + s)
+        names = [f"{i:05d}" for i in range(T)]
+        _write_video(os.path.join(root, "JPEGImages", "480p", f"seq{s}"), frames, names)
+        for g, n in zip(gts, names):
+            write_mask(os.path.join(root, "Annotations", "480p", f"seq{s}", f"{n}.png"), g)
+
+
+def test_dataset_sharded_over_two_gloo_processes(tmp_path):
+    root, out = str(tmp_path / "davis"), str(tmp_path / "pred")
+    _davis_layout(root)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--module",
+           "vosops", "propagate", "--dataset", root, "--out", out, "--no-overlay", "--eval", "--threads", "1"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "[rank 0/2] 2 of 3 sequences on cpu: seq0, seq2" in res.stdout
+    assert "[rank 1/2] 1 of 3 sequences on cpu: seq1" in res.stdout
+    for s in range(3):
+        assert sorted(os.listdir(os.path.join(out, f"seq{s}"))) == [f"{i:05d}.png" for i in range(4)]
+    assert "all ranks: 12 frames" in res.stdout
+    assert os.path.isfile(os.path.join(out, "results.csv"))

@@ -1,0 +1,76 @@
+"""vosops.flow: sign and scale of estimated flow checked by warping a shifted textured image with flow_warp."""
+
+import numpy as np
+import pytest
+import torch
+
+import vosops
+from vosops import flow as vflow
+
+
+def _texture(H=64, W=80, seed=0):
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (H // 4 + 2, W // 4 + 2, 3)).astype(np.uint8)
+    import cv2
+
+    big = cv2.resize(small, (W + 8, H + 8), interpolation=cv2.INTER_CUBIC)
+    return cv2.GaussianBlur(big, (3, 3), 0)
+
+
+@pytest.mark.parametrize("method", ["dis", "farneback"])
+def test_sign_and_scale_by_warping(method):
+    big = _texture()
+    sx, sy = 3, -2
+    # b is a shifted by (sx, sy): b(y, x) = a(y - sy, x - sx), so a(p) = b(p + (sx, sy))
+    a = big[4:-4, 4:-4]
+    b = big[4 - sy:big.shape[0] - 4 - sy, 4 - sx:big.shape[1] - 4 - sx]
+    ta = torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255
+    tb = torch.from_numpy(b).permute(2, 0, 1)[None].float() / 255
+    flow = vflow.estimate_flow(ta, tb, method=method)
+    assert flow.shape == (1, 2, 64, 80) and flow.dtype == torch.float32
+    inner = flow[:, :, 12:-12, 12:-12]
+    assert abs(inner[:, 0].median().item() - sx) < 0.5
+    assert abs(inner[:, 1].median().item() - sy) < 0.5
+    warped = vosops.flow_warp(tb, flow, backend="reference")
+    err = (warped - ta).abs()[:, :, 12:-12, 12:-12].mean().item()
+    base = (tb - ta).abs()[:, :, 12:-12, 12:-12].mean().item()
+    assert err < 0.25 * base
+
+
+def test_batched_inputs_and_numpy():
+    big = _texture(seed=1)
+    a = big[4:-4, 4:-4]
+    b = big[4:-4, 3:-5]  # b(x) = a(x - 1) -> a(x) = b(x + 1): dx = +1
+    f1 = vflow.estimate_flow([a, a], [b, a])
+    assert f1.shape == (2, 2, 64, 80)
+    assert abs(f1[0, 0, 12:-12, 12:-12].median().item() - 1) < 0.5
+    assert f1[1].abs().max().item() < 0.5  # identical frames: no motion
+
+
+def test_resize_and_clamp_round():
+    flow = torch.zeros(1, 2, 8, 12)
+    flow[:, 0] = 4.0
+    flow[:, 1] = -8.0
+    r = vflow.resize_flow(flow, (2, 3))
+    torch.testing.assert_close(r[:, 0], torch.full((1, 2, 3), 1.0))
+    torch.testing.assert_close(r[:, 1], torch.full((1, 2, 3), -2.0))
+    s = vflow.flow_to_stride(torch.ones(1, 2, 9, 13) * 8, 4)
+    assert s.shape == (1, 2, 3, 4)
+    torch.testing.assert_close(s[:, 0], torch.full((1, 3, 4), 8 * 4 / 13))
+    big = torch.tensor([[[[30.0, -2.5], [0.5, 1.6]], [[-9.0, 2.4], [1.5, 0.0]]]])
+    out = vflow.clamp_round_flow(big)
+    torch.testing.assert_close(out, torch.tensor([[[[2.0, -2.0], [0.0, 2.0]], [[-2.0, 2.0], [2.0, 0.0]]]]))
+
+
+def test_flow_bad_input():
+    a = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="method"):
+        vflow.estimate_flow(a, a, method="raft")
+    with pytest.raises(ValueError, match="same number"):
+        vflow.estimate_flow([a, a], [a])
+    with pytest.raises(ValueError, match="same size"):
+        vflow.estimate_flow(a, np.zeros((9, 8, 3), np.uint8))
+    with pytest.raises(TypeError, match="uint8"):
+        vflow.estimate_flow(a.astype(np.float32), a)
+    with pytest.raises(ValueError, match="flow"):
+        vflow.resize_flow(torch.zeros(1, 3, 4, 4), (2, 2))

@@ -1,0 +1,150 @@
+"""vosops.io: frames, masks, overlays and the DAVIS reader, by round trips through real files."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vosops import io as vio
+
+
+def _frames(T=4, H=24, W=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for _ in range(T)]
+
+
+def test_palette_is_davis():
+    assert vio.DAVIS_PALETTE[0].tolist() == [0, 0, 0]
+    assert vio.DAVIS_PALETTE[1].tolist() == [128, 0, 0]
+    assert vio.DAVIS_PALETTE[2].tolist() == [0, 128, 0]
+    assert vio.DAVIS_PALETTE[3].tolist() == [128, 128, 0]
+    assert vio.DAVIS_PALETTE[4].tolist() == [0, 0, 128]
+    assert len({tuple(c) for c in vio.DAVIS_PALETTE}) == 256
+
+
+def test_palette_mask_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    ids = rng.choice([0, 1, 3, 7, 200], size=(17, 23)).astype(np.uint8)
+    p = str(tmp_path / "sub" / "m.png")
+    vio.write_mask(p, torch.from_numpy(ids))
+    im = Image.open(p)
+    assert im.mode == "P"
+    assert np.array(im.getpalette()[:9]).tolist() == [0, 0, 0, 128, 0, 0, 0, 128, 0]
+    np.testing.assert_array_equal(vio.read_mask(p), ids)
+    # the same mask saved as RGB colours maps back to the same ids
+    rgb = str(tmp_path / "rgb.png")
+    Image.fromarray(vio.DAVIS_PALETTE[ids]).save(rgb)
+    np.testing.assert_array_equal(vio.read_mask(rgb), ids)
+
+
+def test_davis2016_binary_mask(tmp_path):
+    a = np.zeros((10, 12), np.uint8)
+    a[2:6, 3:9] = 255
+    p = str(tmp_path / "b.png")
+    Image.fromarray(a, mode="L").save(p)
+    m = vio.read_mask(p)
+    assert m.dtype == np.uint8 and set(np.unique(m).tolist()) == {0, 1}
+    np.testing.assert_array_equal(m, (a == 255).astype(np.uint8))
+
+
+def test_mask_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="ids"):
+        vio.write_mask(str(tmp_path / "x.png"), np.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match="0..255"):
+        vio.write_mask(str(tmp_path / "x.png"), np.full((2, 3), 300))
+    with pytest.raises(ValueError, match="does not exist"):
+        vio.read_mask(str(tmp_path / "none.png"))
+    rgb = str(tmp_path / "odd.png")
+    Image.fromarray(np.full((3, 3, 3), 7, np.uint8)).save(rgb)
+    with pytest.raises(ValueError, match="palette"):
+        vio.read_mask(rgb)
+
+
+def test_frame_folder_streaming(tmp_path):
+    frames = _frames()
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(tmp_path / f"{i * 5:05d}.png")  # lossless, names not contiguous
+    (tmp_path / "notes.txt").write_text("ignored")
+    r = vio.VideoReader(str(tmp_path))
+    assert len(r) == 4 and r.names == ["00000", "00005", "00010", "00015"] and r.size == (24, 32)
+    for got, want in zip(r, frames):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(r[-1], frames[-1])
+    t = vio.frame_to_tensor(frames[0])
+    assert t.shape == (3, 24, 32) and t.dtype == torch.float32
+    torch.testing.assert_close(t[:, 3, 5] * 255, torch.tensor(frames[0][3, 5], dtype=torch.float32))
+    u = vio.frame_to_tensor(frames[0], normalize=None)
+    assert u.dtype == torch.uint8 and torch.equal(u.permute(1, 2, 0), torch.from_numpy(frames[0]))
+    im = vio.frame_to_tensor(frames[0], normalize="imagenet")
+    torch.testing.assert_close(im[0], (t[0] - 0.485) / 0.229)
+    streamed = list(r.tensors(normalize="unit"))
+    assert len(streamed) == 4 and torch.equal(streamed[1], vio.frame_to_tensor(frames[1]))
+    video, names = vio.read_video(str(tmp_path), normalize="unit")
+    assert video.shape == (4, 3, 24, 32) and names == r.names
+
+
+def test_video_file_round_trip(tmp_path):
+    # smooth frames survive mp4v compression closely; check count, size and rough content
+    H, W = 48, 64
+    yy, xx = np.mgrid[0:H, 0:W]
+    frames = [np.stack([(xx * 4 + 20 * t) % 256, yy * 5 % 256, np.full_like(xx, 60 * t)], -1).astype(np.uint8)
+              for t in range(5)]
+    path = str(tmp_path / "v.mp4")
+    n = vio.write_overlay_video(path, frames, [np.zeros((H, W), np.uint8)] * 5, fps=10)
+    assert n == 5
+    r = vio.VideoReader(path)
+    assert len(r) == 5 and r.names[0] == "00000" and r.size == (H, W)
+    got = list(r)
+    assert len(got) == 5
+    assert np.abs(got[2].astype(int) - frames[2].astype(int)).mean() < 12
+
+
+def test_reader_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        vio.VideoReader(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="no"):
+        vio.VideoReader(str(tmp_path))
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    with pytest.raises(ValueError):
+        vio.VideoReader(str(bad))
+    with pytest.raises(TypeError, match="frame"):
+        vio.frame_to_tensor(np.zeros((4, 4), np.uint8))
+
+
+def test_overlay_and_contact_sheet(tmp_path):
+    f = np.full((20, 30, 3), 100, np.uint8)
+    ids = np.zeros((20, 30), np.uint8)
+    ids[5:15, 5:15] = 2
+    ov = vio.overlay(f, ids, alpha=0.5)
+    assert ov.shape == f.shape
+    assert ov[0, 0].tolist() == [100, 100, 100]  # background untouched
+    assert ov[10, 10].tolist() == [50, 114, 50]  # blended with (0, 128, 0)
+    assert ov[5, 10].tolist() == [0, 128, 0]  # boundary solid
+    sheet = vio.contact_sheet([f, ov, ov], cols=2, width=15, pad=1)
+    assert sheet.shape == (2 * (10 + 1) + 1, 2 * (15 + 1) + 1, 3)
+    vio.write_overlays(str(tmp_path / "ov"), [f], [ids], ["00003"])
+    assert os.path.isfile(tmp_path / "ov" / "00003.png")
+
+
+def test_davis_dataset(tmp_path):
+    for seq in ("b", "a"):
+        fd = tmp_path / "JPEGImages" / "480p" / seq
+        md = tmp_path / "Annotations" / "480p" / seq
+        fd.mkdir(parents=True)
+        md.mkdir(parents=True)
+        for i, f in enumerate(_frames(3, 8, 10)):
+            Image.fromarray(f).save(fd / f"{i:05d}.jpg")
+        vio.write_mask(str(md / "00000.png"), np.eye(8, 10, dtype=np.uint8) * 2)
+    ds = vio.DavisDataset(str(tmp_path))
+    assert ds.sequences == ["a", "b"] and len(ds) == 2
+    assert len(ds.frames("a")) == 3
+    np.testing.assert_array_equal(ds.first_mask("a"), np.eye(8, 10, dtype=np.uint8) * 2)
+    assert list(ds.masks("b")) == ["00000"]
+    (tmp_path / "ImageSets" / "2017").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "2017" / "val.txt").write_text("b\n")
+    assert vio.DavisDataset(str(tmp_path), imageset="2017/val.txt").sequences == ["b"]
+    with pytest.raises(ValueError, match="JPEGImages"):
+        vio.DavisDataset(str(tmp_path / "JPEGImages"))

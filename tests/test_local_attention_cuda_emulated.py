@@ -1,0 +1,136 @@
+"""The local_attention CUDA kernels' logic, run on the CPU: tests/cuda_emulation compiles the .cu kernels as host
+code (g++ and the CUDA toolkit's host headers; one emulated thread walks the grid-stride loops) and they are
+compared with the reference, forward (outputs, top-k lists) and backward (dq, dk, dv, incl. returned-logit grads).
+This checks indexing, selection, softmax and gradients; races and the glue need a GPU (the cuda-marked tests)."""
+
+import ctypes
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from vosops import reference, testing
+from vosops.reference.local_attention import round_offsets, window_columns
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_INCLUDE = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    if shutil.which("g++") is None or not os.path.exists(os.path.join(CUDA_INCLUDE, "cuda_runtime_api.h")):
+        pytest.skip("needs g++ and the CUDA toolkit headers")
+    lib = tmp_path_factory.mktemp("emu") / "la_emu.so"
+    src = os.path.join(ROOT, "tests", "cuda_emulation", "local_attention_emu.cpp")
+    subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-DVOSOPS_CUDA_EMULATION",
+                    "-I", os.path.join(ROOT, "csrc"), "-I", CUDA_INCLUDE, src, "-o", str(lib)], check=True)
+    return ctypes.CDLL(str(lib))
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
+
+
+def _cl(t):
+    return (t.permute(0, 2, 3, 1) if t.dim() == 4 else t.permute(0, 1, 3, 4, 2)).float().contiguous()
+
+
+def run_emulated(emu, q, k, v, offsets, kw, grad_out, grad_logits):
+    B, N, C, H, W = k.shape
+    Cv = v.shape[2]
+    r, d = kw["radius"], kw.get("dilation", 1)
+    cols = torch.tensor(window_columns(r, kw.get("window", "square")), dtype=torch.int32)
+    K = kw.get("topk") or 0
+    sizes = torch.tensor([B, N, C, Cv, H, W, r, d, (2 * r + 1) ** 2, cols.numel()], dtype=torch.int64)
+    qc, kc, vc = _cl(q), _cl(k), _cl(v)
+    off = round_offsets(offsets, r, d).to(torch.int32).contiguous() if offsets is not None else None
+    common = (_ptr(sizes), ctypes.c_float(kw.get("scale", 1.0)), ctypes.c_int64(K),
+              ctypes.c_int(kw.get("normalize", "softmax") == "threshold"), ctypes.c_int(kw.get("border") == "zero"),
+              _ptr(qc), _ptr(kc), _ptr(vc), _ptr(off), _ptr(cols))
+    out = torch.full((B, Cv, H, W), float("nan"))
+    stats = torch.full((B, H, W, 2), float("nan"))
+    tl = torch.full((B, H, W, max(K, 1)), float("nan"))
+    ti = torch.full((B, H, W, max(K, 1)), -7777, dtype=torch.int64)
+    assert emu.emu_forward(*common, _ptr(out), _ptr(stats), _ptr(tl), _ptr(ti)) == 0
+    dq, dk, dv = torch.zeros(B, H, W, C), torch.zeros(B, N, H, W, C), torch.zeros(B, N, H, W, Cv)
+    g = _cl(grad_out)
+    gl = grad_logits.float().contiguous() if grad_logits is not None else None
+    assert emu.emu_backward(*common, _ptr(g), _ptr(gl), _ptr(stats), _ptr(ti), _ptr(dq), _ptr(dk), _ptr(dv)) == 0
+    grads = (dq.permute(0, 3, 1, 2), dk.permute(0, 1, 4, 2, 3), dv.permute(0, 1, 4, 2, 3))
+    return out, tl[..., :K], ti[..., :K], grads
+
+
+def rand_offsets(B, N, H, W, g):
+    off = torch.randn(B, N, 2, H, W, generator=g) * 3
+    far = torch.rand(B, N, 1, H, W, generator=g) < 0.1
+    off = torch.where(far, off * 20, off)
+    off[..., 0, 0] = 0.5
+    off[..., 0, 1] = -1.5
+    return off
+
+
+CASES = [
+    # (B, C, Cv, H, W, N, kwargs, offsets)
+    (1, 8, 3, 6, 7, 2, dict(radius=2, scale=0.7), False),
+    (2, 3, 2, 5, 4, 1, dict(radius=1, topk=4, border="zero"), False),
+    (1, 4, 3, 7, 5, 2, dict(radius=2, topk=6, window="circle"), True),
+    (1, 3, 2, 6, 6, 3, dict(radius=2, dilation=2, topk=5, normalize="threshold", border="zero"), True),
+    (1, 8, 1, 5, 7, 2, dict(radius=3, topk=9, border="mask", scale=2.0), True),
+    (1, 2, 2, 3, 4, 1, dict(radius=1, topk=9), False),  # k = candidate count
+    (1, 5, 9, 6, 5, 2, dict(radius=2, topk=20, border="zero", scale=0.5), True),  # Cv > 8: two value chunks
+    (2, 4, 10, 5, 6, 2, dict(radius=2, scale=0.5, border="zero"), True),  # softmax over all, Cv chunks
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_emulated_cuda_kernels_match_reference(emu, case):
+    B, C, Cv, H, W, N, kw, with_off = CASES[case]
+    g = torch.Generator().manual_seed(case)
+    q = torch.randn(B, C, H, W, generator=g).double()
+    k = torch.randn(B, N, C, H, W, generator=g).double()
+    v = torch.randn(B, N, Cv, H, W, generator=g).double()
+    offsets = rand_offsets(B, N, H, W, g).double() if with_off else None
+    K = kw.get("topk")
+    grad_out = torch.randn(B, Cv, H, W, generator=g).double()
+    grad_logits = torch.randn(B, H, W, K, generator=g).double() if K else None
+    out, tl, ti, grads = run_emulated(emu, q.float(), k.float(), v.float(), offsets, kw, grad_out, grad_logits)
+
+    qr, kr, vr = (t.float().double().requires_grad_() for t in (q, k, v))
+    if K:
+        ref, (rl, ri) = reference.local_attention(qr, kr, vr, offsets=offsets, return_topk=True, **kw)
+        assert torch.equal(ti, ri)
+        testing.assert_close(tl, rl, torch.float32, "top-k logits")
+        loss = (ref * grad_out).sum() + (torch.where(torch.isfinite(rl), rl, 0.0) * grad_logits).sum()
+    else:
+        ref = reference.local_attention(qr, kr, vr, offsets=offsets, **kw)
+        loss = (ref * grad_out).sum()
+    testing.assert_close(out, ref, torch.float32, "out")
+    for name, got, want in zip("qkv", grads, torch.autograd.grad(loss, (qr, kr, vr))):
+        testing.assert_close(got, want, torch.float32, f"grad of {name}", grad=True)
+
+
+def test_emulated_cuda_ties_and_no_valid_candidate(emu):
+    """Integer features tie exactly (lower index wins, threshold keeps all ties); a query whose candidates are all
+    out of frame outputs 0 with zero gradient."""
+    g = torch.Generator().manual_seed(7)
+    B, C, H, W, N = 1, 2, 5, 6, 2
+    q = torch.randint(-1, 2, (B, C, H, W), generator=g).double()
+    k = torch.randint(-1, 2, (B, N, C, H, W), generator=g).double()
+    v = torch.randn(B, N, 3, H, W, generator=g).double()
+    offsets = torch.zeros(B, N, 2, H, W, dtype=torch.float64)
+    offsets[0, :, 1, 1, 2] = -50.0
+    grad_out = torch.randn(B, 3, H, W, generator=g).double()
+    for kw in (dict(radius=2, topk=7), dict(radius=2, topk=5, normalize="threshold"), dict(radius=2)):
+        out, tl, ti, grads = run_emulated(emu, q.float(), k.float(), v.float(), offsets, kw, grad_out, None)
+        qr = q.clone().requires_grad_()
+        if kw.get("topk"):
+            ref, (rl, ri) = reference.local_attention(qr, k, v, offsets=offsets, return_topk=True, **kw)
+            assert torch.equal(ti, ri), kw
+        else:
+            ref = reference.local_attention(qr, k, v, offsets=offsets, **kw)
+        testing.assert_close(out, ref, torch.float32, f"out {kw}")
+        assert not out[0, :, 1, 2].any() and not grads[0][0, :, 1, 2].any()
+        (want,) = torch.autograd.grad((ref * grad_out).sum(), (qr,))
+        testing.assert_close(grads[0], want, torch.float32, f"grad of q {kw}", grad=True)

@@ -1,0 +1,303 @@
+"""vosops.propagation: memory schedules against the papers' code, labels and padding, readouts against dense
+computations, and the engine on small synthetic videos (multi-object, non-contiguous and late-appearing ids)."""
+
+import numpy as np
+import pytest
+import torch
+
+import vosops
+from vosops import metrics
+from vosops.propagation import (CRWReadout, EveryS, LabPositionFeatures, LocalReadout, MampMemory, MaskWriter,
+                                Propagator, TopKAttentionReadout, first_fifo, first_last, get_preset, PRESETS)
+from vosops.propagation import labels as L
+from vosops.propagation.readouts import local_candidates_to_memory_index
+from vosops.propagation.synthetic import synthetic_video
+
+
+# -- memory schedules ------------------------------------------------------------------------------------------
+def mamp_released(i, mem_gap=2):
+    """bo-miao/MAMP functions.get_davis_ref_index(i, mem_gap, ref=5), transcribed; the query frame is i + 1."""
+    ref_index = list(filter(lambda x: x <= i, [0, 5])) + list(
+        filter(lambda x: x > 0, range(i, i - mem_gap * 3, -mem_gap)))[::-1]
+    return sorted(set(ref_index))
+
+
+def test_mamp_schedule_matches_released_code():
+    m = MampMemory()
+    for t in range(1, 80):
+        assert m.indices(t) == mamp_released(t - 1), t
+    assert m.indices(1) == [0]
+    assert m.indices(7) == [0, 2, 4, 5, 6]
+    assert m.indices(20) == [0, 5, 15, 17, 19]
+
+
+def dino_released(t, n):
+    """DINO eval_video_segmentation: frame 0 + a queue of at most n previous frames (frame 0 never queued)."""
+    que = []
+    for cnt in range(1, t + 1):
+        used = [0] + que
+        if cnt == t:
+            return used
+        if len(que) == n:
+            que.pop(0)
+        que.append(cnt)
+
+
+def test_first_last_and_fifo_schedules():
+    for n in (5, 7, 10):
+        for pol in (first_last(n), first_fifo(n)):
+            for t in range(1, 40):
+                assert pol.indices(t) == dino_released(t, n), (n, t)
+    assert first_last(7).indices(20) == [0, 13, 14, 15, 16, 17, 18, 19]
+    assert first_fifo(5).indices(10) == [0, 5, 6, 7, 8, 9]
+
+
+def test_every_s_schedule():
+    yt = EveryS(every=5, max_frames=3)
+    assert yt.indices(1) == [0]
+    assert yt.indices(6) == [0, 5]
+    assert yt.indices(21) == [0, 10, 15, 20]
+    assert yt.indices(23) == [0, 10, 15, 20, 22]
+    davis = EveryS(every=5, max_frames=0)
+    assert all(davis.indices(t) == sorted({0, t - 1}) for t in range(1, 30))
+
+
+@pytest.mark.parametrize("pol", [MampMemory(), first_last(7), first_fifo(5), EveryS(5, 3), EveryS(5, 0)],
+                         ids=repr)
+def test_retain_covers_every_later_read(pol):
+    pol.with_anchors([0, 9])
+    for t in range(0, 60):
+        keep = pol.retain(t)
+        for t2 in range(t + 1, t + 40):
+            needed = {f for f in pol.indices(t2) if f <= t}
+            assert needed <= keep, (t, t2, needed - keep)
+    assert 9 in pol.indices(30)  # anchors are always read
+
+
+def test_memory_bad_input():
+    with pytest.raises(ValueError, match="t must be"):
+        MampMemory().indices(0)
+    with pytest.raises(ValueError, match="n must be"):
+        first_last(0)
+    with pytest.raises(ValueError, match="every"):
+        EveryS(every=0)
+
+
+# -- labels and padding ----------------------------------------------------------------------------------------
+def test_onehot_argmax_non_contiguous_ids():
+    ids = torch.tensor([[0, 3, 3], [9, 0, 200]])
+    oh = L.to_onehot(ids, [3, 9])
+    assert oh.shape == (1, 3, 2, 3)
+    assert oh[0, 0].tolist() == [[1, 0, 0], [0, 1, 1]]  # unknown id 200 -> background
+    table = torch.tensor([0, 3, 9], dtype=torch.uint8)
+    assert L.argmax_ids(oh, table).tolist() == [[0, 3, 3], [9, 0, 0]]
+
+
+@pytest.mark.parametrize("H,W,s", [(17, 23, 4), (16, 16, 4), (33, 10, 8), (5, 7, 1)])
+def test_pad_unpad_round_trip(H, W, s):
+    x = torch.randn(2, 3, H, W)
+    p, size = L.pad_to_multiple(x, s)
+    assert p.shape[-2] % s == 0 and p.shape[-1] % s == 0 and p.shape[-2] - H < s and p.shape[-1] - W < s
+    assert torch.equal(L.unpad(p, size), x)
+    assert torch.equal(p[..., :H, :W], x) and (p[..., H:, :] == 0).all() and (p[..., :, W:] == 0).all()
+
+
+def test_downsample_upsample():
+    lab = torch.arange(64.0).view(1, 1, 8, 8)
+    assert L.downsample(lab, 4, "stride")[0, 0].tolist() == [[0, 4], [32, 36]]  # x[::4, ::4]
+    b = L.downsample(torch.ones(1, 2, 8, 8), 4, "bilinear")
+    torch.testing.assert_close(b, torch.ones(1, 2, 2, 2))
+    assert L.upsample(torch.rand(1, 3, 2, 2), (8, 9)).shape == (1, 3, 8, 9)
+    with pytest.raises(ValueError, match="label_downsample"):
+        L.downsample(lab, 4, "nearest")
+
+
+# -- readouts ----------------------------------------------------------------------------------------------------
+def _dense_softmax_topk(q, k, v, scale, topk, allowed=None):
+    """q (M, C), k (L, C), v (L, K): top-k over allowed keys, softmax, weighted sum; float64."""
+    logits = scale * q @ k.T
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    val, idx = logits.topk(topk, dim=1)
+    w = torch.softmax(val, dim=1)
+    return (w.unsqueeze(-1) * v[idx]).sum(1)
+
+
+def test_crw_readout_matches_dense():
+    torch.manual_seed(1)
+    C, h, w, N, K, r = 6, 7, 9, 3, 3, 2
+    q = torch.randn(1, C, h, w, dtype=torch.float64)
+    k = torch.randn(1, N, C, h, w, dtype=torch.float64)
+    v = torch.rand(1, N, K, h, w, dtype=torch.float64)
+    ro = CRWReadout(radius=r, topk=4, scale=3.0, window="circle")
+    out = ro(q, k, v, is_global=[True, False, False])
+    qn = torch.nn.functional.normalize(q, dim=1)[0].flatten(1).T  # (M, C)
+    kn = torch.nn.functional.normalize(k, dim=2)[0].permute(0, 2, 3, 1).reshape(N * h * w, C)
+    vf = v[0].permute(0, 2, 3, 1).reshape(N * h * w, K)
+    ii, jj = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    qy, qx = ii.flatten(), jj.flatten()
+    allowed = torch.zeros(h * w, N * h * w, dtype=torch.bool)
+    allowed[:, :h * w] = True  # frame 0 global
+    ky, kx = qy.repeat(N), qx.repeat(N)
+    near = (ky.view(1, -1) - qy.view(-1, 1)) ** 2 + (kx.view(1, -1) - qx.view(-1, 1)) ** 2 < r * r
+    allowed[:, h * w:] = near[:, h * w:]
+    want = _dense_softmax_topk(qn, kn, vf, 3.0, 4, allowed).T.reshape(1, K, h, w)
+    torch.testing.assert_close(out, want)
+
+
+def test_topk_attention_readout_matches_dense():
+    torch.manual_seed(2)
+    C, h, w, N, K, H = 8, 4, 5, 2, 3, 2
+    q = torch.randn(1, C, h, w, dtype=torch.float64)
+    k = torch.randn(1, N, C, h, w, dtype=torch.float64)
+    v = torch.rand(1, N, K, h, w, dtype=torch.float64)
+    out = TopKAttentionReadout(topk=7, heads=H)(q, k, v)
+    D = C // H
+    vf = v[0].permute(0, 2, 3, 1).reshape(N * h * w, K)
+    heads = []
+    for hd in range(H):
+        qh = q[0, hd * D:(hd + 1) * D].flatten(1).T
+        kh = k[0, :, hd * D:(hd + 1) * D].permute(0, 2, 3, 1).reshape(N * h * w, D)
+        heads.append(_dense_softmax_topk(qh, kh, vf, D ** -0.5, 7))
+    want = torch.stack(heads).mean(0).T.reshape(1, K, h, w)
+    torch.testing.assert_close(out, want)
+    with pytest.raises(ValueError, match="heads"):
+        TopKAttentionReadout(topk=3, heads=3)(q, k, v)
+
+
+def test_local_candidate_indices_gather_the_right_values():
+    torch.manual_seed(3)
+    C, h, w, N, K, r = 4, 6, 7, 2, 3, 2
+    q = torch.randn(1, C, h, w)
+    k = torch.randn(1, N, C, h, w)
+    v = torch.rand(1, N, K, h, w)
+    off = torch.randint(-2, 3, (1, N, 2, h, w)).float()
+    out, (logits, cand) = vosops.local_attention(q, k, v, radius=r, topk=5, offsets=off, return_topk=True)
+    idx = local_candidates_to_memory_index(cand, r, 1, h, w, offsets=off)
+    idx = torch.where(torch.isfinite(logits), idx, torch.full_like(idx, -1))
+    flat = v.permute(0, 1, 3, 4, 2).reshape(1, N * h * w, K)
+    again = vosops.topk_aggregate(logits.reshape(1, h * w, 5), idx.reshape(1, h * w, 5), flat)
+    torch.testing.assert_close(again.transpose(1, 2).reshape(1, K, h, w), out)
+
+
+# -- the engine ----------------------------------------------------------------------------------------------------
+def _small_engine(**kw):
+    return Propagator(LabPositionFeatures(stride=4), kw.pop("memory", MampMemory()),
+                      kw.pop("readout", LocalReadout(radius=8, topk=36, scale=40.0)), **kw)
+
+
+def test_engine_multi_object_on_synthetic_video():
+    frames, gts = synthetic_video(T=8, H=96, W=128, seed=1)
+    frames = [f[:95, :127] for f in frames]  # not multiples of the stride: padding and exact unpadding
+    gts = [g[:95, :127] for g in gts]
+    out = list(_small_engine().propagate(frames, {0: gts[0]}))
+    assert [t for t, _ in out] == list(range(8))
+    preds = [ids.numpy() for _, ids in out]
+    assert all(p.shape == (95, 127) and p.dtype == np.uint8 for p in preds)
+    np.testing.assert_array_equal(preds[0], gts[0])
+    assert set(np.unique(np.concatenate([p.ravel() for p in preds]))) <= {0, 1, 3}
+    s = metrics.summarize(metrics.evaluate_sequence(preds, gts))
+    assert s["J&F-Mean"] > 0.7, s
+
+
+def test_engine_late_appearing_object():
+    frames, gts = synthetic_video(T=7, H=96, W=128, seed=2)
+    first = np.where(gts[0] == 3, 0, gts[0])  # object 3 not given at frame 0
+    late = np.where(gts[3] == 3, 3, 0)  # its own mask at frame 3
+    preds = {t: ids.numpy() for t, ids in _small_engine().propagate(frames, {0: first, 3: late})}
+    for t in (1, 2):
+        assert not (preds[t] == 3).any()  # unknown before it appears
+    assert ((preds[3] == 3) == (gts[3] == 3)).all()  # its given mask is used as is
+    for t in (4, 5, 6):
+        j = metrics.jaccard(preds[t] == 3, gts[t] == 3)
+        assert j > 0.5, (t, j)
+    assert (preds[3][gts[3] == 1] == 1).mean() > 0.5  # object 1 still predicted on the given frame
+
+
+def test_engine_flow_displaced_windows_follow_fast_motion():
+    # a smooth textured square jumps 12 px per frame over a static textured background; windows of radius 1 at
+    # stride 4 (+-4 px) cannot follow it without flow, and follow it with the true flow or OpenCV DIS
+    from vosops.propagation.synthetic import _smooth_texture
+
+    rng = np.random.default_rng(0)
+    H, W, T = 96, 192, 6
+    bg = _smooth_texture(rng, H, W, 16, (128, 128, 128), 30).astype(np.uint8)
+    tex = _smooth_texture(rng, 40, 40, 8, (128, 128, 128), 90).astype(np.uint8)
+    frames, gts, x0 = [], [], {}
+    for t in range(T):
+        f, g = bg.copy(), np.zeros((H, W), np.uint8)
+        x = 16 + 12 * t
+        f[28:68, x:x + 40] = tex
+        g[28:68, x:x + 40] = 2
+        frames.append(f)
+        gts.append(g)
+        x0[f.tobytes()] = x
+
+    def true_flow(query, mem):  # around the query's square: the displacement to the square in each memory frame
+        xq = x0[query.tobytes()]
+        out = torch.zeros(len(mem), 2, H, W)
+        for n, m in enumerate(mem):
+            out[n, 0, 20:76, max(0, xq - 8):xq + 48] = x0[m.tobytes()] - xq
+        return out
+
+    def run(flow):
+        eng = _small_engine(readout=LocalReadout(radius=1, topk=4, scale=40.0), flow=flow, memory=first_last(1))
+        preds = [ids.numpy() for _, ids in eng.propagate(frames, {0: gts[0]})]
+        return np.mean([metrics.jaccard(p == 2, g == 2) for p, g in zip(preds[1:], gts[1:])])
+
+    j_no, j_true, j_dis = run(None), run(true_flow), run("dis")
+    assert j_true > 0.85 and j_dis > 0.7 and j_no < 0.5, (j_no, j_true, j_dis)
+
+
+def test_engine_bad_input():
+    frames, gts = synthetic_video(T=3, H=32, W=32)
+    eng = _small_engine()
+    with pytest.raises(ValueError, match="frame 0"):
+        list(eng.propagate(frames, {1: gts[1]}))
+    with pytest.raises(ValueError, match="no object"):
+        list(eng.propagate(frames, {0: np.zeros((32, 32), np.uint8)}))
+    with pytest.raises(ValueError, match="size"):
+        list(eng.propagate(frames, {0: gts[0][:30]}))
+    with pytest.raises(ValueError, match="stride"):
+        Propagator(lambda x: x, MampMemory(), LocalReadout(radius=1))
+    with pytest.raises(TypeError, match="memory"):
+        Propagator(LabPositionFeatures(), [0, 1], LocalReadout(radius=1))
+    bad = Propagator(lambda x: torch.zeros(1, 4, 3, 3), MampMemory(), LocalReadout(radius=1), stride=4)
+    with pytest.raises(ValueError, match="extractor"):
+        list(bad.propagate(frames, {0: gts[0]}))
+
+
+def test_features_weight_free():
+    f = LabPositionFeatures()(torch.randint(0, 256, (3, 16, 24), dtype=torch.uint8))
+    assert f.shape == (1, 10, 4, 6)
+    norms = f.norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, norms[0, 0, 0].item()))  # constant norm
+    white = vosops.propagation.rgb_to_lab(torch.ones(1, 3, 1, 1))
+    torch.testing.assert_close(white.flatten(), torch.tensor([100.0, 0.0, 0.0]), atol=1e-2, rtol=0)
+    with pytest.raises(ValueError, match="multiple"):
+        LabPositionFeatures()(torch.zeros(3, 10, 12))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_runs(name):
+    frames, gts = synthetic_video(T=5, H=64, W=64, seed=3)
+    p = get_preset(name, heads=2)
+    kw = p.engine_kwargs()
+    if isinstance(p.readout, LocalReadout):  # keep the reference path fast at this size
+        p.readout.radius = min(p.readout.radius, 3)
+    eng = Propagator(LabPositionFeatures(stride=p.stride), **kw)
+    preds = [ids.numpy() for _, ids in eng.propagate(frames, {0: gts[0]})]
+    assert len(preds) == 5 and all(x.shape == (64, 64) for x in preds)
+    assert set(np.unique(preds[-1])) <= {0, 1, 3}
+
+
+def test_mask_writer(tmp_path):
+    from vosops.io import read_mask
+
+    w = MaskWriter(str(tmp_path / "m"), overlay_folder=str(tmp_path / "o"))
+    ids = torch.zeros(6, 8, dtype=torch.uint8)
+    ids[1:3, 2:5] = 7
+    w.put("00017", ids, frame=np.zeros((6, 8, 3), np.uint8))
+    w.close()
+    np.testing.assert_array_equal(read_mask(str(tmp_path / "m" / "00017.png")), ids.numpy())
+    assert (tmp_path / "o" / "00017.png").exists() and w.written == 1

@@ -1,0 +1,470 @@
+"""Top-k softmax aggregation: the reference against the dense definitions and the papers' algorithms (CRW,
+Mask-VOS, XMem, JointFormer), then every backend against the reference."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vosops
+from vosops import reference, testing
+from vosops.ops import topk as topk_ops
+
+from conftest import backend_device_params
+
+NEG_INF = float("-inf")
+GT_BACKENDS = backend_device_params("global_topk", topk_ops.GLOBAL_TOPK_BACKENDS)
+AGG_BACKENDS = backend_device_params("topk_aggregate", topk_ops.AGGREGATE_BACKENDS)
+ATT_BACKENDS = backend_device_params("topk_attention", topk_ops.ATTENTION_BACKENDS)
+
+
+def small_ints(*shape, lo=-2, hi=3, dtype=torch.float64, device="cpu"):
+    """Integer-valued floats: dot products are exact in every dtype, so ties are exact and must break by index."""
+    return torch.randint(lo, hi, shape, device=device).to(dtype)
+
+
+def dense_topk(q, k, topk, scale=1.0, key_mask=None):
+    """The definition: all logits, stable descending sort, pad invalid slots with (-inf, -1)."""
+    s = scale * q @ k.transpose(1, 2)
+    if key_mask is not None:
+        s = s.masked_fill(~key_mask[:, None, :], NEG_INF)
+    vals, idx = torch.sort(s, dim=-1, descending=True, stable=True)
+    vals, idx = vals[..., :topk], idx[..., :topk]
+    return vals, torch.where(vals > NEG_INF, idx, torch.full_like(idx, -1))
+
+
+def pipeline_aggregate(logits_full, values, topk):
+    """What XMem / CRW code does: topk on the dense affinity, softmax, scatter into zeros, matmul."""
+    vals, idx = torch.topk(logits_full, topk, dim=-1)
+    w = torch.softmax(vals, dim=-1)
+    dense = torch.zeros_like(logits_full).scatter_(-1, idx, w)
+    return dense @ values
+
+
+# --- the reference against its definitions --------------------------------------------------------------------
+
+@pytest.mark.parametrize("tile", [3, 16, 4096])
+def test_reference_global_topk_is_the_dense_stable_sort(tile):
+    q, k = small_ints(2, 9, 5), small_ints(2, 37, 5)  # many exact ties
+    mask = torch.rand(2, 37) > 0.2
+    for key_mask in (None, mask):
+        got = reference.global_topk(q, k, topk=7, scale=0.5, key_mask=key_mask, key_tile=tile)
+        exp = dense_topk(q, k, 7, 0.5, key_mask)
+        torch.testing.assert_close(got[0], exp[0], atol=0, rtol=0)
+        torch.testing.assert_close(got[1], exp[1], atol=0, rtol=0)
+
+
+def test_ties_go_to_the_lower_index():
+    q = torch.ones(1, 1, 2, dtype=torch.float64)
+    k = torch.tensor([[[0.0, 0], [1, 0], [0, 1], [1, 0], [0, 0]]], dtype=torch.float64)
+    logits, index = reference.global_topk(q, k, topk=4, key_tile=2)
+    assert index.tolist() == [[[1, 2, 3, 0]]]
+    assert logits.tolist() == [[[1.0, 1.0, 1.0, 0.0]]]
+
+
+def test_fewer_valid_keys_than_topk_pads_and_aggregation_ignores_the_padding():
+    q, k = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 6, 4, dtype=torch.float64)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, [1, 4]] = True  # batch 0: two valid keys, batch 1: none
+    logits, index = reference.global_topk(q, k, topk=4, key_mask=mask)
+    assert (index[0, :, 2:] == -1).all() and (logits[0, :, 2:] == NEG_INF).all()
+    assert set(index[0, :, :2].flatten().tolist()) <= {1, 4}
+    assert (index[1] == -1).all() and (logits[1] == NEG_INF).all()
+    values = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
+    lg = logits.clone().requires_grad_()
+    out = reference.topk_aggregate(lg, index, values)
+    w = torch.softmax(logits[0, :, :2], -1)
+    torch.testing.assert_close(out[0], (w.unsqueeze(-1) * values[0][index[0, :, :2]]).sum(1))
+    assert (out[1] == 0).all()
+    out.sum().backward()
+    assert torch.isfinite(lg.grad).all() and torch.isfinite(values.grad).all()
+    assert (lg.grad[1] == 0).all() and (lg.grad[0, :, 2:] == 0).all()
+
+
+def test_nan_and_inf_logits_are_never_selected():
+    q = torch.ones(1, 1, 1, dtype=torch.float64)
+    k = torch.tensor([[[1.0], [float("nan")], [float("-inf")], [2.0]]], dtype=torch.float64)
+    logits, index = reference.global_topk(q, k, topk=3)
+    assert index.tolist() == [[[3, 0, -1]]]
+
+
+def test_reference_merge_topk_is_the_top_of_the_union():
+    a_l, a_i = small_ints(2, 5, 4), torch.randint(20, 30, (2, 5, 4))
+    b_l, b_i = small_ints(2, 5, 6), torch.randint(0, 10, (2, 5, 6))
+    b_i[0, 0, 0] = -1
+    b_l[1, 1, 1] = NEG_INF
+    got_l, got_i = reference.merge_topk([(a_l, a_i), (b_l, b_i)], 7)
+    all_l, all_i = torch.cat([a_l, b_l], -1), torch.cat([a_i, b_i], -1)
+    for bb in range(2):
+        for m in range(5):
+            cand = sorted((-float(l), int(i)) for l, i in zip(all_l[bb, m], all_i[bb, m])
+                          if i >= 0 and l > NEG_INF)[:7]
+            cand += [(math.inf, -1)] * (7 - len(cand))
+            assert got_i[bb, m].tolist() == [i for _, i in cand]
+            assert got_l[bb, m].tolist() == [-l for l, _ in cand]
+
+
+def test_reference_threshold_keeps_ties():
+    logits = torch.tensor([[[3.0, 1.0, 2.0, 2.0, 0.5]]], dtype=torch.float64)
+    index = torch.tensor([[[0, 1, 2, 3, 4]]])
+    values = torch.eye(5, dtype=torch.float64).unsqueeze(0)
+    out = reference.topk_aggregate(logits, index, values, normalize="threshold", k=2)
+    e = torch.exp(torch.tensor([3.0, 2.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(out[0, 0], torch.stack([e[0], 0 * e[0], e[1], e[2], 0 * e[0]]) / e.sum())
+
+
+def test_reference_topk_attention_is_sdpa_when_everything_is_kept():
+    q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64), torch.randn(2, 3, 11, 8, dtype=torch.float64),
+               torch.randn(2, 3, 11, 6, dtype=torch.float64))
+    for topk, dense in ((11, 0), (7, 4), (4, 7)):
+        out = reference.topk_attention(q, k, v, topk=topk, dense_keys=dense)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+
+def test_reference_gradcheck():
+    q = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 7, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 7, 3, dtype=torch.float64, requires_grad=True)
+    testing.check_gradcheck(lambda a, b, c: reference.topk_attention(a, b, c, topk=2, dense_keys=2), (q, k, v))
+    logits = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(-1, 5, (2, 3, 4))
+    values = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    testing.check_gradcheck(lambda a, b: reference.topk_aggregate(a, index, b), (logits, values))
+
+
+# --- paper semantics, against implementations written from each algorithm -------------------------------------
+
+def circle_candidates(H, W, r):
+    """(HW, P) key positions within dy^2 + dx^2 < r^2 of each query position (-1 pads), in raster order."""
+    ii, jj = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    pos = torch.stack([ii.flatten(), jj.flatten()], -1)
+    d2 = ((pos[:, None, :] - pos[None, :, :]) ** 2).sum(-1)
+    inside = d2 < r * r
+    P = int(inside.sum(1).max())
+    order = torch.sort((~inside).to(torch.int64), dim=1, stable=True).indices[:, :P]
+    return torch.where(torch.gather(inside, 1, order), order, torch.full_like(order, -1)), inside
+
+
+def l2n(x):
+    return F.normalize(x, dim=-1)
+
+
+def crw_memory(H, W, C, n_prev, dtype=torch.float64):
+    HW = H * W
+    q = l2n(torch.randn(1, HW, C, dtype=dtype))
+    frames = [l2n(torch.randn(1, HW, C, dtype=dtype)) for _ in range(1 + n_prev)]
+    return q, frames
+
+
+def local_candidates(q, prev, cand, scale, offset0):
+    """Logits and memory indices of the circle candidates of every previous frame, concatenated."""
+    HW = q.shape[1]
+    ls, idxs = [], []
+    for n, f in enumerate(prev):
+        safe = cand.clamp(min=0)
+        kf = f[0][safe]  # (HW, P, C)
+        logit = scale * (q[0].unsqueeze(1) * kf).sum(-1)
+        valid = cand >= 0
+        ls.append(torch.where(valid, logit, torch.full_like(logit, NEG_INF)))
+        idxs.append(torch.where(valid, cand + offset0 + n * HW, torch.full_like(cand, -1)))
+    return torch.cat(ls, -1).unsqueeze(0), torch.cat(idxs, -1).unsqueeze(0)
+
+
+def restricted_readout(q, frames, inside, scale, topk, value_sets):
+    """The papers' pipeline: full affinity to [frame 0 | previous frames], previous frames restricted to the
+    circle, top-k of the joint row, softmax, scatter into zeros, matmul with each value set."""
+    aff = [scale * q[0] @ frames[0][0].T]
+    for f in frames[1:]:
+        a = scale * q[0] @ f[0].T
+        aff.append(a.masked_fill(~inside, NEG_INF))
+    aff = torch.cat(aff, -1)
+    vals, idx = torch.topk(aff, topk, dim=-1)
+    dense = torch.zeros_like(aff).scatter_(-1, idx, torch.softmax(vals, -1))
+    return [dense @ v[0] for v in value_sets]
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + GT_BACKENDS)
+def test_crw_label_propagation(backend, device):
+    """CRW: frame 0 searched globally + previous frames in a circle r=12, merged, top-10, scale 1/0.05."""
+    H, W, C, n_prev, r, scale = 14, 26, 32, 3, 12, 1 / 0.05
+    q, frames = crw_memory(H, W, C, n_prev)
+    HW = H * W
+    cand, inside = circle_candidates(H, W, r)
+    labels = torch.rand(1, HW * (1 + n_prev), 5, dtype=torch.float64).softmax(-1)
+    g = vosops.global_topk(q, frames[0], topk=10, scale=scale, backend=backend)
+    loc = local_candidates(q, frames[1:], cand, scale, HW)
+    logits, index = vosops.merge_topk([g, loc], 10)
+    agg_backend = backend if backend != "reference" else "reference"
+    out = vosops.topk_aggregate(logits, index, labels, backend=agg_backend)
+    (expected,) = restricted_readout(q, frames, inside, scale, 10, [labels])
+    torch.testing.assert_close(out[0], expected)
+
+
+def test_maskvos_readout_same_weights_read_two_value_tensors():
+    """Mask-VOS: frame 0 + 5 FIFO frames (circle), top-10, scale 1/0.05; one selection reads the mask
+    embeddings and the label maps."""
+    H, W, C, n_prev, r, scale = 10, 12, 16, 5, 12, 1 / 0.05
+    q, frames = crw_memory(H, W, C, n_prev)
+    HW = H * W
+    cand, inside = circle_candidates(H, W, r)
+    emb = torch.randn(1, HW * (1 + n_prev), 24, dtype=torch.float64)
+    labels = torch.rand(1, HW * (1 + n_prev), 3, dtype=torch.float64)
+    logits, index = vosops.merge_topk(
+        [vosops.global_topk(q, frames[0], topk=10, scale=scale), local_candidates(q, frames[1:], cand, scale, HW)],
+        10)
+    out_e = vosops.topk_aggregate(logits, index, emb)
+    out_l = vosops.topk_aggregate(logits, index, labels)
+    exp_e, exp_l = restricted_readout(q, frames, inside, scale, 10, [emb, labels])
+    torch.testing.assert_close(out_e[0], exp_e)
+    torch.testing.assert_close(out_l[0], exp_l)
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + ATT_BACKENDS)
+def test_xmem_top30_readout(backend, device):
+    """XMem: affinity, top-30, exp-normalised (max-subtracted), scatter, matmul; as topk_attention with no dense
+    keys and as global_topk + topk_aggregate."""
+    B, M, L, C, Cv = 1, 16, 80, 16, 16
+    dtype = torch.float64 if backend in ("reference", "cpu") else torch.float32
+    q, k, v = (torch.randn(B, M, C, dtype=dtype), torch.randn(B, L, C, dtype=dtype),
+               torch.randn(B, L, Cv, dtype=dtype))
+    scale = 1 / math.sqrt(C)
+    expected = pipeline_aggregate(scale * q @ k.transpose(1, 2), v, 30)
+    out = vosops.topk_attention(q[:, None], k[:, None], v[:, None], topk=30, backend=backend)[:, 0]
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+    if backend in ("reference", "cpu"):
+        logits, index = vosops.global_topk(q, k, topk=30, scale=scale, backend=backend)
+        torch.testing.assert_close(vosops.topk_aggregate(logits, index, v, backend=backend), expected)
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + ATT_BACKENDS)
+def test_jointformer_dense_prefix_plus_topk_memory(backend, device):
+    """JointFormer: current tokens attend to themselves (all) and to the top-k memory tokens, one softmax."""
+    B, Hh, M, T, D, topk = 1, 2, 24, 2, 16, 6
+    dtype = torch.float64 if backend in ("reference", "cpu") else torch.float32
+    q = torch.randn(B, Hh, M, D, dtype=dtype)
+    k = torch.randn(B, Hh, M * (1 + T), D, dtype=dtype)
+    v = torch.randn(B, Hh, M * (1 + T), D, dtype=dtype)
+    s = q @ k.transpose(-1, -2) / math.sqrt(D)
+    s_cur, s_mem = s[..., :M], s[..., M:]
+    vals, idx = torch.topk(s_mem, topk, dim=-1)
+    s_mem_kept = torch.full_like(s_mem, NEG_INF).scatter_(-1, idx, vals)
+    expected = torch.softmax(torch.cat([s_cur, s_mem_kept], -1), -1) @ v
+    out = vosops.topk_attention(q, k, v, topk=topk, dense_keys=M, backend=backend)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+
+
+# --- every backend against the reference -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", GT_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+def test_global_topk_backend_matches_reference(backend, device, layout):
+    for dtype in testing.backend_dtypes(backend, device):
+        for (B, M, L, C, topk) in [(2, 9, 37, 5, 7), (1, 3, 300, 17, 1), (1, 5, 6, 3, 6)]:
+            q, k = small_ints(B, M, C, device=device), small_ints(B, L, C, device=device)
+            mask = torch.rand(B, L, device=device) > 0.3
+            for key_mask in (None, mask):
+                testing.check_against_reference(
+                    lambda q, k: vosops.global_topk(q, k, topk=topk, scale=0.5, key_mask=key_mask, backend=backend),
+                    lambda q, k: reference.global_topk(q, k, topk=topk, scale=0.5, key_mask=key_mask),
+                    {"q": q, "k": k}, dtype=dtype, grad_inputs=("q", "k"), layout=layout,
+                )
+
+
+@pytest.mark.parametrize("backend,device", GT_BACKENDS)
+def test_global_topk_random_floats_many_tiles(backend, device):
+    q, k = torch.randn(2, 70, 24, device=device), torch.randn(2, 5000, 24, device=device)
+    got = vosops.global_topk(q, k, topk=12, scale=3.0, backend=backend)
+    exp = dense_topk(q.double(), k.double(), 12, 3.0)
+    torch.testing.assert_close(got[1], exp[1], atol=0, rtol=0)
+    torch.testing.assert_close(got[0].double(), exp[0], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", GT_BACKENDS)
+def test_selection_exact_when_the_first_key_tile_misleads(backend, device):
+    """Kernels may guess a threshold from the first key tile; a memory whose first tile is unlike the rest (here:
+    the best keys are concentrated there, so few keys pass the guess) must still give the exact top-k."""
+    q = torch.rand(2, 40, 8, device=device) + 0.5
+    k = torch.randn(2, 3000, 8, device=device)
+    k[:, :700] += 2.0
+    k[:, 700:] -= 2.0
+    exp = dense_topk(q.double(), k.double(), 24, 0.5)
+    got = vosops.global_topk(q, k, topk=24, scale=0.5, backend=backend)
+    torch.testing.assert_close(got[1], exp[1], atol=0, rtol=0)
+    v = torch.randn(2, 1, 3000, 5, device=device)
+    for dense in (0, 100):
+        out = vosops.topk_attention(q[:, None], k[:, None], v, topk=24, scale=0.5, dense_keys=dense, backend=backend)
+        ref = reference.topk_attention(q[:, None].double(), k[:, None].double(), v.double(), topk=24, scale=0.5,
+                                       dense_keys=dense)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    k2 = k.flip(1).contiguous()  # the best keys last: the guess admits many, pruning does the work
+    exp = dense_topk(q.double(), k2.double(), 24, 0.5)
+    torch.testing.assert_close(vosops.global_topk(q, k2, topk=24, scale=0.5, backend=backend)[1], exp[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend,device", AGG_BACKENDS)
+@pytest.mark.parametrize("normalize", ["softmax", "threshold"])
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+def test_topk_aggregate_backend_matches_reference(backend, device, normalize, layout):
+    kk = 3 if normalize == "threshold" else None
+    for dtype in testing.backend_dtypes(backend, device):
+        for (B, M, K, L, Cv) in [(2, 7, 5, 11, 3), (1, 4, 1, 3, 9), (1, 3, 12, 40, 1)]:
+            logits = small_ints(B, M, K, lo=-3, hi=4, device=device) * 1.5 if normalize == "threshold" \
+                else torch.randn(B, M, K, device=device) * 3
+            index = torch.randint(-1, L, (B, M, K), device=device)
+            index[0, 0] = -1  # an empty row
+            logits[0, 1, 0] = NEG_INF
+            values = torch.randn(B, L, Cv, device=device)
+            testing.check_against_reference(
+                lambda logits, values: vosops.topk_aggregate(logits, index, values, normalize=normalize, k=kk,
+                                                             backend=backend),
+                lambda logits, values: reference.topk_aggregate(logits, index, values, normalize=normalize, k=kk),
+                {"logits": logits, "values": values}, dtype=dtype, grad_inputs=("logits", "values"), layout=layout,
+            )
+
+
+def attention_inputs(B, Hh, M, L, D, Dv, device="cpu"):
+    # Integer-valued q, k and a power-of-two scale: the logits are exact in every dtype, so the kept set is the
+    # same for backend and reference (ties, frequent here, break by index).
+    return (small_ints(B, Hh, M, D, device=device), small_ints(B, Hh, L, D, device=device),
+            torch.randn(B, Hh, L, Dv, device=device, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend,device", ATT_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+def test_topk_attention_backend_matches_reference(backend, device, layout):
+    shapes = [(1, 2, 16, 48, 16, 16, 5, 16), (2, 1, 17, 40, 16, 16, 40, 0), (1, 1, 20, 35, 16, 16, 3, 32),
+              (1, 1, 20, 40, 16, 16, 5, 32)]
+    if backend != "triton":
+        shapes += [(1, 3, 7, 13, 5, 3, 4, 2), (1, 1, 1, 1, 2, 1, 1, 0), (1, 1, 3, 9, 4, 2, 2, 9)]
+    for dtype in testing.backend_dtypes(backend, device):
+        for (B, Hh, M, L, D, Dv, topk, dense) in shapes:
+            q, k, v = attention_inputs(B, Hh, M, L, D, Dv, device)
+            testing.check_against_reference(
+                lambda q, k, v: vosops.topk_attention(q, k, v, topk=topk, scale=0.25, dense_keys=dense,
+                                                      backend=backend),
+                lambda q, k, v: reference.topk_attention(q, k, v, topk=topk, scale=0.25, dense_keys=dense),
+                {"q": q, "k": k, "v": v}, dtype=dtype, grad_inputs=("q", "k", "v"), layout=layout,
+            )
+
+
+@pytest.mark.parametrize("backend,device", [p for p in ATT_BACKENDS if p.values[0] == "cpu"])
+def test_cpu_gradcheck(backend, device):
+    q = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 9, 3, dtype=torch.float64, requires_grad=True)
+    testing.check_gradcheck(
+        lambda a, b, c: vosops.topk_attention(a, b, c, topk=3, dense_keys=2, backend=backend), (q, k, v))
+    logits = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(-1, 5, (2, 3, 4))
+    values = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    testing.check_gradcheck(lambda a, b: vosops.topk_aggregate(a, index, b, backend=backend), (logits, values))
+    qq = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    kk = torch.randn(2, 8, 4, dtype=torch.float64, requires_grad=True)
+    testing.check_gradcheck(lambda a, b: vosops.global_topk(a, b, topk=3, backend=backend)[0], (qq, kk))
+
+
+# --- registration, compile, errors -------------------------------------------------------------------------------
+
+def test_opcheck_native():
+    if "topk_attention" not in vosops._backends._KERNELS["CPU"]:
+        pytest.skip("native topk kernels not built")
+    q, k, v = (torch.randn(1, 2, 5, 4, requires_grad=True), torch.randn(1, 2, 9, 4, requires_grad=True),
+               torch.randn(1, 2, 9, 3, requires_grad=True))
+    testing.check_opcheck(torch.ops.vosops.topk_attention.default, (q, k, v, 3, 0.5, 2))
+    testing.check_opcheck(torch.ops.vosops.topk_attention.default, (q, k, v, 9, 0.5, 0))
+    qq, kk = torch.randn(2, 3, 4, requires_grad=True), torch.randn(2, 8, 4, requires_grad=True)
+    testing.check_opcheck(torch.ops.vosops.global_topk.default, (qq, kk, 3, 1.0, None))
+    testing.check_opcheck(torch.ops.vosops.global_topk.default, (qq, kk, 3, 1.0, torch.rand(2, 8) > 0.5))
+    logits, values = torch.randn(2, 3, 4, requires_grad=True), torch.randn(2, 5, 3, requires_grad=True)
+    index = torch.randint(-1, 5, (2, 3, 4))
+    testing.check_opcheck(torch.ops.vosops.topk_aggregate.default, (logits, index, values, "softmax", 0))
+    testing.check_opcheck(torch.ops.vosops.topk_aggregate.default, (logits, index, values, "threshold", 2))
+
+
+def test_opcheck_triton():
+    pytest.importorskip("triton")
+    if "triton" not in topk_ops.ATTENTION_BACKENDS:
+        pytest.skip("no triton topk_attention in this build")
+    if vosops._backends.why_unusable("triton", "topk_attention", "cpu") is not None:
+        pytest.skip("triton backend not usable on CPU here")
+    from vosops.triton import topk as ttk
+
+    q, k, v = attention_inputs(1, 1, 16, 40, 16, 16)
+    q, k, v = (t.float().requires_grad_() for t in (q, k, v))
+    testing.check_opcheck(ttk.topk_attention_triton, (q, k, v, 5, 0.25, 16))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in ATT_BACKENDS if p.values[0] == "triton"])
+def test_torch_compile_fullgraph_triton(backend, device):
+    q, k, v = attention_inputs(1, 1, 16, 40, 16, 16, device)
+    q, k, v = (t.float().requires_grad_() for t in (q, k, v))
+    testing.check_compile(lambda a, b, c: vosops.topk_attention(a, b, c, topk=5, scale=0.25, dense_keys=16,
+                                                                backend=backend), (q, k, v))
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + GT_BACKENDS)
+def test_torch_compile_fullgraph(backend, device):
+    q, k, v = (torch.randn(1, 2, 5, 4, requires_grad=True), torch.randn(1, 2, 9, 4, requires_grad=True),
+               torch.randn(1, 2, 9, 3, requires_grad=True))
+    testing.check_compile(lambda a, b, c: vosops.topk_attention(a, b, c, topk=3, dense_keys=2, backend=backend),
+                          (q, k, v))
+
+    def readout(qq, kk, values):
+        logits, index = vosops.global_topk(qq, kk, topk=3, backend=backend)
+        logits, index = vosops.merge_topk([(logits, index)], 2)
+        return vosops.topk_aggregate(logits, index, values, backend=backend)
+
+    testing.check_compile(readout, (torch.randn(2, 3, 4, requires_grad=True), torch.randn(2, 8, 4, requires_grad=True),
+                                    torch.randn(2, 8, 3, requires_grad=True)))
+
+
+def _bad_cases():
+    q3, k3 = torch.randn(1, 4, 3), torch.randn(1, 6, 3)
+    q4, k4, v4 = torch.randn(1, 2, 4, 3), torch.randn(1, 2, 6, 3), torch.randn(1, 2, 6, 5)
+    lg, ix, vals = torch.randn(1, 4, 2), torch.zeros(1, 4, 2, dtype=torch.int64), torch.randn(1, 6, 5)
+    gt, att, agg = vosops.global_topk, vosops.topk_attention, vosops.topk_aggregate
+    return [
+        (lambda: gt(q3, k3, topk=0), ValueError, "topk must be in"),
+        (lambda: gt(q3, k3, topk=7), ValueError, "topk must be in"),
+        (lambda: gt(q3, k3, topk=2.0), TypeError, "topk must be an int"),
+        (lambda: gt(q3, torch.randn(1, 6, 4), topk=2), ValueError, "q's B and C"),
+        (lambda: gt(q3, k3.double(), topk=2), TypeError, "k has dtype"),
+        (lambda: gt(q3[0], k3, topk=2), ValueError, "q must have 3 dimensions"),
+        (lambda: gt(q3, k3, topk=2, key_mask=torch.ones(1, 6)), TypeError, "key_mask must be a bool"),
+        (lambda: gt(q3, k3, topk=2, key_mask=torch.ones(1, 5, dtype=torch.bool)), ValueError, "key_mask must be"),
+        (lambda: gt(q3, k3, topk=2, scale=float("nan")), ValueError, "scale must be finite"),
+        (lambda: att(q4, k4, v4, topk=0), ValueError, "topk must be in"),
+        (lambda: att(q4, k4, v4, topk=7), ValueError, "topk must be in"),
+        (lambda: att(q4, k4, v4, topk=2, dense_keys=7), ValueError, "dense_keys must be in"),
+        (lambda: att(q4, k4, v4[:, :, :5], topk=2), ValueError, "v .* must be"),
+        (lambda: att(q4, torch.randn(1, 2, 6, 4), v4, topk=2), ValueError, "k .* must be"),
+        (lambda: att(q4, k4, v4.half(), topk=2), TypeError, "v has dtype"),
+        (lambda: agg(lg, ix, vals, normalize="max"), ValueError, "normalize must be"),
+        (lambda: agg(lg, ix, vals, normalize="threshold"), ValueError, "k is required"),
+        (lambda: agg(lg, ix, vals, k=3), ValueError, "k is only used"),
+        (lambda: agg(lg, ix.int(), vals), TypeError, "index must be int64"),
+        (lambda: agg(lg, ix[:, :3], vals), ValueError, "index must have the shape"),
+        (lambda: agg(lg, ix, torch.randn(2, 6, 5)), ValueError, "values"),
+        (lambda: vosops.merge_topk([], 2), TypeError, "non-empty list"),
+        (lambda: vosops.merge_topk([(lg, ix)], 3), ValueError, "topk must be in"),
+        (lambda: vosops.merge_topk([(lg, ix), (lg[:, :2], ix[:, :2])], 2), ValueError, "share"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input_raises_clear_errors(case):
+    fn, exc, match = _bad_cases()[case]
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + AGG_BACKENDS)
+@pytest.mark.parametrize("bad", [-2, 6, 100])
+def test_topk_aggregate_rejects_out_of_range_index(backend, device, bad):
+    ix = torch.zeros(1, 4, 2, dtype=torch.int64)
+    ix[0, 2, 1] = bad
+    with pytest.raises(ValueError, match=r"index must be in \[-1, L\)"):
+        vosops.topk_aggregate(torch.randn(1, 4, 2), ix, torch.randn(1, 6, 5), backend=backend)

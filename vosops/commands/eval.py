@@ -1,0 +1,36 @@
+"""`vosops eval`: J and F of predicted masks against DAVIS ground truth; a per-sequence table and a CSV."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="J&F of predicted masks (PRED/<seq>/<frame>.png) against DAVIS annotations")
+    p.add_argument("--pred", required=True, help="folder of sequence folders of palette PNGs")
+    p.add_argument("--gt", required=True, help="DAVIS root (Annotations/480p) or a folder of sequence folders")
+    p.add_argument("--csv", default=None, help="CSV path (default: PRED/results.csv)")
+    p.add_argument("--sequences", nargs="*", default=None, help="only these sequences (default: all in PRED)")
+    p.add_argument("--workers", type=int, default=None, help="parallel sequences (default: up to 8)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import time
+
+    from vosops import metrics
+
+    t0 = time.perf_counter()
+    try:
+        scores, table, summary = metrics.evaluate_folders(args.pred, args.gt, sequences=args.sequences,
+                                                          workers=args.workers)
+    except ValueError as e:
+        print(f"vosops eval: {e}", file=sys.stderr)
+        return 2
+    print(metrics.format_table(table, summary))
+    path = args.csv or os.path.join(args.pred, "results.csv")
+    metrics.write_csv(path, scores, table, summary)
+    print(f"\nJ&F-Mean {summary['J&F-Mean']:.4f} over {len(scores)} objects in {len(table)} sequences "
+          f"({time.perf_counter() - t0:.1f} s); wrote {path}")
+    return 0

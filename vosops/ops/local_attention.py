@@ -1,0 +1,195 @@
+"""vosops.local_affinity / local_aggregate / local_attention: local-window attention over N reference frames.
+
+Shapes: q (B, C, H, W); k (B, N, C, H, W); v (B, N, Cv, H, W); offsets (B, N, 2, H, W) float, channel 0 = dx,
+1 = dy, in pixels, rounded half away from zero. Candidate (n, dy, dx), |dy|, |dx| <= radius, of query pixel (i, j)
+is reference n at (i + round(oy) + dilation*dy, j + round(ox) + dilation*dx); its index is
+n*P + (dy+r)(2r+1) + (dx+r) with P = (2r+1)^2 (the F.unfold / correlation-sampler order). window="circle" keeps
+the candidates with dy^2 + dx^2 < r^2 (strict). border="mask": out-of-frame candidates are excluded; "zero": they
+score exactly 0 and carry a zero value (so they can win a top-k slot when in-frame scores are negative). A
+non-finite offset puts all candidates of that reference out of frame. Offsets are not differentiated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backends, _native, _validate
+from ..reference.local_attention import local_affinity as _ref_affinity
+from ..reference.local_attention import local_aggregate as _ref_aggregate
+from ..reference.local_attention import local_attention as _ref_attention
+from ..reference.local_attention import window_columns
+
+WINDOWS = ("square", "circle")
+BORDERS = ("mask", "zero")
+NORMALIZE = ("softmax", "threshold")
+
+# Backends that implement each public op here (local_affinity / local_aggregate are composed from the reference).
+ATTENTION_BACKENDS = ("reference", "cpu", "cuda", "triton")
+CUDA_MAX_TOPK = 64  # the CUDA kernel keeps its top-k list in registers (csrc/local_attention, kCudaMaxTopk)
+
+
+def _auto_candidates(dtype: torch.dtype, topk) -> tuple[str, ...]:
+    """The backends "auto" may pick for this call: float64 runs on reference/cpu only, topk > 64 not on cuda.
+    An explicitly requested backend is not filtered; it raises its own clear error instead."""
+    names = ATTENTION_BACKENDS
+    if dtype == torch.float64:
+        names = tuple(b for b in names if b not in ("cuda", "triton"))
+    if topk is not None and topk > CUDA_MAX_TOPK:
+        names = tuple(b for b in names if b != "cuda")
+    return names
+
+
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    return float(scale)
+
+
+def _check_offsets(offsets, ref: torch.Tensor, N: int) -> None:
+    if offsets is None:
+        return
+    _validate.tensor("offsets", offsets, dim=5)
+    B, H, W = ref.shape[0], ref.shape[-2], ref.shape[-1]
+    if tuple(offsets.shape) != (B, N, 2, H, W):
+        raise ValueError(
+            f"offsets must be (B, N, 2, H, W) = {(B, N, 2, H, W)} with channel 0 = dx and 1 = dy, "
+            f"got shape {tuple(offsets.shape)}"
+        )
+    if offsets.device != ref.device:
+        raise ValueError(f"offsets is on {offsets.device} but the features are on {ref.device}; they must match")
+
+
+def _check_qk(q, k) -> None:
+    _validate.tensor("q", q, dim=4)
+    _validate.tensor("k", k, dim=5)
+    B, C, H, W = q.shape
+    if k.shape[1] == 0:
+        raise ValueError(f"k must hold at least one reference frame (N >= 1), got shape {tuple(k.shape)}")
+    if k.shape[0] != B or k.shape[2] != C or tuple(k.shape[3:]) != (H, W):
+        raise ValueError(f"k must be (B, N, C, H, W) matching q {tuple(q.shape)}, got shape {tuple(k.shape)}")
+    _validate.same_device_dtype(("q", "k"), (q, k))
+    _validate.non_empty("q", q)
+
+
+def _check_v(v, like, N: int) -> None:
+    _validate.tensor("v", v, dim=5)
+    B, H, W = like.shape[0], like.shape[-2], like.shape[-1]
+    if v.shape[0] != B or v.shape[1] != N or tuple(v.shape[3:]) != (H, W):
+        raise ValueError(f"v must be (B, N, Cv, H, W) with B, N, H, W = {(B, N, H, W)}, got shape {tuple(v.shape)}")
+    if v.shape[2] == 0:
+        raise ValueError(f"v must have at least one channel, got shape {tuple(v.shape)}")
+
+
+def candidate_count(radius: int, window: str, N: int = 1) -> int:
+    """Number of in-window candidates over N references."""
+    return N * len(window_columns(radius, window))
+
+
+def local_affinity(q, k, *, radius, dilation=1, window="square", offsets=None, scale=1.0, border="mask",
+                   backend: str | None = None):
+    """Logits scale * <q[:, :, i, j], k[:, n] at candidate p> as (B, N, P, H, W).
+
+    Candidates outside a circle window, and out-of-frame ones with border="mask", are -inf; with border="zero"
+    out-of-frame candidates are exactly 0. Materialises the full (B, N, P, H, W) affinity (use local_attention to
+    avoid that). Runs on the reference backend (plain PyTorch, any device)."""
+    _check_qk(q, k)
+    _check_int("radius", radius, 0)
+    _check_int("dilation", dilation, 1)
+    _validate.choice("window", window, WINDOWS)
+    _validate.choice("border", border, BORDERS)
+    scale = _check_scale(scale)
+    _check_offsets(offsets, q, k.shape[1])
+    if candidate_count(radius, window) == 0:
+        raise ValueError(f"window='circle' with radius {radius} has no candidates (dy^2 + dx^2 < r^2); use radius >= 1")
+    _backends.select("local_affinity", q.device, backend, supported=("reference",))
+    return _ref_affinity(q, k, radius, dilation, window, offsets, scale, border)
+
+
+def local_aggregate(weights, v, *, radius, dilation=1, offsets=None, backend: str | None = None):
+    """out (B, Cv, H, W) = sum over n, p of weights (B, N, P, H, W) times the value of candidate (n, p) (zero for
+    out-of-frame candidates). Runs on the reference backend (plain PyTorch, any device)."""
+    _validate.tensor("weights", weights, dim=5)
+    _check_int("radius", radius, 0)
+    _check_int("dilation", dilation, 1)
+    B, N, P, H, W = weights.shape
+    if N == 0:
+        raise ValueError(f"weights must hold at least one reference frame (N >= 1), got shape {tuple(weights.shape)}")
+    if P != (2 * radius + 1) ** 2:
+        raise ValueError(f"weights must be (B, N, P, H, W) with P = (2*radius+1)^2 = {(2 * radius + 1) ** 2}, "
+                         f"got shape {tuple(weights.shape)}")
+    _check_v(v, weights, N)
+    _validate.same_device_dtype(("weights", "v"), (weights, v))
+    _validate.non_empty("weights", weights)
+    _check_offsets(offsets, weights, N)
+    _backends.select("local_aggregate", v.device, backend, supported=("reference",))
+    return _ref_aggregate(weights, v, radius, dilation, offsets)
+
+
+def local_attention(q, k, v, *, radius, scale=1.0, topk=None, normalize="softmax", window="square", dilation=1,
+                    offsets=None, border="mask", return_topk=False, backend: str | None = None):
+    """Fused local attention: out (B, Cv, H, W) = sum over kept candidates of weight * value, never materialising
+    the (N*P)-wide affinity (on the native and Triton backends).
+
+    normalize="softmax": softmax over all in-window candidates, or over the `topk` largest (ties go to the lower
+    candidate index). normalize="threshold" (DINO/INO): keep every candidate whose logit is >= the `topk`-th largest
+    (ties kept, so more than topk may survive), weights exp(logit) / sum. Max-subtracted exponentials throughout.
+    A query with no valid candidate outputs 0 with zero gradient. Differentiable w.r.t. q, k, v (through the kept
+    candidates); offsets are not differentiated.
+
+    return_topk=True (needs topk) also returns (logits, indices), each (B, H, W, topk): the topk largest logits of
+    every query in descending order (ties: lower index first) and their candidate indices n*P + p (int64), for
+    merging with a global memory. With threshold, these are the first topk of the kept set. Excluded candidates
+    that fill a short list have logit -inf.
+    """
+    _check_qk(q, k)
+    N = k.shape[1]
+    _check_v(v, q, N)
+    _validate.same_device_dtype(("q", "v"), (q, v))
+    _check_int("radius", radius, 0)
+    _check_int("dilation", dilation, 1)
+    _validate.choice("normalize", normalize, NORMALIZE)
+    _validate.choice("window", window, WINDOWS)
+    _validate.choice("border", border, BORDERS)
+    scale = _check_scale(scale)
+    _check_offsets(offsets, q, N)
+    count = candidate_count(radius, window, N)
+    if count == 0:
+        raise ValueError(f"window='circle' with radius {radius} has no candidates (dy^2 + dx^2 < r^2); use radius >= 1")
+    if topk is not None:
+        _check_int("topk", topk, 1)
+        if topk > count:
+            raise ValueError(f"topk must be <= the number of candidates ({count} = N * window size), got {topk}")
+    if normalize == "threshold" and topk is None:
+        raise ValueError("normalize='threshold' needs topk (keep every logit >= the topk-th largest)")
+    if return_topk and topk is None:
+        raise ValueError("return_topk=True needs topk")
+
+    auto = (backend if backend is not None else _backends.current_backend()) == "auto"
+    supported = _auto_candidates(q.dtype, topk) if auto else ATTENTION_BACKENDS
+    chosen = _backends.select("local_attention", q.device, backend, supported=supported)
+    if chosen == "reference":
+        return _ref_attention(q, k, v, radius, scale, topk, normalize, window, dilation, offsets, border,
+                              return_topk)
+    args = (q, k, v, offsets, radius, dilation, scale, topk or 0, normalize, window, border, return_topk)
+    if chosen == "triton":
+        from ..triton import local_attention as _triton
+
+        out, lg, idx = _triton.local_attention(*args)
+    else:
+        out, _, lg, idx = torch.ops.vosops.local_attention(*args)
+    if return_topk:
+        return out, (lg, idx)
+    return out
+
+
+if _native.LOADED:
+    # Fake kernels and autograd of the native op live next to its schema's Python side.
+    from . import _local_attention_native  # noqa: F401

@@ -1,0 +1,414 @@
+"""local_attention in Triton: softmax over all candidates, top-k softmax and the threshold rule; forward and backward.
+
+Candidates are visited in chunks of KP (a power of two >= topk) of the packed candidate axis c = n*T + t (T
+in-window positions per reference, from a small (dy, dx) table, so square and circle windows share the kernels).
+`_chunk_scores` computes a chunk's scores for a block of queries; every pass uses it, so the forward's selection and
+the backward's recomputation see bit-identical scores.
+
+Selection (topk): each (score, index) is packed into one int64 key that orders by score descending, then index
+ascending (the float's bits made monotone in the high word, ~index in the low word). A running list of the KP
+largest keys, kept in descending order, is merged with each chunk by ranking (compares and sums); the k-th key then defines the kept set exactly: `key >= kth`
+for top-k (exactly k candidates, ties to the lower index), `key >= kth with its index bits cleared` for threshold
+(every score >= the k-th score). Softmax over all candidates keeps everything.
+
+Forward pass 2 folds the kept scores into an online softmax (running max, sum, Cv accumulator). The N*P-wide
+affinity never exists; per query only the KP-long key list and the saved (log-sum-exp, kth key) remain.
+Backward (flash-style): p = exp(s - lse) on the kept set, ds = p * (g.v - g.out); dq per query in the program,
+dk and dv scattered into fp32 channels-last buffers with atomics. Inputs are read through channels-last views
+(copied once per call when they are not), so a candidate's channel block is one contiguous load. Gradients of the returned top-k logits add to ds.
+Offsets are rounded (half away from zero) once on the host with the reference's rule. The kernels are launched
+with enable_fp_fusion=False: no FMA contraction, so every pass rounds a score identically and the kept set of the
+selection pass is exactly the one the aggregation and the backward recompute.
+Accumulation is fp32; the triton backend takes float32, float16 and bfloat16 (bfloat16 on GPU only).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from ..reference.local_attention import round_offsets, window_columns
+
+# Below every real key (a -inf score packs to about -9.19e18).
+_NO_KEY = -9223000000000000000
+_MODES = {"all": 0, "topk": 1, "threshold": 2}
+
+
+def _block_q(queries: int) -> int:
+    """Queries per program: 16 on a GPU; under the interpreter one wide block is far cheaper (numpy per op)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return min(128, max(16, triton.next_power_of_2(queries)))
+    return 16
+
+
+@triton.jit
+def _pack(s, cid):
+    """int64 key ordering by score descending, then candidate index ascending (-0.0 counts as +0.0)."""
+    bits = (s + 0.0).to(tl.int32, bitcast=True)
+    mono = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (mono.to(tl.int64) << 32) | (4294967295 - cid)
+
+
+@triton.jit
+def _unpack_score(key):
+    hi = (key >> 32).to(tl.int32)
+    return tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _merge_topk(run, key, BQ: tl.constexpr, KP: tl.constexpr):
+    """The KP largest of run (BQ, KP) and key (BQ, KP), in descending order: each element's rank is the number of
+    elements above it (equal keys, i.e. the padding, are ranked by position), and slot r takes rank r. Only
+    compares and sums, so it runs alike compiled and under the interpreter (whose tl.sort is very slow)."""
+    comb = tl.reshape(tl.join(run, key), (BQ, 2 * KP))
+    pos = tl.arange(0, 2 * KP)
+    a = comb[:, :, None]
+    o = comb[:, None, :]
+    beats = (o > a) | ((o == a) & (pos[None, None, :] < pos[None, :, None]))
+    rank = tl.sum(beats.to(tl.int32), axis=2)
+    slot = tl.arange(0, KP)
+    return tl.sum(tl.where(rank[:, :, None] == slot[None, None, :], a, 0), axis=1)
+
+
+@triton.jit
+def _chunk_positions(off_ptr, tab_ptr, cid, b, i, j, NT, T, N, H, W, DIL, HAS_OFF: tl.constexpr):
+    """For queries (BQ,) and packed candidates cid (CH,): reference n (CH,), key row/col (BQ, CH), in-frame mask
+    (BQ, CH), whether cid is a real candidate (CH,), and the window entry t (CH,)."""
+    cvalid = cid < NT
+    cc = tl.where(cvalid, cid, 0)
+    n = cc // T
+    t = cc % T
+    dy = tl.load(tab_ptr + 2 * t).to(tl.int64)
+    dx = tl.load(tab_ptr + 2 * t + 1).to(tl.int64)
+    y = i[:, None] + dy[None, :] * DIL
+    x = j[:, None] + dx[None, :] * DIL
+    if HAS_OFF:
+        o = ((b[:, None] * N + n[None, :]) * 2) * H * W + (i * W + j)[:, None]  # contiguous int32 (B, N, 2, H, W)
+        x += tl.load(off_ptr + o).to(tl.int64)
+        y += tl.load(off_ptr + o + H * W).to(tl.int64)
+    inside = (y >= 0) & (y < H) & (x >= 0) & (x < W) & cvalid[None, :]
+    return n, tl.where(inside, y, 0), tl.where(inside, x, 0), inside, cvalid, t
+
+
+@triton.jit
+def _chunk_scores(q_ptr, k_ptr, qbase, kpix, lm, C, sqc, skc, scale, ZERO_BORDER: tl.constexpr,
+                  BQ: tl.constexpr, CH: tl.constexpr, CB: tl.constexpr, inside, cvalid):
+    """Scores (BQ, CH) over channel blocks of CB; out-of-frame: 0 (zero border) or -inf; padding columns -inf."""
+    s = tl.zeros((BQ, CH), tl.float32)
+    for c0 in range(0, C, CB):
+        c = c0 + tl.arange(0, CB).to(tl.int64)
+        cm = c < C
+        qv = tl.load(q_ptr + qbase[:, None] + c[None, :] * sqc, mask=cm[None, :], other=0.0).to(tl.float32)
+        kv = tl.load(k_ptr + kpix[:, :, None] + c[None, None, :] * skc, mask=lm[:, :, None] & cm[None, None, :],
+                     other=0.0).to(tl.float32)
+        s += tl.sum(qv[:, None, :] * kv, axis=2)
+    s = s * scale
+    if ZERO_BORDER:
+        s = tl.where(inside, s, 0.0)
+    else:
+        s = tl.where(inside, s, float("-inf"))
+    return tl.where(cvalid[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _queries(BQ: tl.constexpr, B, H, W):
+    pix = tl.program_id(0).to(tl.int64) * BQ + tl.arange(0, BQ).to(tl.int64)
+    pm = pix < B * H * W
+    pix = tl.where(pm, pix, 0)
+    return pix, pm, pix % W, (pix // W) % H, pix // (H * W)
+
+
+@triton.jit
+def _forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, out_ptr, lse_ptr, thr_ptr, lg_ptr, idx_ptr,
+                    B, C, CV, H, W, N, T, DIL, P, D, RADIUS, TOPK, scale,
+                    sqb, sqc, sqh, sqw, skb, skn, skc, skh, skw, svb, svn, svc, svh, svw,
+                    HAS_OFF: tl.constexpr, ZERO_BORDER: tl.constexpr, MODE: tl.constexpr, RET: tl.constexpr,
+                    BQ: tl.constexpr, KP: tl.constexpr, CB: tl.constexpr, CVP: tl.constexpr):
+    pix, pm, j, i, b = _queries(BQ, B, H, W)
+    NT = N * T
+    qbase = b * sqb + i * sqh + j * sqw
+    col = tl.arange(0, KP).to(tl.int64)
+    thr = tl.full((BQ,), -9223000000000000000, tl.int64)
+    if MODE != 0:
+        # pass 1: running list of the KP largest keys
+        run = tl.full((BQ, KP), -9223000000000000000, tl.int64)
+        for c0 in range(0, NT, KP):
+            cid = c0 + col
+            n, y, x, inside, cvalid, t = _chunk_positions(off_ptr, tab_ptr, cid, b, i, j, NT, T, N, H, W, DIL,
+                                                          HAS_OFF)
+            lm = inside & pm[:, None]
+            kpix = b[:, None] * skb + n[None, :] * skn + y * skh + x * skw
+            s = _chunk_scores(q_ptr, k_ptr, qbase, kpix, lm, C, sqc, skc, scale, ZERO_BORDER, BQ, KP, CB,
+                              inside, cvalid)
+            key = tl.where(cvalid[None, :], _pack(s, cid[None, :]), -9223000000000000000)
+            # exact early-out: once the list is full most chunks hold no key above its last (KP-th) entry
+            last = tl.sum(tl.where(col[None, :] == KP - 1, run, 0), axis=1)
+            if tl.max((key > last[:, None]).to(tl.int32)) > 0:
+                run = _merge_topk(run, key, BQ, KP)
+        kth = tl.sum(tl.where(col[None, :] == TOPK - 1, run, 0), axis=1)
+        if MODE == 1:
+            thr = kth
+        else:
+            thr = kth & -4294967296  # clear the index bits: every score >= the k-th score
+        if RET:
+            rc = 4294967295 - (run & 4294967295)
+            rn = rc // T
+            rt = rc % T
+            dy = tl.load(tab_ptr + 2 * rt, mask=pm[:, None], other=0).to(tl.int64)
+            dx = tl.load(tab_ptr + 2 * rt + 1, mask=pm[:, None], other=0).to(tl.int64)
+            full = rn * P + (dy + RADIUS) * D + (dx + RADIUS)
+            o = pix[:, None] * TOPK + col[None, :]
+            om = pm[:, None] & (col[None, :] < TOPK)
+            tl.store(lg_ptr + o, _unpack_score(run).to(lg_ptr.dtype.element_ty), mask=om)
+            tl.store(idx_ptr + o, full, mask=om)
+    # pass 2: online softmax over the kept candidates
+    cv = tl.arange(0, CVP).to(tl.int64)
+    cvm = cv < CV
+    m = tl.full((BQ,), float("-inf"), tl.float32)
+    l = tl.zeros((BQ,), tl.float32)
+    acc = tl.zeros((BQ, CVP), tl.float32)
+    for c0 in range(0, NT, KP):
+        cid = c0 + col
+        n, y, x, inside, cvalid, t = _chunk_positions(off_ptr, tab_ptr, cid, b, i, j, NT, T, N, H, W, DIL, HAS_OFF)
+        lm = inside & pm[:, None]
+        kpix = b[:, None] * skb + n[None, :] * skn + y * skh + x * skw
+        s = _chunk_scores(q_ptr, k_ptr, qbase, kpix, lm, C, sqc, skc, scale, ZERO_BORDER, BQ, KP, CB, inside, cvalid)
+        if MODE != 0:
+            s = tl.where(_pack(s, cid[None, :]) >= thr[:, None], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing kept yet: avoid -inf - -inf
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        vpix = b[:, None] * svb + n[None, :] * svn + y * svh + x * svw
+        vv = tl.load(v_ptr + vpix[:, :, None] + cv[None, None, :] * svc, mask=lm[:, :, None] & cvm[None, None, :],
+                     other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vv, axis=1)
+        l = l * alpha + tl.sum(p, axis=1)
+        m = m_new
+    has = l > 0.0
+    out = acc / tl.where(has, l, 1.0)[:, None]
+    ob = b * CV * H * W + i * W + j
+    tl.store(out_ptr + ob[:, None] + cv[None, :] * H * W, out.to(out_ptr.dtype.element_ty),
+             mask=pm[:, None] & cvm[None, :])
+    # No kept candidate: lse = 0 makes every recomputed p = exp(-inf - 0) = 0 in the backward.
+    tl.store(lse_ptr + pix, tl.where(has, m + tl.log(tl.where(has, l, 1.0)), 0.0), mask=pm)
+    tl.store(thr_ptr + pix, thr, mask=pm)
+
+
+@triton.jit
+def _backward_kernel(g_ptr, glg_ptr, idx_ptr, q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, lse_ptr, thr_ptr, dlt_ptr,
+                     dq_ptr, dk_ptr, dv_ptr,
+                     B, C, CV, H, W, N, T, DIL, P, D, RADIUS, TOPK, scale,
+                     sgb, sgc, sgh, sgw, sqb, sqc, sqh, sqw, skb, skn, skc, skh, skw, svb, svn, svc, svh, svw,
+                     HAS_OFF: tl.constexpr, ZERO_BORDER: tl.constexpr, MODE: tl.constexpr, HAS_GLG: tl.constexpr,
+                     NEED_Q: tl.constexpr, NEED_K: tl.constexpr, NEED_V: tl.constexpr,
+                     BQ: tl.constexpr, KP: tl.constexpr, CB: tl.constexpr, CVP: tl.constexpr):
+    pix, pm, j, i, b = _queries(BQ, B, H, W)
+    NT = N * T
+    qbase = b * sqb + i * sqh + j * sqw
+    col = tl.arange(0, KP).to(tl.int64)
+    cv = tl.arange(0, CVP).to(tl.int64)
+    cvm = cv < CV
+    g = tl.load(g_ptr + (b * sgb + i * sgh + j * sgw)[:, None] + cv[None, :] * sgc,
+                mask=pm[:, None] & cvm[None, :], other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + pix, mask=pm, other=0.0)
+    thr = tl.load(thr_ptr + pix, mask=pm, other=0)
+    delta = tl.load(dlt_ptr + pix, mask=pm, other=0.0)  # sum_c g * out: the softmax backward's row term
+    if HAS_GLG:
+        top_idx = tl.load(idx_ptr + pix[:, None] * TOPK + col[None, :], mask=pm[:, None] & (col[None, :] < TOPK),
+                          other=-1)
+        top_g = tl.load(glg_ptr + pix[:, None] * TOPK + col[None, :], mask=pm[:, None] & (col[None, :] < TOPK),
+                        other=0.0).to(tl.float32)
+    for c0 in range(0, NT, KP):
+        cid = c0 + col
+        n, y, x, inside, cvalid, t = _chunk_positions(off_ptr, tab_ptr, cid, b, i, j, NT, T, N, H, W, DIL, HAS_OFF)
+        lm = inside & pm[:, None]
+        kpix = b[:, None] * skb + n[None, :] * skn + y * skh + x * skw
+        s = _chunk_scores(q_ptr, k_ptr, qbase, kpix, lm, C, sqc, skc, scale, ZERO_BORDER, BQ, KP, CB, inside, cvalid)
+        kept = cvalid[None, :] & pm[:, None]
+        if MODE != 0:
+            kept = kept & (_pack(s, cid[None, :]) >= thr[:, None])
+        p = tl.where(kept, tl.exp(s - lse[:, None]), 0.0)
+        vpix = b[:, None] * svb + n[None, :] * svn + y * svh + x * svw
+        vaddr = vpix[:, :, None] + cv[None, None, :] * svc
+        vmask = lm[:, :, None] & cvm[None, None, :]
+        vv = tl.load(v_ptr + vaddr, mask=vmask, other=0.0).to(tl.float32)
+        ds = p * (tl.sum(g[:, None, :] * vv, axis=2) - delta[:, None])
+        if HAS_GLG:
+            # gradient of the returned top-k logits: match this chunk's candidates against the saved indices
+            dyx = tl.load(tab_ptr + 2 * t).to(tl.int64)
+            dxx = tl.load(tab_ptr + 2 * t + 1).to(tl.int64)
+            full = n * P + (dyx + RADIUS) * D + (dxx + RADIUS)
+            hit = full[None, :, None] == top_idx[:, None, :]
+            ds += tl.sum(tl.where(hit, top_g[:, None, :], 0.0), axis=2)
+        ds = tl.where(lm, ds, 0.0) * scale  # out-of-frame scores are constants
+        if NEED_V:
+            # fp32 accumulators are contiguous channels-last (B, N, H, W, C|Cv) / (B, H, W, C)
+            vb = (((b[:, None] * N + n[None, :]) * H + y) * W + x) * CV
+            tl.atomic_add(dv_ptr + vb[:, :, None] + cv[None, None, :], p[:, :, None] * g[:, None, :],
+                          mask=vmask)
+        for cc0 in range(0, C, CB):
+            c = cc0 + tl.arange(0, CB).to(tl.int64)
+            cm = c < C
+            if NEED_Q:
+                kv = tl.load(k_ptr + kpix[:, :, None] + c[None, None, :] * skc,
+                             mask=lm[:, :, None] & cm[None, None, :], other=0.0).to(tl.float32)
+                qa = dq_ptr + (((b * H + i) * W + j) * C)[:, None] + c[None, :]
+                qm = pm[:, None] & cm[None, :]
+                tl.store(qa, tl.load(qa, mask=qm, other=0.0) + tl.sum(ds[:, :, None] * kv, axis=1), mask=qm)
+            if NEED_K:
+                qv = tl.load(q_ptr + qbase[:, None] + c[None, :] * sqc, mask=cm[None, :], other=0.0).to(tl.float32)
+                kb = (((b[:, None] * N + n[None, :]) * H + y) * W + x) * C
+                tl.atomic_add(dk_ptr + kb[:, :, None] + c[None, None, :], ds[:, :, None] * qv[:, None, :],
+                              mask=lm[:, :, None] & cm[None, None, :])
+
+
+def _channels_last(x: torch.Tensor, cdim: int) -> torch.Tensor:
+    """A view with x's shape whose channel dim `cdim` has stride 1 (copying only when it has not): each candidate's
+    channel vector is then one contiguous load, matching the kernels' channel-fastest tiles."""
+    if x.stride(cdim) == 1:
+        return x
+    perm = [d for d in range(x.dim()) if d != cdim] + [cdim]
+    inverse = sorted(range(x.dim()), key=perm.__getitem__)
+    return x.permute(perm).contiguous().permute(inverse)
+
+
+def _check(q: torch.Tensor) -> None:
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"local_attention: the triton backend takes float32, float16 or bfloat16, got {q.dtype}")
+
+
+def _table(radius: int, window: str, device) -> torch.Tensor:
+    D = 2 * radius + 1
+    cols = window_columns(radius, window)
+    return torch.tensor([[p // D - radius, p % D - radius] for p in cols], dtype=torch.int32, device=device)
+
+
+def _rounded(offsets, radius, dilation, like):
+    if offsets is None:
+        return like.new_zeros(1, dtype=torch.int32), False
+    return round_offsets(offsets, radius, dilation).to(torch.int32).contiguous(), True
+
+
+def _meta(q, k, v, radius, window, topk, normalize):
+    B, C, H, W = q.shape
+    N, CV = k.shape[1], v.shape[2]
+    mode = 0 if not topk else (_MODES["topk"] if normalize == "softmax" else _MODES["threshold"])
+    return dict(
+        B=B, C=C, CV=CV, H=H, W=W, N=N, D=2 * radius + 1, P=(2 * radius + 1) ** 2, mode=mode,
+        KP=max(16, triton.next_power_of_2(max(topk, 1))), CB=min(32, max(2, triton.next_power_of_2(C))),
+        CVP=max(2, triton.next_power_of_2(CV)),
+    )
+
+
+@torch.library.custom_op("vosops::local_attention_triton", mutates_args=())
+def local_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor | None, radius: int, dilation: int,
+    scale: float, topk: int, normalize: str, window: str, border: str, return_topk: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, lse, kth_key, top_logits, top_index); the last two are (B, H, W, topk) with return_topk, else
+    (B, H, W, 0)."""
+    _check(q)
+    mt = _meta(q, k, v, radius, window, topk, normalize)
+    q, k, v = _channels_last(q, 1), _channels_last(k, 2), _channels_last(v, 2)
+    B, H, W, K = mt["B"], mt["H"], mt["W"], topk if return_topk else 0
+    tab = _table(radius, window, q.device)
+    off, has_off = _rounded(offsets, radius, dilation, q)
+    out = _alloc.empty(B, mt["CV"], H, W, dtype=q.dtype, device=q.device)
+    lse = _alloc.empty(B, H, W, dtype=torch.float32, device=q.device)
+    thr = _alloc.empty(B, H, W, dtype=torch.int64, device=q.device)
+    logits = _alloc.empty(B, H, W, K, dtype=q.dtype, device=q.device)
+    index = _alloc.empty(B, H, W, K, dtype=torch.int64, device=q.device)
+    bq = _block_q(B * H * W)
+    _forward_kernel[(triton.cdiv(B * H * W, bq),)](
+        q, k, v, off, tab, out, lse, thr, logits, index,
+        B, mt["C"], mt["CV"], H, W, mt["N"], tab.shape[0], dilation, mt["P"], mt["D"], radius, topk, scale,
+        *q.stride(), *k.stride(), *v.stride(),
+        HAS_OFF=has_off, ZERO_BORDER=border == "zero", MODE=mt["mode"], RET=bool(K),
+        BQ=bq, KP=mt["KP"], CB=mt["CB"], CVP=mt["CVP"], enable_fp_fusion=False,
+    )
+    return out, lse, thr, logits, index
+
+
+@local_attention_triton.register_fake
+def _(q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border, return_topk):
+    B, _, H, W = q.shape
+    K = topk if return_topk else 0
+    return (q.new_empty(B, v.shape[2], H, W), q.new_empty(B, H, W, dtype=torch.float32),
+            q.new_empty(B, H, W, dtype=torch.int64), q.new_empty(B, H, W, K),
+            q.new_empty(B, H, W, K, dtype=torch.int64))
+
+
+@torch.library.custom_op("vosops::local_attention_triton_backward", mutates_args=())
+def local_attention_triton_backward(
+    grad_out: torch.Tensor, grad_logits: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
+    thr: torch.Tensor, index: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    offsets: torch.Tensor | None, radius: int, dilation: int, scale: float, topk: int, normalize: str,
+    window: str, border: str, need_q: bool, need_k: bool, need_v: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mt = _meta(q, k, v, radius, window, topk, normalize)
+    B, C, CV, H, W, N = mt["B"], mt["C"], mt["CV"], mt["H"], mt["W"], mt["N"]
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    q, k, v = _channels_last(q, 1), _channels_last(k, 2), _channels_last(v, 2)
+    tab = _table(radius, window, q.device)
+    off, has_off = _rounded(offsets, radius, dilation, q)
+    delta = (grad_out.float() * out.float()).sum(1).contiguous()
+    dq = torch.zeros(B, H, W, C, dtype=torch.float32, device=q.device) if need_q else None
+    dk = torch.zeros(B, N, H, W, C, dtype=torch.float32, device=q.device) if need_k else None
+    dv = torch.zeros(B, N, H, W, CV, dtype=torch.float32, device=q.device) if need_v else None
+    has_glg = grad_logits is not None and index.shape[-1] > 0
+    dummy = q.new_empty(1, dtype=torch.float32)
+    bq = _block_q(B * H * W)
+    _backward_kernel[(triton.cdiv(B * H * W, bq),)](
+        grad_out, grad_logits.contiguous() if has_glg else dummy, index.contiguous() if has_glg else dummy,
+        q, k, v, off, tab, lse, thr, delta,
+        dq if need_q else dummy, dk if need_k else dummy, dv if need_v else dummy,
+        B, C, CV, H, W, N, tab.shape[0], dilation, mt["P"], mt["D"], radius, topk, scale,
+        *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(),
+        HAS_OFF=has_off, ZERO_BORDER=border == "zero", MODE=mt["mode"], HAS_GLG=has_glg,
+        NEED_Q=need_q, NEED_K=need_k, NEED_V=need_v, BQ=bq, KP=mt["KP"], CB=mt["CB"], CVP=mt["CVP"],
+        enable_fp_fusion=False,
+    )
+    # back to (B, [N,] C, H, W), contiguous like the fake kernel's outputs
+    dq = dq.permute(0, 3, 1, 2).to(dtypes[0]).contiguous() if need_q else q.new_empty(0)
+    dk = dk.permute(0, 1, 4, 2, 3).to(dtypes[1]).contiguous() if need_k else k.new_empty(0)
+    dv = dv.permute(0, 1, 4, 2, 3).to(dtypes[2]).contiguous() if need_v else v.new_empty(0)
+    return dq, dk, dv
+
+
+@local_attention_triton_backward.register_fake
+def _(grad_out, grad_logits, out, lse, thr, index, q, k, v, offsets, radius, dilation, scale, topk, normalize,
+      window, border, need_q, need_k, need_v):
+    return (q.new_empty(q.shape) if need_q else q.new_empty(0), k.new_empty(k.shape) if need_k else k.new_empty(0),
+            v.new_empty(v.shape) if need_v else v.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border, return_topk = inputs
+    out, lse, thr, _, index = output
+    ctx.save_for_backward(q, k, v, offsets, out, lse, thr, index)
+    ctx.args = (radius, dilation, scale, topk, normalize, window, border)
+
+
+def _backward(ctx, grad_out, _grad_lse, _grad_thr, grad_logits, _grad_index):
+    q, k, v, offsets, out, lse, thr, index = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = local_attention_triton_backward(grad_out, grad_logits, out, lse, thr, index, q, k, v, offsets,
+                                                 *ctx.args, need[0], need[1], need[2])
+    return ((dq if need[0] else None), (dk if need[1] else None), (dv if need[2] else None)) + (None,) * 9
+
+
+local_attention_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def local_attention(q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border, return_topk):
+    """(out, top_logits, top_index) through the custom op."""
+    out, _, _, logits, index = local_attention_triton(q, k, v, offsets, radius, dilation, scale, topk, normalize,
+                                                      window, border, return_topk)
+    return out, logits, index

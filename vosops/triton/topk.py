@@ -1,0 +1,267 @@
+"""topk_attention in Triton: flash-style forward and backward with a running top-k per query row.
+
+Forward, one program per (block of queries, batch*head): the dense keys [0, dense) go through the usual online
+softmax (tl.dot tiles); the sparse keys are swept tile by tile keeping each row's best KPAD candidates as packed
+int64 keys (orderable logit bits << 32 | inverted index, so "larger key" = larger logit, ties to the lower
+index) merged with tl.topk; after the sweep the first `kk` are folded into the same softmax and their values
+gathered. Saved for backward: the log-sum-exp per query and the kept sparse indices (no M x L tensor).
+Backward recomputes the dense scores tile by tile and the sparse ones from the saved indices; dk and dv are
+scattered with fp32 atomics. Accumulation is fp32; the backend takes float32 and float16 (and bfloat16 on GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from ..ops.topk import attention_autograd_rules, attention_fake, kept_sparse
+
+_SENTINEL = -(2**63)  # below every packed key: an empty slot
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _pack(s, idx):
+    """int64 keys ordered like (logit desc, index asc): orderable float bits in the high word, ~index low."""
+    s = s + 0.0  # -0.0 -> +0.0, so equal logits pack equally
+    bits = s.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) + (4294967295 - idx.to(tl.int64))
+
+
+@triton.jit
+def _unpack(key):
+    hi = (key >> 32).to(tl.int32)
+    bits = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True), 4294967295 - (key & 4294967295)
+
+
+@triton.jit
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr,
+                sqb, sqh, sqm, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+                H, M, L, D, DV, DENSE, KK, scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                SPARSE: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < M
+    q_base = q_ptr + b * sqb + h * sqh
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
+                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    for start in range(0, DENSE, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < DENSE
+        kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * skl + offs_d[None, :] * skd,
+                     mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * svl + offs_dv[None, :] * svd,
+                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s = _dot(q, tl.trans(kt), IEEE) * scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE)
+        m_i = m_new
+    if SPARSE:
+        best = tl.full((BLOCK_M, BLOCK_N), _SENTINEL, tl.int64)
+        for start in range(DENSE, L, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < L
+            kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * skl + offs_d[None, :] * skd,
+                         mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            s = _dot(q, tl.trans(kt), IEEE) * scale
+            keys = tl.where(n_ok[None, :] & (s > float("-inf")), _pack(s, offs_n[None, :]), _SENTINEL)
+            both = tl.reshape(tl.join(best, keys), (BLOCK_M, 2 * BLOCK_N))
+            best = tl.topk(both, BLOCK_N, dim=1)  # sorted best-first
+        sv, si = _unpack(best)
+        col = tl.arange(0, BLOCK_N)
+        keep = (col[None, :] < KK) & (best != _SENTINEL)
+        sv = tl.where(keep, sv, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sv, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.where(keep, tl.exp(sv - m_safe[:, None]), 0.0)
+        safe_idx = tl.where(keep, si, 0)
+        vg = tl.load(v_base + safe_idx[:, :, None] * svl + offs_dv[None, None, :] * svd,
+                     mask=keep[:, :, None] & (offs_dv[None, None, :] < DV), other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vg, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        row = (bh * M + offs_m).to(tl.int64)
+        tl.store(idx_ptr + row[:, None] * KK + col[None, :], tl.where(keep, si, -1),
+                 mask=m_ok[:, None] & (col[None, :] < KK))
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    row = (bh * M + offs_m).to(tl.int64)
+    tl.store(o_ptr + row[:, None] * DV + offs_dv[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(lse_ptr + row, lse, mask=m_ok)
+
+
+@triton.jit
+def _bwd_kernel(g_ptr, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, dq_ptr, dk_ptr, dv_ptr,
+                sgb, sgh, sgm, sgd, sqb, sqh, sqm, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+                H, M, L, D, DV, DENSE, KK, scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_K: tl.constexpr, SPARSE: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < M
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+    row = (bh * M + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    g = tl.load(g_ptr + b * sgb + h * sgh + offs_m[:, None].to(tl.int64) * sgm + offs_dv[None, :] * sgd,
+                mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+    o = tl.load(o_ptr + row[:, None] * DV + offs_dv[None, :], mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+    lse = tl.load(lse_ptr + row, mask=m_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # nothing kept: every P is 0
+    di = tl.sum(g.to(tl.float32) * o.to(tl.float32), 1)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    acc_base = bh * L  # dk, dv accumulators are contiguous fp32 (B*H, L, D|DV)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start in range(0, DENSE, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < DENSE
+        kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * skl + offs_d[None, :] * skd,
+                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * svl + offs_dv[None, :] * svd,
+                     mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+        s = _dot(q, tl.trans(kt), IEEE) * scale
+        p = tl.where(n_ok[None, :] & m_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+        dp = _dot(g, tl.trans(vt), IEEE)
+        ds = p * (dp - di[:, None])
+        dq += _dot(ds.to(kt.dtype), kt, IEEE) * scale
+        dv_t = _dot(tl.trans(p.to(g.dtype)), g, IEEE)
+        dk_t = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale
+        rows_n = (acc_base + offs_n).to(tl.int64)
+        tl.atomic_add(dv_ptr + rows_n[:, None] * DV + offs_dv[None, :], dv_t, mask=n_ok[:, None] & dv_ok[None, :])
+        tl.atomic_add(dk_ptr + rows_n[:, None] * D + offs_d[None, :], dk_t, mask=n_ok[:, None] & d_ok[None, :])
+    if SPARSE:
+        col = tl.arange(0, BLOCK_K)
+        idx = tl.load(idx_ptr + row[:, None] * KK + col[None, :], mask=m_ok[:, None] & (col[None, :] < KK), other=-1)
+        keep = idx >= 0
+        safe = tl.where(keep, idx, 0)
+        kg = tl.load(k_base + safe[:, :, None] * skl + offs_d[None, None, :] * skd,
+                     mask=keep[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)
+        vg = tl.load(v_base + safe[:, :, None] * svl + offs_dv[None, None, :] * svd,
+                     mask=keep[:, :, None] & dv_ok[None, None, :], other=0.0).to(tl.float32)
+        qf = q.to(tl.float32)
+        gf = g.to(tl.float32)
+        s = tl.sum(qf[:, None, :] * kg, 2) * scale
+        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.sum(gf[:, None, :] * vg, 2)
+        ds = p * (dp - di[:, None])
+        dq += tl.sum(ds[:, :, None] * kg, 1) * scale
+        rows_k = (acc_base + safe).to(tl.int64)
+        tl.atomic_add(dk_ptr + rows_k[:, :, None] * D + offs_d[None, None, :], ds[:, :, None] * qf[:, None, :] * scale,
+                      mask=keep[:, :, None] & d_ok[None, None, :])
+        tl.atomic_add(dv_ptr + rows_k[:, :, None] * DV + offs_dv[None, None, :], p[:, :, None] * gf[:, None, :],
+                      mask=keep[:, :, None] & dv_ok[None, None, :])
+    tl.store(dq_ptr + row[:, None] * D + offs_d[None, :], dq, mask=m_ok[:, None] & d_ok[None, :])
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+def _check_dtype(q: torch.Tensor) -> None:
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"topk_attention: the triton backend takes float32, float16 or bfloat16, got {q.dtype}")
+
+
+def _split(topk: int, L: int, dense_keys: int):
+    kk = kept_sparse(topk, L, dense_keys)
+    return (L if kk == 0 else dense_keys), kk
+
+
+@torch.library.custom_op("vosops::topk_attention_triton", mutates_args=())
+def topk_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, scale: float,
+                          dense_keys: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_dtype(q)
+    B, H, M, D = q.shape
+    L, DV = k.shape[2], v.shape[3]
+    dense, kk = _split(topk, L, dense_keys)
+    out = _alloc.empty(B, H, M, DV, dtype=q.dtype, device=q.device)
+    lse = _alloc.empty(B, H, M, dtype=torch.float32, device=q.device)
+    index = _alloc.empty(B, H, M, kk, dtype=torch.int64, device=q.device)
+    block_m = 16
+    block_n = _pow2(kk) if kk else 32
+    _fwd_kernel[(triton.cdiv(M, block_m), B * H)](
+        q, k, v, out, lse, index if kk else lse, *q.stride(), *k.stride(), *v.stride(),
+        H, M, L, D, DV, dense, kk, float(scale),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE=kk > 0,
+        IEEE=q.dtype == torch.float32,
+    )
+    return out, lse, index
+
+
+topk_attention_triton.register_fake(attention_fake)
+
+
+@torch.library.custom_op("vosops::topk_attention_triton_backward", mutates_args=())
+def topk_attention_triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   out: torch.Tensor, lse: torch.Tensor, index: torch.Tensor, scale: float,
+                                   dense_keys: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_dtype(q)
+    B, H, M, D = q.shape
+    L, DV = k.shape[2], v.shape[3]
+    kk = index.shape[3]
+    dense = L if kk == 0 else dense_keys
+    dq = _alloc.empty(B, H, M, D, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(B, H, L, DV, dtype=torch.float32, device=q.device)
+    out = out.contiguous()
+    lse = lse.contiguous()
+    index = index.contiguous()
+    block_m = 16
+    _bwd_kernel[(triton.cdiv(M, block_m), B * H)](
+        grad_out, q, k, v, out, lse, index if kk else lse, dq, dk, dv,
+        *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(),
+        H, M, L, D, DV, dense, kk, float(scale),
+        BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(max(kk, 1)),
+        SPARSE=kk > 0, IEEE=q.dtype == torch.float32,
+    )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@topk_attention_triton_backward.register_fake
+def _(grad_out, q, k, v, out, lse, index, scale, dense_keys):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+_backward, _setup_context = attention_autograd_rules(topk_attention_triton_backward)
+topk_attention_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def topk_attention(q, k, v, topk, scale, dense_keys):
+    return topk_attention_triton(q, k, v, topk, scale, dense_keys)[0]
