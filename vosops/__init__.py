@@ -8,6 +8,8 @@ from ._version import __version__
 from . import _native  # loads vosops._C (warns once if it cannot)
 from ._backends import BACKENDS, BackendUnavailableError, current_backend, use_backend
 from .ops.flow_warp import flow_warp
+from .ops.kmeans import KMeansResult, kmeans, kmeans_predict
+from .ops.pseudo_labels import position_encoding_3d, video_pseudo_labels
 
 __all__ = [
     "__version__",
@@ -16,4 +18,9 @@ __all__ = [
     "current_backend",
     "use_backend",
     "flow_warp",
+    "KMeansResult",
+    "kmeans",
+    "kmeans_predict",
+    "position_encoding_3d",
+    "video_pseudo_labels",
 ]

@@ -5,5 +5,6 @@ them as the baseline.
 """
 
 from .flow_warp import flow_warp, flow_warp_valid
+from .kmeans import kmeans_assign, kmeans_step
 
-__all__ = ["flow_warp", "flow_warp_valid"]
+__all__ = ["flow_warp", "flow_warp_valid", "kmeans_assign", "kmeans_step"]
