@@ -180,7 +180,8 @@ def lloyd(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, *, iter
     labels_old = torch.full((B, N), -1, dtype=torch.int64, device=dev)
     for it in range(iters):
         labels, mind, sums, counts = step(x, lengths, centers)
-        sums, counts = relocate_empty(x, labels, mind, sums, counts)
+        if dev.type != "cpu" or bool((counts == 0).any()):  # the check is free on CPU, a sync on a GPU
+            sums, counts = relocate_empty(x, labels, mind, sums, counts)
         new = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None].to(sums.dtype), centers)
         shift = ((new - centers) ** 2).sum((1, 2))
         converged = (labels == labels_old).all(1) | (shift <= tol)
