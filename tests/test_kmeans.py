@@ -408,3 +408,24 @@ def test_pseudo_labels_list_of_videos():
         vosops.video_pseudo_labels(v1, mode="sklearn")
     with pytest.raises(ValueError, match="same channel count"):
         vosops.video_pseudo_labels([v1, v2[:, :3]])
+
+
+# --- the benchmark module -------------------------------------------------------------------------------------------
+
+def test_bench_cases_and_equal_work():
+    """Every timed implementation does the same work: same start, same iterations, same inertia (small data)."""
+    from vosops.bench import cases_for
+    from vosops.bench import kmeans as bk
+
+    cases = cases_for("kmeans", "cpu")
+    assert {c.config for c in cases} == {"km-cpu"}
+    assert [c.impl for c in cases if c.baseline] == ["sklearn"]
+    x, init = bk.make_data(2, 300, 6, 4, "cpu")
+    impls = bk._impls("cpu")
+    iters, inertia = impls["sklearn"](x, init, 100)
+    for name in ("reference", "cpu", "faiss-cpu", "fast-pytorch-kmeans"):
+        if name in impls:
+            its, inert = impls[name](x, init, 100)
+            assert inert == pytest.approx(inertia, rel=1e-4), name
+            if name in ("reference", "cpu"):
+                assert its == iters

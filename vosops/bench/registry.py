@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 # Ops with a benchmark module vosops/bench/<name>.py.
-OPS = ["flow_warp"]
+OPS = ["flow_warp", "kmeans"]
 
 
 @dataclass
