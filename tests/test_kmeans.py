@@ -106,14 +106,16 @@ def test_step_and_assign_match_reference(backend, device, layout, shape):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_full_kmeans_matches_reference_from_the_same_centres(backend, device):
+@pytest.mark.parametrize("batch_size", [None, 16])
+def test_full_kmeans_matches_reference_from_the_same_centres(backend, device, batch_size):
     dtype = torch.float64 if backend == "cpu" else torch.float32
     X, _ = blobs(3 * 150, 6, 5, std=3.0, seed=5)
     x = X.reshape(3, 150, 6).to(device=device, dtype=dtype)
     lengths = torch.tensor([150, 97, 40], device=device)
     init = x[:, :5].clone()
-    ref = vosops.kmeans(x, 5, init=init, lengths=lengths, backend="reference")
-    out = vosops.kmeans(x, 5, init=init, lengths=lengths, backend=backend)
+    kw = dict(init=init, lengths=lengths, batch_size=batch_size, seed=0, iters=100 if batch_size is None else 12)
+    ref = vosops.kmeans(x, 5, backend="reference", **kw)
+    out = vosops.kmeans(x, 5, backend=backend, **kw)
     torch.testing.assert_close(out.labels, ref.labels, atol=0, rtol=0)
     torch.testing.assert_close(out.n_iter, ref.n_iter)
     torch.testing.assert_close(out.centroids, ref.centroids, **({} if dtype == torch.float64 else

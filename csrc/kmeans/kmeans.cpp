@@ -20,38 +20,133 @@ namespace vosops {
 namespace kmeans {
 namespace {
 
-// Squared distances of one point to K centres, each with eight independent partial sums: the fixed-width inner
-// loop maps onto one SIMD register without reassociating anything. Compiled for AVX2+FMA and for the baseline ISA;
-// the loader picks the clone the CPU supports (results are reproducible on a given machine).
-#define VOSOPS_KMEANS_DIST_BODY                                                   \
-  for (int64_t k = 0; k < K; ++k) {                                               \
-    const auto* ck = c + k * D;                                                   \
-    decltype(+*c) p[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                \
-    int64_t d = 0;                                                                \
-    for (; d + 8 <= D; d += 8) {                                                  \
-      for (int l = 0; l < 8; ++l) {                                               \
-        const auto t = x[d + l] - ck[d + l];                                      \
-        p[l] += t * t;                                                            \
-      }                                                                           \
-    }                                                                             \
-    for (int l = 0; d < D; ++d, ++l) {                                            \
-      const auto t = x[d] - ck[d];                                                \
-      p[l] += t * t;                                                              \
-    }                                                                             \
-    out[k] = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));   \
-  }
+// Squared distances of one point to K centres, written with explicit 8-lane vectors (GCC/Clang vector extensions:
+// one AVX register for float in the Haswell clone, pairs of SSE registers in the baseline one). Lane l sums the
+// dimensions l, l+8, ...; the lanes are then added in a fixed tree and the D % 8 tail last, so the result does not
+// depend on the thread count. Four centres share each loaded x vector.
+template <typename T>
+struct Vec8 {
+  typedef T type __attribute__((vector_size(8 * sizeof(T))));
+};
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VOSOPS_KMEANS_CLONES __attribute__((target_clones("arch=haswell", "default")))
+template <typename V, typename T>
+__attribute__((always_inline)) inline V load8(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+// Lane sums in the tree ((v0+v4) + (v1+v5)) + ((v2+v6) + (v3+v7)); hsum8x4 does four vectors at once with the
+// same tree (shuffles instead of scalar extracts).
+template <typename V>
+__attribute__((always_inline)) inline auto hsum8(const V& v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+template <typename V>
+__attribute__((always_inline)) inline auto hsum8x4(const V& a0, const V& a1, const V& a2, const V& a3) {
+  const auto h0 = __builtin_shufflevector(a0, a0, 0, 1, 2, 3) + __builtin_shufflevector(a0, a0, 4, 5, 6, 7);
+  const auto h1 = __builtin_shufflevector(a1, a1, 0, 1, 2, 3) + __builtin_shufflevector(a1, a1, 4, 5, 6, 7);
+  const auto h2 = __builtin_shufflevector(a2, a2, 0, 1, 2, 3) + __builtin_shufflevector(a2, a2, 4, 5, 6, 7);
+  const auto h3 = __builtin_shufflevector(a3, a3, 0, 1, 2, 3) + __builtin_shufflevector(a3, a3, 4, 5, 6, 7);
+  const auto e01 = __builtin_shufflevector(h0, h1, 0, 2, 4, 6) + __builtin_shufflevector(h0, h1, 1, 3, 5, 7);
+  const auto e23 = __builtin_shufflevector(h2, h3, 0, 2, 4, 6) + __builtin_shufflevector(h2, h3, 1, 3, 5, 7);
+  return __builtin_shufflevector(e01, e23, 0, 2, 4, 6) + __builtin_shufflevector(e01, e23, 1, 3, 5, 7);
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void distances_body(const T* x, const T* c, int64_t K, int64_t D, T* out) {
+  using V = typename Vec8<T>::type;
+  const int64_t Dv = D / 8 * 8;
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    const T *c0 = c + k * D, *c1 = c0 + D, *c2 = c1 + D, *c3 = c2 + D;
+    V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t d = 0; d < Dv; d += 8) {
+      const V xv = load8<V>(x + d);
+      const V t0 = xv - load8<V>(c0 + d), t1 = xv - load8<V>(c1 + d);
+      const V t2 = xv - load8<V>(c2 + d), t3 = xv - load8<V>(c3 + d);
+      a0 += t0 * t0;
+      a1 += t1 * t1;
+      a2 += t2 * t2;
+      a3 += t3 * t3;
+    }
+    const auto r = hsum8x4(a0, a1, a2, a3);
+    T r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+    for (int64_t d = Dv; d < D; ++d) {
+      const T t0 = x[d] - c0[d], t1 = x[d] - c1[d], t2 = x[d] - c2[d], t3 = x[d] - c3[d];
+      r0 += t0 * t0;
+      r1 += t1 * t1;
+      r2 += t2 * t2;
+      r3 += t3 * t3;
+    }
+    out[k] = r0;
+    out[k + 1] = r1;
+    out[k + 2] = r2;
+    out[k + 3] = r3;
+  }
+  for (; k < K; ++k) {
+    const T* ck = c + k * D;
+    V a = {};
+    for (int64_t d = 0; d < Dv; d += 8) {
+      const V t = load8<V>(x + d) - load8<V>(ck + d);
+      a += t * t;
+    }
+    T r = hsum8(a);
+    for (int64_t d = Dv; d < D; ++d) {
+      const T t = x[d] - ck[d];
+      r += t * t;
+    }
+    out[k] = r;
+  }
+}
+
+// Adds a point to its cluster's running sum.
+template <typename T>
+__attribute__((always_inline)) inline void add_row_body(T* s, const T* x, int64_t D) {
+  using V = typename Vec8<T>::type;
+  const int64_t Dv = D / 8 * 8;
+  for (int64_t d = 0; d < Dv; d += 8) {
+    const V v = load8<V>(s + d) + load8<V>(x + d);
+    __builtin_memcpy(s + d, &v, sizeof(V));
+  }
+  for (int64_t d = Dv; d < D; ++d) s[d] += x[d];
+}
+
+// The hot loops are compiled twice, for AVX2 + FMA and for the baseline ISA, and picked once by what the CPU
+// reports (by feature, not by CPU model, so AMD and Intel both get the AVX2 path). Results are reproducible on a
+// given machine (FMA contraction differs between the two paths).
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define VOSOPS_KMEANS_AVX2 __attribute__((target("avx2,fma")))
+const bool kUseAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
-#define VOSOPS_KMEANS_CLONES
+#define VOSOPS_KMEANS_AVX2
+const bool kUseAvx2 = false;
 #endif
 
-VOSOPS_KMEANS_CLONES void distances(const float* x, const float* c, int64_t K, int64_t D, float* out) {
-  VOSOPS_KMEANS_DIST_BODY
+template <typename T>
+VOSOPS_KMEANS_AVX2 void distances_avx2(const T* x, const T* c, int64_t K, int64_t D, T* out) {
+  distances_body(x, c, K, D, out);
 }
-VOSOPS_KMEANS_CLONES void distances(const double* x, const double* c, int64_t K, int64_t D, double* out) {
-  VOSOPS_KMEANS_DIST_BODY
+template <typename T>
+void distances_base(const T* x, const T* c, int64_t K, int64_t D, T* out) {
+  distances_body(x, c, K, D, out);
+}
+template <typename T>
+VOSOPS_KMEANS_AVX2 void add_row_avx2(T* s, const T* x, int64_t D) {
+  add_row_body(s, x, D);
+}
+template <typename T>
+void add_row_base(T* s, const T* x, int64_t D) {
+  add_row_body(s, x, D);
+}
+template <typename T>
+inline void distances(const T* x, const T* c, int64_t K, int64_t D, T* out) {
+  kUseAvx2 ? distances_avx2(x, c, K, D, out) : distances_base(x, c, K, D, out);
+}
+template <typename T>
+inline void add_row(T* s, const T* x, int64_t D) {
+  kUseAvx2 ? add_row_avx2(s, x, D) : add_row_base(s, x, D);
 }
 
 template <typename scalar_t>
@@ -106,8 +201,7 @@ void step_cpu(const at::Tensor& x, const int64_t* lengths, const at::Tensor& cen
         labels[o] = arg;
         mindist[o] = best;
         if (accumulate) {
-          acc_t* s = ps + arg * D;
-          for (int64_t d = 0; d < D; ++d) s[d] += xa[d];
+          add_row(ps + arg * D, xa, D);
           pc[arg] += 1;
         }
       }

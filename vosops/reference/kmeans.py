@@ -137,6 +137,8 @@ def random_init(x: torch.Tensor, lengths: torch.Tensor, K: int, generator: torch
 def scaled_tol(x: torch.Tensor, lengths: torch.Tensor, tol: float) -> torch.Tensor:
     """scikit-learn's tolerance per problem: tol * mean over features of the (population) variance."""
     acc = acc_dtype(x.dtype)
+    if x.device.type == "cpu" and bool((lengths == x.shape[1]).all()):  # no padding: one pass, no temporaries
+        return torch.var_mean(x.to(acc), dim=1, correction=0)[0].mean(1) * tol
     valid = valid_mask(lengths, x.shape[1])[..., None]
     n = lengths.to(acc)[:, None]
     xa = torch.where(valid, x.to(acc), 0.0)
@@ -179,8 +181,9 @@ def lloyd(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, *, iter
     n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
     labels_old = torch.full((B, N), -1, dtype=torch.int64, device=dev)
     for it in range(iters):
-        labels, mind, sums, counts = step(x, lengths, centers)
-        if dev.type != "cpu" or bool((counts == 0).any()):  # the check is free on CPU, a sync on a GPU
+        # finished problems are passed with length 0: the step skips their points (their outputs are discarded)
+        labels, mind, sums, counts = step(x, torch.where(active, lengths, 0), centers)
+        if dev.type != "cpu" or bool(((counts == 0) & active[:, None]).any()):  # free on CPU, a sync on a GPU
             sums, counts = relocate_empty(x, labels, mind, sums, counts)
         new = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None].to(sums.dtype), centers)
         shift = ((new - centers) ** 2).sum((1, 2))
@@ -219,7 +222,7 @@ def minibatch(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, bat
     full = torch.full((B,), bsz, dtype=torch.int64, device=dev)
     for it in range(batches.shape[0]):
         xb = x.gather(1, batches[it][..., None].expand(B, bsz, D))
-        _, _, sums, counts = step(xb, full, centers)
+        _, _, sums, counts = step(xb, torch.where(active, full, 0), centers)
         counts = counts.to(centers.dtype)
         w_new = weight + counts
         has = counts > 0
