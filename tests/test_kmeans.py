@@ -431,3 +431,28 @@ def test_bench_cases_and_equal_work():
             assert inert == pytest.approx(inertia, rel=1e-4), name
             if name in ("reference", "cpu"):
                 assert its == iters
+
+
+def test_native_update_matches_reference_update():
+    if vosops._backends.why_unusable("cpu", "kmeans_step", "cpu"):
+        pytest.skip("native kernels not built")
+    B, K, D, N = 4, 3, 5, 20
+    for dtype in (torch.float64, torch.float32):
+        centers = torch.randn(B, K, D, dtype=dtype)
+        sums = torch.randn(B, K, D, dtype=dtype) * 10
+        counts = torch.randint(0, 6, (B, K))
+        counts[0, 1] = 0  # an empty cluster keeps its centre
+        labels = torch.randint(0, K, (B, N))
+        labels_old = labels.clone()
+        labels_old[1:, 3] = (labels_old[1:, 3] + 1) % K  # problem 0 unchanged: strictly converged
+        active = torch.tensor([True, True, False, True])
+        tol = torch.tensor([0.0, 1e9, 0.0, 0.0], dtype=dtype)  # problem 1 converges by the shift rule
+        with testing.poisoned_outputs():
+            c, conv = torch.ops.vosops.kmeans_update(centers, sums, counts, labels, labels_old, active, tol)
+        rc, rconv = R.kmeans_update(centers, sums, counts, labels, labels_old, active, tol)
+        torch.testing.assert_close(c, rc)
+        assert conv.tolist() == rconv.tolist() == [True, True, False, False]
+        torch.testing.assert_close(c[2], centers[2])  # inactive: untouched
+        torch.testing.assert_close(c[0, 1], centers[0, 1])
+    testing.check_opcheck(torch.ops.vosops.kmeans_update.default,
+                          (centers, sums, counts, labels, labels_old, active, tol))

@@ -18,6 +18,7 @@ INITS = ("k-means++", "random")
 
 
 def _steps(backend: str):
+    """(step, assign) of a backend: its fused passes over x."""
     if backend == "reference":
         return _ref.kmeans_step, _ref.kmeans_assign
     if backend == "triton":
@@ -25,6 +26,11 @@ def _steps(backend: str):
 
         return _tk.kmeans_step, _tk.kmeans_assign
     return torch.ops.vosops.kmeans_step, torch.ops.vosops.kmeans_assign
+
+
+def _update(backend: str):
+    """The Lloyd update: one native call on the cpu backend, the reference's tensor ops elsewhere."""
+    return torch.ops.vosops.kmeans_update if backend == "cpu" else _ref.kmeans_update
 
 
 def _int(name: str, v, lo: int) -> int:
@@ -140,7 +146,7 @@ def kmeans(
         seed = int(torch.randint(0, 2**62, (1,)))
     gen = torch.Generator(device=x.device).manual_seed(seed)
     res = _ref.kmeans(x, K, iters=iters, tol=float(tol), init=init, n_init=n_init, batch_size=batch_size,
-                      lengths=lengths, generator=gen, step=step, assign=assign,
+                      lengths=lengths, generator=gen, step=step, assign=assign, update=_update(chosen),
                       check_every=1 if x.device.type == "cpu" else 10)
     if single:
         res = KMeansResult(*(t[0] for t in res))
@@ -172,6 +178,10 @@ def _register_native() -> None:
         acc = _ref.acc_dtype(x.dtype)
         return (x.new_empty((B, N), dtype=torch.int64), x.new_empty((B, N), dtype=acc),
                 x.new_empty((B, K, D), dtype=acc), x.new_empty((B, K), dtype=torch.int64))
+
+    @torch.library.register_fake("vosops::kmeans_update")
+    def _(centers, sums, counts, labels, labels_old, active, tol):
+        return centers.new_empty(centers.shape), active.new_empty(active.shape)
 
     @torch.library.register_fake("vosops::kmeans_assign")
     def _(x, lengths, centers):

@@ -169,8 +169,19 @@ def relocate_empty(x, labels, mindist, sums, counts):
     return sums, counts
 
 
+def kmeans_update(centers, sums, counts, labels, labels_old, active, tol):
+    """The Lloyd update: new centre = cluster mean (unchanged when the cluster is empty); a problem has converged
+    when its labels equal labels_old or its squared centre shift is <= tol. Returns (centres, converged) with the
+    centres of inactive problems left as they were."""
+    new = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None].to(sums.dtype), centers)
+    shift = ((new - centers) ** 2).sum((1, 2))
+    converged = (labels == labels_old).all(1) | (shift <= tol)
+    return torch.where(active[:, None, None], new, centers), converged
+
+
 def lloyd(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, *, iters: int, tol: torch.Tensor,
-          step: Step = kmeans_step, assign: Step = kmeans_assign, check_every: int = 1) -> KMeansResult:
+          step: Step = kmeans_step, assign: Step = kmeans_assign, check_every: int = 1,
+          update=kmeans_update) -> KMeansResult:
     """Lloyd iterations from `centers` (B, K, D) for every problem; see the module docstring for the rules.
     `check_every`: how often the host looks at the device-side flags to stop early (1 on CPU; on CUDA more, so the
     loop runs without a synchronisation per iteration)."""
@@ -185,10 +196,7 @@ def lloyd(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, *, iter
         labels, mind, sums, counts = step(x, torch.where(active, lengths, 0), centers)
         if dev.type != "cpu" or bool(((counts == 0) & active[:, None]).any()):  # free on CPU, a sync on a GPU
             sums, counts = relocate_empty(x, labels, mind, sums, counts)
-        new = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None].to(sums.dtype), centers)
-        shift = ((new - centers) ** 2).sum((1, 2))
-        converged = (labels == labels_old).all(1) | (shift <= tol)
-        centers = torch.where(active[:, None, None], new, centers)
+        centers, converged = update(centers, sums, counts, labels, labels_old, active, tol)
         n_iter += active.long()
         active = active & ~converged
         labels_old = labels
@@ -242,7 +250,8 @@ def minibatch(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, bat
 
 def kmeans(x: torch.Tensor, K: int, *, iters: int = 100, tol: float = 1e-4, init="k-means++", n_init: int = 1,
            batch_size: int | None = None, lengths: torch.Tensor | None = None, generator: torch.Generator,
-           step: Step = kmeans_step, assign: Step = kmeans_assign, check_every: int = 1) -> KMeansResult:
+           step: Step = kmeans_step, assign: Step = kmeans_assign, check_every: int = 1,
+           update=kmeans_update) -> KMeansResult:
     """The whole algorithm on validated (B, N, D) input; `init` is "k-means++", "random" or (B, K, D) centres.
     With n_init > 1 each problem keeps the restart with the lowest inertia."""
     B, N, D = x.shape
@@ -258,7 +267,8 @@ def kmeans(x: torch.Tensor, K: int, *, iters: int = 100, tol: float = 1e-4, init
         else:
             c0 = kmeans_plusplus(x, lengths, K, generator)
         if batch_size is None:
-            res = lloyd(x, lengths, c0, iters=iters, tol=tol_b, step=step, assign=assign, check_every=check_every)
+            res = lloyd(x, lengths, c0, iters=iters, tol=tol_b, step=step, assign=assign, check_every=check_every,
+                        update=update)
         else:
             batches = sample_batches(lengths, iters, batch_size, generator)
             res = minibatch(x, lengths, c0, batches, tol=tol_b, step=step, assign=assign, check_every=check_every)
