@@ -8,8 +8,9 @@ Data: Gaussian points (see make_data). Every implementation starts from the same
 iterations (scikit-learn still stops when the labels stop changing; so does vosops), so all do the same work; the
 iterations actually run and the mean inertia are recorded per row ("iters", "inertia") to check "equal iterations,
 equal inertia". Baselines: scikit-learn KMeans (lloyd) per problem on CPU; fast-pytorch-kmeans MultiKMeans on GPU
-(the reference when it is not installed). Also timed when installed: scikit-learn MiniBatchKMeans (batch 1024,
-100 steps), faiss-cpu Kmeans, fast-pytorch-kmeans.
+(the reference when it is not installed). Also timed: scikit-learn MiniBatchKMeans and vosops' mini-batch mode
+(MB_STEPS steps of MB_BATCH points; a different algorithm, so compare these two rows with each other), and when
+installed faiss-cpu Kmeans and fast-pytorch-kmeans.
 """
 
 from __future__ import annotations
@@ -62,18 +63,30 @@ def _sklearn(x, init, iters):
     return sum(its) / len(its), sum(inert) / len(inert)
 
 
+MB_BATCH, MB_STEPS = 1024, 20  # mini-batch rows: 20 steps of 1024 points per problem (about 5 epochs of km-cpu)
+
+
 def _sklearn_minibatch(x, init, iters):
     from sklearn.cluster import MiniBatchKMeans
 
     X, C = x.cpu().numpy(), init.cpu().numpy()
     inert = []
+    bs = min(MB_BATCH, X.shape[1])
     for b in range(X.shape[0]):
-        bs = min(1024, X.shape[1])
+        # max_iter counts epochs: MB_STEPS steps of bs points
         km = MiniBatchKMeans(C.shape[1], init=C[b], n_init=1, batch_size=bs, reassignment_ratio=0.0, tol=0.0,
-                             max_no_improvement=None, max_iter=max(1, iters * bs // X.shape[1]))
+                             max_no_improvement=None, max_iter=max(1, MB_STEPS * bs // X.shape[1]))
         km.fit(X[b])
         inert.append(km.inertia_)
-    return float(iters), sum(inert) / len(inert)
+    return float(MB_STEPS), sum(inert) / len(inert)
+
+
+def _vosops_minibatch(backend):
+    def run(x, init, iters):
+        r = vosops.kmeans(x, init.shape[1], init=init, iters=MB_STEPS, tol=0.0,
+                          batch_size=min(MB_BATCH, x.shape[1]), seed=0, backend=backend)
+        return r.n_iter.float().mean().item(), r.inertia.double().mean().item()
+    return run
 
 
 def _faiss(x, init, iters):
@@ -102,6 +115,7 @@ def _impls(device: str) -> dict:
     for b in ("cpu", "cuda", "triton"):
         if _backends.why_unusable(b, "kmeans_step", device) is None and not (b == "triton" and device == "cpu"):
             impls[b] = _vosops(b)
+            impls[f"{b}-minibatch"] = _vosops_minibatch(b)
     if device == "cpu":
         impls["sklearn"] = _sklearn
         impls["sklearn-minibatch"] = _sklearn_minibatch

@@ -66,8 +66,9 @@ def _check_lengths(lengths, B: int, N: int, device) -> torch.Tensor:
 
 
 def _check_finite(x: torch.Tensor, lengths: torch.Tensor) -> None:
-    if bool((lengths == x.shape[1]).all()):  # no padding: one reduction over x
-        finite = bool(torch.isfinite(x).all())
+    if bool((lengths == x.shape[1]).all()):
+        # one fast reduction: a NaN or inf anywhere makes the sum non-finite (a finite overflow is re-checked)
+        finite = bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
     else:
         finite = bool(torch.where(_ref.valid_mask(lengths, x.shape[1])[..., None], torch.isfinite(x), True).all())
     if not finite:
