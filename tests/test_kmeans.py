@@ -172,19 +172,19 @@ def _sklearn_best(X: np.ndarray, k: int) -> float:
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_inertia_within_one_percent_of_sklearn_on_blobs(backend):
-    X, _ = blobs(3 * 300, 8, 6, std=3.0, seed=7)
-    x = X.reshape(3, 300, 8).float()
+    X, _ = blobs(2 * 300, 8, 6, std=3.0, seed=7)
+    x = X.reshape(2, 300, 8).float()
     res = vosops.kmeans(x, 6, n_init=10, seed=0, backend=backend)
-    for b in range(3):
+    for b in range(2):
         best = _sklearn_best(x[b].double().numpy(), 6)
         assert float(res.inertia[b]) <= 1.01 * best, (b, float(res.inertia[b]), best)
 
 
 def _real_features():
-    """Pixels of two DAVIS frames at 1/16 resolution: Lab colour and scaled position, a real-image distribution."""
+    """Pixels of a DAVIS frame at 1/16 resolution: Lab colour and scaled position, a real-image distribution."""
     import cv2
 
-    files = sorted(glob.glob(os.path.join(DAVIS, "blackswan", "*.jpg")))[:2]
+    files = sorted(glob.glob(os.path.join(DAVIS, "blackswan", "*.jpg")))[:1]
     feats = []
     for f in files:
         img = cv2.resize(cv2.imread(f), (54, 30), interpolation=cv2.INTER_AREA)
@@ -240,12 +240,12 @@ def test_empty_clusters_are_reseeded_at_the_farthest_point(backend, device):
 @pytest.mark.parametrize("backend,device", [("reference", "cpu")] + BACKENDS)
 @pytest.mark.parametrize("batch_size", [None, 16])
 def test_same_seed_same_result(backend, device, batch_size):
-    x = torch.randn(2, 80, 5, device=device)
-    runs = [vosops.kmeans(x, 4, seed=123, n_init=2, iters=15, batch_size=batch_size, backend=backend)
+    x = torch.randn(2, 60, 5, device=device)
+    runs = [vosops.kmeans(x, 4, seed=123, n_init=2, iters=6, batch_size=batch_size, backend=backend)
             for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-    other = vosops.kmeans(x, 4, seed=124, n_init=2, iters=15, batch_size=batch_size, backend=backend)
+    other = vosops.kmeans(x, 4, seed=124, n_init=2, iters=6, batch_size=batch_size, backend=backend)
     assert not torch.equal(other.centroids, runs[0].centroids)
 
 
