@@ -10,12 +10,14 @@ KMeans / MiniBatchKMeans so results can be compared with it:
   at the point farthest from its own centre (that point leaves its old cluster's sums), as scikit-learn does.
   A problem stops when its labels did not change ("strict" convergence) or when the squared centre shift summed
   over centres is <= tol * mean_d var(x[:, d]) (scikit-learn's relative tolerance). Finished problems keep their
-  centres while the others iterate; no host synchronisation is needed inside the loop.
+  centres while the others iterate (they are passed to the step with length 0, so it skips their points); no host
+  synchronisation is needed inside the loop. After the loop every point is assigned once more to the final
+  centres (as scikit-learn does when it stopped on the shift rule); labels and inertia come from that pass.
 * mini-batch: scikit-learn's MiniBatchKMeans update with reassignment_ratio=0: per-centre running counts w_k and
   c_k <- (c_k * w_k + sum of the batch points assigned to k) / (w_k + n_k).
 
-The step functions are pluggable (`step=`), so the native, Triton and CUDA backends reuse this driver and replace
-only the fused pass over x.
+The step functions are pluggable (`step=`, `assign=`, `update=`), so the native, Triton and CUDA backends reuse
+this driver and replace only the fused pass over x (and, on the cpu backend, the update).
 """
 
 from __future__ import annotations
