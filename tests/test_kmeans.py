@@ -474,3 +474,24 @@ def test_cuda_sources_compile_for_sm80_and_sm90(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     spills = [line for line in res.stderr.splitlines() if "spill" in line and not line.strip().startswith("0 bytes")]
     assert all(" 0 bytes spill stores, 0 bytes spill loads" in line for line in spills), spills
+
+
+@pytest.mark.skipif(not os.path.isdir(DAVIS), reason="DAVIS-2016 mini data not present")
+def test_pseudo_labels_on_davis_frames():
+    """Paper mode on real frames (Lab colour as the 'embedding'): exactly the pixels of clusters holding more than
+    max_cluster_fraction of the video's pixels become -1; the others keep their cluster."""
+    import cv2
+
+    files = sorted(glob.glob(os.path.join(DAVIS, "car-shadow", "*.jpg")))[:3]
+    frames = [cv2.cvtColor(cv2.resize(cv2.imread(f), (54, 30), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2LAB)
+              for f in files]
+    feats = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0  # (T, 3, H, W)
+    full = vosops.video_pseudo_labels(feats, pos_dim=6, pos_weight=0.1, seed=0, max_cluster_fraction=1.0)
+    assert full.shape == (3, 30, 54) and (full >= 0).all() and int(full.max()) == 4
+    frac = torch.bincount(full.flatten(), minlength=5).double() / full.numel()
+    for limit in (0.4, 0.2):  # at 0.2 some of these clusters go, some stay
+        labels = vosops.video_pseudo_labels(feats, pos_dim=6, pos_weight=0.1, seed=0, max_cluster_fraction=limit)
+        dropped = frac > limit
+        assert torch.equal(labels == -1, dropped[full])
+        assert torch.equal(labels[labels >= 0], full[labels >= 0])
+    assert dropped.any() and (~dropped).any()
