@@ -10,6 +10,8 @@ from ._backends import BACKENDS, BackendUnavailableError, current_backend, use_b
 from .ops.flow_warp import flow_warp
 from .ops.local_attention import local_affinity, local_aggregate, local_attention
 from .ops.topk import global_topk, merge_topk, topk_aggregate, topk_attention
+from .ops.kmeans import KMeansResult, kmeans, kmeans_predict
+from .ops.pseudo_labels import position_encoding_3d, video_pseudo_labels
 
 __all__ = [
     "__version__",
@@ -25,4 +27,9 @@ __all__ = [
     "merge_topk",
     "topk_aggregate",
     "topk_attention",
+    "KMeansResult",
+    "kmeans",
+    "kmeans_predict",
+    "position_encoding_3d",
+    "video_pseudo_labels",
 ]

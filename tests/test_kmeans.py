@@ -1,0 +1,497 @@
+"""kmeans: the reference against scikit-learn, every backend against the reference, the Mask-VOS pseudo labels."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans, MiniBatchKMeans
+from sklearn.datasets import make_blobs
+
+import vosops
+from vosops import reference, testing
+from vosops.reference import kmeans as R
+
+from conftest import backend_device_params
+
+BACKENDS = backend_device_params("kmeans_step")
+DAVIS = "/work/shared/data/davis2016-mini/JPEGImages/480p"
+
+
+def blobs(n, d, k, *, std=1.0, seed=0, dtype=torch.float64):
+    X, y = make_blobs(n, n_features=d, centers=k, cluster_std=std, random_state=seed)
+    return torch.from_numpy(X).to(dtype), y
+
+
+def permutation_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether the two labelings are the same partition (a bijection maps one onto the other)."""
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+# --- the reference against scikit-learn -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("tol", [1e-4, 0.0])
+def test_reference_lloyd_matches_sklearn_from_the_same_centres(tol):
+    X, _ = blobs(400, 5, 6, std=2.5, seed=1)
+    init = X[[0, 50, 100, 150, 200, 250]]
+    res = vosops.kmeans(X, 6, init=init, iters=300, tol=tol, backend="reference")
+    sk = KMeans(6, init=init.numpy(), n_init=1, max_iter=300, tol=tol, algorithm="lloyd").fit(X.numpy())
+    assert int(res.n_iter) == sk.n_iter_
+    np.testing.assert_array_equal(res.labels.numpy(), sk.labels_)
+    np.testing.assert_allclose(res.centroids.numpy(), sk.cluster_centers_, atol=1e-10)
+    np.testing.assert_allclose(float(res.inertia), sk.inertia_, rtol=1e-10)
+
+
+def test_reference_relocates_empty_clusters_like_sklearn():
+    X, _ = blobs(300, 4, 4, seed=2)
+    init = torch.cat([X[:3], torch.full((2, 4), 1e3, dtype=torch.float64)])  # two centres no point is near
+    res = vosops.kmeans(X, 5, init=init, iters=50, backend="reference")
+    sk = KMeans(5, init=init.numpy(), n_init=1, max_iter=50, algorithm="lloyd").fit(X.numpy())
+    np.testing.assert_array_equal(res.labels.numpy(), sk.labels_)
+    np.testing.assert_allclose(res.centroids.numpy(), sk.cluster_centers_, atol=1e-10)
+    assert (np.bincount(res.labels.numpy(), minlength=5) > 0).all()
+
+
+def test_reference_kmeans_plusplus_is_a_valid_greedy_seeding():
+    X, y = blobs(200, 3, 5, std=0.2, seed=3)
+    g = torch.Generator().manual_seed(0)
+    c = R.kmeans_plusplus(X[None], torch.tensor([200]), 5, g)[0]
+    # every centre is a data point, all distinct, and they spread over the 5 blobs
+    d = ((c[:, None] - X[None]) ** 2).sum(-1)
+    assert (d.min(1).values == 0).all() and len(set(d.argmin(1).tolist())) == 5
+    assert len(set(y[d.argmin(1).numpy()].tolist())) == 5
+
+
+def test_reference_minibatch_matches_sklearn_on_the_same_batches():
+    X, _ = blobs(600, 4, 5, std=2.0, seed=4)
+    init = X[:5].clone()
+    g = torch.Generator().manual_seed(0)
+    batches = R.sample_batches(torch.tensor([600]), 20, 64, g)  # (steps, 1, 64)
+    res = R.minibatch(X[None], torch.tensor([600]), init[None], batches, tol=torch.zeros(1))
+    sk = MiniBatchKMeans(5, init=init.numpy(), n_init=1, batch_size=64, reassignment_ratio=0.0)
+    for t in range(batches.shape[0]):
+        sk.partial_fit(X[batches[t, 0]].numpy())
+    np.testing.assert_allclose(res.centroids[0].numpy(), sk.cluster_centers_, atol=1e-10)
+    np.testing.assert_array_equal(res.labels[0].numpy(), sk.predict(X.numpy()))
+
+
+# --- the fused passes of every backend against the reference ----------------------------------------------------
+
+def _step_inputs(device, B=3, N=37, D=5, K=4):
+    x = torch.randn(B, N, D, device=device) * 2
+    lengths = torch.tensor([N, 11, K][:B] + [N] * max(0, B - 3), device=device)
+    centers = torch.randn(B, K, D, device=device) * 2
+    return x, lengths, centers
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+@pytest.mark.parametrize("shape", [(3, 37, 5, 4), (2, 1100, 3, 7), (1, 9, 17, 1)])
+def test_step_and_assign_match_reference(backend, device, layout, shape):
+    B, N, D, K = shape
+    for dtype in testing.backend_dtypes(backend, device):
+        x, lengths, centers = _step_inputs(device, B, N, D, K)
+        step, assign = vosops.ops.kmeans._steps(backend)
+        # centres in the accumulation dtype, as the driver passes them
+        acc = R.acc_dtype(dtype)
+        for fn, ref in ((step, reference.kmeans_step), (assign, reference.kmeans_assign)):
+            testing.check_against_reference(
+                lambda x, c: fn(x, lengths, c.to(acc)), lambda x, c: ref(x, lengths, c),
+                {"x": x, "c": centers}, dtype=dtype, layout=layout,
+                # sums over up to ~1000 points of order 2
+                atol=1e-3 if dtype in (torch.float16, torch.bfloat16) else None,
+            )
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("batch_size", [None, 16])
+def test_full_kmeans_matches_reference_from_the_same_centres(backend, device, batch_size):
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    X, _ = blobs(3 * 150, 6, 5, std=3.0, seed=5)
+    x = X.reshape(3, 150, 6).to(device=device, dtype=dtype)
+    lengths = torch.tensor([150, 97, 40], device=device)
+    init = x[:, :5].clone()
+    kw = dict(init=init, lengths=lengths, batch_size=batch_size, seed=0, iters=100 if batch_size is None else 12)
+    ref = vosops.kmeans(x, 5, backend="reference", **kw)
+    out = vosops.kmeans(x, 5, backend=backend, **kw)
+    torch.testing.assert_close(out.labels, ref.labels, atol=0, rtol=0)
+    torch.testing.assert_close(out.n_iter, ref.n_iter)
+    torch.testing.assert_close(out.centroids, ref.centroids, **({} if dtype == torch.float64 else
+                                                                dict(atol=1e-4, rtol=1e-4)))
+    torch.testing.assert_close(out.inertia, ref.inertia, rtol=1e-5, atol=1e-5)
+    assert (out.labels[1, 97:] == -1).all() and (out.labels[2, 40:] == -1).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("batch_size", [None, 32])
+def test_ragged_batch_equals_each_problem_alone(backend, batch_size):
+    if backend == "cpu" and vosops._backends.why_unusable("cpu", "kmeans_step", "cpu"):
+        pytest.skip("native kernels not built")
+    X, _ = blobs(3 * 120, 4, 4, std=2.0, seed=6)
+    x = X.reshape(3, 120, 4)
+    lengths = torch.tensor([120, 57, 9])
+    init = x[:, :4].clone()
+    x[1, 57:] = 1e6  # padding must be ignored, whatever it holds
+    x[2, 9:] = -3e5
+    batched = vosops.kmeans(x, 4, init=init, lengths=lengths, batch_size=batch_size, iters=40, seed=0,
+                            backend=backend)
+    for b in range(3):
+        if batch_size is None:
+            alone = vosops.kmeans(x[b, : lengths[b]], 4, init=init[b], backend=backend)
+        else:  # the same batches as problem b drew inside the batched run
+            g = torch.Generator().manual_seed(0)
+            batches = R.sample_batches(lengths, 40, batch_size, g)[:, b:b + 1]
+            alone = R.minibatch(x[b:b + 1, : lengths[b]], lengths[b:b + 1], init[b:b + 1], batches,
+                                tol=R.scaled_tol(x[b:b + 1, : lengths[b]], lengths[b:b + 1], 1e-4))
+            alone = R.KMeansResult(*(t[0] for t in alone))
+        n = int(lengths[b])
+        torch.testing.assert_close(batched.labels[b, :n], alone.labels)
+        torch.testing.assert_close(batched.centroids[b], alone.centroids)
+        torch.testing.assert_close(batched.inertia[b], alone.inertia)
+        torch.testing.assert_close(batched.n_iter[b], alone.n_iter)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_predict_matches_reference(backend, device):
+    x = torch.randn(2, 30, 6, device=device)
+    c = torch.randn(4, 6, device=device)
+    out = vosops.kmeans_predict(x, c, backend=backend)
+    ref = reference.kmeans_assign(x.double(), torch.tensor([30, 30]), c.double().expand(2, 4, 6))[0]
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    single = vosops.kmeans_predict(x[0], c, backend=backend)
+    torch.testing.assert_close(single, ref[0], atol=0, rtol=0)
+
+
+# --- quality against scikit-learn --------------------------------------------------------------------------------
+
+def _sklearn_best(X: np.ndarray, k: int) -> float:
+    return KMeans(k, n_init=10, random_state=0).fit(X).inertia_
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_inertia_within_one_percent_of_sklearn_on_blobs(backend):
+    X, _ = blobs(2 * 300, 8, 6, std=3.0, seed=7)
+    x = X.reshape(2, 300, 8).float()
+    res = vosops.kmeans(x, 6, n_init=10, seed=0, backend=backend)
+    for b in range(2):
+        best = _sklearn_best(x[b].double().numpy(), 6)
+        assert float(res.inertia[b]) <= 1.01 * best, (b, float(res.inertia[b]), best)
+
+
+def _real_features():
+    """Pixels of a DAVIS frame at 1/16 resolution: Lab colour and scaled position, a real-image distribution."""
+    import cv2
+
+    files = sorted(glob.glob(os.path.join(DAVIS, "blackswan", "*.jpg")))[:1]
+    feats = []
+    for f in files:
+        img = cv2.resize(cv2.imread(f), (54, 30), interpolation=cv2.INTER_AREA)
+        lab = cv2.cvtColor(img, cv2.COLOR_BGR2LAB).astype(np.float32) / 255.0
+        yy, xx = np.mgrid[0:30, 0:54].astype(np.float32) / 54.0
+        feats.append(np.concatenate([lab.reshape(-1, 3), yy.reshape(-1, 1), xx.reshape(-1, 1)], 1))
+    return torch.from_numpy(np.stack(feats))
+
+
+@pytest.mark.skipif(not os.path.isdir(DAVIS), reason="DAVIS-2016 mini data not present")
+@pytest.mark.parametrize("backend", ["cpu"])
+def test_inertia_within_one_percent_of_sklearn_on_real_features(backend):
+    x = _real_features()
+    res = vosops.kmeans(x, 5, n_init=10, seed=0, backend=backend)
+    for b in range(x.shape[0]):
+        best = _sklearn_best(x[b].double().numpy(), 5)
+        assert float(res.inertia[b]) <= 1.01 * best, (b, float(res.inertia[b]), best)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_labels_equal_up_to_permutation_on_separated_blobs(backend):
+    X, y = blobs(500, 3, 4, std=0.3, seed=8)
+    res = vosops.kmeans(X.float(), 4, seed=1, n_init=3, backend=backend)
+    assert permutation_equal(res.labels.numpy(), y)
+    sk = KMeans(4, n_init=10, random_state=0).fit(X.numpy())
+    assert permutation_equal(res.labels.numpy(), sk.labels_)
+
+
+def test_minibatch_reaches_good_inertia():
+    X, y = blobs(2000, 4, 5, std=0.5, seed=9)
+    res = vosops.kmeans(X.float(), 5, batch_size=128, iters=60, n_init=3, seed=0, tol=0.0)
+    assert float(res.inertia) <= 1.05 * _sklearn_best(X.numpy(), 5)
+    assert res.labels.shape == (2000,) and int(res.n_iter) == 60  # tol=0: never stops early
+    early = vosops.kmeans(X.float(), 5, batch_size=128, iters=60, seed=0, tol=1e-3)
+    assert 1 <= int(early.n_iter) < 60
+
+
+# --- empty clusters, determinism, errors ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + BACKENDS)
+def test_empty_clusters_are_reseeded_at_the_farthest_point(backend, device):
+    X, _ = blobs(200, 3, 3, seed=10)
+    x = X.float().to(device)
+    init = torch.cat([x[:2], torch.full((2, 3), 500.0, device=device)])  # two centres that attract nothing
+    res = vosops.kmeans(x, 4, init=init, iters=1, backend=backend)
+    d = ((x[:, None] - init[None, :2]) ** 2).sum(-1).min(1).values
+    far = d.topk(2).indices
+    # after one step the first empty centre sits on the farthest point, the second on the next farthest
+    torch.testing.assert_close(res.centroids[2:], x[far])
+    assert (torch.bincount(res.labels, minlength=4) > 0).all()
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + BACKENDS)
+@pytest.mark.parametrize("batch_size", [None, 16])
+def test_same_seed_same_result(backend, device, batch_size):
+    x = torch.randn(2, 60, 5, device=device)
+    runs = [vosops.kmeans(x, 4, seed=123, n_init=2, iters=6, batch_size=batch_size, backend=backend)
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    other = vosops.kmeans(x, 4, seed=124, n_init=2, iters=6, batch_size=batch_size, backend=backend)
+    assert not torch.equal(other.centroids, runs[0].centroids)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,exc,match",
+    [
+        ((torch.randn(5, 3), 6), {}, ValueError, r"num_clusters \(6\) must be <="),
+        ((torch.randn(5, 3), 0), {}, ValueError, "num_clusters must be >= 1"),
+        ((torch.randn(5, 3), 2.0), {}, TypeError, "num_clusters must be an int"),
+        ((torch.randn(5), 2), {}, ValueError, r"x must be \(N, D\) or \(B, N, D\)"),
+        ((torch.randn(1, 2, 5, 3), 2), {}, ValueError, r"x must be \(N, D\) or \(B, N, D\)"),
+        ((torch.randint(0, 3, (5, 3)), 2), {}, TypeError, "x must be float32"),
+        ((torch.randn(0, 3), 2), {}, ValueError, "x must not be empty"),
+        ((torch.tensor([[0.0, 1.0], [float("nan"), 2.0], [1.0, 1.0]]), 2), {}, ValueError, "x must be finite"),
+        ((torch.tensor([[0.0, 1.0], [float("inf"), 2.0], [1.0, 1.0]]), 2), {}, ValueError, "x must be finite"),
+        ((torch.randn(2, 5, 3), 2), {"lengths": torch.tensor([5, 6])}, ValueError, "lengths must lie in"),
+        ((torch.randn(2, 5, 3), 2), {"lengths": torch.tensor([5, 0])}, ValueError, "lengths must lie in"),
+        ((torch.randn(2, 5, 3), 2), {"lengths": torch.tensor([5])}, ValueError, "lengths must be an integer"),
+        ((torch.randn(2, 5, 3), 2), {"lengths": torch.tensor([5.0, 5.0])}, ValueError, "lengths must be an int"),
+        ((torch.randn(2, 5, 3), 3), {"lengths": torch.tensor([5, 2])}, ValueError, r"smallest: 2"),
+        ((torch.randn(5, 3), 2), {"init": "kmeans++"}, ValueError, "init must be one of"),
+        ((torch.randn(5, 3), 2), {"init": torch.randn(3, 3)}, ValueError, "init has 3 centres"),
+        ((torch.randn(5, 3), 2), {"init": torch.randn(2, 4)}, ValueError, r"init must be \(K, 3\)"),
+        ((torch.randn(5, 3), 2), {"iters": 0}, ValueError, "iters must be >= 1"),
+        ((torch.randn(5, 3), 2), {"n_init": 0}, ValueError, "n_init must be >= 1"),
+        ((torch.randn(5, 3), 2), {"batch_size": 0}, ValueError, "batch_size must be >= 1"),
+        ((torch.randn(5, 3), 2), {"tol": -1.0}, ValueError, "tol must be a number >= 0"),
+        (([1.0], 2), {}, TypeError, "x must be a torch.Tensor"),
+    ],
+)
+def test_bad_input_raises_clear_errors(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        vosops.kmeans(*args, **kwargs)
+
+
+def test_predict_bad_input():
+    with pytest.raises(ValueError, match=r"centroids must be \(K, 3\)"):
+        vosops.kmeans_predict(torch.randn(5, 3), torch.randn(2, 4))
+    with pytest.raises(TypeError, match="centroids must be a torch.Tensor"):
+        vosops.kmeans_predict(torch.randn(5, 3), [[0.0, 0.0, 0.0]])
+
+
+def test_native_ops_check_their_arguments_too():
+    if vosops._backends.why_unusable("cpu", "kmeans_step", "cpu"):
+        pytest.skip("native kernels not built")
+    x, c, L = torch.randn(2, 5, 3), torch.randn(2, 2, 3), torch.tensor([5, 5])
+    with pytest.raises(ValueError, match="centers must be"):
+        torch.ops.vosops.kmeans_step(x, L, torch.randn(2, 2, 4))
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        torch.ops.vosops.kmeans_step(x, torch.tensor([5, 9]), c)
+    with pytest.raises(TypeError, match="lengths must be int64"):
+        torch.ops.vosops.kmeans_assign(x, L.int(), c)
+    with pytest.raises(ValueError, match="x must be"):
+        torch.ops.vosops.kmeans_assign(torch.randn(5, 3), L, c)
+
+
+# --- registration and compile -------------------------------------------------------------------------------------
+
+def test_opcheck_native():
+    if vosops._backends.why_unusable("cpu", "kmeans_step", "cpu"):
+        pytest.skip("native kernels not built")
+    x, L, c = _step_inputs("cpu")
+    testing.check_opcheck(torch.ops.vosops.kmeans_step.default, (x, L, c))
+    testing.check_opcheck(torch.ops.vosops.kmeans_assign.default, (x, L, c))
+
+
+def test_opcheck_triton():
+    pytest.importorskip("triton")
+    if vosops._backends.why_unusable("triton", "kmeans_step", "cpu"):
+        pytest.skip("triton not usable on CPU here")
+    from vosops.triton import kmeans as tk
+
+    x, L, c = _step_inputs("cpu")
+    testing.check_opcheck(tk.kmeans_step_triton, (x, L, c))
+    testing.check_opcheck(tk.kmeans_assign_triton, (x, L, c))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_torch_compile_fullgraph(backend, device):
+    x, L, c = _step_inputs(device)
+    step, assign = vosops.ops.kmeans._steps(backend)
+    testing.check_compile(lambda a, l, b: step(a, l, b), (x, L, c))
+    testing.check_compile(lambda a, l, b: assign(a, l, b), (x, L, c))
+
+
+# --- position encoding and the Mask-VOS pseudo labels --------------------------------------------------------------
+
+def test_position_encoding_3d():
+    pe = vosops.position_encoding_3d(3, 4, 5, 12)
+    assert pe.shape == (3, 4, 5, 12) and pe.dtype == torch.float32
+    # channels 0..3 encode t: [sin(t), sin(t/100), cos(t), cos(t/100)] (h = 2 frequencies, w_i = 10000^(-i/2))
+    t = 2.0
+    expected_t = torch.tensor([np.sin(t), np.sin(t / 100), np.cos(t), np.cos(t / 100)], dtype=torch.float32)
+    torch.testing.assert_close(pe[2, 1, 3, 0:4], expected_t)
+    torch.testing.assert_close(pe[2, 1, 3, 4:8], torch.tensor([np.sin(1.0), np.sin(0.01), np.cos(1.0), np.cos(0.01)],
+                                                             dtype=torch.float32))
+    torch.testing.assert_close(pe[2, 1, 3, 8:12], torch.tensor([np.sin(3.0), np.sin(0.03), np.cos(3.0), np.cos(0.03)],
+                                                              dtype=torch.float32))
+    # x varies only along W, t only along T
+    assert torch.equal(pe[:, :, 0, 8:], pe[:, :, 0, 8:][0:1, 0:1].expand(3, 4, 4))
+    with pytest.raises(ValueError, match="multiple of 6"):
+        vosops.position_encoding_3d(2, 2, 2, 8)
+    with pytest.raises(ValueError, match="T must be a positive int"):
+        vosops.position_encoding_3d(0, 2, 2, 6)
+
+
+def _toy_video(T=4, H=12, W=16, C=8, seed=0):
+    """Three regions with distinct features: background (left 60%), two objects; noisy."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(3, C, generator=g) * 4
+    region = torch.zeros(T, H, W, dtype=torch.long)
+    region[:, :, int(0.6 * W):] = 1
+    region[:, H // 2:, int(0.8 * W):] = 2
+    feats = protos[region].permute(0, 3, 1, 2) + 0.1 * torch.randn(T, C, H, W, generator=g)
+    return feats, region
+
+
+def test_pseudo_labels_paper_mode_drops_oversize_clusters():
+    feats, region = _toy_video()
+    labels = vosops.video_pseudo_labels(feats, num_clusters=3, pos_weight=0.0, seed=0, n_init=3)
+    assert labels.shape == region.shape and labels.dtype == torch.int64
+    assert (labels[region == 0] == -1).all()  # 60% of the pixels: dropped
+    kept = labels[region != 0]
+    assert (kept >= 0).all() and permutation_equal(kept.numpy(), region[region != 0].numpy())
+    # without the drop every pixel keeps its cluster
+    full = vosops.video_pseudo_labels(feats, num_clusters=3, pos_weight=0.0, seed=0, n_init=3,
+                                      max_cluster_fraction=1.0)
+    assert (full >= 0).all() and permutation_equal(full.flatten().numpy(), region.flatten().numpy())
+
+
+def test_pseudo_labels_paper_mode_appends_the_position_encoding():
+    feats, _ = _toy_video(T=2, H=6, W=8, C=4)
+    T, C, H, W = feats.shape
+    out = vosops.video_pseudo_labels(feats, num_clusters=3, pos_dim=12, pos_weight=0.5, seed=3,
+                                     max_cluster_fraction=1.0, backend="reference")
+    x = torch.cat([feats.permute(0, 2, 3, 1).reshape(-1, C),
+                   0.5 * vosops.position_encoding_3d(T, H, W, 12).reshape(-1, 12)], 1)
+    res = vosops.kmeans(x[None], 3, seed=3, lengths=torch.tensor([T * H * W]), backend="reference")
+    torch.testing.assert_close(out, res.labels[0].reshape(T, H, W))
+
+
+def test_pseudo_labels_release_mode():
+    feats, _ = _toy_video(T=17, H=6, W=8, C=5)
+    out = vosops.video_pseudo_labels(feats, mode="release", num_clusters=3, seed=0)
+    normed = torch.nn.functional.normalize(feats, dim=1)
+    sampled = normed[::8].permute(0, 2, 3, 1).reshape(-1, 5)  # frames 0, 8, 16
+    res = vosops.kmeans(sampled[None], 3, iters=300, seed=0, lengths=torch.tensor([sampled.shape[0]]))
+    expected = vosops.kmeans_predict(normed.permute(0, 2, 3, 1).reshape(-1, 5), res.centroids[0])
+    torch.testing.assert_close(out, expected.reshape(17, 6, 8))
+    assert (out >= 0).all()  # release mode drops nothing
+
+
+def test_pseudo_labels_list_of_videos():
+    v1, r1 = _toy_video(T=3, H=8, W=10, seed=1)
+    v2, r2 = _toy_video(T=2, H=6, W=12, seed=2)
+    outs = vosops.video_pseudo_labels([v1, v2], num_clusters=3, pos_weight=0.0, seed=0, n_init=3,
+                                      max_cluster_fraction=1.0)
+    assert [o.shape for o in outs] == [r1.shape, r2.shape]
+    for o, r in zip(outs, (r1, r2)):
+        assert permutation_equal(o.flatten().numpy(), r.flatten().numpy())
+    with pytest.raises(ValueError, match="mode must be"):
+        vosops.video_pseudo_labels(v1, mode="sklearn")
+    with pytest.raises(ValueError, match="same channel count"):
+        vosops.video_pseudo_labels([v1, v2[:, :3]])
+
+
+# --- the benchmark module -------------------------------------------------------------------------------------------
+
+def test_bench_cases_and_equal_work():
+    """Every timed implementation does the same work: same start, same iterations, same inertia (small data)."""
+    from vosops.bench import cases_for
+    from vosops.bench import kmeans as bk
+
+    cases = cases_for("kmeans", "cpu")
+    assert {c.config for c in cases} == {"km-cpu"}
+    assert [c.impl for c in cases if c.baseline] == ["sklearn"]
+    x, init = bk.make_data(2, 300, 6, 4, "cpu")
+    impls = bk._impls("cpu")
+    iters, inertia = impls["sklearn"](x, init, 100)
+    for name in ("reference", "cpu", "faiss-cpu", "fast-pytorch-kmeans"):
+        if name in impls:
+            its, inert = impls[name](x, init, 100)
+            assert inert == pytest.approx(inertia, rel=1e-4), name
+            if name in ("reference", "cpu"):
+                assert its == iters
+
+
+def test_native_update_matches_reference_update():
+    if vosops._backends.why_unusable("cpu", "kmeans_step", "cpu"):
+        pytest.skip("native kernels not built")
+    B, K, D, N = 4, 3, 5, 20
+    for dtype in (torch.float64, torch.float32):
+        centers = torch.randn(B, K, D, dtype=dtype)
+        sums = torch.randn(B, K, D, dtype=dtype) * 10
+        counts = torch.randint(0, 6, (B, K))
+        counts[0, 1] = 0  # an empty cluster keeps its centre
+        labels = torch.randint(0, K, (B, N))
+        labels_old = labels.clone()
+        labels_old[1:, 3] = (labels_old[1:, 3] + 1) % K  # problem 0 unchanged: strictly converged
+        active = torch.tensor([True, True, False, True])
+        tol = torch.tensor([0.0, 1e9, 0.0, 0.0], dtype=dtype)  # problem 1 converges by the shift rule
+        with testing.poisoned_outputs():
+            c, conv = torch.ops.vosops.kmeans_update(centers, sums, counts, labels, labels_old, active, tol)
+        rc, rconv = R.kmeans_update(centers, sums, counts, labels, labels_old, active, tol)
+        torch.testing.assert_close(c, rc)
+        assert conv.tolist() == rconv.tolist() == [True, True, False, False]
+        torch.testing.assert_close(c[2], centers[2])  # inactive: untouched
+        torch.testing.assert_close(c[0, 1], centers[0, 1])
+    testing.check_opcheck(torch.ops.vosops.kmeans_update.default,
+                          (centers, sums, counts, labels, labels_old, active, tol))
+
+
+def test_cuda_sources_compile_for_sm80_and_sm90(tmp_path):
+    """The torch-free CUDA kernels compile for Ampere and Hopper (a compile check where there is no GPU)."""
+    import shutil
+    import subprocess
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not on PATH")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [nvcc, "-std=c++17", "-O3", "-I", os.path.join(root, "csrc"), "-c",
+           os.path.join(root, "csrc", "kmeans", "kmeans_cuda.cu"), "-o", str(tmp_path / "kmeans_cuda.o"),
+           "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    spills = [line for line in res.stderr.splitlines() if "spill" in line and not line.strip().startswith("0 bytes")]
+    assert all(" 0 bytes spill stores, 0 bytes spill loads" in line for line in spills), spills
+
+
+@pytest.mark.skipif(not os.path.isdir(DAVIS), reason="DAVIS-2016 mini data not present")
+def test_pseudo_labels_on_davis_frames():
+    """Paper mode on real frames (Lab colour as the 'embedding'): exactly the pixels of clusters holding more than
+    max_cluster_fraction of the video's pixels become -1; the others keep their cluster."""
+    import cv2
+
+    files = sorted(glob.glob(os.path.join(DAVIS, "car-shadow", "*.jpg")))[:3]
+    frames = [cv2.cvtColor(cv2.resize(cv2.imread(f), (54, 30), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2LAB)
+              for f in files]
+    feats = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0  # (T, 3, H, W)
+    full = vosops.video_pseudo_labels(feats, pos_dim=6, pos_weight=0.1, seed=0, max_cluster_fraction=1.0)
+    assert full.shape == (3, 30, 54) and (full >= 0).all() and int(full.max()) == 4
+    frac = torch.bincount(full.flatten(), minlength=5).double() / full.numel()
+    for limit in (0.4, 0.2):  # at 0.2 some of these clusters go, some stay
+        labels = vosops.video_pseudo_labels(feats, pos_dim=6, pos_weight=0.1, seed=0, max_cluster_fraction=limit)
+        dropped = frac > limit
+        assert torch.equal(labels == -1, dropped[full])
+        assert torch.equal(labels[labels >= 0], full[labels >= 0])
+    assert dropped.any() and (~dropped).any()

@@ -1,0 +1,318 @@
+"""Batched k-means in plain PyTorch: the semantics every vosops backend is tested against.
+
+B independent problems are solved at once: `x` is (B, N, D) and `lengths` (B,) int64 says how many leading points
+of each problem are real (the rest is padding: ignored, labelled -1, distance 0). Everything follows scikit-learn's
+KMeans / MiniBatchKMeans so results can be compared with it:
+
+* seeding: greedy k-means++ (2 + floor(log K) local trials per centre, the candidate that lowers the potential most);
+* full batch: Lloyd iterations. One step assigns every point to its nearest centre (squared Euclidean distance,
+  ties to the lower index) and sums the points of each cluster; the update divides. An empty cluster is re-seeded
+  at the point farthest from its own centre (that point leaves its old cluster's sums), as scikit-learn does.
+  A problem stops when its labels did not change ("strict" convergence) or when the squared centre shift summed
+  over centres is <= tol * mean_d var(x[:, d]) (scikit-learn's relative tolerance). Finished problems keep their
+  centres while the others iterate (they are passed to the step with length 0, so it skips their points); no host
+  synchronisation is needed inside the loop. After the loop every point is assigned once more to the final
+  centres (as scikit-learn does when it stopped on the shift rule); labels and inertia come from that pass.
+* mini-batch: scikit-learn's MiniBatchKMeans update with reassignment_ratio=0: per-centre running counts w_k and
+  c_k <- (c_k * w_k + sum of the batch points assigned to k) / (w_k + n_k).
+
+The step functions are pluggable (`step=`, `assign=`, `update=`), so the native, Triton and CUDA backends reuse
+this driver and replace only the fused pass over x (and, on the cpu backend, the update).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]
+
+
+class KMeansResult(NamedTuple):
+    """centroids (B, K, D) (float32 for half inputs, else x's dtype); labels (B, N) int64 (-1 past a problem's
+    length); inertia (B,) sum of squared distances of each problem's points to their centre; n_iter (B,) int64
+    iterations (Lloyd) or mini-batch steps run by the kept restart."""
+
+    centroids: torch.Tensor
+    labels: torch.Tensor
+    inertia: torch.Tensor
+    n_iter: torch.Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / centroid dtype: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def valid_mask(lengths: torch.Tensor, N: int) -> torch.Tensor:
+    return torch.arange(N, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def sq_distances(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """(B, N, K) squared distances, computed as sum_d (x_d - c_d)^2 in the accumulation dtype, chunked over N so
+    no (B, N, K, D) tensor is ever held."""
+    acc = acc_dtype(x.dtype)
+    c = centers.to(acc)
+    B, N, D = x.shape
+    chunk = max(1, (1 << 22) // max(1, B * c.shape[1] * D))
+    parts = []
+    for s in range(0, N, chunk):
+        xs = x[:, s:s + chunk].to(acc)
+        parts.append(((xs[:, :, None, :] - c[:, None, :, :]) ** 2).sum(-1))
+    return torch.cat(parts, dim=1)
+
+
+def kmeans_assign(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor):
+    """Nearest centre of every point: labels (B, N) int64 (-1 past the length) and its squared distance (B, N)
+    in the accumulation dtype (0 past the length). Ties go to the lower centre index."""
+    d = sq_distances(x, centers)
+    mind, lab = d.min(dim=2)
+    valid = valid_mask(lengths, x.shape[1])
+    return torch.where(valid, lab, -1), torch.where(valid, mind, 0.0)
+
+
+def kmeans_step(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor):
+    """One fused Lloyd pass: (labels, mindist) as kmeans_assign, plus per-cluster sums (B, K, D) and counts (B, K)
+    int64 of the valid points, in the accumulation dtype."""
+    labels, mind = kmeans_assign(x, lengths, centers)
+    B, N, D = x.shape
+    K = centers.shape[1]
+    acc = acc_dtype(x.dtype)
+    valid = labels >= 0
+    idx = labels.clamp_min(0)
+    sums = torch.zeros(B, K, D, dtype=acc, device=x.device)
+    sums.scatter_add_(1, idx[..., None].expand(B, N, D), x.to(acc) * valid[..., None])
+    counts = torch.zeros(B, K, dtype=torch.int64, device=x.device)
+    counts.scatter_add_(1, idx, valid.long())
+    return labels, mind, sums, counts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# seeding
+
+
+def kmeans_plusplus(x: torch.Tensor, lengths: torch.Tensor, K: int, generator: torch.Generator,
+                    n_local_trials: int | None = None) -> torch.Tensor:
+    """Greedy k-means++ as scikit-learn's `_kmeans_plusplus`: the first centre uniformly among the valid points,
+    then per centre `2 + floor(log K)` candidates drawn with probability proportional to the squared distance to
+    the nearest chosen centre; the candidate giving the lowest potential (sum of squared distances) is kept."""
+    B, N, D = x.shape
+    acc = acc_dtype(x.dtype)
+    dev = x.device
+    trials = n_local_trials if n_local_trials is not None else 2 + int(math.log(K))
+    valid = valid_mask(lengths, N)
+    xa = x.to(acc)
+    ar = torch.arange(B, device=dev)
+    u = torch.rand(B, generator=generator, device=dev, dtype=torch.float64)
+    first = (u * lengths).long().clamp(max=lengths - 1)
+    centers = torch.empty(B, K, D, dtype=acc, device=dev)
+    centers[:, 0] = xa[ar, first]
+    closest = torch.where(valid, ((xa - centers[:, :1]) ** 2).sum(-1), 0.0)  # (B, N)
+    pot = closest.sum(1)
+    for c in range(1, K):
+        r = torch.rand(B, trials, generator=generator, device=dev, dtype=torch.float64) * pot[:, None].double()
+        cum = closest.double().cumsum(1)
+        cand = torch.searchsorted(cum, r.contiguous()).clamp(max=(lengths - 1)[:, None])  # (B, trials)
+        cx = xa.gather(1, cand[..., None].expand(B, trials, D))  # (B, trials, D)
+        dist = torch.cat([((xa - cx[:, t:t + 1]) ** 2).sum(-1)[:, None] for t in range(trials)], 1)  # (B, T, N)
+        dist = torch.minimum(dist, closest[:, None])
+        dist = torch.where(valid[:, None], dist, 0.0)
+        cpot = dist.sum(2)  # (B, trials)
+        best = cpot.argmin(1)
+        pot = cpot[ar, best]
+        closest = dist[ar, best]
+        centers[:, c] = cx[ar, best]
+    return centers
+
+
+def random_init(x: torch.Tensor, lengths: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
+    """K distinct valid points per problem chosen uniformly (scikit-learn's init="random")."""
+    B, N, D = x.shape
+    keys = torch.rand(B, N, generator=generator, device=x.device)
+    keys = torch.where(valid_mask(lengths, N), keys, 2.0)
+    idx = keys.argsort(1)[:, :K]
+    return x.to(acc_dtype(x.dtype)).gather(1, idx[..., None].expand(B, K, D))
+
+
+def scaled_tol(x: torch.Tensor, lengths: torch.Tensor, tol: float) -> torch.Tensor:
+    """scikit-learn's tolerance per problem: tol * mean over features of the (population) variance."""
+    acc = acc_dtype(x.dtype)
+    B, N, D = x.shape
+    if x.device.type == "cpu" and x.dtype == acc and bool((lengths == N).all()):
+        # no padding: two fast reductions and no temporaries, mean_d var_d = E|x|^2 / D - mean_d(E[x_d]^2)
+        mean = x.sum(1) / N
+        sq = torch.linalg.vector_norm(x.reshape(B, -1), dim=1) ** 2
+        return (sq / (N * D) - (mean * mean).mean(1)).clamp_min(0) * tol
+    valid = valid_mask(lengths, x.shape[1])[..., None]
+    n = lengths.to(acc)[:, None]
+    xa = torch.where(valid, x.to(acc), 0.0)
+    mean = xa.sum(1) / n
+    var = (torch.where(valid, xa - mean[:, None], 0.0) ** 2).sum(1) / n
+    return var.mean(1) * tol
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the two loops (shared by every backend: `step` and `assign` are the backend's fused passes)
+
+
+def relocate_empty(x, labels, mindist, sums, counts):
+    """scikit-learn's `_relocate_empty_clusters`: the e-th empty cluster of a problem takes the e-th farthest point
+    from its centre; the point is removed from its old cluster's sum and count."""
+    B, N, D = x.shape
+    K = counts.shape[1]
+    empty = counts == 0
+    far = mindist.masked_fill(labels < 0, -1.0).topk(K, dim=1).indices  # (B, K), farthest first
+    rank = (empty.long().cumsum(1) - 1).clamp_min(0)
+    pick = far.gather(1, rank)  # (B, K): the point each empty cluster takes
+    px = x.gather(1, pick[..., None].expand(B, K, D)).to(sums.dtype)
+    old = labels.gather(1, pick).clamp_min(0)
+    sums = sums.scatter_add(1, old[..., None].expand(B, K, D), -px * empty[..., None])
+    counts = counts.scatter_add(1, old, -empty.long())
+    sums = torch.where(empty[..., None], px, sums)
+    counts = torch.where(empty, 1, counts)
+    return sums, counts
+
+
+def kmeans_update(centers, sums, counts, labels, labels_old, active, tol):
+    """The Lloyd update: new centre = cluster mean (unchanged when the cluster is empty); a problem has converged
+    when its labels equal labels_old or its squared centre shift is <= tol. Returns (centres, converged) with the
+    centres of inactive problems left as they were."""
+    new = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None].to(sums.dtype), centers)
+    shift = ((new - centers) ** 2).sum((1, 2))
+    converged = (labels == labels_old).all(1) | (shift <= tol)
+    return torch.where(active[:, None, None], new, centers), converged
+
+
+def lloyd(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, *, iters: int, tol: torch.Tensor,
+          step: Step = kmeans_step, assign: Step = kmeans_assign, check_every: int = 1,
+          update=kmeans_update) -> KMeansResult:
+    """Lloyd iterations from `centers` (B, K, D) for every problem; see the module docstring for the rules.
+    `check_every`: how often the host looks at the device-side flags to stop early (1 on CPU; on CUDA more, so the
+    loop runs without a synchronisation per iteration)."""
+    B, N, D = x.shape
+    dev = x.device
+    centers = centers.to(acc_dtype(x.dtype)).clone()
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
+    labels_old = torch.full((B, N), -1, dtype=torch.int64, device=dev)
+    for it in range(iters):
+        # finished problems are passed with length 0: the step skips their points (their outputs are discarded)
+        labels, mind, sums, counts = step(x, torch.where(active, lengths, 0), centers)
+        if dev.type != "cpu" or bool(((counts == 0) & active[:, None]).any()):  # free on CPU, a sync on a GPU
+            sums, counts = relocate_empty(x, labels, mind, sums, counts)
+        centers, converged = update(centers, sums, counts, labels, labels_old, active, tol)
+        n_iter += active.long()
+        active = active & ~converged
+        labels_old = labels
+        if (it + 1) % check_every == 0 and not bool(active.any()):
+            break
+    labels, mind = assign(x, lengths, centers)
+    return KMeansResult(centers, labels, mind.sum(1), n_iter)
+
+
+def sample_batches(lengths: torch.Tensor, steps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """(steps, B, batch_size) int64 point indices, uniform with replacement over each problem's valid points (as
+    scikit-learn draws its mini-batches)."""
+    B = lengths.shape[0]
+    u = torch.rand(steps, B, batch_size, generator=generator, device=lengths.device, dtype=torch.float64)
+    return (u * lengths[None, :, None]).long().clamp(max=(lengths - 1)[None, :, None])
+
+
+def minibatch(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, batches: torch.Tensor, *,
+              tol: torch.Tensor, step: Step = kmeans_step, assign: Step = kmeans_assign,
+              check_every: int = 1) -> KMeansResult:
+    """MiniBatchKMeans steps over `batches` (steps, B, b). A problem stops when its squared centre shift is <= tol
+    (only when tol > 0, as scikit-learn); scikit-learn's no-improvement-of-smoothed-inertia stop is not used."""
+    B, N, D = x.shape
+    dev = x.device
+    centers = centers.to(acc_dtype(x.dtype)).clone()
+    K = centers.shape[1]
+    weight = torch.zeros(B, K, dtype=centers.dtype, device=dev)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
+    bsz = batches.shape[2]
+    full = torch.full((B,), bsz, dtype=torch.int64, device=dev)
+    rows = torch.arange(B, device=dev)[:, None]
+    for it in range(batches.shape[0]):
+        xb = x[rows, batches[it]]  # (B, bsz, D): row indexing copies whole points (gather would go per element)
+        _, _, sums, counts = step(xb, torch.where(active, full, 0), centers)
+        counts = counts.to(centers.dtype)
+        w_new = weight + counts
+        has = counts > 0
+        new = torch.where(has[..., None], (centers * weight[..., None] + sums) / w_new.clamp_min(1e-30)[..., None],
+                          centers)
+        shift = ((new - centers) ** 2).sum((1, 2))
+        converged = (tol > 0) & (shift <= tol)
+        centers = torch.where(active[:, None, None], new, centers)
+        weight = torch.where(active[:, None], w_new, weight)
+        n_iter += active.long()
+        active = active & ~converged
+        if (it + 1) % check_every == 0 and not bool(active.any()):
+            break
+    labels, mind = assign(x, lengths, centers)
+    return KMeansResult(centers, labels, mind.sum(1), n_iter)
+
+
+def kmeans(x: torch.Tensor, K: int, *, iters: int = 100, tol: float = 1e-4, init="k-means++", n_init: int = 1,
+           batch_size: int | None = None, lengths: torch.Tensor | None = None, generator: torch.Generator,
+           step: Step = kmeans_step, assign: Step = kmeans_assign, check_every: int = 1,
+           update=kmeans_update) -> KMeansResult:
+    """The whole algorithm on validated (B, N, D) input; `init` is "k-means++", "random" or (B, K, D) centres.
+    With n_init > 1 each problem keeps the restart with the lowest inertia."""
+    B, N, D = x.shape
+    if lengths is None:
+        lengths = torch.full((B,), N, dtype=torch.int64, device=x.device)
+    tol_b = scaled_tol(x, lengths, tol)
+    best = None
+    for _ in range(n_init):
+        if isinstance(init, torch.Tensor):
+            c0 = init
+        elif init == "random":
+            c0 = random_init(x, lengths, K, generator)
+        else:
+            c0 = kmeans_plusplus(x, lengths, K, generator)
+        if batch_size is None:
+            res = lloyd(x, lengths, c0, iters=iters, tol=tol_b, step=step, assign=assign, check_every=check_every,
+                        update=update)
+        else:
+            batches = sample_batches(lengths, iters, batch_size, generator)
+            res = minibatch(x, lengths, c0, batches, tol=tol_b, step=step, assign=assign, check_every=check_every)
+        if best is None:
+            best = res
+        else:
+            better = res.inertia < best.inertia
+            best = KMeansResult(
+                torch.where(better[:, None, None], res.centroids, best.centroids),
+                torch.where(better[:, None], res.labels, best.labels),
+                torch.where(better, res.inertia, best.inertia),
+                torch.where(better, res.n_iter, best.n_iter),
+            )
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# position encoding
+
+
+def position_encoding_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer sinusoids of integer positions: [sin(p * w_i), cos(p * w_i)], w_i = 10000^(-i / (dim/2))."""
+    half = dim // 2
+    omega = 1.0 / (10000.0 ** (torch.arange(half, dtype=torch.float64, device=pos.device) / half))
+    ang = pos.double()[:, None] * omega[None, :]
+    return torch.cat([ang.sin(), ang.cos()], dim=1)
+
+
+def position_encoding_3d(T: int, H: int, W: int, dim: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """(T, H, W, dim): dim/3 channels each encode t, y and x (in that order) with position_encoding_1d."""
+    d = dim // 3
+    pt = position_encoding_1d(torch.arange(T, device=device), d)
+    py = position_encoding_1d(torch.arange(H, device=device), d)
+    px = position_encoding_1d(torch.arange(W, device=device), d)
+    out = torch.cat([
+        pt[:, None, None, :].expand(T, H, W, d),
+        py[None, :, None, :].expand(T, H, W, d),
+        px[None, None, :, :].expand(T, H, W, d),
+    ], dim=-1)
+    return out.to(dtype)
