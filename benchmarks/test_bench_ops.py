@@ -16,6 +16,7 @@ def test_bench(benchmark, case):
         op=case.op, config=case.config, device=case.device, direction=case.direction, impl=case.impl,
         baseline=case.baseline, dtype=case.dtype, flops=case.flops, bytes=case.bytes,
     )
+    benchmark.extra_info.update(case.extra)  # per-op facts, e.g. k-means iterations run and inertia
     fn = case.setup()
     if case.device == "cuda":
         # Authoritative GPU time from CUDA events; the host-timed rounds below synchronise after every call.
@@ -27,4 +28,4 @@ def test_bench(benchmark, case):
 
         benchmark.pedantic(synced, rounds=20, warmup_rounds=3)
     else:
-        benchmark.pedantic(fn, rounds=max(3, case.extra.get("rounds", 10)), warmup_rounds=1)
+        benchmark.pedantic(fn, rounds=max(3, case.extra.get("rounds", 5)), warmup_rounds=1)
