@@ -1,5 +1,5 @@
 // local_attention CUDA glue: checks, channels-last fp32 copies, rounded offsets, launch on the current stream.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_cuda(
     const Prepared r = prepare(c, q, k, v, offsets);
     check_launch(forward_cuda(r.p, out.data_ptr<float>(), stats.data_ptr<float>(),
                               c.topk ? top_logits.data_ptr<float>() : nullptr,
-                              c.topk ? top_index.data_ptr<int64_t>() : nullptr, at::cuda::getCurrentCUDAStream()),
+                              c.topk ? top_index.data_ptr<int64_t>() : nullptr, c10::cuda::getCurrentCUDAStream().stream()),
                  "local_attention");
   }
   return {out.to(q.scalar_type()), stats, top_logits.to(q.scalar_type()), top_index};
@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_backward_cuda(
     check_launch(backward_cuda(r.p, g.const_data_ptr<float>(), with_gl ? gl.const_data_ptr<float>() : nullptr,
                                st.const_data_ptr<float>(), c.topk ? idx.const_data_ptr<int64_t>() : nullptr,
                                need_q ? dq.data_ptr<float>() : nullptr, need_k ? dk.data_ptr<float>() : nullptr,
-                               need_v ? dv.data_ptr<float>() : nullptr, at::cuda::getCurrentCUDAStream()),
+                               need_v ? dv.data_ptr<float>() : nullptr, c10::cuda::getCurrentCUDAStream().stream()),
                  "local_attention_backward");
   }
   const auto st = q.scalar_type();
