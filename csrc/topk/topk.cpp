@@ -31,6 +31,20 @@ constexpr int64_t kKeyTile = 512;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Dot product with eight independent partial sums: breaks the serial FP dependency chain so the compiler can
+// vectorise it (a plain `s += a[c] * b[c]` loop stays scalar without -ffast-math).
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  acc_t p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    for (int u = 0; u < 8; ++u) p[u] += a[c + u] * b[c + u];
+  }
+  acc_t s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+  for (; c < n; ++c) s += a[c] * b[c];
+  return s;
+}
+
 // --- per-query candidate selection (CPU) ------------------------------------------------------------------------
 
 template <typename acc_t>
@@ -562,9 +576,7 @@ void attention_backward_impl(const at::Tensor& g, const at::Tensor& q, const at:
         const at::Tensor qt = qb.narrow(0, m0, mt), gt = gb.narrow(0, m0, mt);
         at::Tensor dqt = dqb.narrow(0, m0, mt);
         for (int64_t r = 0; r < mt; ++r) {  // D_i = dO_i . O_i = sum_j P_ij dP_ij
-          acc_t d = 0;
-          for (int64_t c = 0; c < Dv; ++c) d += gp[(m0 + r) * Dv + c] * opp[(m0 + r) * Dv + c];
-          drow[r] = d;
+          drow[r] = dot(gp + (m0 + r) * Dv, opp + (m0 + r) * Dv, Dv);
         }
         const at::Tensor d_t = at::from_blob(drow.data(), {mt}, q.options()).clone();
         // exp(S - lse) with lse = -inf (a query with nothing kept) must be 0: use +inf there.
@@ -593,9 +605,7 @@ void attention_backward_impl(const at::Tensor& g, const at::Tensor& q, const at:
             const int64_t key = ip[i * kk + j];
             if (key < 0) continue;
             const acc_t *kj = kp + key * D, *vj = vp + key * Dv;
-            acc_t s = 0, dpj = 0;
-            for (int64_t c = 0; c < D; ++c) s += qi[c] * kj[c];
-            for (int64_t c = 0; c < Dv; ++c) dpj += gi[c] * vj[c];
+            const acc_t s = dot(qi, kj, D), dpj = dot(gi, vj, Dv);
             const acc_t pr = std::exp(scale * s - l);
             const acc_t ds = pr * (dpj - drow[r]) * scale;
             acc_t *dkj = dkp + key * D, *dvj = dvp + key * Dv;

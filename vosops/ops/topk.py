@@ -13,7 +13,7 @@ import torch
 from .. import _backends, _native, _validate
 from ..reference import topk as _ref
 
-GLOBAL_TOPK_BACKENDS = ("reference", "cpu", "cuda")
+GLOBAL_TOPK_BACKENDS = ("reference", "cpu", "cuda", "triton")
 AGGREGATE_BACKENDS = ("reference", "cpu")
 ATTENTION_BACKENDS = ("reference", "cpu", "cuda", "triton")
 MERGE_BACKENDS = ("reference",)
@@ -76,6 +76,10 @@ def global_topk(q: torch.Tensor, k: torch.Tensor, *, topk: int, scale: float = 1
     chosen = _backends.select("global_topk", q.device, backend, GLOBAL_TOPK_BACKENDS)
     if chosen == "reference":
         return _ref.global_topk(q, k, topk=topk, scale=scale, key_mask=key_mask)
+    if chosen == "triton":
+        from ..triton import topk as _triton_topk
+
+        return _triton_topk.global_topk_triton(q, k, topk, scale, key_mask)
     return torch.ops.vosops.global_topk(q, k, topk, scale, key_mask)
 
 
@@ -223,6 +227,35 @@ def attention_fake(q, k, v, topk, scale, dense_keys):
     return out, lse, index
 
 
+# global_topk's backward is a gather/scatter of O(M·topk·C): plain tensor ops, shared by the native and Triton ops.
+def gt_setup(ctx, inputs, output):
+    q, k, topk, scale, key_mask = inputs
+    ctx.save_for_backward(q, k, output[1])
+    ctx.scale = scale
+
+
+def gt_backward(ctx, grad_logits, _grad_index):
+    # logits[b, m, j] = scale * q[b, m] . k[b, idx]
+    q, k, index = ctx.saved_tensors
+    B, M, K = index.shape
+    C = q.shape[2]
+    g = torch.where(index >= 0, grad_logits, torch.zeros_like(grad_logits)) * ctx.scale
+    safe = index.clamp(min=0).reshape(B, M * K, 1).expand(B, M * K, C)
+    dq = dk = None
+    if ctx.needs_input_grad[0]:
+        kg = torch.gather(k, 1, safe).reshape(B, M, K, C)
+        dq = (g.unsqueeze(-1) * kg).sum(2)
+    if ctx.needs_input_grad[1]:
+        contrib = (g.unsqueeze(-1) * q.unsqueeze(2)).reshape(B, M * K, C)
+        dk = torch.zeros_like(k).scatter_add_(1, safe, contrib)
+    return dq, dk, None, None, None
+
+
+def global_topk_fake(q, k, topk, scale, key_mask):
+    B, M, _ = q.shape
+    return q.new_empty(B, M, topk), q.new_empty(B, M, topk, dtype=torch.int64)
+
+
 def _register_native() -> None:
     torch.library.register_fake("vosops::topk_attention")(attention_fake)
 
@@ -233,31 +266,7 @@ def _register_native() -> None:
     backward, setup_context = attention_autograd_rules(torch.ops.vosops.topk_attention_backward)
     torch.library.register_autograd("vosops::topk_attention", backward, setup_context=setup_context)
 
-    @torch.library.register_fake("vosops::global_topk")
-    def _(q, k, topk, scale, key_mask):
-        B, M, _ = q.shape
-        return q.new_empty(B, M, topk), q.new_empty(B, M, topk, dtype=torch.int64)
-
-    def gt_setup(ctx, inputs, output):
-        q, k, topk, scale, key_mask = inputs
-        ctx.save_for_backward(q, k, output[1])
-        ctx.scale = scale
-
-    def gt_backward(ctx, grad_logits, _grad_index):
-        # logits[b, m, j] = scale * q[b, m] . k[b, idx]: a gather/scatter of O(M·topk·C), plain tensor ops.
-        q, k, index = ctx.saved_tensors
-        B, M, K = index.shape
-        C = q.shape[2]
-        g = torch.where(index >= 0, grad_logits, torch.zeros_like(grad_logits)) * ctx.scale
-        safe = index.clamp(min=0).reshape(B, M * K, 1).expand(B, M * K, C)
-        dq = dk = None
-        if ctx.needs_input_grad[0]:
-            kg = torch.gather(k, 1, safe).reshape(B, M, K, C)
-            dq = (g.unsqueeze(-1) * kg).sum(2)
-        if ctx.needs_input_grad[1]:
-            contrib = (g.unsqueeze(-1) * q.unsqueeze(2)).reshape(B, M * K, C)
-            dk = torch.zeros_like(k).scatter_add_(1, safe, contrib)
-        return dq, dk, None, None, None
+    torch.library.register_fake("vosops::global_topk")(global_topk_fake)
 
     torch.library.register_autograd("vosops::global_topk", gt_backward, setup_context=gt_setup)
 

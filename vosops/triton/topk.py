@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ..ops.topk import attention_autograd_rules, attention_fake, kept_sparse
+from ..ops.topk import attention_autograd_rules, attention_fake, global_topk_fake, gt_backward, gt_setup, kept_sparse
 
 _SENTINEL = -(2**63)  # below every packed key: an empty slot
 
@@ -265,3 +265,64 @@ topk_attention_triton.register_autograd(_backward, setup_context=_setup_context)
 
 def topk_attention(q, k, v, topk, scale, dense_keys):
     return topk_attention_triton(q, k, v, topk, scale, dense_keys)[0]
+
+
+# --- global_topk -------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _global_topk_kernel(q_ptr, k_ptr, mask_ptr, ol_ptr, oi_ptr, sqb, sqm, sqc, skb, skl, skc,
+                        M, L, C, TOPK, scale,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_MASK: tl.constexpr,
+                        IEEE: tl.constexpr):
+    """One program per (block of queries, batch): key tiles of BLOCK_N (= the padded topk) merged into each row's
+    running best list of packed keys with tl.topk; memory O(BLOCK_M * BLOCK_N) per program."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_C)
+    m_ok = offs_m < M
+    q = tl.load(q_ptr + b * sqb + offs_m[:, None].to(tl.int64) * sqm + offs_c[None, :] * sqc,
+                mask=m_ok[:, None] & (offs_c[None, :] < C), other=0.0)
+    best = tl.full((BLOCK_M, BLOCK_N), _SENTINEL, tl.int64)
+    for start in range(0, L, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < L
+        if HAS_MASK:
+            n_ok = n_ok & (tl.load(mask_ptr + b * L + offs_n, mask=n_ok, other=0) != 0)
+        kt = tl.load(k_ptr + b * skb + offs_n[:, None].to(tl.int64) * skl + offs_c[None, :] * skc,
+                     mask=(offs_n[:, None] < L) & (offs_c[None, :] < C), other=0.0)
+        s = _dot(q, tl.trans(kt), IEEE) * scale
+        keys = tl.where(n_ok[None, :] & (s > float("-inf")), _pack(s, offs_n[None, :]), _SENTINEL)  # NaN fails too
+        best = tl.topk(tl.reshape(tl.join(best, keys), (BLOCK_M, 2 * BLOCK_N)), BLOCK_N, dim=1)
+    sv, si = _unpack(best)
+    col = tl.arange(0, BLOCK_N)
+    have = best != _SENTINEL
+    row = (b * M + offs_m).to(tl.int64)
+    out_mask = m_ok[:, None] & (col[None, :] < TOPK)
+    tl.store(ol_ptr + row[:, None] * TOPK + col[None, :], tl.where(have, sv, float("-inf")).to(ol_ptr.dtype.element_ty),
+             mask=out_mask)
+    tl.store(oi_ptr + row[:, None] * TOPK + col[None, :], tl.where(have, si, -1), mask=out_mask)
+
+
+@torch.library.custom_op("vosops::global_topk_triton", mutates_args=())
+def global_topk_triton(q: torch.Tensor, k: torch.Tensor, topk: int, scale: float,
+                       key_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"global_topk: the triton backend takes float32, float16 or bfloat16, got {q.dtype}")
+    B, M, C = q.shape
+    L = k.shape[1]
+    out_l = _alloc.empty(B, M, topk, dtype=q.dtype, device=q.device)
+    out_i = _alloc.empty(B, M, topk, dtype=torch.int64, device=q.device)
+    mask = key_mask.contiguous() if key_mask is not None else out_i
+    block_m = 16
+    _global_topk_kernel[(triton.cdiv(M, block_m), B)](
+        q, k, mask, out_l, out_i, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        M, L, C, topk, float(scale),
+        BLOCK_M=block_m, BLOCK_N=_pow2(topk), BLOCK_C=_pow2(C), HAS_MASK=key_mask is not None,
+        IEEE=q.dtype == torch.float32,
+    )
+    return out_l, out_i
+
+
+global_topk_triton.register_fake(global_topk_fake)
+global_topk_triton.register_autograd(gt_backward, setup_context=gt_setup)
