@@ -1,5 +1,7 @@
 """One benchmark per registered case: op x configuration x device x direction x implementation."""
 
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,8 @@ CASES = [c for op in OPS for d in DEVICES for c in cases_for(op, d)]
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bench(benchmark, case):
+    if case.slow and os.environ.get("VOSOPS_BENCH_ALL") != "1":
+        pytest.skip("slow case (many seconds a call); VOSOPS_BENCH_ALL=1 runs it")
     benchmark.group = case.group
     benchmark.extra_info.update(
         op=case.op, config=case.config, device=case.device, direction=case.direction, impl=case.impl,

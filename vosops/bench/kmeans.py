@@ -150,5 +150,6 @@ def cases(device: str) -> list[Case]:
 
             out.append(Case(op="kmeans", config=config, device=device, impl=impl, direction="fwd", setup=setup,
                             bytes=iters * B * N * D * 4, flops=iters * B * N * K * D * 3, baseline=impl == base,
+                            slow=device == "cpu" and impl in ("reference", "fast-pytorch-kmeans", "faiss-cpu"),
                             extra=extra))
     return out

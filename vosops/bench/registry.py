@@ -27,6 +27,9 @@ class Case:
     flops: float | None = None
     bytes: float | None = None
     baseline: bool = False
+    # Takes many seconds a call on this kind of machine (the users' glue at large windows, say): `vosops bench`
+    # and the pytest-benchmark suite skip it unless asked for everything.
+    slow: bool = False
     dtype: str = "float32"
     notes: str = ""
     extra: dict = field(default_factory=dict)

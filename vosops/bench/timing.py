@@ -18,7 +18,12 @@ def measure_ms(fn: Callable[[], object], device: str, *, min_reps: int = 5, max_
     """Median milliseconds of `fn()` plus spread; repetitions adapt to a time budget."""
     if device == "cuda":
         return _cuda_ms(fn, min_reps=min_reps, max_reps=max_reps, budget_s=budget_s, warmup=warmup)
-    for _ in range(warmup):
+    t0 = time.perf_counter()
+    fn()
+    first_s = time.perf_counter() - t0
+    if first_s > budget_s / 2:  # a call of seconds: one warm-up is enough, and three timed calls
+        warmup, min_reps, max_reps = 0, min(min_reps, 3), min(max_reps, 3)
+    for _ in range(warmup - 1):
         fn()
     times = []
     start = time.perf_counter()

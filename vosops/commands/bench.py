@@ -16,6 +16,8 @@ def register(sub) -> None:
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case (default 1)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--all", action="store_true",
+                   help="also run the cases marked slow (baselines that take many seconds a call)")
     p.set_defaults(func=run)
 
 
@@ -41,6 +43,11 @@ def run(args) -> int:
         cases = [c for c in cases if c.config in args.config]
     if args.impl:
         cases = [c for c in cases if c.baseline or c.impl in args.impl]
+    slow = [c for c in cases if c.slow and not args.all]
+    if slow:
+        cases = [c for c in cases if not c.slow or args.all]
+        print(f"vosops bench: skipping {len(slow)} slow cases (--all runs them): "
+              + ", ".join(sorted({f'{c.config}/{c.impl}' for c in slow})))
     if not cases:
         print("vosops bench: nothing to run for this selection")
         return 2

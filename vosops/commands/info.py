@@ -31,9 +31,36 @@ def run(args) -> int:
               f"CPU: {torch.get_num_threads()} threads")
     else:
         print(f"device: CPU only, {torch.get_num_threads()} threads (no CUDA device)")
-    print("backends (usable for flow_warp, per device type):")
-    for backend, per_device in _backends.status("flow_warp").items():
-        cells = ", ".join(f"{d}: {'yes' if why is None else 'no (' + why + ')'}" for d, why in per_device.items())
-        print(f"  {backend:<10} {cells}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print("usable backends per op (" + ", ".join(devices) + "):")
+    for public, kernel, supported in _op_table():
+        cells = []
+        for d in devices:
+            usable = [b for b in supported if _backends.why_unusable(b, kernel, d) is None]
+            cells.append(f"{d}: {', '.join(usable)}")
+        print(f"  {public:<34} " + "; ".join(cells))
+    for backend in _backends.BACKENDS:
+        for d in devices:
+            why = _backends.why_unusable(backend, "flow_warp", d)
+            if why is not None and not (backend, d) in (("cuda", "cpu"), ("cpu", "cuda")):
+                print(f"  note: {backend} on {d}: {why}")
     print(f"auto order: {_backends.AUTO_ORDER}")
     return 0
+
+
+def _op_table():
+    """(public name, the kernel name backends are registered under, backends the op implements)."""
+    from vosops._backends import BACKENDS
+    from vosops.ops import local_attention as la
+    from vosops.ops import topk as tk
+
+    return [
+        ("flow_warp", "flow_warp", BACKENDS),
+        ("local_attention", "local_attention", la.ATTENTION_BACKENDS),
+        ("local_affinity, local_aggregate", "local_affinity", ("reference",)),
+        ("global_topk", "global_topk", tk.GLOBAL_TOPK_BACKENDS),
+        ("topk_aggregate", "topk_aggregate", tk.AGGREGATE_BACKENDS),
+        ("merge_topk", "merge_topk", tk.MERGE_BACKENDS),
+        ("topk_attention", "topk_attention", tk.ATTENTION_BACKENDS),
+        ("kmeans, kmeans_predict", "kmeans_step", BACKENDS),
+    ]
