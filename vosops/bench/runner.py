@@ -53,12 +53,17 @@ def _add_speedups(rows: list[dict]) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'op/config':<24}{'dev':<5}{'dir':<5}{'impl':<13}{'ms':>10}{'GB/s':>9}{'GFLOP/s':>9}{'speedup':>9}{'peak MB':>9}"
+    name = lambda r: f"{r['op']}/{r['config']}"  # noqa: E731
+    w_name = max([len("op/config")] + [len(name(r)) for r in rows]) + 2
+    w_impl = max([len("impl")] + [len(r["impl"]) for r in rows]) + 2
+    w_dir = max([len("dir")] + [len(r["direction"]) for r in rows]) + 2
+    head = (f"{'op/config':<{w_name}}{'dev':<5}{'dir':<{w_dir}}{'impl':<{w_impl}}{'ms':>10}{'GB/s':>9}"
+            f"{'GFLOP/s':>9}{'speedup':>9}{'peak MB':>9}")
     lines = [head, "-" * len(head)]
+    fmt = lambda v, f: (f.format(v) if v is not None else "-")  # noqa: E731
     for r in rows:
-        fmt = lambda v, f: (f.format(v) if v is not None else "-")  # noqa: E731
         lines.append(
-            f"{r['op'] + '/' + r['config']:<24}{r['device']:<5}{r['direction']:<5}{r['impl']:<13}"
+            f"{name(r):<{w_name}}{r['device']:<5}{r['direction']:<{w_dir}}{r['impl']:<{w_impl}}"
             f"{r['ms']:>10.3f}{fmt(r.get('gbps'), '{:.1f}'):>9}{fmt(r.get('gflops'), '{:.1f}'):>9}"
             f"{fmt(r.get('speedup'), '{:.2f}x'):>9}{fmt(r.get('peak_extra_mb'), '{:.1f}'):>9}"
         )
@@ -92,31 +97,39 @@ def write_json(rows: list[dict], path: str) -> None:
 
 
 def plot_speedups(rows: list[dict], path: str, title: str = "vosops speed-up over the PyTorch baseline") -> None:
-    """Grouped bars: one group per (op/config/direction), one bar per non-baseline implementation."""
+    """One panel per op; in each, grouped bars per (config, direction), one bar per non-baseline implementation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["op"], r["config"], r["device"], r["direction"]) for r in rows})
-    impls = sorted({r["impl"] for r in rows if not r["baseline"] and r.get("speedup")})
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups) * max(1, len(impls)) / 2), 4))
-    width = 0.8 / max(1, len(impls))
-    for k, impl in enumerate(impls):
-        vals = []
-        for g in groups:
-            match = [r for r in rows if (r["op"], r["config"], r["device"], r["direction"]) == g and r["impl"] == impl]
-            vals.append(match[0]["speedup"] if match and match[0].get("speedup") else 0.0)
-        xs = [i + k * width for i in range(len(groups))]
-        bars = ax.bar(xs, vals, width, label=impl)
-        ax.bar_label(bars, fmt="%.1fx", fontsize=7)
-    ax.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(groups))])
-    ax.set_xticklabels([f"{o}\n{c}\n{d} {dr}" for o, c, d, dr in groups], fontsize=7)
-    ax.set_ylabel("speed-up vs baseline (x)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ops = [op for op in dict.fromkeys(r["op"] for r in rows)
+           if any(r.get("speedup") and not r["baseline"] for r in rows if r["op"] == op)]
+    if not ops:
+        ops = list(dict.fromkeys(r["op"] for r in rows))
+    fig, axes = plt.subplots(len(ops), 1, figsize=(10, 3.2 * len(ops)), squeeze=False)
+    for ax, op in zip(axes[:, 0], ops):
+        mine = [r for r in rows if r["op"] == op]
+        groups = list(dict.fromkeys((r["config"], r["device"], r["direction"]) for r in mine))
+        impls = list(dict.fromkeys(r["impl"] for r in mine if not r["baseline"] and r.get("speedup")))
+        width = 0.8 / max(1, len(impls))
+        for k, impl in enumerate(impls):
+            vals = []
+            for g in groups:
+                match = [r for r in mine if (r["config"], r["device"], r["direction"]) == g and r["impl"] == impl]
+                vals.append(match[0]["speedup"] if match and match[0].get("speedup") else 0.0)
+            bars = ax.bar([i + k * width for i in range(len(groups))], vals, width, label=impl)
+            ax.bar_label(bars, fmt="%.2g", fontsize=6)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(groups))])
+        ax.set_xticklabels([f"{c}\n{d} {dr}" for c, d, dr in groups], fontsize=7)
+        ax.set_ylabel("speed-up vs baseline (x)", fontsize=8)
+        base = sorted({r["impl"] for r in mine if r["baseline"]})
+        ax.set_title(f"{op} (baseline: {', '.join(base) or 'none'})", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -4,7 +4,10 @@ CUDA allocator statistics on GPU, the profiler's allocation events on CPU."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -64,6 +67,22 @@ def _summary(times: list[float]) -> dict:
     return {"ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "reps": len(times)}
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's native layer prints a line at every start and stop, straight to file descriptor 2; the call
+    profiled has already run cleanly once (timing), so silencing it here hides nothing."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_extra_bytes(fn: Callable[[], object], device: str) -> int:
     """Peak bytes allocated by one call of `fn` beyond what was allocated before it."""
     if device == "cuda":
@@ -75,13 +94,9 @@ def peak_extra_bytes(fn: Callable[[], object], device: str) -> int:
         peak = torch.cuda.max_memory_allocated() - base
         del out
         return int(peak)
-    import os
-
     from torch.profiler import ProfilerActivity, profile
 
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start/stop lines off the console
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
     # Walk allocation events in time order and track the running total.
