@@ -158,31 +158,16 @@ std::tuple<at::Tensor, at::Tensor> flow_warp_backward_cpu(const at::Tensor& grad
                                                           const at::Tensor& flow, c10::string_view mode_name,
                                                           c10::string_view padding_name, bool need_x_grad,
                                                           bool need_flow_grad) {
-  check_inputs(x, flow);
-  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "flow_warp_backward: grad_out ", grad_out.sizes(),
-                    " must match x ", x.sizes());
-  const Mode mode = parse_mode(mode_name);
-  const Padding pad = parse_padding(padding_name);
-  at::Tensor grad_x = x.new_empty({0});
-  at::Tensor grad_flow = flow.new_empty({0});
-  const bool exact_acc = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
-  at::Tensor acc;
-  if (need_x_grad) acc = at::zeros(x.sizes(), x.options().dtype(exact_acc ? x.scalar_type() : at::kFloat));
-  if (need_flow_grad) {
-    // Nearest sampling is piecewise constant in the flow: its gradient is zero almost everywhere.
-    grad_flow = mode == Mode::Bilinear && x.numel() > 0
-                    ? new_output(flow.sizes(), flow.options().memory_format(at::MemoryFormat::Contiguous))
-                    : at::zeros(flow.sizes(), flow.options().memory_format(at::MemoryFormat::Contiguous));
-  }
-  if (x.numel() > 0 && (need_x_grad || (need_flow_grad && mode == Mode::Bilinear))) {
+  BackwardBuffers b =
+      prepare_backward(grad_out, x, flow, mode_name, padding_name, need_x_grad, need_flow_grad);
+  if (x.numel() > 0 && (need_x_grad || b.flow_kernel)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "flow_warp_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      backward_cpu<scalar_t>(grad_out, x, flow, need_x_grad ? acc.data_ptr<acc_t>() : nullptr,
-                             need_flow_grad ? &grad_flow : nullptr, mode, pad);
+      backward_cpu<scalar_t>(grad_out, x, flow, need_x_grad ? b.grad_x_acc.data_ptr<acc_t>() : nullptr,
+                             b.flow_kernel ? &b.grad_flow : nullptr, b.mode, b.pad);
     });
   }
-  if (need_x_grad) grad_x = exact_acc ? acc : acc.to(x.scalar_type());
-  return {grad_x, grad_flow};
+  return finish_backward(b, x);
 }
 
 }  // namespace

@@ -32,30 +32,16 @@ std::tuple<at::Tensor, at::Tensor> flow_warp_backward_cuda(const at::Tensor& gra
                                                            const at::Tensor& flow, c10::string_view mode_name,
                                                            c10::string_view padding_name, bool need_x_grad,
                                                            bool need_flow_grad) {
-  check_inputs(x, flow);
-  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "flow_warp_backward: grad_out ", grad_out.sizes(),
-                    " must match x ", x.sizes());
-  const Mode mode = parse_mode(mode_name);
-  const Padding pad = parse_padding(padding_name);
   const c10::cuda::CUDAGuard guard(x.device());
-  const bool flow_grad_kernel = need_flow_grad && mode == Mode::Bilinear;
-  at::Tensor grad_x_acc;
-  if (need_x_grad) {
-    grad_x_acc = at::zeros(x.sizes(), x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
-  }
-  at::Tensor grad_flow = flow.new_empty({0});
-  if (need_flow_grad) {
-    grad_flow = flow_grad_kernel ? new_output(flow.sizes(), flow.options().memory_format(at::MemoryFormat::Contiguous))
-                                 : at::zeros(flow.sizes(), flow.options().memory_format(at::MemoryFormat::Contiguous));
-  }
+  BackwardBuffers b =
+      prepare_backward(grad_out, x, flow, mode_name, padding_name, need_x_grad, need_flow_grad);
   check_launch(backward_cuda(to_dtype(x.scalar_type()), grad_out.const_data_ptr(), shape4(grad_out),
                              x.const_data_ptr(), shape4(x), flow.const_data_ptr(), shape4(flow),
-                             need_x_grad ? grad_x_acc.data_ptr() : nullptr,
-                             flow_grad_kernel ? grad_flow.data_ptr() : nullptr, mode, pad,
+                             need_x_grad ? b.grad_x_acc.data_ptr() : nullptr,
+                             b.flow_kernel ? b.grad_flow.data_ptr() : nullptr, b.mode, b.pad,
                              c10::cuda::getCurrentCUDAStream().stream()),
                "flow_warp_backward");
-  at::Tensor grad_x = need_x_grad ? grad_x_acc.to(x.scalar_type()) : x.new_empty({0});
-  return {grad_x, grad_flow};
+  return finish_backward(b, x);
 }
 
 }  // namespace
