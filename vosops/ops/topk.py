@@ -153,6 +153,11 @@ def topk_aggregate(logits: torch.Tensor, index: torch.Tensor, values: torch.Tens
 
 
 def _check_index_range(index: torch.Tensor, L: int) -> None:
+    if index.device.type != "cpu":
+        # On an accelerator a host-side check would synchronise every call (every frame of a propagation loop);
+        # a device-side assert stops the program instead, with this message, when the kernel queue reaches it.
+        torch._assert_async(((index >= -1) & (index < L)).all(), f"topk_aggregate: index must be in [-1, {L})")
+        return
     if index.numel() and bool(((index < -1) | (index >= L)).any()):
         bad = index[(index < -1) | (index >= L)][0].item()
         raise ValueError(f"index must be in [-1, L) = [-1, {L}) (-1 marks an empty slot), found {bad}")
