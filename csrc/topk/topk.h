@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <utility>
 
 namespace vosops {
@@ -37,6 +38,26 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
 inline std::pair<int64_t, int64_t> split_keys(int64_t L, int64_t topk, int64_t dense_keys) {
   if (topk >= L - dense_keys) return {L, 0};
   return {dense_keys, topk};
+}
+
+// global_topk's argument checks (both devices); returns key_mask made contiguous, or an undefined tensor.
+inline at::Tensor check_global_topk_args(const at::Tensor& q, const at::Tensor& k, int64_t topk,
+                                         const std::optional<at::Tensor>& key_mask) {
+  TORCH_CHECK_VALUE(q.dim() == 3, "global_topk: q must be (B, M, C), got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == 3 && k.size(0) == q.size(0) && k.size(2) == q.size(2),
+                    "global_topk: k must be (B, L, C) with q's B and C, got ", k.sizes(), " for q ", q.sizes());
+  check_float(q, "global_topk", "q");
+  check_like(q, k, "global_topk", "q", "k");
+  const int64_t B = q.size(0), L = k.size(1);
+  TORCH_CHECK_VALUE(topk >= 1 && topk <= L, "global_topk: topk must be in [1, L] = [1, ", L, "], got ", topk);
+  at::Tensor mask;
+  if (key_mask.has_value()) {
+    mask = key_mask->contiguous();
+    TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "global_topk: key_mask must be bool, got ", mask.scalar_type());
+    TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == L && mask.device() == q.device(),
+                      "global_topk: key_mask must be (B, L) = (", B, ", ", L, ") on q's device, got ", mask.sizes());
+  }
+  return mask;
 }
 
 }  // namespace topk

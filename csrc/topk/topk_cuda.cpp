@@ -26,20 +26,8 @@ Shape3 shape3(const at::Tensor& t) {
 
 std::tuple<at::Tensor, at::Tensor> global_topk_cuda_op(const at::Tensor& q, const at::Tensor& k, int64_t topk,
                                                        double scale, const std::optional<at::Tensor>& key_mask) {
-  TORCH_CHECK_VALUE(q.dim() == 3, "global_topk: q must be (B, M, C), got shape ", q.sizes());
-  TORCH_CHECK_VALUE(k.dim() == 3 && k.size(0) == q.size(0) && k.size(2) == q.size(2),
-                    "global_topk: k must be (B, L, C) with q's B and C, got ", k.sizes(), " for q ", q.sizes());
-  check_float(q, "global_topk", "q");
-  check_like(q, k, "global_topk", "q", "k");
-  const int64_t B = q.size(0), M = q.size(1), L = k.size(1);
-  TORCH_CHECK_VALUE(topk >= 1 && topk <= L, "global_topk: topk must be in [1, L] = [1, ", L, "], got ", topk);
-  at::Tensor mask;
-  if (key_mask.has_value()) {
-    mask = key_mask->contiguous();
-    TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "global_topk: key_mask must be bool, got ", mask.scalar_type());
-    TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == L && mask.device() == q.device(),
-                      "global_topk: key_mask must be (B, L) = (", B, ", ", L, ") on q's device, got ", mask.sizes());
-  }
+  const at::Tensor mask = check_global_topk_args(q, k, topk, key_mask);
+  const int64_t B = q.size(0), M = q.size(1);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out_l = new_output({B, M, topk}, q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor out_i = new_output({B, M, topk}, q.options().dtype(at::kLong));
