@@ -28,14 +28,20 @@ def _as_bool(name: str, m) -> np.ndarray:
     return a.astype(bool)
 
 
-def jaccard(pred, gt, void=None) -> float:
-    """Region similarity J of two binary masks (H, W); 1.0 when both are empty."""
+def _mask_pair(pred, gt, void):
+    """pred and gt as same-sized bool masks, with void pixels (if given) cleared in both."""
     p, g = _as_bool("pred", pred), _as_bool("gt", gt)
     if p.shape != g.shape:
         raise ValueError(f"pred {p.shape} and gt {g.shape} must have the same size")
     if void is not None:
         keep = ~_as_bool("void", void)
         p, g = p & keep, g & keep
+    return p, g
+
+
+def jaccard(pred, gt, void=None) -> float:
+    """Region similarity J of two binary masks (H, W); 1.0 when both are empty."""
+    p, g = _mask_pair(pred, gt, void)
     union = np.count_nonzero(p | g)
     if union == 0:
         return 1.0
@@ -75,12 +81,7 @@ def f_measure(pred, gt, void=None, bound_th: float = 0.008, return_pr: bool = Fa
     """Contour accuracy F of two binary masks (H, W), with (precision, recall) if `return_pr`."""
     import cv2
 
-    p, g = _as_bool("pred", pred), _as_bool("gt", gt)
-    if p.shape != g.shape:
-        raise ValueError(f"pred {p.shape} and gt {g.shape} must have the same size")
-    if void is not None:
-        keep = ~_as_bool("void", void)
-        p, g = p & keep, g & keep
+    p, g = _mask_pair(pred, gt, void)
     kernel = disk(boundary_radius(p.shape, bound_th))
     bp, bg = seg2bmap(p), seg2bmap(g)
     dil_p = cv2.dilate(bp.astype(np.uint8), kernel).astype(bool)

@@ -436,18 +436,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_backward_cpu(
     c10::string_view normalize, c10::string_view window, c10::string_view border, bool need_q, bool need_k,
     bool need_v) {
   const Config c = make_config(q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border);
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef({c.B, c.Cv, c.H, c.W}),
-                    "local_attention_backward: grad_out must be (B, Cv, H, W), got ", grad_out.sizes());
-  TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({c.B, c.H, c.W, 2}) &&
-                        stats.scalar_type() == acc_type(q.scalar_type()),
-                    "local_attention_backward: stats must be the forward's (B, H, W, 2) statistics");
-  TORCH_CHECK_VALUE(topk_index.sizes() == at::IntArrayRef({c.B, c.H, c.W, c.topk}) &&
-                        topk_index.scalar_type() == at::kLong,
-                    "local_attention_backward: topk_index must be the forward's (B, H, W, topk) int64 indices");
-  const bool with_gl = grad_topk_logits.has_value() && grad_topk_logits->defined() && c.topk > 0;
-  if (with_gl)
-    TORCH_CHECK_VALUE(grad_topk_logits->sizes() == topk_index.sizes(),
-                      "local_attention_backward: grad_topk_logits must be (B, H, W, topk)");
+  const bool with_gl =
+      check_backward_inputs(c, grad_out, grad_topk_logits, stats, topk_index, acc_type(q.scalar_type()));
   const at::ScalarType a = acc_type(q.scalar_type());
   const auto aopts = q.options().dtype(a);
   at::Tensor dq_cl, dk_buf, dv_buf;

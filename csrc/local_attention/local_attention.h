@@ -103,5 +103,25 @@ inline at::Tensor rounded_offsets_cpu(const at::Tensor& offsets, const Config& c
   return r;
 }
 
+// The backward's saved tensors must be the forward's; returns whether a gradient of the returned top-k logits flows.
+inline bool check_backward_inputs(const Config& c, const at::Tensor& grad_out,
+                                  const std::optional<at::Tensor>& grad_topk_logits, const at::Tensor& stats,
+                                  const at::Tensor& topk_index, at::ScalarType stats_dtype) {
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef({c.B, c.Cv, c.H, c.W}),
+                    "local_attention_backward: grad_out must be (B, Cv, H, W), got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({c.B, c.H, c.W, 2}) && stats.scalar_type() == stats_dtype,
+                    "local_attention_backward: stats must be the forward's (B, H, W, 2) ", stats_dtype,
+                    " statistics");
+  TORCH_CHECK_VALUE(topk_index.sizes() == at::IntArrayRef({c.B, c.H, c.W, c.topk}) &&
+                        topk_index.scalar_type() == at::kLong,
+                    "local_attention_backward: topk_index must be the forward's (B, H, W, topk) int64 indices");
+  const bool with_gl = grad_topk_logits.has_value() && grad_topk_logits->defined() && c.topk > 0;
+  if (with_gl) {
+    TORCH_CHECK_VALUE(grad_topk_logits->sizes() == topk_index.sizes(),
+                      "local_attention_backward: grad_topk_logits must be (B, H, W, topk)");
+  }
+  return with_gl;
+}
+
 }  // namespace local_attention
 }  // namespace vosops

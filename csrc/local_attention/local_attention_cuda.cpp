@@ -105,15 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_backward_cuda(
     bool need_v) {
   const Config c = make_config(q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border);
   check_cuda_inputs(q, c);
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef({c.B, c.Cv, c.H, c.W}),
-                    "local_attention_backward: grad_out must be (B, Cv, H, W), got ", grad_out.sizes());
-  TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({c.B, c.H, c.W, 2}) && stats.scalar_type() == at::kFloat,
-                    "local_attention_backward: stats must be the forward's (B, H, W, 2) float32 statistics");
-  TORCH_CHECK_VALUE(topk_index.sizes() == at::IntArrayRef({c.B, c.H, c.W, c.topk}) &&
-                        topk_index.scalar_type() == at::kLong,
-                    "local_attention_backward: topk_index must be the forward's (B, H, W, topk) int64 indices");
+  const bool with_gl = check_backward_inputs(c, grad_out, grad_topk_logits, stats, topk_index, at::kFloat);
   const c10::cuda::CUDAGuard guard(q.device());
-  const bool with_gl = grad_topk_logits.has_value() && grad_topk_logits->defined() && c.topk > 0;
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dq, dk, dv;
   if (need_q) dq = at::zeros({c.B, c.H, c.W, c.C}, f32);

@@ -34,6 +34,25 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
   check_like(q, v, "topk_attention", "q", "v");
 }
 
+inline void check_attention_counts(int64_t L, int64_t topk, int64_t dense_keys) {
+  TORCH_CHECK_VALUE(topk >= 1 && topk <= L, "topk_attention: topk must be in [1, L] = [1, ", L, "], got ", topk);
+  TORCH_CHECK_VALUE(dense_keys >= 0 && dense_keys <= L, "topk_attention: dense_keys must be in [0, L] = [0, ", L,
+                    "], got ", dense_keys);
+}
+
+// The backward's saved tensors must be the forward's: out (B, H, M, Dv) like grad_out, lse (B·H·M), index (.., M, k).
+inline void check_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                     const at::Tensor& index) {
+  check_attention_inputs(q, k, v);
+  const int64_t M = q.size(2);
+  TORCH_CHECK_VALUE(grad_out.sizes() == out.sizes() && out.dim() == 4 && out.size(3) == v.size(3) && out.size(2) == M,
+                    "topk_attention_backward: grad_out and out must be (B, H, M, Dv), got ", grad_out.sizes(), " and ",
+                    out.sizes());
+  TORCH_CHECK_VALUE(index.dim() == 4 && index.size(2) == M && lse.numel() == q.size(0) * q.size(1) * M,
+                    "topk_attention_backward: index/lse do not match the inputs");
+}
+
 // Dense keys [0, dense) and how many sparse keys each query keeps; topk >= L - dense_keys keeps all keys densely.
 inline std::pair<int64_t, int64_t> split_keys(int64_t L, int64_t topk, int64_t dense_keys) {
   if (topk >= L - dense_keys) return {L, 0};

@@ -43,9 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_cuda_op(const at::
                                                                       int64_t dense_keys) {
   check_attention_inputs(q, k, v);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), L = k.size(2), Dv = v.size(3);
-  TORCH_CHECK_VALUE(topk >= 1 && topk <= L, "topk_attention: topk must be in [1, L] = [1, ", L, "], got ", topk);
-  TORCH_CHECK_VALUE(dense_keys >= 0 && dense_keys <= L, "topk_attention: dense_keys must be in [0, L] = [0, ", L,
-                    "], got ", dense_keys);
+  check_attention_counts(L, topk, dense_keys);
   const auto [dense, kk] = split_keys(L, topk, dense_keys);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = new_output({B, H, M, Dv}, q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -63,11 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_cuda_op(const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward_cuda_op(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& index, double scale, int64_t dense_keys) {
-  check_attention_inputs(q, k, v);
-  TORCH_CHECK_VALUE(grad_out.sizes() == out.sizes() && out.dim() == 4 && out.size(2) == q.size(2) &&
-                        out.size(3) == v.size(3),
-                    "topk_attention_backward: grad_out and out must be (B, H, M, Dv), got ", grad_out.sizes(), " and ",
-                    out.sizes());
+  check_attention_backward(grad_out, q, k, v, out, lse, index);
   const int64_t kk = index.size(-1);
   const int64_t dense = kk == 0 ? k.size(2) : dense_keys;
   const c10::cuda::CUDAGuard guard(q.device());
