@@ -48,3 +48,16 @@ def test_a_small_case_runs(monkeypatch):
     for case in bench.cases("cpu"):
         out = case.setup()()
         assert torch.isfinite(out).all()
+
+
+def test_flex_attention_baseline_computes_the_masked_single_reference_op():
+    """The FlexAttention baseline (neighbourhood block mask) is the op with border="mask", N=1, no top-k; checked
+    uncompiled here (compiling takes a minute on this CPU), the benchmark compiles the same function."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    assert "mamp-train-masked" in bench.CONFIGS and "mamp-train-masked-quarter" in bench.CONFIGS
+    B, C, Cv, H, W, r = 2, 8, 3, 9, 11, 2
+    q, k, v = torch.randn(B, C, H, W), torch.randn(B, 1, C, H, W), torch.rand(B, 1, Cv, H, W)
+    flex = bench.flex_local_attention_fn(H, W, r, "cpu", compile=False)
+    out = flex(q, k, v, scale=0.3)
+    ref = vosops.reference.local_attention(q.double(), k.double(), v.double(), radius=r, scale=0.3, border="mask")
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)

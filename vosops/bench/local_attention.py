@@ -9,6 +9,9 @@ Baselines: `glue_local_attention`, what users write today (per reference: the ke
 rounded offsets, F.unfold of the zero-padded frame, then torch.cat over references, torch.topk / threshold,
 softmax, torch.gather of the values), and the reference (vosops.reference, row-chunked). The glue is the
 baseline speed-ups are measured against.
+
+mamp-train-masked: mamp-train with border="mask", the single-reference, no-top-k case FlexAttention can express
+(a neighbourhood block mask; out-of-frame keys simply absent). There the baseline is compiled FlexAttention.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ FULL = {
     "crw-480p": (1, 128, 7, 60, 107, 20, dict(radius=12, topk=10, window="circle", scale=20.0), False, True),
     "mamp-train": (24, 64, 3, 64, 64, 1, dict(radius=6, scale=1 / 8, border="zero"), False, False),
 }
-TRAIN = {"mamp-train"}
+# The case FlexAttention can express: one reference, softmax over the whole window, out-of-frame keys excluded.
+FULL["mamp-train-masked"] = (*FULL["mamp-train"][:6], dict(FULL["mamp-train"][6], border="mask"), False, False)
+TRAIN = {"mamp-train", "mamp-train-masked"}
+FLEX = {"mamp-train-masked"}
 _GLUE_CHUNK = 1 << 25  # unfolded elements per row band (128 MB in fp32)
 
 
@@ -108,6 +114,31 @@ def glue_local_attention(q, k, v, *, radius, scale=1.0, topk=None, normalize="so
     return torch.cat(outs, 2).view(B, Cv, H, W)
 
 
+_FLEX_VALUE_DIM = 16  # FlexAttention's smallest value head dimension; the values are zero-padded up to it
+
+
+def flex_local_attention_fn(H: int, W: int, radius: int, device: str, compile: bool = True):
+    """Compiled FlexAttention over one reference frame with a (2r+1)^2 neighbourhood block mask, in vosops' layout:
+    q (B, C, H, W), k (B, 1, C, H, W), v (B, 1, Cv, H, W) -> (B, Cv, H, W). The layout changes to and from
+    FlexAttention's (B, heads, tokens, dim) are part of what a user of it pays, so they are timed with it."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def neighbourhood(b, h, qi, ki):
+        return ((qi // W - ki // W).abs() <= radius) & ((qi % W - ki % W).abs() <= radius)
+
+    block_mask = create_block_mask(neighbourhood, None, None, H * W, H * W, device=device)
+    flex = torch.compile(flex_attention, fullgraph=True, dynamic=False) if compile else flex_attention
+
+    def run(q, k, v, *, scale=1.0, **_):
+        B, Cv = q.shape[0], v.shape[2]
+        tokens = lambda x: x.flatten(2).transpose(1, 2).unsqueeze(1)  # noqa: E731  (B, 1, H*W, C)
+        vv = F.pad(tokens(v[:, 0]), (0, max(0, _FLEX_VALUE_DIM - Cv)))
+        out = flex(tokens(q), tokens(k[:, 0]), vv, block_mask=block_mask, scale=scale)
+        return out[:, 0, :, :Cv].transpose(1, 2).reshape(B, Cv, H, W)
+
+    return run
+
+
 def _inputs(spec, device, requires_grad=False, seed=0):
     B, C, Cv, H, W, N, kw, with_offsets, l2 = spec
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -125,9 +156,19 @@ def _inputs(spec, device, requires_grad=False, seed=0):
     return t, dict(kw)
 
 
-def _impls(device: str):
-    impls = {"glue": glue_local_attention,
-             "reference": lambda q, k, v, **kw: ref.local_attention(q, k, v, **kw)}
+def _impls(device: str, config: str, spec):
+    impls = {"reference": lambda q, k, v, **kw: ref.local_attention(q, k, v, **kw)}
+    if config.replace("-quarter", "") in FLEX:
+        H, W, kw = spec[3], spec[4], spec[6]
+
+        def flex(q, k, v, _cache={}, **kw_):  # compiled on the first call (in setup, before any timing)
+            if "fn" not in _cache:
+                _cache["fn"] = flex_local_attention_fn(H, W, kw["radius"], device)
+            return _cache["fn"](q, k, v, **kw_)
+
+        impls = {"flex_attention": flex, **impls}
+    else:
+        impls = {"glue": glue_local_attention, **impls}
     for b in ("cpu", "cuda", "triton"):
         if _backends.why_unusable(b, "local_attention", device) is None and not (b == "triton" and device == "cpu"):
             impls[b] = lambda q, k, v, _b=b, **kw: vosops.local_attention(q, k, v, backend=_b, **kw)
@@ -152,18 +193,22 @@ def cases(device: str) -> list[Case]:
         if device not in devices:
             continue
         base = config.replace("-quarter", "")
-        for impl, fn in _impls(device).items():
-            def setup_fwd(fn=fn, spec=spec):
+        for impl, fn in _impls(device, config, spec).items():
+            compiled = impl == "flex_attention"  # compiled on first use: warm it up outside the timed calls
+
+            def setup_fwd(fn=fn, spec=spec, compiled=compiled):
                 t, kw = _inputs(spec, device)
+                if compiled:
+                    fn(**t, **kw)
                 return lambda: fn(**t, **kw)
 
             # the glue and the reference take 8-200 s a call at these windows on a 2-core CPU
             slow = device == "cpu" and impl in ("glue", "reference") and base in ("ino-480p", "crw-480p")
-            common = dict(op="local_attention", config=config, device=device, impl=impl, baseline=impl == "glue",
-                          slow=slow)
+            common = dict(op="local_attention", config=config, device=device, impl=impl,
+                          baseline=impl in ("glue", "flex_attention"), slow=slow)
             out.append(Case(direction="fwd", setup=setup_fwd, flops=_flops(spec), **common))
             if base in TRAIN:
-                def setup_fwdbwd(fn=fn, spec=spec):
+                def setup_fwdbwd(fn=fn, spec=spec, compiled=compiled):
                     t, kw = _inputs(spec, device, requires_grad=True)
                     diff = (t["q"], t["k"], t["v"])
 
@@ -171,7 +216,13 @@ def cases(device: str) -> list[Case]:
                         o = fn(**t, **kw)
                         return torch.autograd.grad(o, diff, torch.ones_like(o))
 
+                    if compiled:
+                        step()
                     return step
 
+                if compiled and device == "cpu":
+                    continue  # FlexAttention has no CPU backward (torch 2.13): the reference is that group's baseline
+                if base in FLEX and device == "cpu" and impl == "reference":
+                    common = dict(common, baseline=True)
                 out.append(Case(direction="fwd+bwd", setup=setup_fwdbwd, flops=3 * _flops(spec), **common))
     return out

@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 
 from .registry import Case
-from .timing import measure_ms, peak_extra_bytes
+from .timing import measure_ms, peak_extra_bytes, peak_fp32_gflops
 
 
 def device_name(device: str) -> str:
@@ -32,6 +32,10 @@ def run_cases(cases: Iterable[Case], *, budget_s: float = 1.0, memory: bool = Tr
         }
         if case.flops:
             row["gflops"] = case.flops / (t["ms"] * 1e6)
+            # the fp32 FMA floor: the case's FLOPs at the device's measured fp32 peak; x_floor = time / floor
+            row["peak_fp32_gflops"] = peak_fp32_gflops(case.device)
+            row["floor_ms"] = case.flops / (row["peak_fp32_gflops"] * 1e6)
+            row["x_floor"] = t["ms"] / row["floor_ms"]
         if case.bytes:
             row["gbps"] = case.bytes / (t["ms"] * 1e6)
         if memory:
@@ -58,13 +62,14 @@ def format_table(rows: list[dict]) -> str:
     w_impl = max([len("impl")] + [len(r["impl"]) for r in rows]) + 2
     w_dir = max([len("dir")] + [len(r["direction"]) for r in rows]) + 2
     head = (f"{'op/config':<{w_name}}{'dev':<5}{'dir':<{w_dir}}{'impl':<{w_impl}}{'ms':>10}{'GB/s':>9}"
-            f"{'GFLOP/s':>9}{'speedup':>9}{'peak MB':>9}")
+            f"{'GFLOP/s':>9}{'x floor':>9}{'speedup':>9}{'peak MB':>9}")
     lines = [head, "-" * len(head)]
     fmt = lambda v, f: (f.format(v) if v is not None else "-")  # noqa: E731
     for r in rows:
         lines.append(
             f"{name(r):<{w_name}}{r['device']:<5}{r['direction']:<{w_dir}}{r['impl']:<{w_impl}}"
             f"{r['ms']:>10.3f}{fmt(r.get('gbps'), '{:.1f}'):>9}{fmt(r.get('gflops'), '{:.1f}'):>9}"
+            f"{fmt(r.get('x_floor'), '{:.1f}'):>9}"
             f"{fmt(r.get('speedup'), '{:.2f}x'):>9}{fmt(r.get('peak_extra_mb'), '{:.1f}'):>9}"
         )
     return "\n".join(lines)

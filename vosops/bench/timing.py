@@ -61,6 +61,31 @@ def _cuda_ms(fn, *, min_reps, max_reps, budget_s, warmup) -> dict:
     return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
+_PEAK_CACHE: dict = {}
+
+
+def peak_fp32_gflops(device: str) -> float:
+    """Measured fp32 multiply-add throughput of the device, the denominator of every FMA floor: the best of a few
+    large fp32 matrix products (TF32 off on GPU, so it is the plain-FMA peak), in GFLOP/s counting a multiply-add
+    as 2. Measured once per process and device."""
+    if device in _PEAK_CACHE:
+        return _PEAK_CACHE[device]
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    if device == "cuda":
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            ms = _cuda_ms(lambda: a @ b, min_reps=5, max_reps=20, budget_s=0.5, warmup=2)["p20_ms"]
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+    else:
+        ms = measure_ms(lambda: a @ b, device, min_reps=5, max_reps=20, budget_s=0.5)["p20_ms"]
+    _PEAK_CACHE[device] = 2.0 * n**3 / (ms * 1e6)
+    return _PEAK_CACHE[device]
+
+
 def _summary(times: list[float]) -> dict:
     times = sorted(times)
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
