@@ -222,3 +222,17 @@ def test_native_op_checks_name_the_argument():
     with pytest.raises(TypeError, match="merge_topk: logits must be float"):
         torch.ops.vosops.merge_topk(ix, ix, 2)
 
+
+def test_crw_readout_passes_its_backend_through(monkeypatch):
+    from vosops.propagation import CRWReadout
+
+    seen = []
+    for name in ("global_topk", "merge_topk", "topk_aggregate"):
+        real = getattr(vosops, name)
+        monkeypatch.setattr(vosops, name, lambda *a, _real=real, _name=name, **kw: (
+            seen.append((_name, kw.get("backend"))), _real(*a, **kw))[1])
+    q, k, v = torch.randn(1, 4, 5, 6), torch.randn(1, 3, 4, 5, 6), torch.rand(1, 3, 2, 5, 6)
+    out_ref = CRWReadout(radius=2, topk=4, scale=3.0, backend="reference")(q, k, v)
+    assert {b for _, b in seen} == {"reference"} and len(seen) == 3
+    out_auto = CRWReadout(radius=2, topk=4, scale=3.0)(q, k, v)
+    torch.testing.assert_close(out_auto, out_ref, atol=1e-5, rtol=1e-5)
