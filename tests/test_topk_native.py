@@ -145,14 +145,19 @@ def test_topk_aggregate_gradient_of_one_input(backend, device, wrt):
 
 # --- registration, compile, errors -------------------------------------------------------------------------------
 
-def test_opcheck_native_merge():
-    if "merge_topk" not in vosops._backends._KERNELS["CPU"]:
-        pytest.skip("native merge_topk not built")
-    lists = merge_lists(2, 3, (3, 4))
+@pytest.mark.parametrize("backend,device", [p for p in MERGE_BACKENDS if p.values[0] in ("cpu", "cuda")])
+def test_opcheck_native(backend, device):
+    lists = merge_lists(2, 3, (3, 4), device=device)
     logits = torch.cat([l for l, _ in lists], -1).float().requires_grad_()
     index = torch.cat([i for _, i in lists], -1)
     testing.check_opcheck(torch.ops.vosops.merge_topk.default, (logits, index, 5))
     testing.check_opcheck(torch.ops.vosops.merge_topk.default, (logits, index, 7))
+    if device == "cuda":  # the CPU topk_aggregate op is opchecked in test_topk.py
+        lg = torch.randn(2, 3, 4, device=device, requires_grad=True)
+        values = torch.randn(2, 5, 3, device=device, requires_grad=True)
+        ix = torch.randint(-1, 5, (2, 3, 4), device=device)
+        testing.check_opcheck(torch.ops.vosops.topk_aggregate.default, (lg, ix, values, "softmax", 0))
+        testing.check_opcheck(torch.ops.vosops.topk_aggregate.default, (lg, ix, values, "threshold", 2))
 
 
 @pytest.mark.parametrize("backend,device", TRITON)
