@@ -224,15 +224,6 @@ std::tuple<at::Tensor, at::Tensor> global_topk_cpu(const at::Tensor& q, const at
 
 // --- topk_aggregate -----------------------------------------------------------------------------------------------
 
-enum class Normalize { Softmax, Threshold };
-
-Normalize parse_normalize(c10::string_view name) {
-  if (name == "softmax") return Normalize::Softmax;
-  if (name == "threshold") return Normalize::Threshold;
-  TORCH_CHECK_VALUE(false, "topk_aggregate: normalize must be 'softmax' or 'threshold', got '", std::string(name),
-                    "'");
-}
-
 // Softmax weights of one candidate row into w (0 for dropped candidates); false when nothing is kept.
 template <typename scalar_t, typename acc_t>
 bool row_weights(const scalar_t* lg, const int64_t* ix, int64_t K, Normalize norm, int64_t kth, acc_t* w,
@@ -267,26 +258,6 @@ bool row_weights(const scalar_t* lg, const int64_t* ix, int64_t K, Normalize nor
   }
   for (int64_t j = 0; j < K; ++j) w[j] /= sum;
   return true;
-}
-
-void check_aggregate_inputs(const at::Tensor& logits, const at::Tensor& index, const at::Tensor& values) {
-  TORCH_CHECK_VALUE(logits.dim() == 3, "topk_aggregate: logits must be (B, M, K), got shape ", logits.sizes());
-  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "topk_aggregate: index must be int64, got ", index.scalar_type());
-  TORCH_CHECK_VALUE(index.sizes() == logits.sizes(), "topk_aggregate: index must have the shape of the logits ",
-                    logits.sizes(), ", got ", index.sizes());
-  TORCH_CHECK_VALUE(values.dim() == 3 && values.size(0) == logits.size(0),
-                    "topk_aggregate: values must be (B, L, Cv) with the logits' B, got ", values.sizes());
-  check_float(logits, "topk_aggregate", "logits");
-  check_like(logits, values, "topk_aggregate", "logits", "values");
-  TORCH_CHECK_VALUE(index.device() == logits.device(), "topk_aggregate: index must be on the logits' device");
-  const int64_t L = values.size(1);
-  if (index.numel() > 0) {
-    const at::Tensor bad = (index < -1).logical_or_(index >= L);
-    if (bad.any().item<bool>()) {
-      TORCH_CHECK_VALUE(false, "topk_aggregate: index must be in [-1, L) = [-1, ", L,
-                        ") (-1 marks an empty slot), found ", index.masked_select(bad)[0].item<int64_t>());
-    }
-  }
 }
 
 template <typename scalar_t>
@@ -395,9 +366,7 @@ std::tuple<at::Tensor, at::Tensor> topk_aggregate_backward_cpu(const at::Tensor&
   const at::Tensor logits = logits_in.detach().contiguous(), index = index_in.contiguous();
   const at::Tensor values = values_in.detach().contiguous();
   const at::Tensor grad = grad_in.detach().to(values.scalar_type()).contiguous();
-  TORCH_CHECK_VALUE(grad.dim() == 3 && grad.size(0) == logits.size(0) && grad.size(1) == logits.size(1) &&
-                        grad.size(2) == values.size(2),
-                    "topk_aggregate_backward: grad_out must be (B, M, Cv), got ", grad.sizes());
+  check_aggregate_grad(grad, logits, values);
   at::Tensor gl = need_logits ? new_output(logits.sizes(), logits.options()) : logits.new_empty({0});
   at::Tensor gv_acc;
   if (need_values) gv_acc = at::zeros(values.sizes(), values.options().dtype(acc_type(values.scalar_type())));

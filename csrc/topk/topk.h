@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <utility>
 
 namespace vosops {
@@ -77,6 +78,49 @@ inline at::Tensor check_global_topk_args(const at::Tensor& q, const at::Tensor& 
                       "global_topk: key_mask must be (B, L) = (", B, ", ", L, ") on q's device, got ", mask.sizes());
   }
   return mask;
+}
+
+// --- topk_aggregate (shared by the CPU and CUDA glue) ----------------------------------------------------------------
+
+enum class Normalize { Softmax, Threshold };
+
+inline Normalize parse_normalize(c10::string_view name) {
+  if (name == "softmax") return Normalize::Softmax;
+  if (name == "threshold") return Normalize::Threshold;
+  TORCH_CHECK_VALUE(false, "topk_aggregate: normalize must be 'softmax' or 'threshold', got '", std::string(name),
+                    "'");
+}
+
+inline void check_aggregate_inputs(const at::Tensor& logits, const at::Tensor& index, const at::Tensor& values) {
+  TORCH_CHECK_VALUE(logits.dim() == 3, "topk_aggregate: logits must be (B, M, K), got shape ", logits.sizes());
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "topk_aggregate: index must be int64, got ", index.scalar_type());
+  TORCH_CHECK_VALUE(index.sizes() == logits.sizes(), "topk_aggregate: index must have the shape of the logits ",
+                    logits.sizes(), ", got ", index.sizes());
+  TORCH_CHECK_VALUE(values.dim() == 3 && values.size(0) == logits.size(0),
+                    "topk_aggregate: values must be (B, L, Cv) with the logits' B, got ", values.sizes());
+  check_float(logits, "topk_aggregate", "logits");
+  check_like(logits, values, "topk_aggregate", "logits", "values");
+  TORCH_CHECK_VALUE(index.device() == logits.device(), "topk_aggregate: index must be on the logits' device");
+  const int64_t L = values.size(1);
+  if (index.numel() == 0) return;
+  if (!index.is_cpu()) {
+    // A host-side check would synchronise every call; the device-side assert stops the program with this message
+    // when the stream reaches it (the kernels also skip out-of-range indices, so nothing is read out of bounds).
+    at::_assert_async(index.ge(-1).logical_and_(index.lt(L)).all(),
+                      "topk_aggregate: index must be in [-1, L) = [-1, " + std::to_string(L) + ")");
+    return;
+  }
+  const at::Tensor bad = (index < -1).logical_or_(index >= L);
+  if (bad.any().item<bool>()) {
+    TORCH_CHECK_VALUE(false, "topk_aggregate: index must be in [-1, L) = [-1, ", L,
+                      ") (-1 marks an empty slot), found ", index.masked_select(bad)[0].item<int64_t>());
+  }
+}
+
+inline void check_aggregate_grad(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& values) {
+  TORCH_CHECK_VALUE(grad.dim() == 3 && grad.size(0) == logits.size(0) && grad.size(1) == logits.size(1) &&
+                        grad.size(2) == values.size(2),
+                    "topk_aggregate_backward: grad_out must be (B, M, Cv), got ", grad.sizes());
 }
 
 }  // namespace topk

@@ -12,11 +12,12 @@ import torch
 
 from .. import _backends, _native, _validate
 from ..reference import topk as _ref
+from . import _topk_rules as _rules
 
 GLOBAL_TOPK_BACKENDS = ("reference", "cpu", "cuda", "triton")
-AGGREGATE_BACKENDS = ("reference", "cpu")
+AGGREGATE_BACKENDS = ("reference", "cpu", "cuda", "triton")
 ATTENTION_BACKENDS = ("reference", "cpu", "cuda", "triton")
-MERGE_BACKENDS = ("reference",)
+MERGE_BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 
 def _int(name: str, value, lo: int, hi: int | None = None, what: str = "") -> int:
@@ -91,7 +92,7 @@ def merge_topk(candidates, topk: int, *, backend: str | None = None):
     The caller has already offset every list's indices into one memory (e.g. frame 0 searched globally, other
     frames within a local window). Ties go to the lower index; invalid entries (index -1 or logit -inf/NaN) sort
     last and the result is padded with index -1 / logit -inf when fewer than `topk` are valid. Duplicate indices
-    are not removed. Differentiable w.r.t. the logits. Plain tensor ops: runs on any device.
+    are not removed. Differentiable w.r.t. the logits (the gradient goes to the selected entries).
     """
     if not isinstance(candidates, (list, tuple)) or not candidates:
         raise TypeError("candidates must be a non-empty list of (logits, index) pairs")
@@ -113,8 +114,18 @@ def merge_topk(candidates, topk: int, *, backend: str | None = None):
                                  f"{tuple(first.shape[:2])}")
     total = sum(c[0].shape[2] for c in candidates)
     topk = _int("topk", topk, 1, total, " (at most the total number of candidates)")
-    _backends.select("merge_topk", first.device, backend, MERGE_BACKENDS)
-    return _ref.merge_topk(candidates, topk)
+    chosen = _backends.select("merge_topk", first.device, backend, MERGE_BACKENDS)
+    if chosen == "reference":
+        return _ref.merge_topk(candidates, topk)
+    logits = torch.cat([c[0] for c in candidates], dim=-1)
+    index = torch.cat([c[1] for c in candidates], dim=-1)
+    if chosen == "triton":
+        from ..triton import merge_topk as _triton_merge
+
+        out = _triton_merge.merge_topk_triton(logits, index, topk)
+    else:
+        out = torch.ops.vosops.merge_topk(logits, index, topk)
+    return out[0], out[1]
 
 
 # --- topk_aggregate ----------------------------------------------------------------------------------------------
@@ -149,6 +160,10 @@ def topk_aggregate(logits: torch.Tensor, index: torch.Tensor, values: torch.Tens
         if not torch.compiler.is_compiling():  # a data-dependent check; the native kernel checks it itself
             _check_index_range(index, values.shape[1])
         return _ref.topk_aggregate(logits, index, values, normalize=normalize, k=k)
+    if chosen == "triton":
+        from ..triton import topk_aggregate as _triton_agg
+
+        return _triton_agg.topk_aggregate_triton(logits, index, values, normalize, k if k is not None else 0)
     return torch.ops.vosops.topk_aggregate(logits, index, values, normalize, k if k is not None else 0)
 
 
@@ -275,30 +290,11 @@ def _register_native() -> None:
 
     torch.library.register_autograd("vosops::global_topk", gt_backward, setup_context=gt_setup)
 
-    @torch.library.register_fake("vosops::topk_aggregate")
-    def _(logits, index, values, normalize, k):
-        B, M, _ = logits.shape
-        return values.new_empty(B, M, values.shape[2])
-
-    @torch.library.register_fake("vosops::topk_aggregate_backward")
-    def _(grad_out, logits, index, values, normalize, k, need_logits, need_values):
-        gl = logits.new_empty(logits.shape) if need_logits else logits.new_empty(0)
-        gv = values.new_empty(values.shape) if need_values else values.new_empty(0)
-        return gl, gv
-
-    def agg_setup(ctx, inputs, output):
-        logits, index, values, normalize, k = inputs
-        ctx.save_for_backward(logits, index, values)
-        ctx.normalize, ctx.k = normalize, k
-
-    def agg_backward(ctx, grad_out):
-        logits, index, values = ctx.saved_tensors
-        nl, nv = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        gl, gv = torch.ops.vosops.topk_aggregate_backward(grad_out, logits, index, values, ctx.normalize, ctx.k,
-                                                          nl, nv)
-        return (gl if nl else None), None, (gv if nv else None), None, None
-
+    torch.library.register_fake("vosops::topk_aggregate")(_rules.aggregate_fake)
+    torch.library.register_fake("vosops::topk_aggregate_backward")(_rules.aggregate_backward_fake)
+    agg_backward, agg_setup = _rules.aggregate_autograd_rules(torch.ops.vosops.topk_aggregate_backward)
     torch.library.register_autograd("vosops::topk_aggregate", agg_backward, setup_context=agg_setup)
+    _rules.register_native()
 
 
 if _native.LOADED and "topk_attention" in _backends._KERNELS["CPU"]:

@@ -123,7 +123,7 @@ class CRWReadout:
         if g:
             kg = pick(k, g).permute(0, 1, 3, 4, 2).reshape(1, len(g) * h * w, C)
             kk = min(self.topk, kg.shape[1])
-            cands.append(global_topk(qf, kg, topk=kk, scale=self.scale))
+            cands.append(global_topk(qf, kg, topk=kk, scale=self.scale, backend=self.backend))
             values.append(pick(v, g).permute(0, 1, 3, 4, 2).reshape(1, len(g) * h * w, K))
             base = len(g) * h * w
         if loc:
@@ -136,8 +136,9 @@ class CRWReadout:
             idx = torch.where(torch.isfinite(logits), idx, torch.full_like(idx, -1))  # excluded slots: index -1
             cands.append((logits.reshape(1, h * w, kk), idx.reshape(1, h * w, kk)))
             values.append(vl.permute(0, 1, 3, 4, 2).reshape(1, len(loc) * h * w, K))
-        logits, index = merge_topk(cands, min(self.topk, sum(c[0].shape[-1] for c in cands)))
-        out = topk_aggregate(logits, index, torch.cat(values, 1), normalize="softmax")  # (1, hw, K)
+        logits, index = merge_topk(cands, min(self.topk, sum(c[0].shape[-1] for c in cands)), backend=self.backend)
+        out = topk_aggregate(logits, index, torch.cat(values, 1), normalize="softmax",
+                           backend=self.backend)  # (1, hw, K)
         return out.transpose(1, 2).reshape(1, K, h, w)
 
     def __repr__(self):

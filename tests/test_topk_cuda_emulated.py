@@ -1,0 +1,110 @@
+"""The merge_topk and topk_aggregate CUDA kernels' logic, run on the CPU: tests/cuda_emulation/topk_emu.cpp compiles
+the .cu kernels as host code (g++ and the CUDA toolkit's host headers; one emulated thread walks the grid-stride
+loops) in float32 and float64, and they are compared with the reference, forward and backward. Races, atomics'
+ordering and the glue need a GPU (the cuda-marked tests in test_topk_native.py)."""
+
+import ctypes
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from vosops import reference, testing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_INCLUDE = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
+NEG_INF = float("-inf")
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    if shutil.which("g++") is None or not os.path.exists(os.path.join(CUDA_INCLUDE, "cuda_runtime_api.h")):
+        pytest.skip("needs g++ and the CUDA toolkit headers")
+    lib = tmp_path_factory.mktemp("emu") / "topk_emu.so"
+    src = os.path.join(ROOT, "tests", "cuda_emulation", "topk_emu.cpp")
+    subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-DVOSOPS_CUDA_EMULATION",
+                    "-I", os.path.join(ROOT, "csrc"), "-I", CUDA_INCLUDE, src, "-o", str(lib)], check=True)
+    return ctypes.CDLL(str(lib))
+
+
+def _p(t):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
+
+
+def _shape(t):
+    return torch.tensor(list(t.shape) + list(t.stride()), dtype=torch.int64)
+
+
+def _i64(n):
+    return ctypes.c_int64(n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,M,N,topk", [(2, 5, 7, 4), (1, 3, 20, 20), (1, 6, 1, 1), (2, 4, 13, 5)])
+def test_merge_kernel(emu, dtype, B, M, N, topk):
+    g = torch.Generator().manual_seed(N)
+    logits = (torch.randint(-3, 4, (B, M, N), generator=g).double() * 0.5)
+    index = torch.randint(-1, 2 * N, (B, M, N), generator=g)
+    drop = torch.rand(B, M, N, generator=g)
+    logits[drop < 0.1] = NEG_INF
+    logits[(drop >= 0.1) & (drop < 0.15)] = float("nan")
+    index[0, 0, 1:] = -1  # fewer valid than topk
+    if N > 2:
+        index[-1, -1, 1], logits[-1, -1, 1] = index[-1, -1, 0], logits[-1, -1, 0]  # a duplicate: position decides
+    lo = logits.to(dtype).contiguous()
+    ol = torch.full((B, M, topk), float("nan"), dtype=dtype)
+    oi = torch.full((B, M, topk), -7777, dtype=torch.int64)
+    os_ = torch.full((B, M, topk), -7777, dtype=torch.int64)
+    assert emu.emu_merge(int(dtype == torch.float64), _p(lo), _p(index), _i64(B * M), _i64(N), _i64(topk), _p(ol),
+                         _p(oi), _p(os_)) == 0
+    ref_in = lo.double().requires_grad_()
+    rl, ri = reference.merge_topk([(ref_in, index)], topk)
+    torch.testing.assert_close(oi, ri, atol=0, rtol=0)
+    torch.testing.assert_close(ol.double(), rl.detach(), atol=0, rtol=0)
+    # The source positions route the gradient exactly as the reference's gather does.
+    w = torch.randn(B, M, topk, dtype=torch.float64)
+    (want,) = torch.autograd.grad((torch.where(ri >= 0, rl, 0.0) * w).sum(), ref_in)
+    got = torch.zeros(B, M, N, dtype=torch.float64).scatter_add_(
+        2, os_.clamp(min=0), torch.where(os_ >= 0, w, 0.0))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+AGG_CASES = [  # (B, M, K, L, Cv, kth); kth 0 = softmax
+    (2, 5, 6, 11, 3, 0),
+    (1, 4, 9, 20, 5, 3),
+    (2, 3, 4, 6, 1, 7),   # k > K: all kept
+    (1, 7, 12, 30, 4, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", AGG_CASES)
+def test_aggregate_kernels(emu, dtype, case):
+    B, M, K, L, Cv, kth = case
+    g = torch.Generator().manual_seed(K)
+    logits = torch.randint(-2, 3, (B, M, K), generator=g).double() * 1.5  # exact ties
+    index = torch.randint(-1, L, (B, M, K), generator=g)
+    logits[0, 0, 0] = float("nan")
+    index[0, 1] = -1  # a row with nothing valid
+    logits[-1, -1, -1] = NEG_INF
+    values = testing.relayout(torch.randn(B, L, Cv, generator=g, dtype=torch.float64).to(dtype), "noncontiguous")
+    grad = testing.relayout(torch.randn(B, M, Cv, generator=g, dtype=torch.float64).to(dtype), "noncontiguous")
+    lo = logits.to(dtype).contiguous()
+    dbl = int(dtype == torch.float64)
+    ws = torch.full((3 * B * M * K,), float("nan"), dtype=dtype)
+    out = torch.full((B, M, Cv), float("nan"), dtype=dtype)
+    assert emu.emu_aggregate(dbl, _p(lo), _p(index), _p(values), _p(_shape(values)), _i64(M), _i64(K), _i64(kth),
+                             _p(ws), _p(out)) == 0
+    gl = torch.full((B, M, K), float("nan"), dtype=dtype)
+    gv = torch.zeros(B, L, Cv, dtype=dtype)
+    assert emu.emu_aggregate_backward(dbl, _p(grad), _p(_shape(grad)), _p(lo), _p(index), _p(values),
+                                      _p(_shape(values)), _i64(M), _i64(K), _i64(kth), _p(ws), _p(gl), _p(gv)) == 0
+    rl, rv = lo.double().requires_grad_(), values.double().requires_grad_()
+    kw = dict(normalize="threshold", k=kth) if kth else {}
+    ref = reference.topk_aggregate(rl, index, rv, **kw)
+    d_l, d_v = torch.autograd.grad((ref * grad.double()).sum(), (rl, rv))
+    testing.assert_close(out, ref, dtype, "out")
+    testing.assert_close(gl, d_l, dtype, "grad logits", grad=True)
+    testing.assert_close(gv, d_v, dtype, "grad values", grad=True)
