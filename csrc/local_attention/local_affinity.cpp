@@ -1,0 +1,244 @@
+// local_affinity / local_aggregate: op schemas and the CPU kernels (forward and backward).
+//
+// Three row kernels in the tensors' own (B, [N,] C, H, W) layout cover both ops and their gradients:
+//   scores  out[b, n, p, i, j] = scale * <a[b, :, i, j], x[b, n, :, pos]>      affinity; aggregate's d/dweights
+//   gather  out[b, c, i, j]    = scale * sum_{n,p} w[b, n, p, i, j] x[b, n, c, pos]   aggregate; affinity's d/dq
+//   scatter out[b, n, c, pos] += scale * w[b, n, p, i, j] a[b, c, i, j]         affinity's d/dk; aggregate's d/dv
+// where pos is the candidate's key position; out-of-frame candidates and (for the affinity) columns outside a
+// circle window are skipped (their logits are constants, their values zero). A row of W queries shares one
+// candidate column at a time, so the inner loops run over j with contiguous query-side reads and writes.
+// The scatter is split into tasks that own disjoint (b, n, channel-block) planes: no atomics, deterministic.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "common/native.h"
+#include "local_attention/local_affinity_math.h"
+#include "local_attention/local_affinity.h"
+
+namespace vosops {
+namespace local_affinity {
+namespace {
+
+
+
+// Key positions of window column p for the W queries of row i (-1 outside the frame).
+inline void row_positions(const Geometry& g, int64_t b, int64_t n, int64_t i, int64_t p, int64_t* pos) {
+  const int32_t* ox = g.offsets ? g.offsets + ((b * g.N + n) * 2 * g.H + i) * g.W : nullptr;
+  const int64_t HW = g.H * g.W;
+  for (int64_t j = 0; j < g.W; ++j)
+    pos[j] = candidate_pos(i, j, ox ? ox[HW + j] : 0, ox ? ox[j] : 0, p, g.radius, g.dilation, g.H, g.W);
+}
+
+// scores: a (B, C, H, W), x (B, N, C, H, W) -> out (B, N, P, H, W); out-of-frame -> fill, outside the window -> -inf.
+template <typename acc_t>
+void scores(const Geometry& g, const acc_t* a, const acc_t* x, int64_t C, acc_t scale, acc_t fill, acc_t* out) {
+  const int64_t HW = g.H * g.W, W = g.W;
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  at::parallel_for(0, g.B * g.N * g.H, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<int64_t> pos(W);
+    std::vector<acc_t> acc(W);
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t i = row % g.H, bn = row / g.H, b = bn / g.N, n = bn % g.N;
+      for (int64_t p = 0; p < g.P; ++p) {
+        acc_t* o = out + (bn * g.P + p) * HW + i * W;
+        if (!in_window(p, g.radius, g.circle)) {
+          std::fill(o, o + W, -kInf);
+          continue;
+        }
+        row_positions(g, b, n, i, p, pos.data());
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t* ar = a + (b * C + c) * HW + i * W;
+          const acc_t* xp = x + (bn * C + c) * HW;
+          for (int64_t j = 0; j < W; ++j)
+            if (pos[j] >= 0) acc[j] += ar[j] * xp[pos[j]];
+        }
+        for (int64_t j = 0; j < W; ++j) o[j] = pos[j] >= 0 ? scale * acc[j] : fill;
+      }
+    }
+  });
+}
+
+// gather: w (B, N, P, H, W), x (B, N, C, H, W) -> out (B, C, H, W).
+template <typename acc_t>
+void gather(const Geometry& g, const acc_t* w, const acc_t* x, int64_t C, acc_t scale, acc_t* out) {
+  const int64_t HW = g.H * g.W, W = g.W;
+  at::parallel_for(0, g.B * g.H, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<int64_t> pos(W);
+    std::vector<acc_t> acc(C * W);
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t b = row / g.H, i = row % g.H;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t n = 0; n < g.N; ++n) {
+        const int64_t bn = b * g.N + n;
+        for (int64_t p = 0; p < g.P; ++p) {
+          if (!in_window(p, g.radius, g.circle)) continue;
+          row_positions(g, b, n, i, p, pos.data());
+          const acc_t* wr = w + (bn * g.P + p) * HW + i * W;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t* xp = x + (bn * C + c) * HW;
+            acc_t* ac = acc.data() + c * W;
+            for (int64_t j = 0; j < W; ++j)
+              if (pos[j] >= 0) ac[j] += wr[j] * xp[pos[j]];
+          }
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t* o = out + (b * C + c) * HW + i * W;
+        for (int64_t j = 0; j < W; ++j) o[j] = scale * acc[c * W + j];
+      }
+    }
+  });
+}
+
+// scatter: w (B, N, P, H, W), a (B, C, H, W) -> out (B, N, C, H, W) += (zero-filled by the caller).
+template <typename acc_t>
+void scatter(const Geometry& g, const acc_t* w, const acc_t* a, int64_t C, acc_t scale, acc_t* out) {
+  const int64_t HW = g.H * g.W, W = g.W;
+  // Tasks own (b, n, channel block) planes of out; enough blocks to feed every thread when B*N is small.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(C, (2 * threads + g.B * g.N - 1) / (g.B * g.N)));
+  at::parallel_for(0, g.B * g.N * blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int64_t> pos(W);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t bn = task / blocks, blk = task % blocks, b = bn / g.N, n = bn % g.N;
+      const int64_t c0 = C * blk / blocks, c1 = C * (blk + 1) / blocks;
+      for (int64_t i = 0; i < g.H; ++i) {
+        for (int64_t p = 0; p < g.P; ++p) {
+          if (!in_window(p, g.radius, g.circle)) continue;
+          row_positions(g, b, n, i, p, pos.data());
+          const acc_t* wr = w + (bn * g.P + p) * HW + i * W;
+          for (int64_t c = c0; c < c1; ++c) {
+            const acc_t* ar = a + (b * C + c) * HW + i * W;
+            acc_t* o = out + (bn * C + c) * HW;
+            for (int64_t j = 0; j < W; ++j)
+              if (pos[j] >= 0) o[pos[j]] += scale * wr[j] * ar[j];
+          }
+        }
+      }
+    }
+  });
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor to_acc(const at::Tensor& t) { return t.to(acc_type(t.scalar_type())).contiguous(); }
+
+at::Tensor local_affinity_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& offsets,
+                              int64_t radius, int64_t dilation, c10::string_view window, double scale,
+                              c10::string_view border) {
+  Geometry g = affinity_geometry(q, k, offsets, radius, dilation, window, border);
+  const at::ScalarType a = acc_type(q.scalar_type());
+  at::Tensor out = new_output({g.B, g.N, g.P, g.H, g.W}, q.options().dtype(a));
+  if (out.numel() > 0) {
+    const at::Tensor off = rounded_offsets_cpu(offsets, g), qa = to_acc(q), ka = to_acc(k);
+    g.offsets = off.defined() ? off.const_data_ptr<int32_t>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES(a, "local_affinity_cpu", [&] {
+      const scalar_t fill = border == "zero" ? scalar_t(0) : -std::numeric_limits<scalar_t>::infinity();
+      scores<scalar_t>(g, qa.const_data_ptr<scalar_t>(), ka.const_data_ptr<scalar_t>(), q.size(1),
+                       static_cast<scalar_t>(scale), fill, out.data_ptr<scalar_t>());
+    });
+  }
+  return out.to(q.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> local_affinity_backward_cpu(const at::Tensor& grad, const at::Tensor& q,
+                                                               const at::Tensor& k,
+                                                               const std::optional<at::Tensor>& offsets,
+                                                               int64_t radius, int64_t dilation,
+                                                               c10::string_view window, double scale, bool need_q,
+                                                               bool need_k) {
+  Geometry g = affinity_geometry(q, k, offsets, radius, dilation, window, "mask");
+  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({g.B, g.N, g.P, g.H, g.W}),
+                    "local_affinity_backward: grad must be (B, N, P, H, W), got ", grad.sizes());
+  const at::ScalarType a = acc_type(q.scalar_type());
+  at::Tensor gq = need_q ? at::empty(q.sizes(), q.options().dtype(a)) : q.new_empty({0});
+  at::Tensor gk = need_k ? at::zeros(k.sizes(), k.options().dtype(a)) : k.new_empty({0});
+  if ((need_q || need_k) && grad.numel() > 0) {
+    const at::Tensor off = rounded_offsets_cpu(offsets, g), ga = grad.to(a).contiguous();
+    g.offsets = off.defined() ? off.const_data_ptr<int32_t>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES(a, "local_affinity_backward_cpu", [&] {
+      const scalar_t s = static_cast<scalar_t>(scale);
+      if (need_q) gather<scalar_t>(g, ga.const_data_ptr<scalar_t>(), to_acc(k).const_data_ptr<scalar_t>(), q.size(1),
+                                   s, gq.data_ptr<scalar_t>());
+      if (need_k) scatter<scalar_t>(g, ga.const_data_ptr<scalar_t>(), to_acc(q).const_data_ptr<scalar_t>(),
+                                    q.size(1), s, gk.data_ptr<scalar_t>());
+    });
+  }
+  return {gq.to(q.scalar_type()), gk.to(k.scalar_type())};
+}
+
+at::Tensor local_aggregate_cpu(const at::Tensor& weights, const at::Tensor& v, const std::optional<at::Tensor>& offsets,
+                               int64_t radius, int64_t dilation) {
+  Geometry g = aggregate_geometry(weights, v, offsets, radius, dilation);
+  const at::ScalarType a = acc_type(v.scalar_type());
+  const int64_t Cv = v.size(2);
+  at::Tensor out = new_output({g.B, Cv, g.H, g.W}, v.options().dtype(a));
+  if (out.numel() > 0) {
+    const at::Tensor off = rounded_offsets_cpu(offsets, g), wa = to_acc(weights), va = to_acc(v);
+    g.offsets = off.defined() ? off.const_data_ptr<int32_t>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES(a, "local_aggregate_cpu", [&] {
+      gather<scalar_t>(g, wa.const_data_ptr<scalar_t>(), va.const_data_ptr<scalar_t>(), Cv, scalar_t(1),
+                       out.data_ptr<scalar_t>());
+    });
+  }
+  return out.to(v.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> local_aggregate_backward_cpu(const at::Tensor& grad_out, const at::Tensor& weights,
+                                                                const at::Tensor& v,
+                                                                const std::optional<at::Tensor>& offsets,
+                                                                int64_t radius, int64_t dilation, bool need_weights,
+                                                                bool need_v) {
+  Geometry g = aggregate_geometry(weights, v, offsets, radius, dilation);
+  const int64_t Cv = v.size(2);
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef({g.B, Cv, g.H, g.W}),
+                    "local_aggregate_backward: grad_out must be (B, Cv, H, W), got ", grad_out.sizes());
+  const at::ScalarType a = acc_type(v.scalar_type());
+  at::Tensor gw = need_weights ? at::empty(weights.sizes(), weights.options().dtype(a)) : weights.new_empty({0});
+  at::Tensor gv = need_v ? at::zeros(v.sizes(), v.options().dtype(a)) : v.new_empty({0});
+  if (need_weights && Cv == 0) gw.zero_();
+  if ((need_weights || need_v) && weights.numel() > 0 && Cv > 0) {
+    const at::Tensor off = rounded_offsets_cpu(offsets, g), ga = to_acc(grad_out), va = to_acc(v);
+    g.offsets = off.defined() ? off.const_data_ptr<int32_t>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES(a, "local_aggregate_backward_cpu", [&] {
+      // d/dweights: an unscaled affinity of grad_out against v, 0 out of frame (every column of the window).
+      if (need_weights) scores<scalar_t>(g, ga.const_data_ptr<scalar_t>(), va.const_data_ptr<scalar_t>(), Cv,
+                                         scalar_t(1), scalar_t(0), gw.data_ptr<scalar_t>());
+      if (need_v) scatter<scalar_t>(g, to_acc(weights).const_data_ptr<scalar_t>(), ga.const_data_ptr<scalar_t>(), Cv,
+                                    scalar_t(1), gv.data_ptr<scalar_t>());
+    });
+  }
+  return {gw.to(weights.scalar_type()), gv.to(v.scalar_type())};
+}
+
+}  // namespace
+}  // namespace local_affinity
+}  // namespace vosops
+
+TORCH_LIBRARY_FRAGMENT(vosops, m) {
+  m.def(
+      "local_affinity(Tensor q, Tensor k, Tensor? offsets, int radius, int dilation, str window, float scale, "
+      "str border) -> Tensor");
+  m.def(
+      "local_affinity_backward(Tensor grad, Tensor q, Tensor k, Tensor? offsets, int radius, int dilation, "
+      "str window, float scale, bool need_q, bool need_k) -> (Tensor, Tensor)");
+  m.def("local_aggregate(Tensor weights, Tensor v, Tensor? offsets, int radius, int dilation) -> Tensor");
+  m.def(
+      "local_aggregate_backward(Tensor grad_out, Tensor weights, Tensor v, Tensor? offsets, int radius, "
+      "int dilation, bool need_weights, bool need_v) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(vosops, CPU, m) {
+  m.impl("local_affinity", &vosops::local_affinity::local_affinity_cpu);
+  m.impl("local_affinity_backward", &vosops::local_affinity::local_affinity_backward_cpu);
+  m.impl("local_aggregate", &vosops::local_affinity::local_aggregate_cpu);
+  m.impl("local_aggregate_backward", &vosops::local_affinity::local_aggregate_backward_cpu);
+}
