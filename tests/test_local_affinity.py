@@ -41,6 +41,7 @@ CASES = [
     (1, 4, 5, 7, 3, dict(radius=2, window="circle"), True),
     (1, 3, 4, 3, 2, dict(radius=3, dilation=2, border="zero", scale=2.0), True),
     (1, 2, 5, 6, 3, dict(radius=1, border="mask"), True),
+    (1, 4, 6, 19, 2, dict(radius=2, window="circle", border="zero"), "smooth"),  # long runs of equal offsets
 ]
 CASE_IDS = [f"case{i}" for i in range(len(CASES))]
 
@@ -52,6 +53,11 @@ def make(case, Cv=3, seed=0):
     t = dict(q=torch.randn(B, C, H, W, generator=g), k=torch.randn(B, N, C, H, W, generator=g),
              v=torch.randn(B, N, Cv, H, W, generator=g), weights=torch.randn(B, N, P, H, W, generator=g))
     off = rand_offsets(B, N, H, W, seed=seed) if with_off else None
+    if with_off == "smooth":  # piecewise-constant flows: a step in the middle of every row, one reference shifted
+        off = torch.zeros(B, N, 2, H, W)
+        off[:, :, 0, :, W // 2:] = 2.4
+        off[:, :, 1, :, : W // 3] = -1.5
+        off[:, -1] += 1.0
     return t, off, kw
 
 
@@ -369,3 +375,30 @@ def test_emulated_cuda_kernels_match_reference(emu, case):
     want = torch.autograd.grad(ref, (wr, vr), go.double())
     testing.assert_close(gw, want[0], torch.float32, "aggregate grad of weights", grad=True)
     testing.assert_close(gv, want[1], torch.float32, "aggregate grad of v", grad=True)
+
+
+# --- the benchmark module -----------------------------------------------------------------------------------------
+
+def test_bench_glue_matches_reference_and_cases_run(monkeypatch):
+    """The users'-glue baselines compute the ops (zero border, no offsets), and every implementation of a toy-sized
+    configuration runs, forward and forward+backward."""
+    from vosops.bench import local_affinity as bench
+    from vosops.bench.registry import OPS
+
+    assert "local_affinity" in OPS
+    B, C, H, W, N, r = 2, 3, 6, 7, 2, 2
+    q, k = torch.randn(B, C, H, W, dtype=torch.float64), torch.randn(B, N, C, H, W, dtype=torch.float64)
+    w, v = torch.rand(B, N, (2 * r + 1) ** 2, H, W, dtype=torch.float64), torch.randn(B, N, 4, H, W, dtype=torch.float64)
+    torch.testing.assert_close(bench.glue_local_affinity(q, k, radius=r, scale=0.5),
+                               vosops.local_affinity(q, k, radius=r, scale=0.5, border="zero", backend="reference"))
+    torch.testing.assert_close(bench.glue_local_aggregate(w, v, radius=r),
+                               vosops.local_aggregate(w, v, radius=r, backend="reference"))
+    monkeypatch.setattr(bench, "CONFIGS", {"toy-train": ((1, 4, 2, 5, 6, 2, 1, 0.5, True), ("cpu",)),
+                                           "toy": ((1, 4, 2, 5, 6, 2, 2, 0.5, True), ("cpu",))})
+    monkeypatch.setattr(bench, "TRAIN", {"toy-train"})
+    cases = bench.cases("cpu")
+    assert {c.op for c in cases} == {"local_affinity", "local_aggregate"} and any(c.baseline for c in cases)
+    assert any(c.direction == "fwd+bwd" for c in cases)
+    for case in cases:
+        out = case.setup()()
+        assert all(torch.isfinite(o).all() for o in (out if isinstance(out, tuple) else (out,)))

@@ -26,14 +26,57 @@ namespace vosops {
 namespace local_affinity {
 namespace {
 
+// A run of queries j0 .. j0+len-1 of one row whose candidates are in frame at consecutive key positions
+// pos0 .. pos0+len-1. Without offsets a row is one run, with smooth flows a few: the inner loops then run over runs,
+// contiguous on both sides, so they vectorise. Per-pixel flows that vary break rows into many short runs; those rows
+// take a per-query loop over the key positions instead (Row::runs empty, Row::pos holds them, -1 out of frame).
+struct Run {
+  int64_t j0, len, pos0;
+};
 
+struct Row {
+  std::vector<Run> runs;
+  std::vector<int64_t> pos;
+  bool by_runs;
+  explicit Row(int64_t W) : pos(W) { runs.reserve(W); }
+};
 
-// Key positions of window column p for the W queries of row i (-1 outside the frame).
-inline void row_positions(const Geometry& g, int64_t b, int64_t n, int64_t i, int64_t p, int64_t* pos) {
+// The candidates of window column p for the W queries of row i (reference n of batch b).
+inline void row_candidates(const Geometry& g, int64_t b, int64_t n, int64_t i, int64_t p, Row& row) {
   const int32_t* ox = g.offsets ? g.offsets + ((b * g.N + n) * 2 * g.H + i) * g.W : nullptr;
   const int64_t HW = g.H * g.W;
-  for (int64_t j = 0; j < g.W; ++j)
-    pos[j] = candidate_pos(i, j, ox ? ox[HW + j] : 0, ox ? ox[j] : 0, p, g.radius, g.dilation, g.H, g.W);
+  std::vector<Run>& runs = row.runs;
+  runs.clear();
+  for (int64_t j = 0; j < g.W; ++j) {
+    const int64_t pos = candidate_pos(i, j, ox ? ox[HW + j] : 0, ox ? ox[j] : 0, p, g.radius, g.dilation, g.H, g.W);
+    row.pos[j] = pos;
+    if (pos < 0) continue;
+    if (!runs.empty() && runs.back().j0 + runs.back().len == j && runs.back().pos0 + runs.back().len == pos) {
+      ++runs.back().len;
+    } else {
+      runs.push_back({j, 1, pos});
+    }
+  }
+  row.by_runs = static_cast<int64_t>(runs.size()) * 8 <= g.W + 8;  // runs of ~8+ queries on average
+}
+
+// acc[t] += a[t] * b[t]: the one inner loop of every kernel.
+template <typename acc_t>
+inline void fma_run(acc_t* __restrict acc, const acc_t* __restrict a, const acc_t* __restrict b, int64_t len) {
+#pragma omp simd
+  for (int64_t t = 0; t < len; ++t) acc[t] += a[t] * b[t];
+}
+
+// acc[j] += a[j] * x[pos] over the row's in-frame queries (gather on x's side).
+template <typename acc_t>
+inline void fma_row(const Row& row, acc_t* __restrict acc, const acc_t* __restrict a, const acc_t* __restrict x) {
+  if (row.by_runs) {
+    for (const Run& r : row.runs) fma_run(acc + r.j0, a + r.j0, x + r.pos0, r.len);
+    return;
+  }
+  const int64_t W = static_cast<int64_t>(row.pos.size());
+  for (int64_t j = 0; j < W; ++j)
+    if (row.pos[j] >= 0) acc[j] += a[j] * x[row.pos[j]];
 }
 
 // scores: a (B, C, H, W), x (B, N, C, H, W) -> out (B, N, P, H, W); out-of-frame -> fill, outside the window -> -inf.
@@ -42,7 +85,7 @@ void scores(const Geometry& g, const acc_t* a, const acc_t* x, int64_t C, acc_t 
   const int64_t HW = g.H * g.W, W = g.W;
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, g.B * g.N * g.H, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<int64_t> pos(W);
+    Row rw(W);
     std::vector<acc_t> acc(W);
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t i = row % g.H, bn = row / g.H, b = bn / g.N, n = bn % g.N;
@@ -52,15 +95,10 @@ void scores(const Geometry& g, const acc_t* a, const acc_t* x, int64_t C, acc_t 
           std::fill(o, o + W, -kInf);
           continue;
         }
-        row_positions(g, b, n, i, p, pos.data());
+        row_candidates(g, b, n, i, p, rw);
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t* ar = a + (b * C + c) * HW + i * W;
-          const acc_t* xp = x + (bn * C + c) * HW;
-          for (int64_t j = 0; j < W; ++j)
-            if (pos[j] >= 0) acc[j] += ar[j] * xp[pos[j]];
-        }
-        for (int64_t j = 0; j < W; ++j) o[j] = pos[j] >= 0 ? scale * acc[j] : fill;
+        for (int64_t c = 0; c < C; ++c) fma_row(rw, acc.data(), a + (b * C + c) * HW + i * W, x + (bn * C + c) * HW);
+        for (int64_t j = 0; j < W; ++j) o[j] = rw.pos[j] >= 0 ? scale * acc[j] : fill;
       }
     }
   });
@@ -71,7 +109,7 @@ template <typename acc_t>
 void gather(const Geometry& g, const acc_t* w, const acc_t* x, int64_t C, acc_t scale, acc_t* out) {
   const int64_t HW = g.H * g.W, W = g.W;
   at::parallel_for(0, g.B * g.H, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<int64_t> pos(W);
+    Row rw(W);
     std::vector<acc_t> acc(C * W);
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t b = row / g.H, i = row % g.H;
@@ -80,14 +118,9 @@ void gather(const Geometry& g, const acc_t* w, const acc_t* x, int64_t C, acc_t 
         const int64_t bn = b * g.N + n;
         for (int64_t p = 0; p < g.P; ++p) {
           if (!in_window(p, g.radius, g.circle)) continue;
-          row_positions(g, b, n, i, p, pos.data());
+          row_candidates(g, b, n, i, p, rw);
           const acc_t* wr = w + (bn * g.P + p) * HW + i * W;
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t* xp = x + (bn * C + c) * HW;
-            acc_t* ac = acc.data() + c * W;
-            for (int64_t j = 0; j < W; ++j)
-              if (pos[j] >= 0) ac[j] += wr[j] * xp[pos[j]];
-          }
+          for (int64_t c = 0; c < C; ++c) fma_row(rw, acc.data() + c * W, wr, x + (bn * C + c) * HW);
         }
       }
       for (int64_t c = 0; c < C; ++c) {
@@ -106,20 +139,26 @@ void scatter(const Geometry& g, const acc_t* w, const acc_t* a, int64_t C, acc_t
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(C, (2 * threads + g.B * g.N - 1) / (g.B * g.N)));
   at::parallel_for(0, g.B * g.N * blocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<int64_t> pos(W);
+    Row rw(W);
+    std::vector<acc_t> ws(W);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t bn = task / blocks, blk = task % blocks, b = bn / g.N, n = bn % g.N;
       const int64_t c0 = C * blk / blocks, c1 = C * (blk + 1) / blocks;
       for (int64_t i = 0; i < g.H; ++i) {
         for (int64_t p = 0; p < g.P; ++p) {
           if (!in_window(p, g.radius, g.circle)) continue;
-          row_positions(g, b, n, i, p, pos.data());
+          row_candidates(g, b, n, i, p, rw);
           const acc_t* wr = w + (bn * g.P + p) * HW + i * W;
+          for (int64_t j = 0; j < W; ++j) ws[j] = scale * wr[j];
           for (int64_t c = c0; c < c1; ++c) {
             const acc_t* ar = a + (b * C + c) * HW + i * W;
             acc_t* o = out + (bn * C + c) * HW;
-            for (int64_t j = 0; j < W; ++j)
-              if (pos[j] >= 0) o[pos[j]] += scale * wr[j] * ar[j];
+            if (rw.by_runs) {
+              for (const Run& r : rw.runs) fma_run(o + r.pos0, ws.data() + r.j0, ar + r.j0, r.len);
+            } else {
+              for (int64_t j = 0; j < W; ++j)
+                if (rw.pos[j] >= 0) o[rw.pos[j]] += ws[j] * ar[j];
+            }
           }
         }
       }
