@@ -38,6 +38,22 @@ def _position(off_ptr, b, n, p, i, j, N, H, W, R, DIL, HAS_OFF: tl.constexpr):
 
 
 @triton.jit
+def _split(TOTAL, W, H, D2, D3, BLOCK: tl.constexpr):
+    """This program's flat element indices e < TOTAL of a (D3, D2, H, W)-ordered space (with a leading batch), split
+    by successive int64 divisions (no int32 products of sizes): (e, mask, j, i, index2, index3, batch)."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    em = e < TOTAL
+    e = tl.where(em, e, 0)
+    j = e % W
+    t = e // W
+    i = t % H
+    t = t // H
+    d2 = t % D2
+    t = t // D2
+    return e, em, j, i, d2, t % D3, t // D3
+
+
+@triton.jit
 def _in_window(p, R, CIRCLE: tl.constexpr):
     if CIRCLE:
         D = 2 * R + 1
@@ -49,17 +65,10 @@ def _in_window(p, R, CIRCLE: tl.constexpr):
 
 
 @triton.jit
-def _scores_kernel(a_ptr, x_ptr, off_ptr, out_ptr, B, N, C, H, W, R, DIL, P, scale, fill,
+def _scores_kernel(a_ptr, x_ptr, off_ptr, out_ptr, TOTAL, N, C, H, W, R, DIL, P, scale, fill,
                    sab, sac, sah, saw, sxb, sxn, sxc, sxh, sxw,
                    HAS_OFF: tl.constexpr, CIRCLE: tl.constexpr, BLOCK: tl.constexpr):
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    em = e < B * N * P * H * W
-    e = tl.where(em, e, 0)
-    j = e % W
-    i = (e // W) % H
-    p = (e // (H * W)) % P
-    n = (e // (H * W * P)) % N
-    b = e // (H * W * P * N)
+    e, em, j, i, p, n, b = _split(TOTAL, W, H, P, N, BLOCK)
     y, x, inside = _position(off_ptr, b, n, p, i, j, N, H, W, R, DIL, HAS_OFF)
     win = _in_window(p, R, CIRCLE)
     lm = em & inside & win
@@ -77,16 +86,10 @@ def _scores_kernel(a_ptr, x_ptr, off_ptr, out_ptr, B, N, C, H, W, R, DIL, P, sca
 
 
 @triton.jit
-def _gather_kernel(w_ptr, x_ptr, off_ptr, out_ptr, B, N, C, H, W, R, DIL, P, scale,
+def _gather_kernel(w_ptr, x_ptr, off_ptr, out_ptr, TOTAL, N, C, H, W, R, DIL, P, scale,
                    swb, swn, swp, swh, sww, sxb, sxn, sxc, sxh, sxw,
                    HAS_OFF: tl.constexpr, CIRCLE: tl.constexpr, BLOCK: tl.constexpr):
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    em = e < B * C * H * W
-    e = tl.where(em, e, 0)
-    j = e % W
-    i = (e // W) % H
-    c = (e // (H * W)) % C
-    b = e // (H * W * C)
+    e, em, j, i, c, _, b = _split(TOTAL, W, H, C, 1, BLOCK)
     s = tl.zeros((BLOCK,), tl.float32)
     zero = b * 0  # int64 block: promotes the loop counters before they meet a stride
     for n0 in range(0, N):
@@ -102,17 +105,10 @@ def _gather_kernel(w_ptr, x_ptr, off_ptr, out_ptr, B, N, C, H, W, R, DIL, P, sca
 
 
 @triton.jit
-def _scatter_kernel(w_ptr, a_ptr, off_ptr, out_ptr, B, N, C, H, W, R, DIL, P, scale,
+def _scatter_kernel(w_ptr, a_ptr, off_ptr, out_ptr, TOTAL, N, C, H, W, R, DIL, P, scale,
                     swb, swn, swp, swh, sww, sab, sac, sah, saw,
                     HAS_OFF: tl.constexpr, CIRCLE: tl.constexpr, BLOCK: tl.constexpr):
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    em = e < B * N * P * H * W
-    e = tl.where(em, e, 0)
-    j = e % W
-    i = (e // W) % H
-    p = (e // (H * W)) % P
-    n = (e // (H * W * P)) % N
-    b = e // (H * W * P * N)
+    e, em, j, i, p, n, b = _split(TOTAL, W, H, P, N, BLOCK)
     y, x, inside = _position(off_ptr, b, n, p, i, j, N, H, W, R, DIL, HAS_OFF)
     lm = em & inside & _in_window(p, R, CIRCLE)
     wv = tl.load(w_ptr + b * swb + n * swn + p * swp + i * swh + j * sww, mask=lm, other=0.0).to(tl.float32)
@@ -139,7 +135,7 @@ def _scores(a, x, off, has_off, radius, dilation, circle, scale, fill, out):
     B, C, H, W = a.shape
     N, P = x.shape[1], out.shape[2]
     if out.numel():
-        _scores_kernel[_grid(out.numel())](a, x, off, out, B, N, C, H, W, radius, dilation, P, scale, fill,
+        _scores_kernel[_grid(out.numel())](a, x, off, out, out.numel(), N, C, H, W, radius, dilation, P, scale, fill,
                                            *a.stride(), *x.stride(), HAS_OFF=has_off, CIRCLE=circle,
                                            BLOCK=_BLOCK)
     return out
@@ -149,7 +145,7 @@ def _gather(w, x, off, has_off, radius, dilation, circle, scale, out):
     B, N, P, H, W = w.shape
     C = x.shape[2]
     if out.numel():
-        _gather_kernel[_grid(out.numel())](w, x, off, out, B, N, C, H, W, radius, dilation, P, scale,
+        _gather_kernel[_grid(out.numel())](w, x, off, out, out.numel(), N, C, H, W, radius, dilation, P, scale,
                                            *w.stride(), *x.stride(), HAS_OFF=has_off, CIRCLE=circle, BLOCK=_BLOCK)
     return out
 
@@ -160,7 +156,7 @@ def _scatter(w, a, off, has_off, radius, dilation, circle, scale):
     C = a.shape[1]
     out = torch.zeros(B, N, C, H, W, dtype=torch.float32, device=a.device)
     if w.numel() and C:
-        _scatter_kernel[_grid(w.numel())](w, a, off, out, B, N, C, H, W, radius, dilation, P, scale,
+        _scatter_kernel[_grid(w.numel())](w, a, off, out, w.numel(), N, C, H, W, radius, dilation, P, scale,
                                           *w.stride(), *a.stride(), HAS_OFF=has_off, CIRCLE=circle, BLOCK=_BLOCK)
     return out
 
