@@ -60,16 +60,18 @@ inline void row_candidates(const Geometry& g, int64_t b, int64_t n, int64_t i, i
   row.by_runs = static_cast<int64_t>(runs.size()) * 8 <= g.W + 8;  // runs of ~8+ queries on average
 }
 
+#define VOSOPS_AFF_INLINE inline __attribute__((always_inline))
+
 // acc[t] += a[t] * b[t]: the one inner loop of every kernel.
 template <typename acc_t>
-inline void fma_run(acc_t* __restrict acc, const acc_t* __restrict a, const acc_t* __restrict b, int64_t len) {
+VOSOPS_AFF_INLINE void fma_run(acc_t* __restrict acc, const acc_t* __restrict a, const acc_t* __restrict b, int64_t len) {
 #pragma omp simd
   for (int64_t t = 0; t < len; ++t) acc[t] += a[t] * b[t];
 }
 
 // acc[j] += a[j] * x[pos] over the row's in-frame queries (gather on x's side).
 template <typename acc_t>
-inline void fma_row(const Row& row, acc_t* __restrict acc, const acc_t* __restrict a, const acc_t* __restrict x) {
+VOSOPS_AFF_INLINE void fma_row(const Row& row, acc_t* __restrict acc, const acc_t* __restrict a, const acc_t* __restrict x) {
   if (row.by_runs) {
     for (const Run& r : row.runs) fma_run(acc + r.j0, a + r.j0, x + r.pos0, r.len);
     return;
@@ -77,6 +79,79 @@ inline void fma_row(const Row& row, acc_t* __restrict acc, const acc_t* __restri
   const int64_t W = static_cast<int64_t>(row.pos.size());
   for (int64_t j = 0; j < W; ++j)
     if (row.pos[j] >= 0) acc[j] += a[j] * x[row.pos[j]];
+}
+
+// The channel loops of one (row, window column): everything hot. Compiled twice below, for AVX2+FMA and the
+// baseline, and picked at run time (the extension is built without -mavx2).
+//   accumulate: acc[c*sacc + j] += a[c*sa + j] * x[c*sx + pos(j)]      (scores: sacc = 0; gather: sa = 0)
+//   scatter:    o[c*so + pos(j)] += ws[j] * a[c*sa + j]
+template <typename acc_t>
+VOSOPS_AFF_INLINE void accumulate_impl(const Row& rw, acc_t* acc, int64_t sacc, const acc_t* a, int64_t sa,
+                                       const acc_t* x, int64_t sx, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) fma_row(rw, acc + c * sacc, a + c * sa, x + c * sx);
+}
+
+template <typename acc_t>
+VOSOPS_AFF_INLINE void scatter_impl(const Row& rw, acc_t* o, int64_t so, const acc_t* ws, const acc_t* a, int64_t sa,
+                                    int64_t C) {
+  const int64_t W = static_cast<int64_t>(rw.pos.size());
+  for (int64_t c = 0; c < C; ++c, o += so, a += sa) {
+    if (rw.by_runs) {
+      for (const Run& r : rw.runs) fma_run(o + r.pos0, ws + r.j0, a + r.j0, r.len);
+    } else {
+      for (int64_t j = 0; j < W; ++j)
+        if (rw.pos[j] >= 0) o[rw.pos[j]] += ws[j] * a[j];
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename acc_t>
+__attribute__((noinline, target("avx2,fma"))) void accumulate_avx2(const Row& rw, acc_t* acc, int64_t sacc,
+                                                                     const acc_t* a, int64_t sa, const acc_t* x,
+                                                                     int64_t sx, int64_t C) {
+  accumulate_impl(rw, acc, sacc, a, sa, x, sx, C);
+}
+template <typename acc_t>
+__attribute__((noinline, target("avx2,fma"))) void scatter_avx2(const Row& rw, acc_t* o, int64_t so, const acc_t* ws,
+                                                                  const acc_t* a, int64_t sa, int64_t C) {
+  scatter_impl(rw, o, so, ws, a, sa, C);
+}
+inline bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#else
+inline bool has_avx2() { return false; }
+#endif
+
+template <typename acc_t>
+__attribute__((noinline)) void accumulate_base(const Row& rw, acc_t* acc, int64_t sacc, const acc_t* a, int64_t sa,
+                                               const acc_t* x, int64_t sx, int64_t C) {
+  accumulate_impl(rw, acc, sacc, a, sa, x, sx, C);
+}
+template <typename acc_t>
+__attribute__((noinline)) void scatter_base(const Row& rw, acc_t* o, int64_t so, const acc_t* ws, const acc_t* a,
+                                            int64_t sa, int64_t C) {
+  scatter_impl(rw, o, so, ws, a, sa, C);
+}
+
+template <typename acc_t>
+inline void accumulate(const Row& rw, acc_t* acc, int64_t sacc, const acc_t* a, int64_t sa, const acc_t* x,
+                       int64_t sx, int64_t C) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (has_avx2()) return accumulate_avx2(rw, acc, sacc, a, sa, x, sx, C);
+#endif
+  accumulate_base(rw, acc, sacc, a, sa, x, sx, C);
+}
+
+template <typename acc_t>
+inline void scatter_channels(const Row& rw, acc_t* o, int64_t so, const acc_t* ws, const acc_t* a, int64_t sa,
+                             int64_t C) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (has_avx2()) return scatter_avx2(rw, o, so, ws, a, sa, C);
+#endif
+  scatter_base(rw, o, so, ws, a, sa, C);
 }
 
 // scores: a (B, C, H, W), x (B, N, C, H, W) -> out (B, N, P, H, W); out-of-frame -> fill, outside the window -> -inf.
@@ -97,7 +172,7 @@ void scores(const Geometry& g, const acc_t* a, const acc_t* x, int64_t C, acc_t 
         }
         row_candidates(g, b, n, i, p, rw);
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t c = 0; c < C; ++c) fma_row(rw, acc.data(), a + (b * C + c) * HW + i * W, x + (bn * C + c) * HW);
+        accumulate(rw, acc.data(), 0, a + b * C * HW + i * W, HW, x + bn * C * HW, HW, C);
         for (int64_t j = 0; j < W; ++j) o[j] = rw.pos[j] >= 0 ? scale * acc[j] : fill;
       }
     }
@@ -120,7 +195,7 @@ void gather(const Geometry& g, const acc_t* w, const acc_t* x, int64_t C, acc_t 
           if (!in_window(p, g.radius, g.circle)) continue;
           row_candidates(g, b, n, i, p, rw);
           const acc_t* wr = w + (bn * g.P + p) * HW + i * W;
-          for (int64_t c = 0; c < C; ++c) fma_row(rw, acc.data() + c * W, wr, x + (bn * C + c) * HW);
+          accumulate(rw, acc.data(), W, wr, 0, x + bn * C * HW, HW, C);
         }
       }
       for (int64_t c = 0; c < C; ++c) {
@@ -150,16 +225,7 @@ void scatter(const Geometry& g, const acc_t* w, const acc_t* a, int64_t C, acc_t
           row_candidates(g, b, n, i, p, rw);
           const acc_t* wr = w + (bn * g.P + p) * HW + i * W;
           for (int64_t j = 0; j < W; ++j) ws[j] = scale * wr[j];
-          for (int64_t c = c0; c < c1; ++c) {
-            const acc_t* ar = a + (b * C + c) * HW + i * W;
-            acc_t* o = out + (bn * C + c) * HW;
-            if (rw.by_runs) {
-              for (const Run& r : rw.runs) fma_run(o + r.pos0, ws.data() + r.j0, ar + r.j0, r.len);
-            } else {
-              for (int64_t j = 0; j < W; ++j)
-                if (rw.pos[j] >= 0) o[rw.pos[j]] += ws[j] * ar[j];
-            }
-          }
+          scatter_channels(rw, out + (bn * C + c0) * HW, HW, ws.data(), a + (b * C + c0) * HW + i * W, HW, c1 - c0);
         }
       }
     }
