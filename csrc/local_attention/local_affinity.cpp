@@ -260,6 +260,7 @@ std::tuple<at::Tensor, at::Tensor> local_affinity_backward_cpu(const at::Tensor&
                                                                int64_t radius, int64_t dilation,
                                                                c10::string_view window, double scale, bool need_q,
                                                                bool need_k) {
+  // Either border: out-of-frame logits are constants (-inf or 0) and pass no gradient.
   Geometry g = affinity_geometry(q, k, offsets, radius, dilation, window, "mask");
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({g.B, g.N, g.P, g.H, g.W}),
                     "local_affinity_backward: grad must be (B, N, P, H, W), got ", grad.sizes());
@@ -309,8 +310,7 @@ std::tuple<at::Tensor, at::Tensor> local_aggregate_backward_cpu(const at::Tensor
   const at::ScalarType a = acc_type(v.scalar_type());
   at::Tensor gw = need_weights ? at::empty(weights.sizes(), weights.options().dtype(a)) : weights.new_empty({0});
   at::Tensor gv = need_v ? at::zeros(v.sizes(), v.options().dtype(a)) : v.new_empty({0});
-  if (need_weights && Cv == 0) gw.zero_();
-  if ((need_weights || need_v) && weights.numel() > 0 && Cv > 0) {
+  if ((need_weights || need_v) && weights.numel() > 0) {  // Cv = 0 still runs: d/dweights is then all 0
     const at::Tensor off = rounded_offsets_cpu(offsets, g), ga = to_acc(grad_out), va = to_acc(v);
     g.offsets = off.defined() ? off.const_data_ptr<int32_t>() : nullptr;
     AT_DISPATCH_FLOATING_TYPES(a, "local_aggregate_backward_cpu", [&] {

@@ -62,6 +62,7 @@ std::tuple<at::Tensor, at::Tensor> local_affinity_backward_cuda(const at::Tensor
                                                                 int64_t radius, int64_t dilation,
                                                                 c10::string_view window, double scale, bool need_q,
                                                                 bool need_k) {
+  // Either border: out-of-frame logits are constants (-inf or 0) and pass no gradient.
   Geometry g = affinity_geometry(q, k, offsets, radius, dilation, window, "mask");
   check_cuda_dtype("local_affinity_backward", "q", q);
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({g.B, g.N, g.P, g.H, g.W}),

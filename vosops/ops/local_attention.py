@@ -135,7 +135,8 @@ def local_aggregate(weights, v, *, radius, dilation=1, offsets=None, backend: st
     """out (B, Cv, H, W) = sum over n, p of weights (B, N, P, H, W) times the value of candidate (n, p) (zero for
     out-of-frame candidates; every column of the square window takes part, whatever window made the weights).
     Differentiable w.r.t. weights (zero gradient at out-of-frame candidates) and v; offsets are not
-    differentiated."""
+    differentiated. The cpu/cuda/triton kernels skip out-of-frame candidates, so a non-finite weight there does not
+    propagate (the reference multiplies it by a zero value: inf * 0 = NaN); finite weights give the same results."""
     _validate.tensor("weights", weights, dim=5)
     _check_int("radius", radius, 0)
     _check_int("dilation", dilation, 1)
