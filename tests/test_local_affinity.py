@@ -42,6 +42,7 @@ CASES = [
     (1, 3, 4, 3, 2, dict(radius=3, dilation=2, border="zero", scale=2.0), True),
     (1, 2, 5, 6, 3, dict(radius=1, border="mask"), True),
     (1, 4, 6, 19, 2, dict(radius=2, window="circle", border="zero"), "smooth"),  # long runs of equal offsets
+    (1, 17, 5, 8, 2, dict(radius=2, dilation=2), False),  # C >= 16: the CPU kernel's channels-last dot products
 ]
 CASE_IDS = [f"case{i}" for i in range(len(CASES))]
 

@@ -154,9 +154,52 @@ inline void scatter_channels(const Row& rw, acc_t* o, int64_t so, const acc_t* w
   scatter_base(rw, o, so, ws, a, sa, C);
 }
 
-// scores: a (B, C, H, W), x (B, N, C, H, W) -> out (B, N, P, H, W); out-of-frame -> fill, outside the window -> -inf.
+// Rows broken into short runs by per-pixel flows: one contiguous dot product over channels per in-frame query,
+// from channels-last copies (acl: the row's (W, C) queries, xcl: the (H*W, C) keys of one reference).
 template <typename acc_t>
-void scores(const Geometry& g, const acc_t* a, const acc_t* x, int64_t C, acc_t scale, acc_t fill, acc_t* out) {
+VOSOPS_AFF_INLINE void dots_impl(const Row& rw, acc_t* acc, const acc_t* acl, const acc_t* xcl, int64_t C) {
+  const int64_t W = static_cast<int64_t>(rw.pos.size());
+  for (int64_t j = 0; j < W; ++j) {
+    if (rw.pos[j] < 0) continue;
+    const acc_t* __restrict qa = acl + j * C;
+    const acc_t* __restrict kx = xcl + rw.pos[j] * C;
+    acc_t sum = acc_t(0);
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < C; ++c) sum += qa[c] * kx[c];
+    acc[j] = sum;
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename acc_t>
+__attribute__((noinline, target("avx2,fma"))) void dots_avx2(const Row& rw, acc_t* acc, const acc_t* acl,
+                                                               const acc_t* xcl, int64_t C) {
+  dots_impl(rw, acc, acl, xcl, C);
+}
+#endif
+
+template <typename acc_t>
+__attribute__((noinline)) void dots_base(const Row& rw, acc_t* acc, const acc_t* acl, const acc_t* xcl, int64_t C) {
+  dots_impl(rw, acc, acl, xcl, C);
+}
+
+template <typename acc_t>
+inline void dots(const Row& rw, acc_t* acc, const acc_t* acl, const acc_t* xcl, int64_t C) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (has_avx2()) return dots_avx2(rw, acc, acl, xcl, C);
+#endif
+  dots_base(rw, acc, acl, xcl, C);
+}
+
+// scores: a (B, C, H, W), x (B, N, C, H, W) -> out (B, N, P, H, W); out-of-frame -> fill, outside the window -> -inf.
+// From this many channels a contiguous dot product per query beats the runs' loop over channels (1.4x measured at
+// C = 64 without offsets; the runs stay for the narrow value side, Cv = 3-7, where the dot would be too short).
+constexpr int64_t kDotMinChannels = 16;
+
+// acl / xcl: channels-last copies of a (B, H, W, C) and x (B, N, H, W, C) for rows of short runs, or null.
+template <typename acc_t>
+void scores(const Geometry& g, const acc_t* a, const acc_t* x, const acc_t* acl, const acc_t* xcl, int64_t C,
+            acc_t scale, acc_t fill, acc_t* out) {
   const int64_t HW = g.H * g.W, W = g.W;
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, g.B * g.N * g.H, 1, [&](int64_t r0, int64_t r1) {
@@ -172,7 +215,11 @@ void scores(const Geometry& g, const acc_t* a, const acc_t* x, int64_t C, acc_t 
         }
         row_candidates(g, b, n, i, p, rw);
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        accumulate(rw, acc.data(), 0, a + b * C * HW + i * W, HW, x + bn * C * HW, HW, C);
+        if (acl == nullptr || (rw.by_runs && C < kDotMinChannels)) {
+          accumulate(rw, acc.data(), 0, a + b * C * HW + i * W, HW, x + bn * C * HW, HW, C);
+        } else {
+          dots(rw, acc.data(), acl + (b * HW + i * W) * C, xcl + bn * HW * C, C);
+        }
         for (int64_t j = 0; j < W; ++j) o[j] = rw.pos[j] >= 0 ? scale * acc[j] : fill;
       }
     }
@@ -245,9 +292,15 @@ at::Tensor local_affinity_cpu(const at::Tensor& q, const at::Tensor& k, const st
   if (out.numel() > 0) {
     const at::Tensor off = rounded_offsets_cpu(offsets, g), qa = to_acc(q), ka = to_acc(k);
     g.offsets = off.defined() ? off.const_data_ptr<int32_t>() : nullptr;
+    // Channels-last copies for per-query dot products (rows broken by flows; every row when C is wide).
+    const bool cl = off.defined() || q.size(1) >= kDotMinChannels;
+    const at::Tensor qcl = cl ? qa.permute({0, 2, 3, 1}).contiguous() : at::Tensor();
+    const at::Tensor kcl = cl ? ka.permute({0, 1, 3, 4, 2}).contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(a, "local_affinity_cpu", [&] {
       const scalar_t fill = border == "zero" ? scalar_t(0) : -std::numeric_limits<scalar_t>::infinity();
-      scores<scalar_t>(g, qa.const_data_ptr<scalar_t>(), ka.const_data_ptr<scalar_t>(), q.size(1),
+      scores<scalar_t>(g, qa.const_data_ptr<scalar_t>(), ka.const_data_ptr<scalar_t>(),
+                       qcl.defined() ? qcl.const_data_ptr<scalar_t>() : nullptr,
+                       kcl.defined() ? kcl.const_data_ptr<scalar_t>() : nullptr, q.size(1),
                        static_cast<scalar_t>(scale), fill, out.data_ptr<scalar_t>());
     });
   }
@@ -315,7 +368,8 @@ std::tuple<at::Tensor, at::Tensor> local_aggregate_backward_cpu(const at::Tensor
     g.offsets = off.defined() ? off.const_data_ptr<int32_t>() : nullptr;
     AT_DISPATCH_FLOATING_TYPES(a, "local_aggregate_backward_cpu", [&] {
       // d/dweights: an unscaled affinity of grad_out against v, 0 out of frame (every column of the window).
-      if (need_weights) scores<scalar_t>(g, ga.const_data_ptr<scalar_t>(), va.const_data_ptr<scalar_t>(), Cv,
+      if (need_weights) scores<scalar_t>(g, ga.const_data_ptr<scalar_t>(), va.const_data_ptr<scalar_t>(), nullptr,
+                                         nullptr, Cv,
                                          scalar_t(1), scalar_t(0), gw.data_ptr<scalar_t>());
       if (need_v) scatter<scalar_t>(g, to_acc(weights).const_data_ptr<scalar_t>(), ga.const_data_ptr<scalar_t>(), Cv,
                                     scalar_t(1), gv.data_ptr<scalar_t>());
