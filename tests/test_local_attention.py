@@ -549,8 +549,8 @@ def test_affinity_and_aggregate_bad_input():
         vosops.local_aggregate(torch.rand(1, 2, 8, 4, 5), V, radius=1)
     with pytest.raises(ValueError, match="v must be"):
         vosops.local_aggregate(torch.rand(1, 2, 9, 4, 5), V[:, :1], radius=1)
-    with pytest.raises(ValueError, match="backend 'cpu' is not implemented"):
-        vosops.local_affinity(Q, K, radius=1, backend="cpu")
+    with pytest.raises(vosops._backends.BackendUnavailableError, match="backend 'cuda' is unavailable"):
+        vosops.local_affinity(Q, K, radius=1, backend="cuda")
 
 
 def test_native_op_checks_its_arguments_too():

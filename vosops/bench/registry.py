@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 # Ops with a benchmark module vosops/bench/<name>.py.
-OPS = ["flow_warp", "local_attention", "topk", "kmeans", "propagate"]
+OPS = ["flow_warp", "local_attention", "local_affinity", "topk", "kmeans", "propagate"]
 
 
 @dataclass

@@ -57,7 +57,7 @@ def _op_table():
     return [
         ("flow_warp", "flow_warp", BACKENDS),
         ("local_attention", "local_attention", la.ATTENTION_BACKENDS),
-        ("local_affinity, local_aggregate", "local_affinity", ("reference",)),
+        ("local_affinity, local_aggregate", "local_affinity", la.AFFINITY_BACKENDS),
         ("global_topk", "global_topk", tk.GLOBAL_TOPK_BACKENDS),
         ("topk_aggregate", "topk_aggregate", tk.AGGREGATE_BACKENDS),
         ("merge_topk", "merge_topk", tk.MERGE_BACKENDS),

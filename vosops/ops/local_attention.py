@@ -23,8 +23,9 @@ WINDOWS = ("square", "circle")
 BORDERS = ("mask", "zero")
 NORMALIZE = ("softmax", "threshold")
 
-# Backends that implement each public op here (local_affinity / local_aggregate are composed from the reference).
+# Backends that implement each public op here.
 ATTENTION_BACKENDS = ("reference", "cpu", "cuda", "triton")
+AFFINITY_BACKENDS = ("reference", "cpu", "cuda", "triton")  # local_affinity and local_aggregate
 CUDA_MAX_TOPK = 64  # the CUDA kernel keeps its top-k list in registers (csrc/local_attention, kCudaMaxTopk)
 
 
@@ -37,6 +38,15 @@ def _auto_candidates(dtype: torch.dtype, topk) -> tuple[str, ...]:
     if topk is not None and topk > CUDA_MAX_TOPK:
         names = tuple(b for b in names if b != "cuda")
     return names
+
+
+def _unfused_backend(op: str, device: torch.device, dtype: torch.dtype, backend: str | None) -> str:
+    """The backend for local_affinity / local_aggregate; "auto" keeps float64 off cuda/triton (fp32 kernels)."""
+    auto = (backend if backend is not None else _backends.current_backend()) == "auto"
+    supported = AFFINITY_BACKENDS
+    if auto and dtype == torch.float64:
+        supported = tuple(b for b in supported if b not in ("cuda", "triton"))
+    return _backends.select(op, device, backend, supported=supported)
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -99,7 +109,8 @@ def local_affinity(q, k, *, radius, dilation=1, window="square", offsets=None, s
 
     Candidates outside a circle window, and out-of-frame ones with border="mask", are -inf; with border="zero"
     out-of-frame candidates are exactly 0. Materialises the full (B, N, P, H, W) affinity (use local_attention to
-    avoid that). Runs on the reference backend (plain PyTorch, any device)."""
+    avoid that). Differentiable w.r.t. q and k; the -inf and border-zero candidates are constants (zero gradient);
+    offsets are not differentiated. cpu/cuda/triton accumulate in fp32 (fp64 for fp64 inputs on cpu)."""
     _check_qk(q, k)
     _check_int("radius", radius, 0)
     _check_int("dilation", dilation, 1)
@@ -109,13 +120,23 @@ def local_affinity(q, k, *, radius, dilation=1, window="square", offsets=None, s
     _check_offsets(offsets, q, k.shape[1])
     if candidate_count(radius, window) == 0:
         raise ValueError(f"window='circle' with radius {radius} has no candidates (dy^2 + dx^2 < r^2); use radius >= 1")
-    _backends.select("local_affinity", q.device, backend, supported=("reference",))
-    return _ref_affinity(q, k, radius, dilation, window, offsets, scale, border)
+    chosen = _unfused_backend("local_affinity", q.device, q.dtype, backend)
+    if chosen == "reference":
+        return _ref_affinity(q, k, radius, dilation, window, offsets, scale, border)
+    args = (q, k, offsets, radius, dilation, window, scale, border)
+    if chosen == "triton":
+        from ..triton import local_affinity as _triton
+
+        return _triton.local_affinity_triton(*args)
+    return torch.ops.vosops.local_affinity(*args)
 
 
 def local_aggregate(weights, v, *, radius, dilation=1, offsets=None, backend: str | None = None):
     """out (B, Cv, H, W) = sum over n, p of weights (B, N, P, H, W) times the value of candidate (n, p) (zero for
-    out-of-frame candidates). Runs on the reference backend (plain PyTorch, any device)."""
+    out-of-frame candidates; every column of the square window takes part, whatever window made the weights).
+    Differentiable w.r.t. weights (zero gradient at out-of-frame candidates) and v; offsets are not
+    differentiated. The cpu/cuda/triton kernels skip out-of-frame candidates, so a non-finite weight there does not
+    propagate (the reference multiplies it by a zero value: inf * 0 = NaN); finite weights give the same results."""
     _validate.tensor("weights", weights, dim=5)
     _check_int("radius", radius, 0)
     _check_int("dilation", dilation, 1)
@@ -129,8 +150,15 @@ def local_aggregate(weights, v, *, radius, dilation=1, offsets=None, backend: st
     _validate.same_device_dtype(("weights", "v"), (weights, v))
     _validate.non_empty("weights", weights)
     _check_offsets(offsets, weights, N)
-    _backends.select("local_aggregate", v.device, backend, supported=("reference",))
-    return _ref_aggregate(weights, v, radius, dilation, offsets)
+    chosen = _unfused_backend("local_aggregate", v.device, v.dtype, backend)
+    if chosen == "reference":
+        return _ref_aggregate(weights, v, radius, dilation, offsets)
+    args = (weights, v, offsets, radius, dilation)
+    if chosen == "triton":
+        from ..triton import local_affinity as _triton
+
+        return _triton.local_aggregate_triton(*args)
+    return torch.ops.vosops.local_aggregate(*args)
 
 
 def local_attention(q, k, v, *, radius, scale=1.0, topk=None, normalize="softmax", window="square", dilation=1,
@@ -192,4 +220,4 @@ def local_attention(q, k, v, *, radius, scale=1.0, topk=None, normalize="softmax
 
 if _native.LOADED:
     # Fake kernels and autograd of the native op live next to its schema's Python side.
-    from . import _local_attention_native  # noqa: F401
+    from . import _local_affinity_native, _local_attention_native  # noqa: F401
