@@ -198,22 +198,18 @@ VOSOPS_TOPK_CLONES int64_t count_above(const T* s, int64_t n, T scale, T t) {
   return c;
 }
 
-// Mean and standard deviation of the finite values among scale * s[j]; false when there are none.
+// Mean and standard deviation of the values scale * s[j]; false when they are not finite (an inf or NaN among them).
 template <typename T>
-VOSOPS_TOPK_CLONES bool finite_moments(const T* s, int64_t n, T scale, T* mean, T* sd) {
-  T sum = 0, sq = 0, cnt = 0;
-  _Pragma("omp simd reduction(+ : sum, sq, cnt)")
+VOSOPS_TOPK_CLONES bool moments(const T* s, int64_t n, T scale, T* mean, T* sd) {
+  T sum = 0, sq = 0;
+  _Pragma("omp simd reduction(+ : sum, sq)")
   for (int64_t j = 0; j < n; ++j) {
     const T v = scale * s[j];
-    const bool ok = std::abs(v) <= std::numeric_limits<T>::max();  // NaN and +-inf fail
-    const T x = ok ? v : T(0);
-    sum += x;
-    sq += x * x;
-    cnt += ok ? T(1) : T(0);
+    sum += v;
+    sq += v * v;
   }
-  if (cnt < T(1)) return false;
-  *mean = sum / cnt;
-  *sd = std::sqrt(std::max(sq / cnt - *mean * *mean, T(0)));
+  *mean = sum / static_cast<T>(n);
+  *sd = std::sqrt(std::max(sq / static_cast<T>(n) - *mean * *mean, T(0)));
   return std::isfinite(*mean) && std::isfinite(*sd);
 }
 
@@ -330,42 +326,47 @@ inline double normal_upper_quantile(double p) {
   return t - (2.515517 + t * (0.802853 + t * 0.010328)) / (1.0 + t * (1.432788 + t * (0.189269 + t * 0.001308)));
 }
 
-// A cut `lo` that at least k of the n values scale * s[j] exceed, and not many more, so that the candidates above it
-// are few: a first guess from the row's mean and spread (attention logits are close to normal), then counting
-// passes that interpolate between the best counts above and below k. *hi gets a value that fewer than k exceed
-// (+inf if none was seen). Returns -inf (everything passes) when there is nothing to gain or it gives up. Exact
-// whatever the distribution: with at least k values above lo, every one of the top k is above it.
+// A cut `lo` that at least k of the n values scale * s[j] exceed, and in the common case exactly k, so that the
+// candidates above it need no further selection: a first guess from the row's mean and spread (attention logits are
+// close to normal), then vectorised counting passes that interpolate between the best counts above and below k.
+// *hi gets a value that fewer than k exceed (+inf if none was seen). Returns -inf (everything passes) when there is
+// nothing to gain. Exact whatever the distribution: with at least k values above lo, all of the top k are.
 template <typename T>
 T find_threshold(const T* s, int64_t n, T scale, int64_t k, T* hi) {
   constexpr T inf = std::numeric_limits<T>::infinity();
   *hi = inf;
-  const int64_t slack = k / 4 + 8, target = k + slack / 2;
   T mean, sd;
-  if (n <= 2 * target || !finite_moments(s, n, scale, &mean, &sd) || !(sd > 0)) return kNegInf<T>;
-  const double p = static_cast<double>(target) / static_cast<double>(n);  // < 0.5
-  T lo = kNegInf<T>, t = mean + sd * static_cast<T>(normal_upper_quantile(p));
+  if (n <= k + 8 || !moments(s, n, scale, &mean, &sd) || !(sd > 0)) return kNegInf<T>;
+  const double target = static_cast<double>(k) + 0.5;  // aim between the k-th and (k+1)-th value
+  const double p = target / static_cast<double>(n);
+  const double z = p <= 0.5 ? normal_upper_quantile(p) : -normal_upper_quantile(1.0 - p);
+  T lo = kNegInf<T>, t = mean + sd * static_cast<T>(z);
   int64_t c_lo = n, c_hi = 0;
-  for (int it = 0; it < 8; ++it) {
+  for (int it = 0; it < 12; ++it) {
     const int64_t c = count_above(s, n, scale, t);
     if (c >= k) {
       lo = t;
       c_lo = c;
-      if (c <= k + slack) break;
+      if (c == k) break;
     } else {
       *hi = t;
       c_hi = c;
     }
     T next;
     if (lo > kNegInf<T> && *hi < inf) {  // bracketed: interpolate the count linearly
-      next = lo + (*hi - lo) * static_cast<T>(static_cast<double>(c_lo - target) / static_cast<double>(c_lo - c_hi));
+      next = lo + (*hi - lo) * static_cast<T>((static_cast<double>(c_lo) - target) / static_cast<double>(c_lo - c_hi));
     } else {  // one side only: a Newton step on the normal model's count, at most one spread
       const double zz = (static_cast<double>(t) - mean) / sd;
       const double density = static_cast<double>(n) * std::exp(-0.5 * zz * zz) * 0.3989422804014327 / sd;
-      double step = static_cast<double>(c - target) / std::max(density, 1e-30);
-      step = std::clamp(step, -static_cast<double>(sd), static_cast<double>(sd));
-      next = t + static_cast<T>(step);
+      const double step = (static_cast<double>(c) - target) / std::max(density, 1e-30);
+      next = t + static_cast<T>(std::clamp(step, -static_cast<double>(sd), static_cast<double>(sd)));
     }
-    if (!(next > lo && next < *hi)) next = lo > kNegInf<T> && *hi < inf ? lo + (*hi - lo) / 2 : (lo > kNegInf<T> ? lo + sd : *hi - sd);
+    if (!(next > lo && next < *hi)) {
+      if (lo == kNegInf<T>) next = *hi - sd;
+      else if (*hi == inf) next = lo + sd;
+      else next = lo + (*hi - lo) / 2;
+      if (!(next > lo && next < *hi)) break;  // no float left between them (ties at the cut)
+    }
     t = next;
   }
   return lo;
