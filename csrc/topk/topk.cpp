@@ -407,9 +407,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_cpu(const at::Tens
   check_attention_inputs(q, k, v);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), L = k.size(2), Dv = v.size(3);
   check_attention_counts(L, topk, dense_keys);
-  // The selection keeps row-local key numbers in int32.
-  TORCH_CHECK_VALUE(L < std::numeric_limits<int32_t>::max(), "topk_attention: k has ", L,
-                    " keys; the cpu backend takes fewer than 2^31 - 1 per sequence");
+  // The selection keeps row-local key numbers in int32, the backward query numbers.
+  TORCH_CHECK_VALUE(L < std::numeric_limits<int32_t>::max() && M < std::numeric_limits<int32_t>::max(),
+                    "topk_attention: the cpu backend takes fewer than 2^31 - 1 queries and keys per sequence, got M = ",
+                    M, ", L = ", L);
   const auto [dense, kk] = split_keys(L, topk, dense_keys);
   at::Tensor out = new_output({B, H, M, Dv}, q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = new_output({B, H, M}, q.options().dtype(acc_type(q.scalar_type())));
@@ -422,59 +423,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_cpu(const at::Tens
 }
 
 // Tasks own one (batch, head), so its dk, dv are private. Per query tile the dense part is five matmuls (S and dP
-// recomputed, then dV, dQ, dK) around an elementwise pass; the sparse part walks the saved indices per query.
+// recomputed, then dV, dQ, dK) around an elementwise pass; the sparse part regroups the saved indices by key and
+// walks each key's queries.
 template <typename acc_t>
 void attention_backward_impl(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& o, const at::Tensor& lse, const at::Tensor& index, double scale_d,
                              int64_t dense, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   // All tensors here are contiguous (BH, rows, cols) in acc_t.
-  const int64_t BH = q.size(0), M = q.size(1), D = q.size(2), Dv = v.size(2), kk = index.size(2);
+  const int64_t BH = q.size(0), M = q.size(1), D = q.size(2), L = k.size(1), Dv = v.size(2), kk = index.size(2);
+  const int64_t n_sparse = L - dense;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const int64_t target = std::clamp<int64_t>(kTileElements / std::max<int64_t>(dense, 1), 8, 2 * kAttentionQueryTile);
   const int64_t QT = ceil_div(M, ceil_div(M, target));  // equal tiles
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
     at::Tensor pbuf = at::empty({QT * dense}, q.options()), dpbuf = at::empty({QT * dense}, q.options());
-    std::vector<acc_t> drow(QT), work(2 * kk);
+    std::vector<acc_t> drow(M), work(2 * M);
+    std::vector<int64_t> start(kk > 0 ? n_sparse + 1 : 0);
+    std::vector<int32_t> rows(M * kk);
     for (int64_t bh = begin; bh < end; ++bh) {
       const at::Tensor qb = q[bh], kb = k[bh], vb = v[bh], gb = g[bh];
       at::Tensor dqb = dq[bh], dkb = dk[bh], dvb = dv[bh];
       const acc_t *qp = qb.const_data_ptr<acc_t>(), *kp = kb.const_data_ptr<acc_t>(), *vp = vb.const_data_ptr<acc_t>();
       const acc_t *gp = gb.const_data_ptr<acc_t>(), *opp = o[bh].const_data_ptr<acc_t>();
       const acc_t* lp = lse[bh].const_data_ptr<acc_t>();
-      const int64_t* ip = kk > 0 ? index[bh].const_data_ptr<int64_t>() : nullptr;
       acc_t *dqp = dqb.data_ptr<acc_t>(), *dkp = dkb.data_ptr<acc_t>(), *dvp = dvb.data_ptr<acc_t>();
-      for (int64_t m0 = 0; m0 < M; m0 += QT) {
+      for (int64_t i = 0; i < M; ++i) drow[i] = cpu::dot(gp + i * Dv, opp + i * Dv, Dv);  // dO_i . O_i
+      for (int64_t m0 = 0; m0 < M && dense > 0; m0 += QT) {
         const int64_t mt = std::min(QT, M - m0);
-        for (int64_t r = 0; r < mt; ++r) {  // D_i = dO_i . O_i = sum_j P_ij dP_ij
-          drow[r] = cpu::dot(gp + (m0 + r) * Dv, opp + (m0 + r) * Dv, Dv);
-        }
-        if (dense > 0) {
-          const at::Tensor qt = qb.narrow(0, m0, mt), gt = gb.narrow(0, m0, mt);
-          const at::Tensor kd = kb.narrow(0, 0, dense), vd = vb.narrow(0, 0, dense);
-          at::Tensor p = pbuf.narrow(0, 0, mt * dense).view({mt, dense});
-          at::Tensor dp = dpbuf.narrow(0, 0, mt * dense).view({mt, dense});
-          at::mm_out(p, qt, kd.t());
-          at::mm_out(dp, gt, vd.t());
-          acc_t *pp = p.data_ptr<acc_t>(), *dpp = dp.data_ptr<acc_t>();
-          for (int64_t r = 0; r < mt; ++r) {
-            const acc_t l = lp[m0 + r];
-            if (l == cpu::kNegInf<acc_t>) {  // nothing was kept: no gradient
-              std::fill(pp + r * dense, pp + (r + 1) * dense, acc_t(0));
-              std::fill(dpp + r * dense, dpp + (r + 1) * dense, acc_t(0));
-            } else {
-              cpu::dense_grad_row(pp + r * dense, dpp + r * dense, dense, scale, l, drow[r]);
-            }
+        const at::Tensor qt = qb.narrow(0, m0, mt), gt = gb.narrow(0, m0, mt);
+        const at::Tensor kd = kb.narrow(0, 0, dense), vd = vb.narrow(0, 0, dense);
+        at::Tensor p = pbuf.narrow(0, 0, mt * dense).view({mt, dense});
+        at::Tensor dp = dpbuf.narrow(0, 0, mt * dense).view({mt, dense});
+        at::mm_out(p, qt, kd.t());
+        at::mm_out(dp, gt, vd.t());
+        acc_t *pp = p.data_ptr<acc_t>(), *dpp = dp.data_ptr<acc_t>();
+        for (int64_t r = 0; r < mt; ++r) {
+          const acc_t l = lp[m0 + r];
+          if (l == cpu::kNegInf<acc_t>) {  // nothing was kept: no gradient
+            std::fill(pp + r * dense, pp + (r + 1) * dense, acc_t(0));
+            std::fill(dpp + r * dense, dpp + (r + 1) * dense, acc_t(0));
+          } else {
+            cpu::dense_grad_row(pp + r * dense, dpp + r * dense, dense, scale, l, drow[m0 + r]);
           }
-          dvb.narrow(0, 0, dense).addmm_(p.t(), gt);
-          dqb.narrow(0, m0, mt).addmm_(dp, kd);
-          dkb.narrow(0, 0, dense).addmm_(dp.t(), qt);
         }
-        for (int64_t r = 0; r < mt && kk > 0; ++r) {
-          const int64_t i = m0 + r;
-          if (lp[i] == cpu::kNegInf<acc_t>) continue;
-          cpu::sparse_grad_row(qp + i * D, gp + i * Dv, dqp + i * D, kp, vp, dkp, dvp, ip + i * kk, kk, D, Dv, scale,
-                               lp[i], drow[r], work.data());
+        dvb.narrow(0, 0, dense).addmm_(p.t(), gt);
+        dqb.narrow(0, m0, mt).addmm_(dp, kd);
+        dkb.narrow(0, 0, dense).addmm_(dp.t(), qt);
+      }
+      if (kk == 0) continue;
+      // Group the kept (query, key) pairs by key: a counting sort of the saved indices.
+      const int64_t* ip = index[bh].const_data_ptr<int64_t>();
+      std::fill(start.begin(), start.end(), 0);
+      for (int64_t i = 0; i < M; ++i) {
+        if (lp[i] == cpu::kNegInf<acc_t>) continue;
+        for (int64_t j = 0; j < kk; ++j) {
+          const int64_t key = ip[i * kk + j];
+          if (key < 0) continue;  // an empty slot
+          TORCH_CHECK_VALUE(key >= dense && key < L, "topk_attention_backward: index holds key ", key,
+                            " outside the sparse keys [", dense, ", ", L, ")");
+          ++start[key - dense + 1];
         }
+      }
+      for (int64_t key = 0; key < n_sparse; ++key) start[key + 1] += start[key];
+      for (int64_t i = 0; i < M; ++i) {  // queries in increasing order within each key
+        if (lp[i] == cpu::kNegInf<acc_t>) continue;
+        for (int64_t j = 0; j < kk; ++j) {
+          const int64_t key = ip[i * kk + j];
+          if (key >= 0) rows[start[key - dense]++] = static_cast<int32_t>(i);
+        }
+      }
+      int64_t first = 0;  // start[key] now holds the end of key's run
+      for (int64_t key = 0; key < n_sparse; ++key) {
+        const int64_t last = start[key], n = last - first;
+        if (n > 0) {
+          const int64_t kr = dense + key;
+          cpu::sparse_grad_key(kp + kr * D, vp + kr * Dv, dkp + kr * D, dvp + kr * Dv, rows.data() + first, n, qp,
+                               gp, dqp, lp, drow.data(), D, Dv, scale, work.data());
+        }
+        first = last;
       }
     }
   });

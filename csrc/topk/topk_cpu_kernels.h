@@ -47,11 +47,17 @@ inline bool have_avx2() {
 #define VOSOPS_SIMD_SUM(x) _Pragma(VOSOPS_STR(omp simd reduction(+ : x)))
 #define VOSOPS_STR(x) #x
 
+// Eight independent partial sums held as one vector register (omp simd's reduction goes through the stack, which
+// costs as much as a 64-long dot itself).
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-  VOSOPS_SIMD_SUM(s)
-  for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
+  T p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    for (int u = 0; u < 8; ++u) p[u] += a[c + u] * b[c + u];
+  }
+  T s = ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]));
+  for (; c < n; ++c) s += a[c] * b[c];
   return s;
 }
 
@@ -156,35 +162,33 @@ VOSOPS_TOPK_CLONES void dense_grad_row(T* s, T* dp, int64_t n, T scale, T lse, T
   for (int64_t j = 0; j < n; ++j) dp[j] = s[j] * (dp[j] - d) * scale;
 }
 
-// Backward of one row's kept sparse keys (index -1 = empty slot): the probabilities are recomputed from q.k and the
-// saved lse, then dq_i += dS K, dk += dS q_i, dv += P g_i. `work` holds 2 * kk values.
+// Backward of one sparse key over the queries that kept it (key-major, so the key's rows stay in L1 and the
+// queries' rows in L2): P = exp(scale q_i.k_j - lse_i) recomputed, dS = P (g_i.v_j - d_i) scale, then dv_j += P g_i,
+// dk_j += dS q_i, dq_i += dS k_j. `work` holds 2 * n values.
 template <typename T>
-VOSOPS_TOPK_CLONES void sparse_grad_row(const T* qi, const T* gi, T* dqi, const T* k, const T* v, T* dk, T* dv,
-                                        const int64_t* keys, int64_t kk, int64_t D, int64_t Dv, T scale, T lse, T d,
-                                        T* work) {
+VOSOPS_TOPK_CLONES void sparse_grad_key(const T* kj, const T* vj, T* dkj, T* dvj, const int32_t* rows, int64_t n,
+                                        const T* q, const T* g, T* dq, const T* lse, const T* drow, int64_t D,
+                                        int64_t Dv, T scale, T* work) {
   T* p = work;
-  T* ds = work + kk;
-  for (int64_t j = 0; j < kk; ++j) {
-    const int64_t key = keys[j];
-    p[j] = key < 0 ? kNegInf<T> : scale * dot(qi, k + key * D, D);  // an empty slot gets weight exp(-inf) = 0
-    ds[j] = key < 0 ? T(0) : dot(gi, v + key * Dv, Dv) - d;
+  T* ds = work + n;
+  for (int64_t a = 0; a < n; ++a) {
+    const int64_t i = rows[a];
+    p[a] = scale * dot(q + i * D, kj, D) - lse[i];
+    ds[a] = dot(g + i * Dv, vj, Dv) - drow[i];
   }
-  exp_shift_sum(p, kk, T(1), lse);
-  VOSOPS_SIMD
-  for (int64_t j = 0; j < kk; ++j) ds[j] = p[j] * ds[j] * scale;
-  for (int64_t j = 0; j < kk; ++j) {
-    const int64_t key = keys[j];
-    if (key < 0) continue;
-    const T* kj = k + key * D;
-    T* dkj = dk + key * D;
-    T* dvj = dv + key * Dv;
-    const T pj = p[j], dsj = ds[j];
+  exp_shift_sum(p, n, T(1), T(0));
+  for (int64_t a = 0; a < n; ++a) {
+    const int64_t i = rows[a];
+    const T pa = p[a], da = p[a] * ds[a] * scale;
+    const T* gi = g + i * Dv;
+    const T* qi = q + i * D;
+    T* dqi = dq + i * D;
     VOSOPS_SIMD
-    for (int64_t c = 0; c < Dv; ++c) dvj[c] += pj * gi[c];
+    for (int64_t c = 0; c < Dv; ++c) dvj[c] += pa * gi[c];
     VOSOPS_SIMD
     for (int64_t c = 0; c < D; ++c) {
-      dqi[c] += dsj * kj[c];
-      dkj[c] += dsj * qi[c];
+      dkj[c] += da * qi[c];
+      dqi[c] += da * kj[c];
     }
   }
 }
