@@ -113,7 +113,8 @@ void global_topk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         const acc_t* rv = run_v.data() + r * topk;
         const int64_t* ri = run_i.data() + r * topk;
         std::iota(order.begin(), order.begin() + n, int64_t(0));
-        std::sort(order.begin(), order.begin() + n, [&](int64_t a, int64_t c) { return ranks_before(rv[a], ri[a], rv[c], ri[c]); });
+        std::sort(order.begin(), order.begin() + n,
+                  [&](int64_t a, int64_t c) { return ranks_before(rv[a], ri[a], rv[c], ri[c]); });
         const int64_t o = (b * M + m0 + r) * topk;
         for (int64_t j = 0; j < topk; ++j) {
           const bool have = j < n;
@@ -512,6 +513,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward_cpu(
   check_attention_backward(grad_out, q, k, v, out, lse, index);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3), L = k.size(2), Dv = v.size(3);
   const int64_t BH = B * H, kk = index.size(-1);
+  TORCH_CHECK_VALUE(M < std::numeric_limits<int32_t>::max(), "topk_attention_backward: the cpu backend takes fewer "
+                    "than 2^31 - 1 queries per sequence, got M = ", M);  // key-major lists hold query numbers in int32
   // The forward kept every key densely exactly when it saved no sparse indices.
   const int64_t dense = kk == 0 ? L : dense_keys;
   const auto acc = acc_type(q.scalar_type());
