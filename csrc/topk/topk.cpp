@@ -31,12 +31,12 @@ using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Rows per query tile: about `target` rows, with the tile count a multiple of the thread count when there are
-// few tiles, so the last round of tasks does not leave a thread idle.
+// Rows per query tile: about `target` rows, with the task count (outer x tiles) a multiple of the thread count
+// while tasks are few, so the last round does not leave a thread idle.
 inline int64_t query_tile(int64_t M, int64_t outer, int64_t target) {
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
   int64_t tiles = ceil_div(M, target);
-  if (outer * tiles < 4 * nt) {
+  if (outer * tiles < 16 * nt) {
     while ((outer * tiles) % nt != 0 && tiles < M) ++tiles;
   }
   return ceil_div(M, tiles);
@@ -44,8 +44,8 @@ inline int64_t query_tile(int64_t M, int64_t outer, int64_t target) {
 
 // --- global_topk --------------------------------------------------------------------------------------------------
 
-constexpr int64_t kGlobalQueryTile = 128;
-constexpr int64_t kGlobalKeyTile = 1024;  // a 128 x 1024 fp32 score tile (512 KB) stays in a core's L2
+constexpr int64_t kGlobalQueryTile = 256;
+constexpr int64_t kGlobalKeyTile = 512;  // a 256 x 512 fp32 score tile (512 KB) stays in a core's L2
 
 // Per task (batch, query tile): score tiles q_t k_tile^T by matmul into a per-thread buffer, and per query a running
 // top-k whose k-th value is the admission threshold for the next tiles (key tiles arrive in increasing key index,
