@@ -467,10 +467,20 @@ void attention_backward_impl(const at::Tensor& g, const at::Tensor& q, const at:
             cpu::dense_grad_row(pp + r * dense, dpp + r * dense, dense, scale, l, drow[m0 + r]);
           }
         }
-        dvb.narrow(0, 0, dense).addmm_(p.t(), gt);
-        dqb.narrow(0, m0, mt).addmm_(dp, kd);
-        dkb.narrow(0, 0, dense).addmm_(dp.t(), qt);
+        // The first tile writes dk, dv (no zero-filled outputs: filling them cost more than the products here).
+        at::Tensor dvd = dvb.narrow(0, 0, dense), dkd = dkb.narrow(0, 0, dense), dqt = dqb.narrow(0, m0, mt);
+        if (m0 == 0) {
+          at::mm_out(dvd, p.t(), gt);
+          at::mm_out(dkd, dp.t(), qt);
+        } else {
+          dvd.addmm_(p.t(), gt);
+          dkd.addmm_(dp.t(), qt);
+        }
+        at::mm_out(dqt, dp, kd);
       }
+      if (dense == 0) std::fill(dqp, dqp + M * D, acc_t(0));
+      std::fill(dkp + dense * D, dkp + L * D, acc_t(0));  // the sparse keys' rows accumulate below
+      std::fill(dvp + dense * Dv, dvp + L * Dv, acc_t(0));
       if (kk == 0) continue;
       // Group the kept (query, key) pairs by key: a counting sort of the saved indices.
       const int64_t* ip = index[bh].const_data_ptr<int64_t>();
@@ -524,12 +534,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward_cpu(
   const at::Tensor gf = grad_out.detach().to(acc).contiguous().view({BH, M, Dv});
   const at::Tensor of = out.detach().to(acc).contiguous().view({BH, M, Dv});
   const at::Tensor lf = lse.detach().to(acc).contiguous().view({BH, M}), ixf = index.contiguous().view({BH, M, kk});
-  at::Tensor dq = at::zeros({BH, M, D}, qf.options()), dk = at::zeros({BH, L, D}, qf.options());
-  at::Tensor dv = at::zeros({BH, L, Dv}, qf.options());
-  if (BH * M * L > 0) {
+  // Every element is written by the kernel (poisoned in tests to prove it).
+  at::Tensor dq = new_output({BH, M, D}, qf.options()), dk = new_output({BH, L, D}, qf.options());
+  at::Tensor dv = new_output({BH, L, Dv}, qf.options());
+  if (M > 0 && L > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc, "topk_attention_backward_cpu", [&] {
       attention_backward_impl<scalar_t>(gf, qf, kf, vf, of, lf, ixf, scale, dense, dq, dk, dv);
     });
+  } else {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
   }
   return {dq.view(q.sizes()).to(q.scalar_type()), dk.view(k.sizes()).to(k.scalar_type()),
           dv.view(v.sizes()).to(v.scalar_type())};
