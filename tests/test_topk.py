@@ -2,6 +2,10 @@
 Mask-VOS, XMem, JointFormer), then every backend against the reference."""
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -358,6 +362,38 @@ def test_topk_attention_long_rows_match_reference(backend, device):
         torch.testing.assert_close(out.double(), ref, **tol)
         for g, rg in zip(grads, ref_grads):
             torch.testing.assert_close(g.double(), rg, **tol)
+
+
+def test_cpu_portable_paths_match_reference():
+    """The cpu kernels' non-AVX2 paths (candidate compaction, exp), forced by VOSOPS_TOPK_PORTABLE=1 in a fresh
+    process, against the reference: selection with ties across tiles, masks, and attention forward/backward."""
+    if "topk_attention" not in vosops._backends._KERNELS["CPU"]:
+        pytest.skip("no native cpu kernels in this build")
+    code = textwrap.dedent("""
+        import torch, vosops
+        from vosops.reference import topk as ref
+        torch.manual_seed(0)
+        q = torch.randint(-2, 3, (2, 30, 6)).float(); k = torch.randint(-2, 3, (2, 1500, 6)).float()
+        mask = torch.rand(2, 1500) > 0.3
+        got = vosops.global_topk(q, k, topk=9, scale=0.5, key_mask=mask, backend="cpu")
+        exp = ref.global_topk(q.double(), k.double(), topk=9, scale=0.5, key_mask=mask)
+        assert torch.equal(got[1], exp[1]) and torch.equal(got[0].double(), exp[0]), "global_topk"
+        args = [torch.randn(1, 2, n, 16, dtype=torch.float64, requires_grad=True) for n in (21, 700, 700)]
+        for dtype in (torch.float32, torch.float64):
+            a = [t.detach().to(dtype).requires_grad_() for t in args]
+            out = vosops.topk_attention(*a, topk=40, dense_keys=60, backend="cpu")
+            ref_out = ref.topk_attention(*args, topk=40, dense_keys=60)
+            g = torch.autograd.grad(out, a, torch.ones_like(out))
+            rg = torch.autograd.grad(ref_out, args, torch.ones_like(ref_out))
+            for x, y in zip((out,) + g, (ref_out,) + rg):
+                torch.testing.assert_close(x.double(), y.detach(), atol=1e-4, rtol=1e-4)
+        print("ok")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(vosops.__file__)))  # this checkout's vosops
+    env = dict(os.environ, VOSOPS_TOPK_PORTABLE="1",
+               PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("backend,device", AGG_BACKENDS)

@@ -11,6 +11,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <limits>
 
@@ -34,9 +35,10 @@ template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
 #if VOSOPS_TOPK_AVX2
+// VOSOPS_TOPK_PORTABLE=1 forces the portable paths (tests run them that way on AVX2 machines).
 inline bool have_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("popcnt");
+  static const bool yes = std::getenv("VOSOPS_TOPK_PORTABLE") == nullptr && __builtin_cpu_supports("avx2") &&
+                          __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
   return yes;
 }
 #endif
