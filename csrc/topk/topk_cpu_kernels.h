@@ -3,12 +3,11 @@
 //
 // The extension is compiled for the baseline x86-64 ISA (portable builds), which leaves these loops at SSE2 width.
 // Functions marked VOSOPS_TOPK_CLONES are compiled a second time for x86-64-v3 (AVX2 + FMA) and the variant is
-// picked when the library loads (GCC function multi-versioning); the candidate compaction has an AVX2 intrinsics
-// path picked by a CPUID check. Other compilers and architectures get the portable code.
+// picked when the library loads (GCC function multi-versioning); the candidate compaction and exp have AVX2
+// intrinsics paths picked by a CPUID check. Other compilers and architectures get the portable code.
 #pragma once
 #include <algorithm>
 #include <array>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
