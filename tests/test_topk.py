@@ -2,6 +2,10 @@
 Mask-VOS, XMem, JointFormer), then every backend against the reference."""
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -323,6 +327,75 @@ def test_selection_exact_when_the_first_key_tile_misleads(backend, device):
     torch.testing.assert_close(vosops.global_topk(q, k2, topk=24, scale=0.5, backend=backend)[1], exp[1], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("backend,device", GT_NATIVE)
+def test_global_topk_ties_and_mask_across_key_tiles(backend, device):
+    """Integer logits tie everywhere, also between key tiles (the second half repeats the first); the running top-k
+    carried across tiles must keep the lower index, and masked keys must stay out, in every tile."""
+    q = small_ints(2, 37, 6, dtype=torch.float32, device=device)
+    half = small_ints(2, 1300, 6, dtype=torch.float32, device=device)
+    k = torch.cat([half, half], 1)
+    key_mask = torch.rand(2, 2600, device=device) > 0.3
+    for topk in (1, 7, 40):
+        for mask in (None, key_mask):
+            got = vosops.global_topk(q, k, topk=topk, scale=0.5, key_mask=mask, backend=backend)
+            exp = dense_topk(q.double(), k.double(), topk, 0.5, key_mask=mask)
+            torch.testing.assert_close(got[1], exp[1], atol=0, rtol=0)
+            torch.testing.assert_close(got[0].double(), exp[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in ATT_BACKENDS if p.values[0] == "cpu"])
+def test_topk_attention_long_rows_match_reference(backend, device):
+    """Float logits over ~2000 sparse keys (the threshold search's usual case) and a row set whose sparse logits are
+    all equal (no threshold separates them: the lowest indices must win), forward and backward."""
+    q = torch.randn(1, 2, 45, 16, dtype=torch.float64, device=device)
+    k = torch.randn(1, 2, 2100, 16, dtype=torch.float64, device=device)
+    v = torch.randn(1, 2, 2100, 8, dtype=torch.float64, device=device)
+    k[:, 1, 100:] = k[:, 1, 100:101]  # head 1: every sparse key the same
+    for dtype in (torch.float32, torch.float64):
+        args = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = vosops.topk_attention(*args, topk=50, dense_keys=100, backend=backend)
+        grads = torch.autograd.grad(out, args, torch.ones_like(out))
+        ref_args = [t.detach().double().requires_grad_() for t in args]
+        ref = reference.topk_attention(*ref_args, topk=50, dense_keys=100)
+        ref_grads = torch.autograd.grad(ref, ref_args, torch.ones_like(ref))
+        tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(out.double(), ref, **tol)
+        for g, rg in zip(grads, ref_grads):
+            torch.testing.assert_close(g.double(), rg, **tol)
+
+
+def test_cpu_portable_paths_match_reference():
+    """The cpu kernels' non-AVX2 paths (candidate compaction, exp), forced by VOSOPS_TOPK_PORTABLE=1 in a fresh
+    process, against the reference: selection with ties across tiles, masks, and attention forward/backward."""
+    if "topk_attention" not in vosops._backends._KERNELS["CPU"]:
+        pytest.skip("no native cpu kernels in this build")
+    code = textwrap.dedent("""
+        import torch, vosops
+        from vosops.reference import topk as ref
+        torch.manual_seed(0)
+        q = torch.randint(-2, 3, (2, 30, 6)).float(); k = torch.randint(-2, 3, (2, 1500, 6)).float()
+        mask = torch.rand(2, 1500) > 0.3
+        got = vosops.global_topk(q, k, topk=9, scale=0.5, key_mask=mask, backend="cpu")
+        exp = ref.global_topk(q.double(), k.double(), topk=9, scale=0.5, key_mask=mask)
+        assert torch.equal(got[1], exp[1]) and torch.equal(got[0].double(), exp[0]), "global_topk"
+        args = [torch.randn(1, 2, n, 16, dtype=torch.float64, requires_grad=True) for n in (21, 700, 700)]
+        for dtype in (torch.float32, torch.float64):
+            a = [t.detach().to(dtype).requires_grad_() for t in args]
+            out = vosops.topk_attention(*a, topk=40, dense_keys=60, backend="cpu")
+            ref_out = ref.topk_attention(*args, topk=40, dense_keys=60)
+            g = torch.autograd.grad(out, a, torch.ones_like(out))
+            rg = torch.autograd.grad(ref_out, args, torch.ones_like(ref_out))
+            for x, y in zip((out,) + g, (ref_out,) + rg):
+                torch.testing.assert_close(x.double(), y.detach(), atol=1e-4, rtol=1e-4)
+        print("ok")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(vosops.__file__)))  # this checkout's vosops
+    env = dict(os.environ, VOSOPS_TOPK_PORTABLE="1",
+               PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
 @pytest.mark.parametrize("backend,device", AGG_BACKENDS)
 @pytest.mark.parametrize("normalize", ["softmax", "threshold"])
 @pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
@@ -357,7 +430,9 @@ def test_topk_attention_backend_matches_reference(backend, device, layout):
     shapes = [(1, 2, 16, 48, 16, 16, 5, 16), (2, 1, 17, 40, 16, 16, 40, 0), (1, 1, 20, 35, 16, 16, 3, 32),
               (1, 1, 20, 40, 16, 16, 5, 32)]
     if backend != "triton":
-        shapes += [(1, 3, 7, 13, 5, 3, 4, 2), (1, 1, 1, 1, 2, 1, 1, 0), (1, 1, 3, 9, 4, 2, 2, 9)]
+        shapes += [(1, 3, 7, 13, 5, 3, 4, 2), (1, 1, 1, 1, 2, 1, 1, 0), (1, 1, 3, 9, 4, 2, 2, 9),
+                   # rows long enough for the cpu kernel's counted threshold search, with many tied logits
+                   (1, 2, 33, 330, 16, 8, 20, 50)]
     for dtype in testing.backend_dtypes(backend, device):
         for (B, Hh, M, L, D, Dv, topk, dense) in shapes:
             q, k, v = attention_inputs(B, Hh, M, L, D, Dv, device)

@@ -1,8 +1,9 @@
 // Top-k softmax aggregation: op schemas and the CPU kernels (global_topk, topk_aggregate, topk_attention).
 //
-// The FLOPs of global_topk and topk_attention are query-tile x key-tile products: they go to ATen's matmul (MKL)
-// on per-thread buffers; what is fused around them is the running top-k per query, the online softmax and the
-// gather of the winners' values. No (M x L) tensor is ever allocated, in forward or backward.
+// The FLOPs of global_topk and topk_attention are query-tile x key products: they go to ATen's matmul (MKL) on
+// per-thread buffers; what is fused around them (topk/topk_cpu_kernels.h) is the per-query top-k selection, the
+// softmax and the gather of the winners' values. No (M x L) tensor is ever allocated, in forward or backward: the
+// largest buffer is a per-thread (query tile x L) score tile.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,12 +12,14 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <numeric>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include "common/native.h"
 #include "topk/topk.h"
+#include "topk/topk_cpu_kernels.h"
 #include "topk/topk_math.h"
 
 namespace vosops {
@@ -26,138 +29,27 @@ namespace {
 template <typename T>
 using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-constexpr int64_t kQueryTile = 128;
-constexpr int64_t kKeyTile = 512;
-
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Dot product with eight independent partial sums: breaks the serial FP dependency chain so the compiler can
-// vectorise it (a plain `s += a[c] * b[c]` loop stays scalar without -ffast-math).
-template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
-  acc_t p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t c = 0;
-  for (; c + 8 <= n; c += 8) {
-    for (int u = 0; u < 8; ++u) p[u] += a[c + u] * b[c + u];
+// Rows per query tile: about `target` rows, with the task count (outer x tiles) a multiple of the thread count
+// while tasks are few, so the last round does not leave a thread idle.
+inline int64_t query_tile(int64_t M, int64_t outer, int64_t target) {
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  int64_t tiles = ceil_div(M, target);
+  if (outer * tiles < 16 * nt) {
+    while ((outer * tiles) % nt != 0 && tiles < M) ++tiles;
   }
-  acc_t s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-  for (; c < n; ++c) s += a[c] * b[c];
-  return s;
-}
-
-// --- per-query candidate selection (CPU) ------------------------------------------------------------------------
-
-template <typename acc_t>
-struct Cand {
-  acc_t v;
-  int64_t i;
-};
-
-template <typename acc_t>
-inline bool cand_before(const Cand<acc_t>& a, const Cand<acc_t>& b) {
-  return ranks_before(a.v, a.i, b.v, b.i);
-}
-
-// The best k candidates of one query seen so far, over a buffer of 2k + key-tile + 1 slots (slots(k, tile)). A tile's
-// scores above the current threshold are appended in key order; when more than 2k are held they are pruned back
-// to k. Tiles arrive in increasing key index, so a later candidate equal to the k-th logit loses the tie and
-// `v > thr` is the whole admission test.
-template <typename acc_t>
-struct TopKBuffer {
-  Cand<acc_t>* c;
-  acc_t* scratch;  // k + 2k + tile floats shared by the rows of a thread (prune is immediate)
-  int64_t k, n;
-  acc_t thr;
-  bool speculative;
-
-  static int64_t slots(int64_t k, int64_t tile) { return 2 * k + tile + 1; }  // +1: the branch-free append
-
-  void reset(Cand<acc_t>* storage, acc_t* scratch_, int64_t k_) {
-    c = storage;
-    scratch = scratch_;
-    k = k_;
-    n = 0;
-    thr = -std::numeric_limits<acc_t>::infinity();
-    speculative = false;
-  }
-  // Before the first tile: guess a threshold that about 2k + 16 of the row's `total` keys exceed, from a strided
-  // sample of the tile's scores, so most keys are rejected by one compare and the prune sees few candidates.
-  // The guess is exact-safe whenever at least k keys end up above it (then every true top-k key was admitted);
-  // a row that ends with fewer is redone without a guess (needs_fallback).
-  void speculate(const acc_t* row, int64_t lt, acc_t scale, int64_t total, const bool* mask) {
-    const double f = static_cast<double>(2 * k + 16) / static_cast<double>(total);
-    if (f >= 0.5 || lt < 64) return;
-    const int64_t st = std::max<int64_t>(1, lt / 128);
-    int64_t ns = 0;
-    for (int64_t j = 0; j < lt; j += st) {
-      if (mask != nullptr && !mask[j]) continue;
-      const acc_t v = scale * row[j];
-      scratch[ns++] = v == v ? v : -std::numeric_limits<acc_t>::infinity();  // NaN would break the ordering
-    }
-    const int64_t rs = static_cast<int64_t>(std::ceil(f * static_cast<double>(ns))) + 1;
-    if (ns < 32 || rs > ns) return;
-    std::nth_element(scratch, scratch + (rs - 1), scratch + ns, std::greater<acc_t>());
-    if (scratch[rs - 1] > -std::numeric_limits<acc_t>::infinity()) {
-      thr = scratch[rs - 1];
-      speculative = true;
-    }
-  }
-  bool needs_fallback() const { return speculative && n < k; }
-  // Branch-free append: every score is written, the count advances only for admitted ones (a data-dependent
-  // branch here mispredicts at the 10-20% admission rates of JointFormer's top-k).
-  void scan(const acc_t* row, int64_t lt, acc_t scale, int64_t base, const bool* mask) {
-    const acc_t t = thr;
-    int64_t m = n;
-    if (mask == nullptr) {
-      for (int64_t j = 0; j < lt; ++j) {
-        const acc_t v = scale * row[j];
-        c[m] = Cand<acc_t>{v, base + j};
-        m += v > t;  // NaN and -inf never pass
-      }
-    } else {
-      for (int64_t j = 0; j < lt; ++j) {
-        const acc_t v = scale * row[j];
-        c[m] = Cand<acc_t>{v, base + j};
-        m += (v > t) & mask[j];
-      }
-    }
-    n = m;
-    if (n > 2 * k) prune();
-  }
-  // Keep the best k: the k-th largest logit t by a float nth_element, then a stable compaction that keeps every
-  // logit > t and the lowest-index ones equal to t (the buffer stays in key order).
-  void prune() {
-    for (int64_t i = 0; i < n; ++i) scratch[i] = c[i].v;
-    std::nth_element(scratch, scratch + (k - 1), scratch + n, std::greater<acc_t>());
-    const acc_t t = scratch[k - 1];
-    int64_t above = 0;
-    for (int64_t i = 0; i < n; ++i) above += c[i].v > t;
-    int64_t ties = k - above, m = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t v = c[i].v;
-      if (v > t || (v == t && ties-- > 0)) c[m++] = c[i];
-    }
-    n = k;
-    thr = t;
-  }
-  void finish(bool sorted) {  // the best min(k, n), sorted best-first when asked
-    if (n > k) prune();
-    if (sorted) std::sort(c, c + n, [](const Cand<acc_t>& a, const Cand<acc_t>& b) { return cand_before(a, b); });
-  }
-};
-
-// Redo one row exactly (no guessed threshold) from its freshly computed scores `row` (total keys from `base`).
-template <typename acc_t>
-void exact_row(TopKBuffer<acc_t>& list, const acc_t* row, int64_t total, int64_t tile, acc_t scale, int64_t base,
-               const bool* mask) {
-  list.reset(list.c, list.scratch, list.k);
-  for (int64_t l0 = 0; l0 < total; l0 += tile) {
-    list.scan(row + l0, std::min(tile, total - l0), scale, base + l0, mask ? mask + l0 : nullptr);
-  }
+  return ceil_div(M, tiles);
 }
 
 // --- global_topk --------------------------------------------------------------------------------------------------
 
+constexpr int64_t kGlobalQueryTile = 256;
+constexpr int64_t kGlobalKeyTile = 512;  // a 256 x 512 fp32 score tile (512 KB) stays in a core's L2
+
+// Per task (batch, query tile): score tiles q_t k_tile^T by matmul into a per-thread buffer, and per query a running
+// top-k whose k-th value is the admission threshold for the next tiles (key tiles arrive in increasing key index,
+// so a later key equal to the k-th value loses the tie and `>` is the whole test).
 template <typename scalar_t>
 void global_topk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& mask, int64_t topk, double scale_d,
                       at::Tensor& out_l, at::Tensor& out_i) {
@@ -167,43 +59,67 @@ void global_topk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t B = q.size(0), M = q.size(1), L = k.size(1);
   const bool* mp = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
   const acc_t scale = static_cast<acc_t>(scale_d);
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t mtiles = ceil_div(M, kQueryTile), LT = std::min(L, kKeyTile);
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  const int64_t QT = query_tile(M, B, kGlobalQueryTile), mtiles = ceil_div(M, QT), LT = std::min(L, kGlobalKeyTile);
   scalar_t* lp = out_l.data_ptr<scalar_t>();
   int64_t* ip = out_i.data_ptr<int64_t>();
   at::parallel_for(0, B * mtiles, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor buf = at::empty({kQueryTile * LT}, qf.options());  // this thread's score tile
-    const int64_t slots = TopKBuffer<acc_t>::slots(topk, LT);
-    std::vector<Cand<acc_t>> store(kQueryTile * slots);
-    std::vector<acc_t> scratch(slots);
-    std::vector<TopKBuffer<acc_t>> lists(kQueryTile);
+    at::Tensor buf = at::empty({QT * LT}, qf.options());  // this thread's score tile
+    // Running lists: k per query; the merge area holds a list plus one tile's admitted keys.
+    std::vector<acc_t> run_v(QT * topk), run_t(QT), mv(topk + LT + 8), tmp(topk + LT + 8);
+    std::vector<int64_t> run_i(QT * topk), mi(topk + LT + 8);
+    std::vector<int64_t> run_n(QT);
+    std::vector<int32_t> ci(LT + 8);
+    std::vector<int64_t> order(topk);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / mtiles, m0 = (task % mtiles) * kQueryTile, mt = std::min(kQueryTile, M - m0);
-      for (int64_t r = 0; r < mt; ++r) lists[r].reset(store.data() + r * slots, scratch.data(), topk);
+      const int64_t b = task / mtiles, m0 = (task % mtiles) * QT, mt = std::min(QT, M - m0);
+      std::fill(run_n.begin(), run_n.end(), 0);
+      std::fill(run_t.begin(), run_t.end(), cpu::kNegInf<acc_t>);
       const at::Tensor qt = qf[b].narrow(0, m0, mt), kb = kf[b];
       for (int64_t l0 = 0; l0 < L; l0 += LT) {
         const int64_t lt = std::min(LT, L - l0);
         at::Tensor s = buf.narrow(0, 0, mt * lt).view({mt, lt});
         at::mm_out(s, qt, kb.narrow(0, l0, lt).t());
-        const acc_t* sp = s.const_data_ptr<acc_t>();
-        const bool* mrow = mp ? mp + b * L + l0 : nullptr;
+        acc_t* sp = s.data_ptr<acc_t>();
+        if (mp != nullptr) {  // a masked key scores NaN, which no comparison admits
+          const bool* mrow = mp + b * L + l0;
+          for (int64_t j = 0; j < lt; ++j) {
+            if (!mrow[j]) {
+              for (int64_t r = 0; r < mt; ++r) sp[r * lt + j] = nan;
+            }
+          }
+        }
         for (int64_t r = 0; r < mt; ++r) {
-          if (l0 == 0) lists[r].speculate(sp + r * lt, lt, scale, L, mrow);
-          lists[r].scan(sp + r * lt, lt, scale, l0, mrow);
+          const acc_t* row = sp + r * lt;
+          int64_t n = run_n[r];
+          acc_t thr = run_t[r];
+          acc_t hi = std::numeric_limits<acc_t>::infinity();
+          if (n == 0) thr = cpu::find_threshold(row, lt, scale, topk, &hi);  // first tile of this row
+          const int64_t c = cpu::collect_above(row, lt, scale, thr, mv.data() + n, ci.data());
+          if (c == 0) continue;
+          acc_t* rv = run_v.data() + r * topk;
+          int64_t* ri = run_i.data() + r * topk;
+          std::copy(rv, rv + n, mv.data());  // the list's keys are lower than the tile's: they go first
+          std::copy(ri, ri + n, mi.data());
+          for (int64_t j = 0; j < c; ++j) mi[n + j] = l0 + ci[j];
+          n = cpu::keep_best(mv.data(), mi.data(), n + c, topk, tmp.data(), &run_t[r], hi);
+          std::copy(mv.data(), mv.data() + n, rv);
+          std::copy(mi.data(), mi.data() + n, ri);
+          run_n[r] = n;
         }
       }
       for (int64_t r = 0; r < mt; ++r) {
-        TopKBuffer<acc_t>& list = lists[r];
-        if (list.needs_fallback()) {
-          const at::Tensor row = at::mv(kb, qt[r]);
-          exact_row(list, row.const_data_ptr<acc_t>(), L, LT, scale, int64_t(0), mp ? mp + b * L : nullptr);
-        }
-        list.finish(true);
+        const int64_t n = run_n[r];
+        const acc_t* rv = run_v.data() + r * topk;
+        const int64_t* ri = run_i.data() + r * topk;
+        std::iota(order.begin(), order.begin() + n, int64_t(0));
+        std::sort(order.begin(), order.begin() + n,
+                  [&](int64_t a, int64_t c) { return ranks_before(rv[a], ri[a], rv[c], ri[c]); });
         const int64_t o = (b * M + m0 + r) * topk;
         for (int64_t j = 0; j < topk; ++j) {
-          const bool have = j < list.n;
-          lp[o + j] = static_cast<scalar_t>(have ? list.c[j].v : neg_inf);
-          ip[o + j] = have ? list.c[j].i : -1;
+          const bool have = j < n;
+          lp[o + j] = static_cast<scalar_t>(have ? rv[order[j]] : cpu::kNegInf<acc_t>);
+          ip[o + j] = have ? ri[order[j]] : -1;
         }
       }
     }
@@ -384,105 +300,72 @@ std::tuple<at::Tensor, at::Tensor> topk_aggregate_backward_cpu(const at::Tensor&
 
 // --- topk_attention -----------------------------------------------------------------------------------------------
 
+constexpr int64_t kAttentionQueryTile = 64;
+constexpr int64_t kTileElements = int64_t(1) << 20;  // cap on a per-thread (query tile x L) buffer: 4 MB in fp32
+
+// Rows per (query tile x all keys) score buffer: kAttentionQueryTile, fewer for very long key sequences.
+inline int64_t attention_rows(int64_t M, int64_t BH, int64_t L) {
+  const int64_t target = std::clamp<int64_t>(kTileElements / std::max<int64_t>(L, 1), 8, kAttentionQueryTile);
+  return query_tile(M, BH, target);
+}
+
+// Per task (batch·head, query tile): S = q_t K^T for all L keys by one matmul into a per-thread buffer; per query the
+// dense keys' max, the top-k of the sparse keys (selected on the row, saved as `index`), one max-subtracted
+// softmax over both, the sparse values gathered; the dense part of the output is P_dense V_dense by matmul.
 template <typename scalar_t>
 void attention_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t kk, double scale_d,
                             int64_t dense, at::Tensor& out, at::Tensor& lse, at::Tensor& index) {
   using acc_t = acc_of<scalar_t>;
   const auto acc = acc_type(q.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3), L = k.size(2), Dv = v.size(3);
-  const int64_t BH = B * H;
+  const int64_t BH = B * H, n_sparse = L - dense;
   const at::Tensor qf = q.detach().to(acc).contiguous().view({BH, M, D});
   const at::Tensor kf = k.detach().to(acc).contiguous().view({BH, L, D});
   const at::Tensor vf = v.detach().to(acc).contiguous().view({BH, L, Dv});
   const acc_t scale = static_cast<acc_t>(scale_d);
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t mtiles = ceil_div(M, kQueryTile), LT = std::min(L, kKeyTile);
+  const int64_t QT = attention_rows(M, BH, L), mtiles = ceil_div(M, QT);
   scalar_t* op = out.data_ptr<scalar_t>();
   acc_t* lsep = lse.data_ptr<acc_t>();
   int64_t* ixp = kk > 0 ? index.data_ptr<int64_t>() : nullptr;
-  // Elementwise tile work (scale, max, exp, sums) goes through ATen ops: they are vectorised (AVX2 exp) inside
-  // libtorch, which this extension's portable build flags are not.
   at::parallel_for(0, BH * mtiles, 1, [&](int64_t begin, int64_t end) {
-    const auto opts = qf.options();
-    at::Tensor sbuf = at::empty({kQueryTile * LT}, opts);
-    const int64_t slots = TopKBuffer<acc_t>::slots(kk, LT);
-    std::vector<Cand<acc_t>> store(kk > 0 ? kQueryTile * slots : 0);
-    std::vector<acc_t> scratch(slots);
-    std::vector<TopKBuffer<acc_t>> lists(kQueryTile);
+    at::Tensor sbuf = at::empty({QT * L}, qf.options()), obuf = at::empty({QT * Dv}, qf.options());
+    std::vector<acc_t> vals(n_sparse + 8), tmp(n_sparse + 8), row_max(QT), row_sum(QT);
+    std::vector<int32_t> ci(n_sparse + 8);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / mtiles, m0 = (task % mtiles) * kQueryTile, mt = std::min(kQueryTile, M - m0);
-      const at::Tensor qt = qf[bh].narrow(0, m0, mt), kb = kf[bh], vb = vf[bh];
+      const int64_t bh = task / mtiles, m0 = (task % mtiles) * QT, mt = std::min(QT, M - m0);
+      const at::Tensor kb = kf[bh], vb = vf[bh];
+      at::Tensor s = sbuf.narrow(0, 0, mt * L).view({mt, L}), o = obuf.narrow(0, 0, mt * Dv).view({mt, Dv});
+      at::mm_out(s, qf[bh].narrow(0, m0, mt), kb.t());
+      acc_t* sp = s.data_ptr<acc_t>();
+      acc_t* opt = o.data_ptr<acc_t>();
       const acc_t* vp = vb.const_data_ptr<acc_t>();
-      at::Tensor acc_tile = at::zeros({mt, Dv}, opts);
-      at::Tensor mrow = at::full({mt}, neg_inf, opts);  // running max
-      at::Tensor lrow = at::zeros({mt}, opts);          // running sum of exp(logit - max)
-      // Dense keys: flash-style online softmax, the P tile times the V tile through matmul.
-      for (int64_t l0 = 0; l0 < dense; l0 += LT) {
-        const int64_t lt = std::min(LT, dense - l0);
-        at::Tensor s = sbuf.narrow(0, 0, mt * lt).view({mt, lt});
-        at::mm_out(s, qt, kb.narrow(0, l0, lt).t());
-        s.mul_(scale);
-        const at::Tensor mnew = at::maximum(mrow, s.amax(1));
-        const at::Tensor msafe = mnew.masked_fill(mnew == neg_inf, 0);  // nothing finite yet: add nothing
-        const at::Tensor alpha = (mrow - msafe).exp_();
-        s.sub_(msafe.unsqueeze(1)).exp_();
-        lrow.mul_(alpha).add_(s.sum(1));
-        acc_tile.mul_(alpha.unsqueeze(1)).addmm_(s, vb.narrow(0, l0, lt));
-        mrow = mnew;
-      }
-      // Sparse keys: a running top-k per query over key tiles, then folded into the same softmax.
-      if (kk > 0) {
-        for (int64_t r = 0; r < mt; ++r) lists[r].reset(store.data() + r * slots, scratch.data(), kk);
-        for (int64_t l0 = dense; l0 < L; l0 += LT) {
-          const int64_t lt = std::min(LT, L - l0);
-          at::Tensor s = sbuf.narrow(0, 0, mt * lt).view({mt, lt});
-          at::mm_out(s, qt, kb.narrow(0, l0, lt).t());
-          const acc_t* sp = s.const_data_ptr<acc_t>();
-          for (int64_t r = 0; r < mt; ++r) {
-            if (l0 == dense) lists[r].speculate(sp + r * lt, lt, scale, L - dense, nullptr);
-            lists[r].scan(sp + r * lt, lt, scale, l0, nullptr);
-          }
-        }
-        at::Tensor top = at::empty({mt, kk}, opts);
-        acc_t* tp = top.data_ptr<acc_t>();
-        for (int64_t r = 0; r < mt; ++r) {
-          TopKBuffer<acc_t>& list = lists[r];
-          if (list.needs_fallback()) {
-            const at::Tensor row = at::mv(kb.narrow(0, dense, L - dense), qt[r]);
-            exact_row(list, row.const_data_ptr<acc_t>(), L - dense, LT, scale, dense, static_cast<const bool*>(nullptr));
-          }
-          list.finish(false);  // the kept set is what matters here, not its order
-          int64_t* ix = ixp + (bh * M + m0 + r) * kk;
-          for (int64_t j = 0; j < kk; ++j) {
-            tp[r * kk + j] = j < list.n ? list.c[j].v : neg_inf;
-            ix[j] = j < list.n ? list.c[j].i : -1;
-          }
-        }
-        const at::Tensor mnew = at::maximum(mrow, top.amax(1));
-        const at::Tensor msafe = mnew.masked_fill(mnew == neg_inf, 0);
-        const at::Tensor alpha = (mrow - msafe).exp_();
-        top.sub_(msafe.unsqueeze(1)).exp_();
-        lrow.mul_(alpha).add_(top.sum(1));
-        acc_tile.mul_(alpha.unsqueeze(1));
-        acc_t* ap = acc_tile.data_ptr<acc_t>();
-        for (int64_t r = 0; r < mt; ++r) {  // gather the winners' values
-          acc_t* a = ap + r * Dv;
-          for (int64_t j = 0; j < lists[r].n; ++j) {
-            const acc_t p = tp[r * kk + j];
-            const acc_t* vr = vp + lists[r].c[j].i * Dv;
-            for (int64_t c = 0; c < Dv; ++c) a[c] += p * vr[c];
-          }
-        }
-        mrow = mnew;
-      }
-      const acc_t *ap = acc_tile.const_data_ptr<acc_t>(), *mp = mrow.const_data_ptr<acc_t>();
-      const acc_t* lsp = lrow.const_data_ptr<acc_t>();
+      std::fill(opt, opt + mt * Dv, acc_t(0));
       for (int64_t r = 0; r < mt; ++r) {
-        const acc_t l = lsp[r];
+        acc_t* row = sp + r * L;
+        acc_t m = cpu::scaled_max(row, dense, scale);
+        int64_t c = 0;
+        if (kk > 0) {
+          c = cpu::select_row(row + dense, n_sparse, scale, kk, vals.data(), ci.data(), tmp.data());
+          for (int64_t j = 0; j < c; ++j) m = std::max(m, vals[j]);
+        }
+        if (m == cpu::kNegInf<acc_t>) m = 0;  // nothing finite: every weight is exp(-inf) = 0
+        acc_t l = cpu::exp_shift_sum(row, dense, scale, m);  // dense probabilities, in place for the matmul below
+        if (kk > 0) {
+          l += cpu::exp_shift_sum(vals.data(), c, acc_t(1), m);
+          cpu::gather_rows(opt + r * Dv, vp, Dv, dense, ci.data(), vals.data(), c);
+          int64_t* ix = ixp + (bh * M + m0 + r) * kk;
+          for (int64_t j = 0; j < kk; ++j) ix[j] = j < c ? dense + ci[j] : -1;
+        }
+        row_max[r] = m;
+        row_sum[r] = l;
+      }
+      if (dense > 0) o.addmm_(s.narrow(1, 0, dense), vb.narrow(0, 0, dense));
+      for (int64_t r = 0; r < mt; ++r) {
+        const acc_t l = row_sum[r];
         const acc_t inv = l > acc_t(0) ? acc_t(1) / l : acc_t(0);  // a query with nothing kept outputs 0
-        scalar_t* o = op + (bh * M + m0 + r) * Dv;
-        for (int64_t c = 0; c < Dv; ++c) o[c] = static_cast<scalar_t>(ap[r * Dv + c] * inv);
-        lsep[bh * M + m0 + r] = l > acc_t(0) ? mp[r] + std::log(l) : neg_inf;
+        scalar_t* orow = op + (bh * M + m0 + r) * Dv;
+        for (int64_t c = 0; c < Dv; ++c) orow[c] = static_cast<scalar_t>(opt[r * Dv + c] * inv);
+        lsep[bh * M + m0 + r] = l > acc_t(0) ? row_max[r] + std::log(l) : cpu::kNegInf<acc_t>;
       }
     }
   });
@@ -494,6 +377,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_cpu(const at::Tens
   check_attention_inputs(q, k, v);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), L = k.size(2), Dv = v.size(3);
   check_attention_counts(L, topk, dense_keys);
+  // The selection keeps row-local key numbers in int32, the backward query numbers.
+  TORCH_CHECK_VALUE(L < std::numeric_limits<int32_t>::max() && M < std::numeric_limits<int32_t>::max(),
+                    "topk_attention: the cpu backend takes fewer than 2^31 - 1 queries and keys per sequence, got M = ",
+                    M, ", L = ", L);
   const auto [dense, kk] = split_keys(L, topk, dense_keys);
   at::Tensor out = new_output({B, H, M, Dv}, q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = new_output({B, H, M}, q.options().dtype(acc_type(q.scalar_type())));
@@ -505,72 +392,95 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_cpu(const at::Tens
   return {out, lse, index};
 }
 
+// Tasks own one (batch, head), so its dk, dv are private. Per query tile the dense part is five matmuls (S and dP
+// recomputed, then dV, dQ, dK) around an elementwise pass; the sparse part regroups the saved indices by key and
+// walks each key's queries.
 template <typename acc_t>
 void attention_backward_impl(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& o, const at::Tensor& lse, const at::Tensor& index, double scale_d,
                              int64_t dense, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  // All tensors here are contiguous (BH, rows, cols) in acc_t. Tasks own one (batch, head): its dk, dv are private.
+  // All tensors here are contiguous (BH, rows, cols) in acc_t.
   const int64_t BH = q.size(0), M = q.size(1), D = q.size(2), L = k.size(1), Dv = v.size(2), kk = index.size(2);
+  const int64_t n_sparse = L - dense;
   const acc_t scale = static_cast<acc_t>(scale_d);
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t LT = std::min(L, kKeyTile);
+  const int64_t target = std::clamp<int64_t>(kTileElements / std::max<int64_t>(dense, 1), 8, 2 * kAttentionQueryTile);
+  const int64_t QT = ceil_div(M, ceil_div(M, target));  // equal tiles
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor pbuf = at::empty({kQueryTile * LT}, q.options());
-    at::Tensor dpbuf = at::empty({kQueryTile * LT}, q.options());
-    std::vector<acc_t> drow(kQueryTile);
+    at::Tensor pbuf = at::empty({QT * dense}, q.options()), dpbuf = at::empty({QT * dense}, q.options());
+    std::vector<acc_t> drow(M), work(2 * M);
+    std::vector<int64_t> start(kk > 0 ? n_sparse + 1 : 0);
+    std::vector<int32_t> rows(M * kk);
     for (int64_t bh = begin; bh < end; ++bh) {
       const at::Tensor qb = q[bh], kb = k[bh], vb = v[bh], gb = g[bh];
       at::Tensor dqb = dq[bh], dkb = dk[bh], dvb = dv[bh];
       const acc_t *qp = qb.const_data_ptr<acc_t>(), *kp = kb.const_data_ptr<acc_t>(), *vp = vb.const_data_ptr<acc_t>();
       const acc_t *gp = gb.const_data_ptr<acc_t>(), *opp = o[bh].const_data_ptr<acc_t>();
       const acc_t* lp = lse[bh].const_data_ptr<acc_t>();
-      const int64_t* ip = kk > 0 ? index[bh].const_data_ptr<int64_t>() : nullptr;
       acc_t *dqp = dqb.data_ptr<acc_t>(), *dkp = dkb.data_ptr<acc_t>(), *dvp = dvb.data_ptr<acc_t>();
-      for (int64_t m0 = 0; m0 < M; m0 += kQueryTile) {
-        const int64_t mt = std::min(kQueryTile, M - m0);
+      for (int64_t i = 0; i < M; ++i) drow[i] = cpu::dot(gp + i * Dv, opp + i * Dv, Dv);  // dO_i . O_i
+      for (int64_t m0 = 0; m0 < M && dense > 0; m0 += QT) {
+        const int64_t mt = std::min(QT, M - m0);
         const at::Tensor qt = qb.narrow(0, m0, mt), gt = gb.narrow(0, m0, mt);
-        at::Tensor dqt = dqb.narrow(0, m0, mt);
-        for (int64_t r = 0; r < mt; ++r) {  // D_i = dO_i . O_i = sum_j P_ij dP_ij
-          drow[r] = dot(gp + (m0 + r) * Dv, opp + (m0 + r) * Dv, Dv);
-        }
-        const at::Tensor d_t = at::from_blob(drow.data(), {mt}, q.options()).clone();
-        // exp(S - lse) with lse = -inf (a query with nothing kept) must be 0: use +inf there.
-        at::Tensor lse_t = lse[bh].narrow(0, m0, mt);
-        lse_t = lse_t.masked_fill(lse_t == neg_inf, std::numeric_limits<acc_t>::infinity());
-        for (int64_t l0 = 0; l0 < dense; l0 += LT) {
-          const int64_t lt = std::min(LT, dense - l0);
-          at::Tensor p = pbuf.narrow(0, 0, mt * lt).view({mt, lt});
-          at::Tensor dp = dpbuf.narrow(0, 0, mt * lt).view({mt, lt});
-          const at::Tensor kt = kb.narrow(0, l0, lt), vt = vb.narrow(0, l0, lt);
-          at::mm_out(p, qt, kt.t());
-          at::mm_out(dp, gt, vt.t());
-          p.mul_(scale).sub_(lse_t.unsqueeze(1)).exp_();          // P = exp(S - lse)
-          dp.sub_(d_t.unsqueeze(1)).mul_(p);                       // dS = P (dP - D)
-          dvb.narrow(0, l0, lt).addmm_(p.t(), gt);
-          dqt.addmm_(dp, kt, 1, scale);
-          dkb.narrow(0, l0, lt).addmm_(dp.t(), qt, 1, scale);
-        }
-        for (int64_t r = 0; r < mt && kk > 0; ++r) {
-          const int64_t i = m0 + r;
-          const acc_t l = lp[i];
-          if (l == neg_inf) continue;
-          const acc_t *qi = qp + i * D, *gi = gp + i * Dv;
-          acc_t* dqi = dqp + i * D;
-          for (int64_t j = 0; j < kk; ++j) {
-            const int64_t key = ip[i * kk + j];
-            if (key < 0) continue;
-            const acc_t *kj = kp + key * D, *vj = vp + key * Dv;
-            const acc_t s = dot(qi, kj, D), dpj = dot(gi, vj, Dv);
-            const acc_t pr = std::exp(scale * s - l);
-            const acc_t ds = pr * (dpj - drow[r]) * scale;
-            acc_t *dkj = dkp + key * D, *dvj = dvp + key * Dv;
-            for (int64_t c = 0; c < Dv; ++c) dvj[c] += pr * gi[c];
-            for (int64_t c = 0; c < D; ++c) {
-              dqi[c] += ds * kj[c];
-              dkj[c] += ds * qi[c];
-            }
+        const at::Tensor kd = kb.narrow(0, 0, dense), vd = vb.narrow(0, 0, dense);
+        at::Tensor p = pbuf.narrow(0, 0, mt * dense).view({mt, dense});
+        at::Tensor dp = dpbuf.narrow(0, 0, mt * dense).view({mt, dense});
+        at::mm_out(p, qt, kd.t());
+        at::mm_out(dp, gt, vd.t());
+        acc_t *pp = p.data_ptr<acc_t>(), *dpp = dp.data_ptr<acc_t>();
+        for (int64_t r = 0; r < mt; ++r) {
+          const acc_t l = lp[m0 + r];
+          if (l == cpu::kNegInf<acc_t>) {  // nothing was kept: no gradient
+            std::fill(pp + r * dense, pp + (r + 1) * dense, acc_t(0));
+            std::fill(dpp + r * dense, dpp + (r + 1) * dense, acc_t(0));
+          } else {
+            cpu::dense_grad_row(pp + r * dense, dpp + r * dense, dense, scale, l, drow[m0 + r]);
           }
         }
+        // The first tile writes dk, dv (no zero-filled outputs: filling them cost more than the products here).
+        at::Tensor dvd = dvb.narrow(0, 0, dense), dkd = dkb.narrow(0, 0, dense), dqt = dqb.narrow(0, m0, mt);
+        if (m0 == 0) {
+          at::mm_out(dvd, p.t(), gt);
+          at::mm_out(dkd, dp.t(), qt);
+        } else {
+          dvd.addmm_(p.t(), gt);
+          dkd.addmm_(dp.t(), qt);
+        }
+        at::mm_out(dqt, dp, kd);
+      }
+      if (dense == 0) std::fill(dqp, dqp + M * D, acc_t(0));
+      std::fill(dkp + dense * D, dkp + L * D, acc_t(0));  // the sparse keys' rows accumulate below
+      std::fill(dvp + dense * Dv, dvp + L * Dv, acc_t(0));
+      if (kk == 0) continue;
+      // Group the kept (query, key) pairs by key: a counting sort of the saved indices.
+      const int64_t* ip = index[bh].const_data_ptr<int64_t>();
+      std::fill(start.begin(), start.end(), 0);
+      for (int64_t i = 0; i < M; ++i) {
+        if (lp[i] == cpu::kNegInf<acc_t>) continue;
+        for (int64_t j = 0; j < kk; ++j) {
+          const int64_t key = ip[i * kk + j];
+          if (key < 0) continue;  // an empty slot
+          TORCH_CHECK_VALUE(key >= dense && key < L, "topk_attention_backward: index holds key ", key,
+                            " outside the sparse keys [", dense, ", ", L, ")");
+          ++start[key - dense + 1];
+        }
+      }
+      for (int64_t key = 0; key < n_sparse; ++key) start[key + 1] += start[key];
+      for (int64_t i = 0; i < M; ++i) {  // queries in increasing order within each key
+        if (lp[i] == cpu::kNegInf<acc_t>) continue;
+        for (int64_t j = 0; j < kk; ++j) {
+          const int64_t key = ip[i * kk + j];
+          if (key >= 0) rows[start[key - dense]++] = static_cast<int32_t>(i);
+        }
+      }
+      int64_t first = 0;  // start[key] now holds the end of key's run
+      for (int64_t key = 0; key < n_sparse; ++key) {
+        const int64_t last = start[key], n = last - first;
+        if (n > 0) {
+          const int64_t kr = dense + key;
+          cpu::sparse_grad_key(kp + kr * D, vp + kr * Dv, dkp + kr * D, dvp + kr * Dv, rows.data() + first, n, qp,
+                               gp, dqp, lp, drow.data(), D, Dv, scale, work.data());
+        }
+        first = last;
       }
     }
   });
@@ -582,6 +492,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward_cpu(
   check_attention_backward(grad_out, q, k, v, out, lse, index);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3), L = k.size(2), Dv = v.size(3);
   const int64_t BH = B * H, kk = index.size(-1);
+  TORCH_CHECK_VALUE(M < std::numeric_limits<int32_t>::max(), "topk_attention_backward: the cpu backend takes fewer "
+                    "than 2^31 - 1 queries per sequence, got M = ", M);  // key-major lists hold query numbers in int32
   // The forward kept every key densely exactly when it saved no sparse indices.
   const int64_t dense = kk == 0 ? L : dense_keys;
   const auto acc = acc_type(q.scalar_type());
@@ -591,16 +503,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward_cpu(
   const at::Tensor gf = grad_out.detach().to(acc).contiguous().view({BH, M, Dv});
   const at::Tensor of = out.detach().to(acc).contiguous().view({BH, M, Dv});
   const at::Tensor lf = lse.detach().to(acc).contiguous().view({BH, M}), ixf = index.contiguous().view({BH, M, kk});
-  at::Tensor dq = at::zeros({BH, M, D}, qf.options()), dk = at::zeros({BH, L, D}, qf.options());
-  at::Tensor dv = at::zeros({BH, L, Dv}, qf.options());
-  if (BH * M * L > 0) {
+  // Every element is written by the kernel (poisoned in tests to prove it).
+  at::Tensor dq = new_output({BH, M, D}, qf.options()), dk = new_output({BH, L, D}, qf.options());
+  at::Tensor dv = new_output({BH, L, Dv}, qf.options());
+  if (M > 0 && L > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc, "topk_attention_backward_cpu", [&] {
       attention_backward_impl<scalar_t>(gf, qf, kf, vf, of, lf, ixf, scale, dense, dq, dk, dv);
     });
+  } else {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
   }
   return {dq.view(q.sizes()).to(q.scalar_type()), dk.view(k.sizes()).to(k.scalar_type()),
           dv.view(v.sizes()).to(v.scalar_type())};
 }
+
 
 }  // namespace
 }  // namespace topk

@@ -228,8 +228,12 @@ def attention_autograd_rules(backward_op):
         out, lse, index = output
         ctx.save_for_backward(q, k, v, out, lse, index)
         ctx.scale, ctx.dense_keys = scale, dense_keys
+        # lse and index never receive a gradient: do not have autograd allocate and fill zeros for them.
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_out, _grad_lse, _grad_index):
+        if grad_out is None:
+            return None, None, None, None, None, None
         q, k, v, out, lse, index = ctx.saved_tensors
         dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, index, ctx.scale, ctx.dense_keys)
         return dq, dk, dv, None, None, None
