@@ -24,18 +24,35 @@ namespace {
 // fp32) stay in L1 next to the rows being read. Measured best of 128 .. 1024 at the benchmark sizes.
 constexpr int64_t kTile = 512;
 
-// Runs fn(task) for every task in [0, ntasks), handing tasks to the threads one at a time: on a shared machine a
-// thread that gets less CPU takes fewer tasks instead of holding everyone at the end of a static split.
+// Runs fn(task) for every task in [0, ntasks). Each thread owns a contiguous share and walks it in order (neighbouring
+// tiles reuse the same rows of x from its cache); a thread that finishes early takes tasks from the others' shares,
+// so on a shared machine a thread that gets less CPU does not hold everyone up at the end of a static split.
 template <typename F>
 void parallel_tasks(int64_t ntasks, int64_t min_tasks_per_thread, const F& fn) {
-  std::atomic<int64_t> next{0};
-  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
-                                                                  ntasks / std::max<int64_t>(1, min_tasks_per_thread)));
-  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
-    for (int64_t task = next.fetch_add(1, std::memory_order_relaxed); task < ntasks;
-         task = next.fetch_add(1, std::memory_order_relaxed)) {
-      fn(task);
+  const int64_t nthreads = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), ntasks / std::max<int64_t>(1, min_tasks_per_thread)));
+  if (nthreads == 1) {
+    for (int64_t task = 0; task < ntasks; ++task) fn(task);
+    return;
+  }
+  struct alignas(64) Share {  // own cache line: the counters are hit by different cores
+    std::atomic<int64_t> next;
+    int64_t end;
+  };
+  std::vector<Share> shares(static_cast<size_t>(nthreads));
+  for (int64_t t = 0; t < nthreads; ++t) {
+    shares[t].next.store(ntasks * t / nthreads, std::memory_order_relaxed);
+    shares[t].end = ntasks * (t + 1) / nthreads;
+  }
+  at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = 0; k < nthreads; ++k) {  // own share(s) first, then the others'
+      Share& s = shares[(begin + k) % nthreads];
+      for (int64_t task = s.next.fetch_add(1, std::memory_order_relaxed); task < s.end;
+           task = s.next.fetch_add(1, std::memory_order_relaxed)) {
+        fn(task);
+      }
     }
+    (void)end;
   });
 }
 
@@ -294,7 +311,8 @@ void backward_bilinear(const scalar_t* xp, const scalar_t* gp, const scalar_t* f
     }
   });
   if (kFlow) {
-    at::parallel_for(0, B * 2 * HW, 16384, [&](int64_t begin, int64_t end) {
+    // a cheap pass (nchunks adds an element): threads only for large frames, not a second wake-up per call
+    at::parallel_for(0, B * 2 * HW, int64_t(1) << 20, [&](int64_t begin, int64_t end) {
       for (int64_t e = begin; e < end; ++e) {
         acc_t sum = acc_t(0);
         for (int64_t k = 0; k < nchunks; ++k) sum += partial[k * B * 2 * HW + e];
