@@ -69,36 +69,60 @@ inline void sampling_point(const scalar_t* flow_b, const Shape4& fs, int64_t i, 
   py = acc_t(i) + static_cast<acc_t>(flow_b[fo + fs.stride[1]]);
 }
 
-// Taps of the n pixels p0 .. p0+n-1 (flattened over H*W) of one batch: bilinear_taps's arithmetic without its
-// branches (selects instead), which matters when there are few channels to share a tile's taps.
+// One pixel's bilinear taps exactly as bilinear_taps computes them, with selects instead of branches (which
+// matters when few channels share a tile's taps). v[q]: tap q is in the frame.
+template <typename acc_t>
+struct PixelTaps {
+  int64_t x0, y0;
+  acc_t fx, fy, gx_mult, gy_mult;
+  bool v[4];
+};
+
+template <typename acc_t>
+inline void pixel_taps(acc_t px, acc_t py, int64_t H, int64_t W, Padding pad, PixelTaps<acc_t>& t) {
+  t.gx_mult = acc_t(1);
+  t.gy_mult = acc_t(1);
+  if (pad == Padding::Border) {  // clip_coordinate; NaN passes through and fails `inside` below
+    const acc_t Wm1 = acc_t(W - 1), Hm1 = acc_t(H - 1);
+    t.gx_mult = px <= acc_t(0) || px >= Wm1 ? acc_t(0) : acc_t(1);
+    t.gy_mult = py <= acc_t(0) || py >= Hm1 ? acc_t(0) : acc_t(1);
+    px = px <= acc_t(0) ? acc_t(0) : (px >= Wm1 ? Wm1 : px);
+    py = py <= acc_t(0) ? acc_t(0) : (py >= Hm1 ? Hm1 : py);
+  }
+  const bool inside = px > acc_t(-1) && px < acc_t(W) && py > acc_t(-1) && py < acc_t(H);
+  px = inside ? px : acc_t(0);  // keeps the integer conversion below in range
+  py = inside ? py : acc_t(0);
+  t.x0 = floor_in_range(px);
+  t.y0 = floor_in_range(py);
+  t.fx = px - static_cast<acc_t>(t.x0);
+  t.fy = py - static_cast<acc_t>(t.y0);
+  const bool vx0 = inside && t.x0 >= 0, vx1 = inside && t.x0 + 1 < W, vy0 = t.y0 >= 0, vy1 = t.y0 + 1 < H;
+  t.v[0] = vx0 && vy0;
+  t.v[1] = vx1 && vy0;
+  t.v[2] = vx0 && vy1;
+  t.v[3] = vx1 && vy1;
+}
+
+// Taps of the n pixels p0 .. p0+n-1 (flattened over H*W) of one batch.
 template <typename scalar_t, typename acc_t>
 void tile_bilinear_taps(const scalar_t* flow_b, const Shape4& fs, int64_t p0, int64_t n, int64_t H, int64_t W,
                         int64_t sh, int64_t sw, Padding pad, TileTaps<acc_t>& t) {
-  const acc_t Wf = acc_t(W), Hf = acc_t(H), Wm1 = acc_t(W - 1), Hm1 = acc_t(H - 1);
   int64_t i = p0 / W, j = p0 % W;
   for (int64_t p = 0; p < n; ++p) {
     acc_t px, py;
     sampling_point(flow_b, fs, i, j, px, py);
-    if (pad == Padding::Border) {  // clip_coordinate; NaN passes through and fails `inside` below
-      px = px <= acc_t(0) ? acc_t(0) : (px >= Wm1 ? Wm1 : px);
-      py = py <= acc_t(0) ? acc_t(0) : (py >= Hm1 ? Hm1 : py);
-    }
-    const bool inside = px > acc_t(-1) && px < Wf && py > acc_t(-1) && py < Hf;
-    px = inside ? px : acc_t(0);  // keeps the integer conversion below in range
-    py = inside ? py : acc_t(0);
-    const int64_t x0 = floor_in_range(px), y0 = floor_in_range(py);
-    const acc_t fx = px - static_cast<acc_t>(x0), fy = py - static_cast<acc_t>(y0);
-    const bool vx0 = inside && x0 >= 0, vx1 = inside && x0 + 1 < W, vy0 = y0 >= 0, vy1 = y0 + 1 < H;
-    const int64_t r0 = y0 * sh, r1 = r0 + sh, c0 = x0 * sw, c1 = c0 + sw;
-    const bool v00 = vx0 && vy0, v01 = vx1 && vy0, v10 = vx0 && vy1, v11 = vx1 && vy1;
-    t.w[0][p] = v00 ? (acc_t(1) - fx) * (acc_t(1) - fy) : acc_t(0);
-    t.w[1][p] = v01 ? fx * (acc_t(1) - fy) : acc_t(0);
-    t.w[2][p] = v10 ? (acc_t(1) - fx) * fy : acc_t(0);
-    t.w[3][p] = v11 ? fx * fy : acc_t(0);
-    t.off[0][p] = v00 ? r0 + c0 : 0;
-    t.off[1][p] = v01 ? r0 + c1 : 0;
-    t.off[2][p] = v10 ? r1 + c0 : 0;
-    t.off[3][p] = v11 ? r1 + c1 : 0;
+    PixelTaps<acc_t> pt;
+    pixel_taps(px, py, H, W, pad, pt);
+    const acc_t fx = pt.fx, fy = pt.fy;
+    const int64_t r0 = pt.y0 * sh, r1 = r0 + sh, c0 = pt.x0 * sw, c1 = c0 + sw;
+    t.w[0][p] = pt.v[0] ? (acc_t(1) - fx) * (acc_t(1) - fy) : acc_t(0);
+    t.w[1][p] = pt.v[1] ? fx * (acc_t(1) - fy) : acc_t(0);
+    t.w[2][p] = pt.v[2] ? (acc_t(1) - fx) * fy : acc_t(0);
+    t.w[3][p] = pt.v[3] ? fx * fy : acc_t(0);
+    t.off[0][p] = pt.v[0] ? r0 + c0 : 0;
+    t.off[1][p] = pt.v[1] ? r0 + c1 : 0;
+    t.off[2][p] = pt.v[2] ? r1 + c0 : 0;
+    t.off[3][p] = pt.v[3] ? r1 + c1 : 0;
     if (++j == W) j = 0, ++i;
   }
 }
@@ -258,10 +282,15 @@ void tile_flow_grad(const scalar_t* flow_b, const Shape4& fs, int64_t p0, int64_
   for (int64_t p = 0; p < n; ++p) {
     acc_t px, py;
     sampling_point(flow_b, fs, i, j, px, py);
-    Taps<acc_t> tp;
-    bilinear_taps(px, py, H, W, W, int64_t(1), pad, tp);
+    PixelTaps<acc_t> pt;
+    pixel_taps(px, py, H, W, pad, pt);
+    Taps<acc_t> tp;  // the fields bilinear_point_grad reads
+    tp.fx = pt.fx;
+    tp.fy = pt.fy;
+    tp.gx_mult = pt.gx_mult;
+    tp.gy_mult = pt.gy_mult;
     acc_t v[4];
-    for (int q = 0; q < 4; ++q) v[q] = tp.valid[q] ? S[q][p] : acc_t(0);
+    for (int q = 0; q < 4; ++q) v[q] = pt.v[q] ? S[q][p] : acc_t(0);
     bilinear_point_grad(tp, v, dx[p], dy[p]);
     if (++j == W) j = 0, ++i;
   }
