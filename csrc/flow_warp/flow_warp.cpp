@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -25,34 +24,13 @@ namespace {
 // fp32) stay in L1 next to the rows being read. Measured best of 128 .. 1024 at the benchmark sizes.
 constexpr int64_t kTile = 512;
 
-// Runs fn(task) for every task in [0, ntasks). Each thread owns a contiguous share and walks it in order (neighbouring
-// tiles reuse the same rows of x from its cache); a thread that finishes early takes tasks from the others' shares,
-// so on a shared machine a thread that gets less CPU does not hold everyone up at the end of a static split.
+// Runs fn(task) for every task in [0, ntasks), each thread over one contiguous share: neighbouring tiles reuse the
+// same rows of x from that core's cache. (Handing tasks out dynamically, one at a time or by stealing from the
+// ends of contiguous shares, measured slower on the shared 2-core machine.)
 template <typename F>
 void parallel_tasks(int64_t ntasks, int64_t min_tasks_per_thread, const F& fn) {
-  const int64_t nthreads = std::max<int64_t>(
-      1, std::min<int64_t>(at::get_num_threads(), ntasks / std::max<int64_t>(1, min_tasks_per_thread)));
-  if (nthreads == 1) {
-    for (int64_t task = 0; task < ntasks; ++task) fn(task);
-    return;
-  }
-  struct alignas(64) Share {  // own cache line: the counters are hit by different cores
-    std::atomic<int64_t> next;
-    int64_t end;
-  };
-  std::vector<Share> shares(static_cast<size_t>(nthreads));
-  for (int64_t t = 0; t < nthreads; ++t) {
-    shares[t].next.store(ntasks * t / nthreads, std::memory_order_relaxed);
-    shares[t].end = ntasks * (t + 1) / nthreads;
-  }
-  at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t /*end*/) {
-    for (int64_t k = 0; k < nthreads; ++k) {  // own share(s) first, then the others'
-      Share& s = shares[(begin + k) % nthreads];
-      for (int64_t task = s.next.fetch_add(1, std::memory_order_relaxed); task < s.end;
-           task = s.next.fetch_add(1, std::memory_order_relaxed)) {
-        fn(task);
-      }
-    }
+  at::parallel_for(0, ntasks, std::max<int64_t>(1, min_tasks_per_thread), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) fn(task);
   });
 }
 
@@ -296,7 +274,7 @@ void tile_flow_grad(const scalar_t* flow_b, const Shape4& fs, int64_t p0, int64_
   }
 }
 
-// Channel blocks per batch for the scatter: about four tasks per thread, so an idle thread has some to take over.
+// Channel blocks per batch for the scatter: about four tasks per thread, so the static split is balanced for any B.
 inline int64_t channel_chunks(int64_t B, int64_t C) {
   const int64_t want = (4 * at::get_num_threads() + B - 1) / B;
   return std::max<int64_t>(1, std::min<int64_t>(C, want));
