@@ -112,6 +112,55 @@ def test_cpu_gradcheck(backend, device):
         lambda a: vosops.flow_warp(a, flow.detach(), mode="nearest", backend=backend), (x,))
 
 
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "cpu"])
+@pytest.mark.parametrize("mode,wrt", [("bilinear", ("x", "flow")), ("bilinear", ("x",)), ("bilinear", ("flow",)),
+                                      ("nearest", ("x",))])
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+def test_cpu_tiles_channel_groups_and_single_gradients(backend, device, mode, wrt, padding_mode):
+    """Frames spanning several of the CPU kernels' pixel tiles (the last one partial), channel counts that are not a
+    multiple of their channel groups, and each gradient alone (separate kernels); the backward's outputs are
+    allocated poisoned too, so a d(x) plane the kernel forgets to zero fails. The last shape is large enough for
+    the forward and the flow-only backward to split their tiles between two threads."""
+    gen = torch.Generator().manual_seed(3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        _check_cpu_tiles(backend, mode, wrt, padding_mode, gen)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_cpu_tiles(backend, mode, wrt, padding_mode, gen):
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        for B, C, H, W in [(1, 9, 41, 37), (3, 6, 23, 50)] + ([(2, 16, 64, 80)] if dtype == torch.float32 else []):
+            x = torch.randn(B, C, H, W, generator=gen).to(dtype)
+            flow = random_flow(B, H, W, dtype=torch.float32)
+            # j + flow exact in the dtype and never on a kink (an integer for bilinear, a .5 tie for nearest), so no
+            # tap can flip sides through rounding
+            if mode == "nearest":
+                flow = flow.round() + 0.25
+            elif dtype == torch.bfloat16:  # 8 significant bits: flows within +-8 on a 1/16 grid, off by 1/32
+                flow = (random_flow(B, H, W, dtype=torch.float32, far=False).clamp(-7.9, 7.9) * 16).round() / 16
+                flow = flow + 1 / 32
+            else:
+                flow = (flow * 64).round() / 64 + 1 / 128
+            flow = flow.to(dtype)
+            g = torch.randn(B, C, H, W, generator=gen).to(dtype)
+            with testing.poisoned_outputs():
+                leaves = {"x": x.clone().requires_grad_("x" in wrt), "flow": flow.clone().requires_grad_("flow" in wrt)}
+                out = vosops.flow_warp(leaves["x"], leaves["flow"], mode=mode, padding_mode=padding_mode,
+                                       backend=backend)
+                grads = torch.autograd.grad(out, [leaves[n] for n in wrt], g)
+            ref_leaves = {"x": x.double().requires_grad_("x" in wrt),
+                          "flow": flow.double().requires_grad_("flow" in wrt)}
+            ref = reference.flow_warp(ref_leaves["x"], ref_leaves["flow"], mode, padding_mode)
+            ref_grads = torch.autograd.grad(ref, [ref_leaves[n] for n in wrt], g.double())
+            testing.assert_close(out, ref, dtype, "output")
+            for n, gr, rg in zip(wrt, grads, ref_grads):
+                testing.assert_close(gr, rg, dtype, f"grad of {n}", grad=True,
+                                     atol=0.1 if dtype == torch.bfloat16 and n == "flow" else None)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_zero_flow_is_identity_and_integer_flow_is_a_shift(backend, device):
     x = torch.randn(2, 3, 8, 10, device=device)

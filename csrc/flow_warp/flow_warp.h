@@ -36,9 +36,9 @@ inline void check_inputs(const at::Tensor& x, const at::Tensor& flow) {
                     x.device(), " and ", flow.device());
 }
 
-// What a backward call allocates on either device: a zeroed accumulator for d(x) (float32; float64 for double
-// inputs) and d(flow) (written by the kernel for bilinear; zeros for nearest, which is piecewise constant in the
-// flow). Unrequested gradients are empty tensors.
+// What a backward call allocates on either device: an accumulator for d(x) (float32; float64 for double inputs),
+// zeroed unless the caller's kernel zeroes it itself (`zero_grad_x` false), and d(flow) (written by the kernel for
+// bilinear; zeros for nearest, which is piecewise constant in the flow). Unrequested gradients are empty tensors.
 struct BackwardBuffers {
   Mode mode;
   Padding pad;
@@ -49,7 +49,7 @@ struct BackwardBuffers {
 
 inline BackwardBuffers prepare_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& flow,
                                         c10::string_view mode_name, c10::string_view padding_name, bool need_x_grad,
-                                        bool need_flow_grad) {
+                                        bool need_flow_grad, bool zero_grad_x = true) {
   check_inputs(x, flow);
   TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "flow_warp_backward: grad_out ", grad_out.sizes(),
                     " must match x ", x.sizes());
@@ -58,7 +58,8 @@ inline BackwardBuffers prepare_backward(const at::Tensor& grad_out, const at::Te
   b.pad = parse_padding(padding_name);
   b.flow_kernel = need_flow_grad && b.mode == Mode::Bilinear && x.numel() > 0;
   if (need_x_grad) {
-    b.grad_x_acc = at::zeros(x.sizes(), x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+    const auto acc_opts = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+    b.grad_x_acc = zero_grad_x ? at::zeros(x.sizes(), acc_opts) : new_output(x.sizes(), acc_opts);
   }
   const auto flow_opts = flow.options().memory_format(at::MemoryFormat::Contiguous);
   b.grad_flow = !need_flow_grad  ? flow.new_empty({0})
