@@ -394,7 +394,8 @@ void lloyd(const T* x, const int64_t* lengths, int64_t N, int64_t D, int64_t K, 
     }
     active.swap(still);
   }
-  for (int64_t j = 0; j < P; ++j) active.push_back(j);
+  active.resize(static_cast<size_t>(P));  // every problem, once (some may still be active: iters ran out)
+  for (int64_t j = 0; j < P; ++j) active[j] = j;
   make_tasks();
   run_tasks(false);
 }
