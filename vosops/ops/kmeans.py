@@ -1,9 +1,10 @@
 """vosops.kmeans / kmeans_predict: many small independent k-means problems at once, on every backend.
 
-The loop (seeding, update, empty-cluster relocation, convergence flags) is vosops.reference.kmeans; a backend only
+The loop (seeding, update, empty-cluster relocation, convergence flags) is vosops.reference.kmeans; a backend
 supplies the fused pass over x: `kmeans_step` (nearest centre, its distance, per-cluster sums and counts) and
 `kmeans_assign` (nearest centre and distance). Both are registered ops for the cpu/cuda backends
-(torch.ops.vosops.kmeans_step / kmeans_assign) and Triton custom ops for the triton backend.
+(torch.ops.vosops.kmeans_step / kmeans_assign) and Triton custom ops for the triton backend. The cpu backend also
+runs the whole full-batch Lloyd loop as one native call (torch.ops.vosops.kmeans_lloyd, the reference's `lloyd`).
 """
 
 from __future__ import annotations
