@@ -88,7 +88,7 @@ def _step_inputs(device, B=3, N=37, D=5, K=4):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
-@pytest.mark.parametrize("shape", [(3, 37, 5, 4), (2, 1100, 3, 7), (1, 9, 17, 1)])
+@pytest.mark.parametrize("shape", [(3, 37, 5, 4), (2, 1100, 3, 7), (1, 9, 17, 1), (2, 50, 19, 11)])
 def test_step_and_assign_match_reference(backend, device, layout, shape):
     B, N, D, K = shape
     for dtype in testing.backend_dtypes(backend, device):
@@ -433,29 +433,84 @@ def test_bench_cases_and_equal_work():
                 assert its == iters
 
 
-def test_native_update_matches_reference_update():
+def _lloyd_inputs(B, N=2100, D=11, K=6, seed=11):
+    """Overlapping blobs (several iterations), ragged lengths (one far below a chunk), odd N and D (vector tails, a
+    partial last chunk), and one centre per problem far from every point, so the first step has an empty cluster.
+    (Problems of ~K points are avoided: there float64 sums of float32 points are exact and can stop the float64
+    reference an iteration earlier than float32 arithmetic, a dtype effect, not a backend difference.)"""
+    X, _ = blobs(B * N, D, K, std=4.0, seed=seed)
+    x = X.reshape(B, N, D)
+    lengths = torch.tensor([N, 1500, 40, 1025, 977, N][:B])
+    init = x[:, :K].clone()
+    init[:, -1] = 1e3
+    return x, lengths, init
+
+
+def _native_lloyd_call(lengths, iters, tol):
+    def run(x, c):
+        centers, labels, mind, n_iter = torch.ops.vosops.kmeans_lloyd(x, lengths, c, iters, tol)
+        return centers, labels, mind, n_iter
+    return run
+
+
+def _reference_lloyd_call(lengths, iters, tol):
+    def run(x, c):
+        res = R.lloyd(x, lengths, c, iters=iters, tol=tol.to(x.dtype))
+        return res.centroids, res.labels, R.kmeans_assign(x, lengths, res.centroids)[1], res.n_iter
+    return run
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+@pytest.mark.parametrize("B", [1, 6])  # with 2+ threads: B=6 runs whole problems per thread, B=1 shares iterations
+def test_native_lloyd_matches_reference_lloyd(dtype, layout, B):
     if vosops._backends.why_unusable("cpu", "kmeans_step", "cpu"):
         pytest.skip("native kernels not built")
-    B, K, D, N = 4, 3, 5, 20
-    for dtype in (torch.float64, torch.float32):
-        centers = torch.randn(B, K, D, dtype=dtype)
-        sums = torch.randn(B, K, D, dtype=dtype) * 10
-        counts = torch.randint(0, 6, (B, K))
-        counts[0, 1] = 0  # an empty cluster keeps its centre
-        labels = torch.randint(0, K, (B, N))
-        labels_old = labels.clone()
-        labels_old[1:, 3] = (labels_old[1:, 3] + 1) % K  # problem 0 unchanged: strictly converged
-        active = torch.tensor([True, True, False, True])
-        tol = torch.tensor([0.0, 1e9, 0.0, 0.0], dtype=dtype)  # problem 1 converges by the shift rule
-        with testing.poisoned_outputs():
-            c, conv = torch.ops.vosops.kmeans_update(centers, sums, counts, labels, labels_old, active, tol)
-        rc, rconv = R.kmeans_update(centers, sums, counts, labels, labels_old, active, tol)
-        torch.testing.assert_close(c, rc)
-        assert conv.tolist() == rconv.tolist() == [True, True, False, False]
-        torch.testing.assert_close(c[2], centers[2])  # inactive: untouched
-        torch.testing.assert_close(c[0, 1], centers[0, 1])
-    testing.check_opcheck(torch.ops.vosops.kmeans_update.default,
-                          (centers, sums, counts, labels, labels_old, active, tol))
+    x, lengths, init = _lloyd_inputs(B)
+    for tol, iters in ((0.0, 60), (1e-3, 60), (0.0, 4)):  # 4: the iterations run out before convergence
+        tol_b = R.scaled_tol(x, lengths, tol)
+        testing.check_against_reference(_native_lloyd_call(lengths, iters, tol_b),
+                                        _reference_lloyd_call(lengths, iters, tol_b), {"x": x, "c": init},
+                                        dtype=dtype, layout=layout, atol=1e-2 if dtype == torch.float16 else None)
+
+
+def test_native_lloyd_same_result_for_any_thread_count_and_batch():
+    """Per-chunk partial sums: bitwise the same with 1 or 2 threads, and for a problem alone or in a batch (the two
+    parallel schedules)."""
+    if vosops._backends.why_unusable("cpu", "kmeans_step", "cpu"):
+        pytest.skip("native kernels not built")
+    x, lengths, init = _lloyd_inputs(6)
+    x = x.float()
+    tol = torch.zeros(6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = torch.ops.vosops.kmeans_lloyd(x, lengths, init, 40, tol)
+        torch.set_num_threads(1)
+        one = torch.ops.vosops.kmeans_lloyd(x, lengths, init, 40, tol)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    for b in range(6):
+        alone = torch.ops.vosops.kmeans_lloyd(x[b:b + 1], lengths[b:b + 1], init[b:b + 1], 40, tol[:1])
+        for a, full in zip(alone, two):
+            assert torch.equal(a[0], full[b])
+
+
+def test_native_lloyd_checks_its_arguments():
+    if vosops._backends.why_unusable("cpu", "kmeans_step", "cpu"):
+        pytest.skip("native kernels not built")
+    x, c, L, tol = torch.randn(2, 5, 3), torch.randn(2, 2, 3), torch.tensor([5, 5]), torch.zeros(2)
+    with pytest.raises(ValueError, match="iters must be >= 1"):
+        torch.ops.vosops.kmeans_lloyd(x, L, c, 0, tol)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[2, 5\]"):
+        torch.ops.vosops.kmeans_lloyd(x, torch.tensor([5, 1]), c, 3, tol)
+    with pytest.raises(ValueError, match="tol must be"):
+        torch.ops.vosops.kmeans_lloyd(x, L, c, 3, torch.zeros(3))
+    with pytest.raises(ValueError, match="centers must be"):
+        torch.ops.vosops.kmeans_lloyd(x, L, torch.randn(2, 2, 4), 3, tol)
+    testing.check_opcheck(torch.ops.vosops.kmeans_lloyd.default, (x, L, c, 3, tol))
 
 
 def test_cuda_sources_compile_for_sm80_and_sm90(tmp_path):

@@ -1,9 +1,10 @@
 """vosops.kmeans / kmeans_predict: many small independent k-means problems at once, on every backend.
 
-The loop (seeding, update, empty-cluster relocation, convergence flags) is vosops.reference.kmeans; a backend only
+The loop (seeding, update, empty-cluster relocation, convergence flags) is vosops.reference.kmeans; a backend
 supplies the fused pass over x: `kmeans_step` (nearest centre, its distance, per-cluster sums and counts) and
 `kmeans_assign` (nearest centre and distance). Both are registered ops for the cpu/cuda backends
-(torch.ops.vosops.kmeans_step / kmeans_assign) and Triton custom ops for the triton backend.
+(torch.ops.vosops.kmeans_step / kmeans_assign) and Triton custom ops for the triton backend. The cpu backend also
+runs the whole full-batch Lloyd loop as one native call (torch.ops.vosops.kmeans_lloyd, the reference's `lloyd`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ def _steps(backend: str):
     return torch.ops.vosops.kmeans_step, torch.ops.vosops.kmeans_assign
 
 
-def _update(backend: str):
-    """The Lloyd update: one native call on the cpu backend, the reference's tensor ops elsewhere."""
-    return torch.ops.vosops.kmeans_update if backend == "cpu" else _ref.kmeans_update
+def _native_lloyd(x, lengths, centers, iters, tol):
+    """The reference's lloyd (same arguments, same result) as one native call: the whole loop in C++."""
+    c, labels, mind, n_iter = torch.ops.vosops.kmeans_lloyd(x, lengths, centers, iters, tol)
+    return KMeansResult(c, labels, mind.sum(1), n_iter)
 
 
 def _int(name: str, v, lo: int) -> int:
@@ -147,8 +149,9 @@ def kmeans(
         seed = int(torch.randint(0, 2**62, (1,)))
     gen = torch.Generator(device=x.device).manual_seed(seed)
     res = _ref.kmeans(x, K, iters=iters, tol=float(tol), init=init, n_init=n_init, batch_size=batch_size,
-                      lengths=lengths, generator=gen, step=step, assign=assign, update=_update(chosen),
-                      check_every=1 if x.device.type == "cpu" else 10)
+                      lengths=lengths, generator=gen, step=step, assign=assign,
+                      check_every=1 if x.device.type == "cpu" else 10,
+                      full_batch=_native_lloyd if chosen == "cpu" else None)
     if single:
         res = KMeansResult(*(t[0] for t in res))
     return res
@@ -180,9 +183,12 @@ def _register_native() -> None:
         return (x.new_empty((B, N), dtype=torch.int64), x.new_empty((B, N), dtype=acc),
                 x.new_empty((B, K, D), dtype=acc), x.new_empty((B, K), dtype=torch.int64))
 
-    @torch.library.register_fake("vosops::kmeans_update")
-    def _(centers, sums, counts, labels, labels_old, active, tol):
-        return centers.new_empty(centers.shape), active.new_empty(active.shape)
+    @torch.library.register_fake("vosops::kmeans_lloyd")
+    def _(x, lengths, centers, iters, tol):
+        B, N, D = x.shape
+        acc = _ref.acc_dtype(x.dtype)
+        return (x.new_empty(centers.shape, dtype=acc), x.new_empty((B, N), dtype=torch.int64),
+                x.new_empty((B, N), dtype=acc), x.new_empty((B,), dtype=torch.int64))
 
     @torch.library.register_fake("vosops::kmeans_assign")
     def _(x, lengths, centers):

@@ -16,8 +16,8 @@ KMeans / MiniBatchKMeans so results can be compared with it:
 * mini-batch: scikit-learn's MiniBatchKMeans update with reassignment_ratio=0: per-centre running counts w_k and
   c_k <- (c_k * w_k + sum of the batch points assigned to k) / (w_k + n_k).
 
-The step functions are pluggable (`step=`, `assign=`, `update=`), so the native, Triton and CUDA backends reuse
-this driver and replace only the fused pass over x (and, on the cpu backend, the update).
+The step functions are pluggable (`step=`, `assign=`), so the native, Triton and CUDA backends reuse this driver
+and replace only the fused pass over x; the cpu backend replaces the whole Lloyd loop (`full_batch=`, one native call).
 """
 
 from __future__ import annotations
@@ -186,8 +186,7 @@ def kmeans_update(centers, sums, counts, labels, labels_old, active, tol):
 
 
 def lloyd(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, *, iters: int, tol: torch.Tensor,
-          step: Step = kmeans_step, assign: Step = kmeans_assign, check_every: int = 1,
-          update=kmeans_update) -> KMeansResult:
+          step: Step = kmeans_step, assign: Step = kmeans_assign, check_every: int = 1) -> KMeansResult:
     """Lloyd iterations from `centers` (B, K, D) for every problem; see the module docstring for the rules.
     `check_every`: how often the host looks at the device-side flags to stop early (1 on CPU; on CUDA more, so the
     loop runs without a synchronisation per iteration)."""
@@ -202,7 +201,7 @@ def lloyd(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, *, iter
         labels, mind, sums, counts = step(x, torch.where(active, lengths, 0), centers)
         if dev.type != "cpu" or bool(((counts == 0) & active[:, None]).any()):  # free on CPU, a sync on a GPU
             sums, counts = relocate_empty(x, labels, mind, sums, counts)
-        centers, converged = update(centers, sums, counts, labels, labels_old, active, tol)
+        centers, converged = kmeans_update(centers, sums, counts, labels, labels_old, active, tol)
         n_iter += active.long()
         active = active & ~converged
         labels_old = labels
@@ -258,9 +257,10 @@ def minibatch(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, bat
 def kmeans(x: torch.Tensor, K: int, *, iters: int = 100, tol: float = 1e-4, init="k-means++", n_init: int = 1,
            batch_size: int | None = None, lengths: torch.Tensor | None = None, generator: torch.Generator,
            step: Step = kmeans_step, assign: Step = kmeans_assign, check_every: int = 1,
-           update=kmeans_update) -> KMeansResult:
+           full_batch: Callable | None = None) -> KMeansResult:
     """The whole algorithm on validated (B, N, D) input; `init` is "k-means++", "random" or (B, K, D) centres.
-    With n_init > 1 each problem keeps the restart with the lowest inertia."""
+    With n_init > 1 each problem keeps the restart with the lowest inertia. `full_batch`: a replacement of `lloyd`,
+    called as full_batch(x, lengths, centers, iters, tol) (the cpu backend's single native call)."""
     B, N, D = x.shape
     if lengths is None:
         lengths = torch.full((B,), N, dtype=torch.int64, device=x.device)
@@ -274,8 +274,10 @@ def kmeans(x: torch.Tensor, K: int, *, iters: int = 100, tol: float = 1e-4, init
         else:
             c0 = kmeans_plusplus(x, lengths, K, generator)
         if batch_size is None:
-            res = lloyd(x, lengths, c0, iters=iters, tol=tol_b, step=step, assign=assign, check_every=check_every,
-                        update=update)
+            if full_batch is not None:
+                res = full_batch(x, lengths, c0, iters, tol_b)
+            else:
+                res = lloyd(x, lengths, c0, iters=iters, tol=tol_b, step=step, assign=assign, check_every=check_every)
         else:
             batches = sample_batches(lengths, iters, batch_size, generator)
             res = minibatch(x, lengths, c0, batches, tol=tol_b, step=step, assign=assign, check_every=check_every)
