@@ -4,9 +4,6 @@ mask/zero borders, N = 1 and 3), gradcheck in float64, opcheck, torch.compile, b
 logic run on the CPU through tests/cuda_emulation."""
 
 import ctypes
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -16,10 +13,9 @@ from vosops import testing
 from vosops.reference.local_attention import round_offsets
 
 from conftest import backend_device_params
+from _cuda_emulation import build_emulation, ptr
 
 BACKENDS = backend_device_params("local_affinity")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CUDA_INCLUDE = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
 
 
 def rand_offsets(B, N, H, W, *, seed=0):
@@ -317,17 +313,7 @@ def test_empty_inputs():
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    if shutil.which("g++") is None or not os.path.exists(os.path.join(CUDA_INCLUDE, "cuda_runtime_api.h")):
-        pytest.skip("needs g++ and the CUDA toolkit headers")
-    lib = tmp_path_factory.mktemp("emu") / "laff_emu.so"
-    src = os.path.join(ROOT, "tests", "cuda_emulation", "local_affinity_emu.cpp")
-    subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-DVOSOPS_CUDA_EMULATION",
-                    "-I", os.path.join(ROOT, "csrc"), "-I", CUDA_INCLUDE, src, "-o", str(lib)], check=True)
-    return ctypes.CDLL(str(lib))
-
-
-def _p(t):
-    return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
+    return build_emulation(tmp_path_factory, "local_affinity_emu.cpp")
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
@@ -348,12 +334,12 @@ def test_emulated_cuda_kernels_match_reference(emu, case):
     f = ctypes.c_float
 
     logits = torch.full((B, N, P, H, W), float("nan"))
-    emu.emu_scores(_p(s_aff), _p(o32), _p(q), _p(k), ctypes.c_int64(C), f(scale), f(fill), _p(logits))
+    emu.emu_scores(ptr(s_aff), ptr(o32), ptr(q), ptr(k), ctypes.c_int64(C), f(scale), f(fill), ptr(logits))
     g = torch.randn(B, N, P, H, W)
     gq = torch.full((B, C, H, W), float("nan"))
-    emu.emu_gather(_p(s_aff), _p(o32), _p(g), _p(k), ctypes.c_int64(C), f(scale), _p(gq))
+    emu.emu_gather(ptr(s_aff), ptr(o32), ptr(g), ptr(k), ctypes.c_int64(C), f(scale), ptr(gq))
     gk = torch.zeros(B, N, C, H, W)
-    emu.emu_scatter(_p(s_aff), _p(o32), _p(g), _p(q), ctypes.c_int64(C), f(scale), _p(gk))
+    emu.emu_scatter(ptr(s_aff), ptr(o32), ptr(g), ptr(q), ctypes.c_int64(C), f(scale), ptr(gk))
 
     qr, kr = (x.double().requires_grad_() for x in (q, k))
     ref = vosops.local_affinity(qr, kr, offsets=off, backend="reference", **kw)
@@ -364,12 +350,12 @@ def test_emulated_cuda_kernels_match_reference(emu, case):
     testing.assert_close(gk, want[1], torch.float32, "affinity grad of k", grad=True)
 
     out = torch.full((B, Cv, H, W), float("nan"))
-    emu.emu_gather(_p(s_agg), _p(o32), _p(w), _p(v), ctypes.c_int64(Cv), f(1.0), _p(out))
+    emu.emu_gather(ptr(s_agg), ptr(o32), ptr(w), ptr(v), ctypes.c_int64(Cv), f(1.0), ptr(out))
     go = torch.randn(B, Cv, H, W)
     gw = torch.full((B, N, P, H, W), float("nan"))
-    emu.emu_scores(_p(s_agg), _p(o32), _p(go), _p(v), ctypes.c_int64(Cv), f(1.0), f(0.0), _p(gw))
+    emu.emu_scores(ptr(s_agg), ptr(o32), ptr(go), ptr(v), ctypes.c_int64(Cv), f(1.0), f(0.0), ptr(gw))
     gv = torch.zeros(B, N, Cv, H, W)
-    emu.emu_scatter(_p(s_agg), _p(o32), _p(w), _p(go), ctypes.c_int64(Cv), f(1.0), _p(gv))
+    emu.emu_scatter(ptr(s_agg), ptr(o32), ptr(w), ptr(go), ctypes.c_int64(Cv), f(1.0), ptr(gv))
     wr, vr = (x.double().requires_grad_() for x in (w, v))
     ref = vosops.local_aggregate(wr, vr, radius=r, dilation=d, offsets=off, backend="reference")
     testing.assert_close(out, ref, torch.float32, "aggregate")

@@ -4,33 +4,18 @@ compared with the reference, forward (outputs, top-k lists) and backward (dq, dk
 This checks indexing, selection, softmax and gradients; races and the glue need a GPU (the cuda-marked tests)."""
 
 import ctypes
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
 
 from vosops import reference, testing
 from vosops.reference.local_attention import round_offsets, window_columns
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CUDA_INCLUDE = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
+from _cuda_emulation import build_emulation, ptr
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    if shutil.which("g++") is None or not os.path.exists(os.path.join(CUDA_INCLUDE, "cuda_runtime_api.h")):
-        pytest.skip("needs g++ and the CUDA toolkit headers")
-    lib = tmp_path_factory.mktemp("emu") / "la_emu.so"
-    src = os.path.join(ROOT, "tests", "cuda_emulation", "local_attention_emu.cpp")
-    subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-DVOSOPS_CUDA_EMULATION",
-                    "-I", os.path.join(ROOT, "csrc"), "-I", CUDA_INCLUDE, src, "-o", str(lib)], check=True)
-    return ctypes.CDLL(str(lib))
-
-
-def _ptr(t):
-    return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
+    return build_emulation(tmp_path_factory, "local_attention_emu.cpp")
 
 
 def _cl(t):
@@ -46,18 +31,18 @@ def run_emulated(emu, q, k, v, offsets, kw, grad_out, grad_logits):
     sizes = torch.tensor([B, N, C, Cv, H, W, r, d, (2 * r + 1) ** 2, cols.numel()], dtype=torch.int64)
     qc, kc, vc = _cl(q), _cl(k), _cl(v)
     off = round_offsets(offsets, r, d).to(torch.int32).contiguous() if offsets is not None else None
-    common = (_ptr(sizes), ctypes.c_float(kw.get("scale", 1.0)), ctypes.c_int64(K),
+    common = (ptr(sizes), ctypes.c_float(kw.get("scale", 1.0)), ctypes.c_int64(K),
               ctypes.c_int(kw.get("normalize", "softmax") == "threshold"), ctypes.c_int(kw.get("border") == "zero"),
-              _ptr(qc), _ptr(kc), _ptr(vc), _ptr(off), _ptr(cols))
+              ptr(qc), ptr(kc), ptr(vc), ptr(off), ptr(cols))
     out = torch.full((B, Cv, H, W), float("nan"))
     stats = torch.full((B, H, W, 2), float("nan"))
     tl = torch.full((B, H, W, max(K, 1)), float("nan"))
     ti = torch.full((B, H, W, max(K, 1)), -7777, dtype=torch.int64)
-    assert emu.emu_forward(*common, _ptr(out), _ptr(stats), _ptr(tl), _ptr(ti)) == 0
+    assert emu.emu_forward(*common, ptr(out), ptr(stats), ptr(tl), ptr(ti)) == 0
     dq, dk, dv = torch.zeros(B, H, W, C), torch.zeros(B, N, H, W, C), torch.zeros(B, N, H, W, Cv)
     g = _cl(grad_out)
     gl = grad_logits.float().contiguous() if grad_logits is not None else None
-    assert emu.emu_backward(*common, _ptr(g), _ptr(gl), _ptr(stats), _ptr(ti), _ptr(dq), _ptr(dk), _ptr(dv)) == 0
+    assert emu.emu_backward(*common, ptr(g), ptr(gl), ptr(stats), ptr(ti), ptr(dq), ptr(dk), ptr(dv)) == 0
     grads = (dq.permute(0, 3, 1, 2), dk.permute(0, 1, 4, 2, 3), dv.permute(0, 1, 4, 2, 3))
     return out, tl[..., :K], ti[..., :K], grads
 

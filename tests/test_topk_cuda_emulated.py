@@ -4,33 +4,19 @@ loops) in float32 and float64, and they are compared with the reference, forward
 ordering and the glue need a GPU (the cuda-marked tests in test_topk_native.py)."""
 
 import ctypes
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
 
 from vosops import reference, testing
+from _cuda_emulation import build_emulation, ptr
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CUDA_INCLUDE = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
 NEG_INF = float("-inf")
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    if shutil.which("g++") is None or not os.path.exists(os.path.join(CUDA_INCLUDE, "cuda_runtime_api.h")):
-        pytest.skip("needs g++ and the CUDA toolkit headers")
-    lib = tmp_path_factory.mktemp("emu") / "topk_emu.so"
-    src = os.path.join(ROOT, "tests", "cuda_emulation", "topk_emu.cpp")
-    subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-DVOSOPS_CUDA_EMULATION",
-                    "-I", os.path.join(ROOT, "csrc"), "-I", CUDA_INCLUDE, src, "-o", str(lib)], check=True)
-    return ctypes.CDLL(str(lib))
-
-
-def _p(t):
-    return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
+    return build_emulation(tmp_path_factory, "topk_emu.cpp")
 
 
 def _shape(t):
@@ -57,8 +43,8 @@ def test_merge_kernel(emu, dtype, B, M, N, topk):
     ol = torch.full((B, M, topk), float("nan"), dtype=dtype)
     oi = torch.full((B, M, topk), -7777, dtype=torch.int64)
     os_ = torch.full((B, M, topk), -7777, dtype=torch.int64)
-    assert emu.emu_merge(int(dtype == torch.float64), _p(lo), _p(index), _i64(B * M), _i64(N), _i64(topk), _p(ol),
-                         _p(oi), _p(os_)) == 0
+    assert emu.emu_merge(int(dtype == torch.float64), ptr(lo), ptr(index), _i64(B * M), _i64(N), _i64(topk), ptr(ol),
+                         ptr(oi), ptr(os_)) == 0
     ref_in = lo.double().requires_grad_()
     rl, ri = reference.merge_topk([(ref_in, index)], topk)
     torch.testing.assert_close(oi, ri, atol=0, rtol=0)
@@ -95,12 +81,12 @@ def test_aggregate_kernels(emu, dtype, case):
     dbl = int(dtype == torch.float64)
     ws = torch.full((3 * B * M * K,), float("nan"), dtype=dtype)
     out = torch.full((B, M, Cv), float("nan"), dtype=dtype)
-    assert emu.emu_aggregate(dbl, _p(lo), _p(index), _p(values), _p(_shape(values)), _i64(M), _i64(K), _i64(kth),
-                             _p(ws), _p(out)) == 0
+    assert emu.emu_aggregate(dbl, ptr(lo), ptr(index), ptr(values), ptr(_shape(values)), _i64(M), _i64(K), _i64(kth),
+                             ptr(ws), ptr(out)) == 0
     gl = torch.full((B, M, K), float("nan"), dtype=dtype)
     gv = torch.zeros(B, L, Cv, dtype=dtype)
-    assert emu.emu_aggregate_backward(dbl, _p(grad), _p(_shape(grad)), _p(lo), _p(index), _p(values),
-                                      _p(_shape(values)), _i64(M), _i64(K), _i64(kth), _p(ws), _p(gl), _p(gv)) == 0
+    assert emu.emu_aggregate_backward(dbl, ptr(grad), ptr(_shape(grad)), ptr(lo), ptr(index), ptr(values),
+                                      ptr(_shape(values)), _i64(M), _i64(K), _i64(kth), ptr(ws), ptr(gl), ptr(gv)) == 0
     rl, rv = lo.double().requires_grad_(), values.double().requires_grad_()
     kw = dict(normalize="threshold", k=kth) if kth else {}
     ref = reference.topk_aggregate(rl, index, rv, **kw)

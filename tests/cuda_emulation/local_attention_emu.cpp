@@ -1,35 +1,7 @@
 // Host emulation of the local_attention CUDA kernels, for tests on machines without a GPU: the CUDA keywords and
 // intrinsics become host code, and a single emulated thread (grid and block of 1) walks every grid-stride loop.
 // It checks the kernels' logic (indexing, selection, softmax, backward) - not races, occupancy or the glue.
-#include <cmath>
-#include <cstdint>
-
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __restrict__ __restrict
-
-#include <cuda_runtime_api.h>  // cudaError_t, cudaStream_t, float4 (host-compilable toolkit headers)
-
-namespace {
-struct Dim3 {
-  unsigned int x = 0, y = 0, z = 0;
-};
-Dim3 blockIdx, threadIdx, blockDim{1, 1, 1}, gridDim{1, 1, 1};
-
-template <typename T>
-inline T __ldg(const T* p) {
-  return *p;
-}
-inline float __fmul_rn(float a, float b) { return a * b; }  // built with -ffp-contract=off: never fused
-inline float atomicAdd(float* a, float v) {
-  const float old = *a;
-  *a = old + v;
-  return old;
-}
-}  // namespace
+#include "emulation.h"
 
 #include "local_attention/local_attention_cuda.cu"
 

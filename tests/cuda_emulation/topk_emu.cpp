@@ -1,31 +1,7 @@
 // Host emulation of the merge_topk and topk_aggregate CUDA kernels, for tests on machines without a GPU: the CUDA
 // keywords become host code and one emulated thread (grid and block of 1) walks every grid-stride loop. It checks
 // the kernels' logic (ranking, padding, thresholds, softmax, gradients) - not races, occupancy or the glue.
-#include <cmath>
-#include <cstdint>
-
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __restrict__ __restrict
-
-#include <cuda_runtime_api.h>  // cudaError_t, cudaStream_t (host-compilable toolkit headers)
-
-namespace {
-struct Dim3 {
-  unsigned int x = 0, y = 0, z = 0;
-};
-Dim3 blockIdx, threadIdx, blockDim{1, 1, 1}, gridDim{1, 1, 1};
-
-template <typename T>
-inline T atomicAdd(T* a, T v) {
-  const T old = *a;
-  *a = old + v;
-  return old;
-}
-}  // namespace
+#include "emulation.h"
 
 #include "topk/merge_topk_cuda.cu"
 #include "topk/topk_aggregate_cuda.cu"

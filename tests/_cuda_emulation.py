@@ -1,0 +1,29 @@
+"""Builds a host emulation of CUDA kernels (tests/cuda_emulation/*.cpp: the .cu compiled as host code with g++ and
+the CUDA toolkit's host headers) as a ctypes library, for the *_cuda_emulated tests on machines without a GPU."""
+
+import ctypes
+import os
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_INCLUDE = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
+
+
+def build_emulation(tmp_path_factory, source: str) -> ctypes.CDLL:
+    """Compile tests/cuda_emulation/<source> into a shared library and load it; skip without g++ or CUDA headers.
+    -ffp-contract=off: no fused multiply-adds the GPU build would not have either way, so results are reproducible."""
+    if shutil.which("g++") is None or not os.path.exists(os.path.join(CUDA_INCLUDE, "cuda_runtime_api.h")):
+        pytest.skip("needs g++ and the CUDA toolkit headers")
+    lib = tmp_path_factory.mktemp("emu") / (os.path.splitext(source)[0] + ".so")
+    src = os.path.join(ROOT, "tests", "cuda_emulation", source)
+    subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-DVOSOPS_CUDA_EMULATION",
+                    "-I", os.path.join(ROOT, "csrc"), "-I", CUDA_INCLUDE, src, "-o", str(lib)], check=True)
+    return ctypes.CDLL(str(lib))
+
+
+def ptr(t) -> ctypes.c_void_p:
+    """The data pointer of a tensor, or NULL for None."""
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
