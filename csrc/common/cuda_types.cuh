@@ -1,5 +1,7 @@
 // Torch-free element-type helpers for the CUDA kernels: load any supported type as its accumulation type.
 #pragma once
+#include <cstdint>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -19,4 +21,20 @@ template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <typename T> __device__ __forceinline__ T from_acc(double v) { return static_cast<T>(v); }
 
+// Blocks for a grid-stride loop over `total` items, `threads` per block: capped at 2^30 (the loop covers the rest).
+inline unsigned int grid_stride_blocks(int64_t total, int threads) {
+  const int64_t blocks = (total + threads - 1) / threads;
+  return static_cast<unsigned int>(blocks < (1LL << 30) ? blocks : (1LL << 30));
+}
+
 }  // namespace vosops
+
+// In a launcher returning cudaError_t: `return CALL;` with T bound to the element type `dtype` (a vosops::DType).
+#define VOSOPS_CUDA_DISPATCH(dtype, CALL)                           \
+  switch (dtype) {                                                  \
+    case DType::Float32: { using T = float; return CALL; }          \
+    case DType::Float64: { using T = double; return CALL; }         \
+    case DType::Float16: { using T = __half; return CALL; }         \
+    case DType::BFloat16: { using T = __nv_bfloat16; return CALL; } \
+  }                                                                 \
+  return cudaErrorInvalidValue;

@@ -13,11 +13,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-inline unsigned int grid_for(int64_t total) {
-  const int64_t blocks = (total + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(blocks < (1LL << 30) ? blocks : (1LL << 30));  // grid-stride loops cover the rest
-}
-
 struct PixelIndex {
   int64_t b, i, j;
 };
@@ -130,10 +125,11 @@ cudaError_t launch_forward(const void* x, Shape4 xs, const void* flow, Shape4 fs
   const T* xp = static_cast<const T*>(x);
   const T* fp = static_cast<const T*>(flow);
   T* op = static_cast<T*>(out);
+  const unsigned int blocks = grid_stride_blocks(total, kThreads);
   if (mode == Mode::Bilinear) {
-    forward_kernel<T, Mode::Bilinear><<<grid_for(total), kThreads, 0, stream>>>(xp, xs, fp, fs, op, pad);
+    forward_kernel<T, Mode::Bilinear><<<blocks, kThreads, 0, stream>>>(xp, xs, fp, fs, op, pad);
   } else {
-    forward_kernel<T, Mode::Nearest><<<grid_for(total), kThreads, 0, stream>>>(xp, xs, fp, fs, op, pad);
+    forward_kernel<T, Mode::Nearest><<<blocks, kThreads, 0, stream>>>(xp, xs, fp, fs, op, pad);
   }
   return cudaGetLastError();
 }
@@ -149,10 +145,11 @@ cudaError_t launch_backward(const void* grad_out, Shape4 gs, const void* x, Shap
   const T* fp = static_cast<const T*>(flow);
   acc_t* gx = static_cast<acc_t*>(grad_x);
   T* gf = static_cast<T*>(grad_flow);
+  const unsigned int blocks = grid_stride_blocks(total, kThreads);
   if (mode == Mode::Bilinear) {
-    backward_kernel<T, Mode::Bilinear><<<grid_for(total), kThreads, 0, stream>>>(gp, gs, xp, xs, fp, fs, gx, gf, pad);
+    backward_kernel<T, Mode::Bilinear><<<blocks, kThreads, 0, stream>>>(gp, gs, xp, xs, fp, fs, gx, gf, pad);
   } else {
-    backward_kernel<T, Mode::Nearest><<<grid_for(total), kThreads, 0, stream>>>(gp, gs, xp, xs, fp, fs, gx, nullptr,
+    backward_kernel<T, Mode::Nearest><<<blocks, kThreads, 0, stream>>>(gp, gs, xp, xs, fp, fs, gx, nullptr,
                                                                                  pad);
   }
   return cudaGetLastError();

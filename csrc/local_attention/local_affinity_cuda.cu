@@ -8,17 +8,13 @@
 #include <cstdint>
 
 #include "local_attention/local_affinity_cuda.cuh"
+#include "common/cuda_types.cuh"
 
 namespace vosops {
 namespace local_affinity {
 namespace {
 
 constexpr int kThreads = 256;
-
-inline unsigned int grid_for(int64_t total) {
-  const int64_t blocks = (total + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(blocks < (1LL << 30) ? blocks : (1LL << 30));  // grid-stride loops cover the rest
-}
 
 __device__ __forceinline__ int64_t position(const Geometry& g, int64_t b, int64_t n, int64_t p, int64_t i, int64_t j) {
   int64_t oy = 0, ox = 0;
@@ -101,7 +97,7 @@ cudaError_t scores_cuda(const Geometry& g, const float* a, const float* x, int64
                         float* out, cudaStream_t stream) {
   const int64_t total = g.B * g.N * g.P * g.H * g.W;
   if (total == 0) return cudaSuccess;
-  scores_kernel<<<grid_for(total), kThreads, 0, stream>>>(g, a, x, C, scale, fill, out);
+  scores_kernel<<<grid_stride_blocks(total, kThreads), kThreads, 0, stream>>>(g, a, x, C, scale, fill, out);
   return cudaGetLastError();
 }
 
@@ -109,7 +105,7 @@ cudaError_t gather_cuda(const Geometry& g, const float* w, const float* x, int64
                         cudaStream_t stream) {
   const int64_t total = g.B * C * g.H * g.W;
   if (total == 0) return cudaSuccess;
-  gather_kernel<<<grid_for(total), kThreads, 0, stream>>>(g, w, x, C, scale, out);
+  gather_kernel<<<grid_stride_blocks(total, kThreads), kThreads, 0, stream>>>(g, w, x, C, scale, out);
   return cudaGetLastError();
 }
 
@@ -117,7 +113,7 @@ cudaError_t scatter_cuda(const Geometry& g, const float* w, const float* a, int6
                          cudaStream_t stream) {
   const int64_t total = g.B * g.N * g.P * g.H * g.W;
   if (total == 0 || C == 0) return cudaSuccess;
-  scatter_kernel<<<grid_for(total), kThreads, 0, stream>>>(g, w, a, C, scale, out);
+  scatter_kernel<<<grid_stride_blocks(total, kThreads), kThreads, 0, stream>>>(g, w, a, C, scale, out);
   return cudaGetLastError();
 }
 #endif  // VOSOPS_CUDA_EMULATION

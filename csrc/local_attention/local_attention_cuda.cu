@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "local_attention/local_attention_cuda.cuh"
+#include "common/cuda_types.cuh"
 
 namespace vosops {
 namespace local_attention {
@@ -18,11 +19,6 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kVChunk = 8;
-
-inline unsigned int grid_for(int64_t total) {
-  const int64_t blocks = (total + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(blocks < (1LL << 30) ? blocks : (1LL << 30));  // grid-stride loops cover the rest
-}
 
 // Flat key position y*W + x of in-window column t of reference n for query (b, i, j), or -1 outside the frame.
 __device__ __forceinline__ int64_t key_pos(const CudaProblem& p, int64_t b, int64_t n, int64_t t, int64_t i,
@@ -283,7 +279,7 @@ cudaError_t forward_cuda(const CudaProblem& p, float* out, float* stats, float* 
                          cudaStream_t stream) {
   const int64_t total = p.B * p.H * p.W;
   if (total == 0) return cudaSuccess;
-  const unsigned int grid = grid_for(total);
+  const unsigned int grid = grid_stride_blocks(total, kThreads);
   if (p.topk == 0) {
     forward_kernel<0><<<grid, kThreads, 0, stream>>>(p, out, stats, top_logits, top_index);
   } else if (p.topk <= 8) {
@@ -302,7 +298,8 @@ cudaError_t backward_cuda(const CudaProblem& p, const float* grad_out, const flo
                           const int64_t* top_index, float* dq, float* dk, float* dv, cudaStream_t stream) {
   const int64_t total = p.B * p.H * p.W;
   if (total == 0) return cudaSuccess;
-  backward_kernel<<<grid_for(total), kThreads, 0, stream>>>(p, grad_out, grad_logits, stats, top_index, dq, dk, dv);
+  backward_kernel<<<grid_stride_blocks(total, kThreads), kThreads, 0, stream>>>(p, grad_out, grad_logits, stats,
+                                                                                top_index, dq, dk, dv);
   return cudaGetLastError();
 }
 

@@ -16,11 +16,6 @@ namespace {
 
 constexpr int kAggThreads = 256;
 
-inline unsigned int agg_grid(int64_t total) {
-  const int64_t blocks = (total + kAggThreads - 1) / kAggThreads;
-  return static_cast<unsigned int>(blocks < (1LL << 30) ? blocks : (1LL << 30));  // grid-stride loops cover the rest
-}
-
 __device__ __forceinline__ float acc_exp(float x) { return expf(x); }
 __device__ __forceinline__ double acc_exp(double x) { return exp(x); }
 
@@ -143,10 +138,10 @@ cudaError_t launch_aggregate_forward(const void* logits, const int64_t* index, c
   const int64_t rows = vs.size[0] * M, Cv = vs.size[2];
   acc_t* e = static_cast<acc_t*>(workspace);
   if (rows * K > 0) {
-    agg_weights_kernel<T, acc_t><<<agg_grid(rows * K), kAggThreads, 0, stream>>>(
+    agg_weights_kernel<T, acc_t><<<grid_stride_blocks(rows * K, kAggThreads), kAggThreads, 0, stream>>>(
         static_cast<const T*>(logits), index, rows * K, K, vs.size[1], kth, e);
   }
-  agg_forward_kernel<T, acc_t><<<agg_grid(rows * Cv), kAggThreads, 0, stream>>>(
+  agg_forward_kernel<T, acc_t><<<grid_stride_blocks(rows * Cv, kAggThreads), kAggThreads, 0, stream>>>(
       e, index, static_cast<const T*>(values), vs, rows * Cv, M, K, Cv, static_cast<T*>(out));
   return cudaGetLastError();
 }
@@ -162,16 +157,16 @@ cudaError_t launch_aggregate_backward(const void* grad_out, Shape3 gs, const voi
   acc_t* d = w + n;
   const T* g = static_cast<const T*>(grad_out);
   const T* v = static_cast<const T*>(values);
-  agg_weights_kernel<T, acc_t><<<agg_grid(n), kAggThreads, 0, stream>>>(static_cast<const T*>(logits), index, n, K,
-                                                                          L, kth, e);
-  agg_backward_weights_kernel<T, acc_t><<<agg_grid(n), kAggThreads, 0, stream>>>(
-      e, g, gs, index, v, vs, n, M, K, Cv, grad_logits != nullptr, w, d);
+  const unsigned int blocks = grid_stride_blocks(n, kAggThreads);
+  agg_weights_kernel<T, acc_t><<<blocks, kAggThreads, 0, stream>>>(static_cast<const T*>(logits), index, n, K, L, kth,
+                                                                   e);
+  agg_backward_weights_kernel<T, acc_t><<<blocks, kAggThreads, 0, stream>>>(e, g, gs, index, v, vs, n, M, K, Cv,
+                                                                            grad_logits != nullptr, w, d);
   if (grad_logits != nullptr) {
-    agg_grad_logits_kernel<T, acc_t><<<agg_grid(n), kAggThreads, 0, stream>>>(w, d, n, K,
-                                                                             static_cast<T*>(grad_logits));
+    agg_grad_logits_kernel<T, acc_t><<<blocks, kAggThreads, 0, stream>>>(w, d, n, K, static_cast<T*>(grad_logits));
   }
   if (grad_values_acc != nullptr && Cv > 0) {
-    agg_grad_values_kernel<T, acc_t><<<agg_grid(n * Cv), kAggThreads, 0, stream>>>(
+    agg_grad_values_kernel<T, acc_t><<<grid_stride_blocks(n * Cv, kAggThreads), kAggThreads, 0, stream>>>(
         w, g, gs, index, n * Cv, M, K, L, Cv, static_cast<acc_t*>(grad_values_acc));
   }
   return cudaGetLastError();
@@ -179,20 +174,12 @@ cudaError_t launch_aggregate_backward(const void* grad_out, Shape3 gs, const voi
 
 }  // namespace
 
-#define VOSOPS_AGG_DISPATCH(dtype, CALL)                            \
-  switch (dtype) {                                                  \
-    case DType::Float32: { using T = float; return CALL; }          \
-    case DType::Float64: { using T = double; return CALL; }         \
-    case DType::Float16: { using T = __half; return CALL; }         \
-    case DType::BFloat16: { using T = __nv_bfloat16; return CALL; } \
-  }                                                                 \
-  return cudaErrorInvalidValue;
 
 cudaError_t topk_aggregate_forward_cuda(DType dtype, const void* logits, const int64_t* index, const void* values,
                                         Shape3 vs, int64_t M, int64_t K, int64_t kth, void* workspace, void* out,
                                         cudaStream_t stream) {
   if (vs.size[0] * M * vs.size[2] == 0) return cudaSuccess;
-  VOSOPS_AGG_DISPATCH(dtype, launch_aggregate_forward<T>(logits, index, values, vs, M, K, kth, workspace, out, stream))
+  VOSOPS_CUDA_DISPATCH(dtype, launch_aggregate_forward<T>(logits, index, values, vs, M, K, kth, workspace, out, stream))
 }
 
 cudaError_t topk_aggregate_backward_cuda(DType dtype, const void* grad_out, Shape3 gs, const void* logits,
@@ -200,11 +187,10 @@ cudaError_t topk_aggregate_backward_cuda(DType dtype, const void* grad_out, Shap
                                          int64_t kth, void* workspace, void* grad_logits, void* grad_values_acc,
                                          cudaStream_t stream) {
   if (vs.size[0] * M * K == 0) return cudaSuccess;
-  VOSOPS_AGG_DISPATCH(dtype, launch_aggregate_backward<T>(grad_out, gs, logits, index, values, vs, M, K, kth,
+  VOSOPS_CUDA_DISPATCH(dtype, launch_aggregate_backward<T>(grad_out, gs, logits, index, values, vs, M, K, kth,
                                                           workspace, grad_logits, grad_values_acc, stream))
 }
 
-#undef VOSOPS_AGG_DISPATCH
 #endif  // VOSOPS_CUDA_EMULATION
 
 }  // namespace topk

@@ -427,26 +427,18 @@ cudaError_t launch_attention_backward(const void* g, Shape4 gs, const void* q, S
 
 }  // namespace
 
-#define VOSOPS_TOPK_DISPATCH(dtype, CALL)                   \
-  switch (dtype) {                                           \
-    case DType::Float32: { using T = float; return CALL; }   \
-    case DType::Float64: { using T = double; return CALL; }  \
-    case DType::Float16: { using T = __half; return CALL; }  \
-    case DType::BFloat16: { using T = __nv_bfloat16; return CALL; } \
-  }                                                          \
-  return cudaErrorInvalidValue;
 
 cudaError_t global_topk_cuda(DType dtype, const void* q, Shape3 qs, const void* k, Shape3 ks, const bool* key_mask,
                              int64_t topk, double scale, void* out_logits, int64_t* out_index, cudaStream_t stream) {
   if (qs.size[0] * qs.size[1] == 0) return cudaSuccess;
-  VOSOPS_TOPK_DISPATCH(dtype, launch_global_topk<T>(q, qs, k, ks, key_mask, topk, scale, out_logits, out_index, stream))
+  VOSOPS_CUDA_DISPATCH(dtype, launch_global_topk<T>(q, qs, k, ks, key_mask, topk, scale, out_logits, out_index, stream))
 }
 
 cudaError_t topk_attention_forward_cuda(DType dtype, const void* q, Shape4 qs, const void* k, Shape4 ks, const void* v,
                                         Shape4 vs, int64_t dense, int64_t kk, double scale, void* out, void* lse,
                                         int64_t* index, cudaStream_t stream) {
   if (qs.size[0] * qs.size[1] * qs.size[2] == 0) return cudaSuccess;
-  VOSOPS_TOPK_DISPATCH(dtype, launch_attention_forward<T>(q, qs, k, ks, v, vs, dense, kk, scale, out, lse, index, stream))
+  VOSOPS_CUDA_DISPATCH(dtype, launch_attention_forward<T>(q, qs, k, ks, v, vs, dense, kk, scale, out, lse, index, stream))
 }
 
 cudaError_t topk_attention_backward_cuda(DType dtype, const void* grad_out, Shape4 gs, const void* q, Shape4 qs,
@@ -454,7 +446,7 @@ cudaError_t topk_attention_backward_cuda(DType dtype, const void* grad_out, Shap
                                          const void* lse, const int64_t* index, int64_t dense, int64_t kk, double scale,
                                          void* dq, void* dk, void* dv, cudaStream_t stream) {
   if (qs.size[0] * qs.size[1] * qs.size[2] == 0) return cudaSuccess;
-  VOSOPS_TOPK_DISPATCH(dtype, launch_attention_backward<T>(grad_out, gs, q, qs, k, ks, v, vs, out, lse, index, dense,
+  VOSOPS_CUDA_DISPATCH(dtype, launch_attention_backward<T>(grad_out, gs, q, qs, k, ks, v, vs, out, lse, index, dense,
                                                            kk, scale, dq, dk, dv, stream))
 }
 
