@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from ..ops._local_affinity_native import (affinity_autograd_rules, aggregate_autograd_rules, fake_affinity,
+                                          fake_affinity_backward, fake_aggregate, fake_aggregate_backward)
 from .local_attention import _rounded
 
 _BLOCK = 256
@@ -173,10 +175,7 @@ def local_affinity_triton(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tenso
     return _scores(q, k, off, has_off, radius, dilation, window == "circle", scale, fill, out)
 
 
-@local_affinity_triton.register_fake
-def _(q, k, offsets, radius, dilation, window, scale, border):
-    B, C, H, W = q.shape
-    return q.new_empty(B, k.shape[1], (2 * radius + 1) ** 2, H, W)
+local_affinity_triton.register_fake(fake_affinity)
 
 
 @torch.library.custom_op("vosops::local_affinity_triton_backward", mutates_args=())
@@ -194,25 +193,11 @@ def local_affinity_triton_backward(grad: torch.Tensor, q: torch.Tensor, k: torch
     return (gq if need_q else q.new_empty(0)), (gk if need_k else k.new_empty(0))
 
 
-@local_affinity_triton_backward.register_fake
-def _(grad, q, k, offsets, radius, dilation, window, scale, need_q, need_k):
-    return (q.new_empty(q.shape) if need_q else q.new_empty(0), k.new_empty(k.shape) if need_k else k.new_empty(0))
+local_affinity_triton_backward.register_fake(fake_affinity_backward)
 
 
-def _affinity_setup(ctx, inputs, output):
-    q, k, offsets, radius, dilation, window, scale, border = inputs
-    ctx.save_for_backward(q, k, offsets)
-    ctx.args = (radius, dilation, window, scale)
-
-
-def _affinity_backward(ctx, grad):
-    q, k, offsets = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    gq, gk = local_affinity_triton_backward(grad, q, k, offsets, *ctx.args, need[0], need[1])
-    return (gq if need[0] else None), (gk if need[1] else None), None, None, None, None, None, None
-
-
-local_affinity_triton.register_autograd(_affinity_backward, setup_context=_affinity_setup)
+_backward, _setup = affinity_autograd_rules(local_affinity_triton_backward)
+local_affinity_triton.register_autograd(_backward, setup_context=_setup)
 
 
 @torch.library.custom_op("vosops::local_aggregate_triton", mutates_args=())
@@ -225,10 +210,7 @@ def local_aggregate_triton(weights: torch.Tensor, v: torch.Tensor, offsets: torc
     return _gather(weights, v, off, has_off, radius, dilation, False, 1.0, out)
 
 
-@local_aggregate_triton.register_fake
-def _(weights, v, offsets, radius, dilation):
-    B, N, P, H, W = weights.shape
-    return v.new_empty(B, v.shape[2], H, W)
+local_aggregate_triton.register_fake(fake_aggregate)
 
 
 @torch.library.custom_op("vosops::local_aggregate_triton_backward", mutates_args=())
@@ -245,23 +227,8 @@ def local_aggregate_triton_backward(grad_out: torch.Tensor, weights: torch.Tenso
     return (gw if need_weights else weights.new_empty(0)), (gv if need_v else v.new_empty(0))
 
 
-@local_aggregate_triton_backward.register_fake
-def _(grad_out, weights, v, offsets, radius, dilation, need_weights, need_v):
-    return (weights.new_empty(weights.shape) if need_weights else weights.new_empty(0),
-            v.new_empty(v.shape) if need_v else v.new_empty(0))
+local_aggregate_triton_backward.register_fake(fake_aggregate_backward)
 
 
-def _aggregate_setup(ctx, inputs, output):
-    weights, v, offsets, radius, dilation = inputs
-    ctx.save_for_backward(weights, v, offsets)
-    ctx.args = (radius, dilation)
-
-
-def _aggregate_backward(ctx, grad_out):
-    weights, v, offsets = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    gw, gv = local_aggregate_triton_backward(grad_out, weights, v, offsets, *ctx.args, need[0], need[1])
-    return (gw if need[0] else None), (gv if need[1] else None), None, None, None
-
-
-local_aggregate_triton.register_autograd(_aggregate_backward, setup_context=_aggregate_setup)
+_backward, _setup = aggregate_autograd_rules(local_aggregate_triton_backward)
+local_aggregate_triton.register_autograd(_backward, setup_context=_setup)
