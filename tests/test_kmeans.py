@@ -2,6 +2,9 @@
 
 import glob
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -498,6 +501,65 @@ def test_native_lloyd_same_result_for_any_thread_count_and_batch():
             assert torch.equal(a[0], full[b])
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("K", [1, 2, 5, 6, 8, 11])  # the cpu kernels sweep the centres in groups of up to 5
+def test_exact_ties_go_to_the_lower_index(backend, device, K):
+    """Small-integer points and centres (exact distances in every dtype), with repeated centres and points
+    equidistant from several: every tie must go to the lowest centre index, as in the reference."""
+    g = torch.Generator().manual_seed(K)
+    x = torch.randint(-2, 3, (2, 75, 9), generator=g).double()
+    c = torch.randint(-2, 3, (2, K, 9), generator=g).double()
+    c[:, K // 2] = c[:, 0]  # a repeated centre: its points are tied with centre 0
+    x[:, 0] = (c[:, 0] + c[:, -1]) / 2  # midpoints: tied between centres 0 and K-1 (halves are exact)
+    x[:, 1] = c[:, -1]
+    lengths = torch.tensor([75, 38], device=device)
+    step, assign = vosops.ops.kmeans._steps(backend)
+    for dtype in testing.backend_dtypes(backend, device):
+        acc = R.acc_dtype(dtype)
+        for fn, ref in ((step, reference.kmeans_step), (assign, reference.kmeans_assign)):
+            testing.check_against_reference(
+                lambda x, c: fn(x, lengths, c.to(acc)), lambda x, c: ref(x, lengths, c),
+                {"x": x.to(device), "c": c.to(device)}, dtype=dtype, layout="noncontiguous")
+
+
+def test_native_portable_path_matches_reference():
+    """The cpu kernels' baseline-ISA clone, forced by VOSOPS_KMEANS_PORTABLE=1 in a fresh process (the AVX2 one is
+    picked on AVX2 machines), against the reference: the Lloyd loop in float32/float64, the passes with K > 5."""
+    if vosops._backends.why_unusable("cpu", "kmeans_step", "cpu"):
+        pytest.skip("native kernels not built")
+    code = textwrap.dedent("""
+        import torch
+        from sklearn.datasets import make_blobs
+        from vosops import reference, testing
+        from vosops.reference import kmeans as R
+        X, _ = make_blobs(3 * 1100, n_features=11, centers=6, cluster_std=4.0, random_state=11)
+        x = torch.from_numpy(X).reshape(3, 1100, 11)
+        lengths = torch.tensor([1100, 1030, 37])
+        init = x[:, :6].clone()
+        init[:, -1] = 1e3  # an empty cluster at the first step
+        tol = R.scaled_tol(x, lengths, 0.0)
+        def native(x, c):
+            return torch.ops.vosops.kmeans_lloyd(x, lengths, c, 50, tol)
+        def ref(x, c):
+            res = R.lloyd(x, lengths, c, iters=50, tol=tol.to(x.dtype))
+            return res.centroids, res.labels, R.kmeans_assign(x, lengths, res.centroids)[1], res.n_iter
+        for dtype in (torch.float64, torch.float32):
+            testing.check_against_reference(native, ref, {"x": x, "c": init}, dtype=dtype, layout="noncontiguous")
+        torch.manual_seed(0)  # small integers: exact distances, many exact ties
+        xi, ci = torch.randint(-3, 4, (3, 1100, 11)).double(), torch.randint(-3, 4, (3, 11, 11)).double()
+        for fn, rf in ((torch.ops.vosops.kmeans_step, reference.kmeans_step),
+                       (torch.ops.vosops.kmeans_assign, reference.kmeans_assign)):
+            testing.check_against_reference(lambda x, c: fn(x, lengths, c), lambda x, c: rf(x, lengths, c),
+                                            {"x": xi, "c": ci}, dtype=torch.float32)
+        print("ok")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(vosops.__file__)))  # this checkout's vosops
+    env = dict(os.environ, VOSOPS_KMEANS_PORTABLE="1",
+               PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
 def test_native_lloyd_checks_its_arguments():
     if vosops._backends.why_unusable("cpu", "kmeans_step", "cpu"):
         pytest.skip("native kernels not built")
@@ -516,7 +578,6 @@ def test_native_lloyd_checks_its_arguments():
 def test_cuda_sources_compile_for_sm80_and_sm90(tmp_path):
     """The torch-free CUDA kernels compile for Ampere and Hopper (a compile check where there is no GPU)."""
     import shutil
-    import subprocess
 
     nvcc = shutil.which("nvcc")
     if nvcc is None:

@@ -2,16 +2,18 @@
 // the whole Lloyd loop of every problem in one call (kmeans_lloyd).
 //
 // Distances are sum_d (x_d - c_d)^2, the reference's formula (not |c|^2 - 2 x.c, whose rounding would move labels
-// away from the reference's at near-ties), accumulated in float32 (float64 for float64 input); the argmin takes
-// the lower index on ties. Points are processed in chunks of kChunk; each chunk has its own partial sums and they
-// are added in chunk order, so results do not depend on the thread count, nor on whether a problem runs alone or
-// in a batch.
+// away from the reference's at near-ties), accumulated in float32 (float64 for float64 input) sequentially over d;
+// the argmin takes the lower index on ties. Points are processed in chunks of kChunk; each chunk has its own
+// partial sums and they are added in chunk order, so results do not depend on the thread count, nor on whether a
+// problem runs alone or in a batch.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -24,154 +26,214 @@ namespace {
 
 #define VOSOPS_INLINE __attribute__((always_inline)) inline
 
-// Explicit 8-lane vectors (GCC/Clang vector extensions): one AVX register for float in the AVX2 clone, pairs of
-// SSE registers in the baseline one.
-template <typename T>
-struct Vec8 {
-  typedef T type __attribute__((vector_size(8 * sizeof(T))));
+// Explicit vectors (GCC/Clang vector extensions) of L lanes. The distance and sum loops use register-sized ones
+// (32 bytes in the AVX2 clone, 16 in the baseline one): GCC keeps wider ones in memory, not in register pairs.
+template <typename T, int L>
+struct VecN {
+  typedef T type __attribute__((vector_size(L * sizeof(T))));
 };
+template <typename T>
+using Vec8 = VecN<T, 8>;
 
 template <typename V, typename T>
-VOSOPS_INLINE V load8(const T* p) {
+VOSOPS_INLINE V loadv(const T* p) {
   V v;
   __builtin_memcpy(&v, p, sizeof(V));
   return v;
 }
 
-// Lane sums of up to 8 vectors at once: lane k of the result is the sum of a[k]'s lanes, in the fixed tree
-// ((l0+l1) + (l2+l3)) + ((l4+l5) + (l6+l7)) (the pattern of vhaddps: a transpose and the sums together).
+
+// The distances are computed on a transposed copy of x ("tiles"; made once per kmeans_lloyd call for all its
+// iterations, per chunk in kmeans_step / kmeans_assign): tile t holds the points [W t, W t + W) as D rows of W
+// lanes, so one vector holds one feature of W points. Each centre's distance then needs no horizontal reduction
+// and the argmin over centres is lane-wise. W = 16 for float, 8 for double: either way a row is 64 bytes, two AVX
+// registers. (Tiling each block in every
+// iteration instead, from x, was slower: the 8 x 8 transposes cost more than streaming the copy.)
+template <typename T>
+constexpr int kTile = sizeof(T) == 4 ? 16 : 8;
+
+// In-place transpose of the 8 x 8 matrix r (rows of 8 lanes): the off-diagonal blocks of 4, 2 then 1 swapped.
 template <typename V>
-VOSOPS_INLINE V hsum8x8(const V* a) {
-  const auto pair = [](const V& u, const V& v) -> V {  // [u0+u1, u2+u3, v0+v1, v2+v3, u4+u5, u6+u7, v4+v5, v6+v7]
-    return __builtin_shufflevector(u, v, 0, 2, 8, 10, 4, 6, 12, 14) +
-           __builtin_shufflevector(u, v, 1, 3, 9, 11, 5, 7, 13, 15);
-  };
-  const V t0 = pair(pair(a[0], a[1]), pair(a[2], a[3]));  // [lo sums of a0..a3, hi sums of a0..a3]
-  const V t1 = pair(pair(a[4], a[5]), pair(a[6], a[7]));
-  return __builtin_shufflevector(t0, t1, 0, 1, 2, 3, 8, 9, 10, 11) +
-         __builtin_shufflevector(t0, t1, 4, 5, 6, 7, 12, 13, 14, 15);
+VOSOPS_INLINE void transpose8x8(V (&r)[8]) {
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const V a = r[i], b = r[i + 4];
+    r[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11);
+    r[i + 4] = __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+#pragma GCC unroll 4
+  for (int i : {0, 1, 4, 5}) {
+    const V a = r[i], b = r[i + 2];
+    r[i] = __builtin_shufflevector(a, b, 0, 1, 8, 9, 4, 5, 12, 13);
+    r[i + 2] = __builtin_shufflevector(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+#pragma GCC unroll 4
+  for (int i : {0, 2, 4, 6}) {
+    const V a = r[i], b = r[i + 1];
+    r[i] = __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14);
+    r[i + 1] = __builtin_shufflevector(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+  }
 }
 
-// Squared distances of one point to KB <= 8 consecutive centres, returned in lanes 0..KB-1 (the others are 0).
-// All KB accumulators stay in registers so each x vector is loaded once; lane l of a centre's accumulator sums the
-// dimensions l, l+8, ..., then hsum8x8 and the D % 8 tail. A centre's distance does not depend on KB.
-template <int KB, typename T>
-VOSOPS_INLINE typename Vec8<T>::type dist_block(const T* __restrict x, const T* __restrict c, int64_t D) {
+// Copies the points [p0, p1) of x (rows of D) into tiles at xt (p0 a multiple of the tile width), 8 x 8 blocks at
+// a time; the lanes of the last tile past p1 are zeroed (their distances are computed and ignored).
+template <typename T>
+VOSOPS_INLINE void make_tiles_body(const T* __restrict x, int64_t D, int64_t p0, int64_t p1, T* __restrict xt) {
   using V = typename Vec8<T>::type;
-  static_assert(KB >= 1 && KB <= 8, "blocks of 1 to 8 centres");
+  constexpr int W = kTile<T>;
   const int64_t Dv = D / 8 * 8;
-  V acc[8];
+  for (int64_t t0 = p0; t0 < p1; t0 += W) {
+    T* o = xt + (t0 - p0) * D;
+    const int m = static_cast<int>(std::min<int64_t>(W, p1 - t0));
+    int64_t dtail = 0;  // features from here on are copied one by one
+    if (m == W) {
+      for (int h = 0; h < W; h += 8)
+        for (int64_t d0 = 0; d0 < Dv; d0 += 8) {
+          V r[8];
 #pragma GCC unroll 8
-  for (int k = 0; k < 8; ++k) acc[k] = V{};
-  for (int64_t d = 0; d < Dv; d += 8) {
-    const V xv = load8<V>(x + d);
+          for (int i = 0; i < 8; ++i) r[i] = loadv<V>(x + (t0 + h + i) * D + d0);
+          transpose8x8(r);
 #pragma GCC unroll 8
-    for (int k = 0; k < KB; ++k) {
-      const V t = xv - load8<V>(c + k * D + d);
-      acc[k] += t * t;
+          for (int i = 0; i < 8; ++i) __builtin_memcpy(o + (d0 + i) * W + h, &r[i], sizeof(V));
+        }
+      dtail = Dv;
     }
-  }
-  V r = hsum8x8(acc);
-  for (int64_t d = Dv; d < D; ++d) {
-#pragma GCC unroll 8
-    for (int k = 0; k < KB; ++k) {
-      const T t = x[d] - c[k * D + d];
-      r[k] += t * t;
+    for (int j = 0; j < m; ++j) {
+      const T* xr = x + (t0 + j) * D;
+      for (int64_t d = dtail; d < D; ++d) o[d * W + j] = xr[d];
     }
+    for (int j = m; j < W; ++j)
+      for (int64_t d = 0; d < D; ++d) o[d * W + j] = T(0);
   }
-  return r;
 }
 
-// Any K: blocks of 8 centres, then the remainder, into out (K).
+// Squared distances of the W points of one tile to G consecutive centres c (rows of D), acc[k][v] lanes. Each is
+// a sequential sum over d of (x_d - c_d)^2 (one multiply-add per term), so it does not depend on G or on the other
+// centres. All 2G accumulators stay in registers (G <= 5 in the AVX2 clone: 10 of the 16, the rest for x, the
+// broadcast centre feature and the difference) and give 2G independent add chains, enough to hide the latency.
+// Cache lines to prefetch during a sweep, one of each run per feature: na lines from a, nb lines from b.
 template <typename T>
-VOSOPS_INLINE void dist_any(const T* x, const T* c, int64_t K, int64_t D, T* out) {
-  using V = typename Vec8<T>::type;
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    const V r = dist_block<8>(x, c + k * D, D);
-    __builtin_memcpy(out + k, &r, sizeof(V));
-  }
-  const T* ck = c + k * D;
-  V r{};
-  switch (K - k) {
-    case 1: r = dist_block<1>(x, ck, D); break;
-    case 2: r = dist_block<2>(x, ck, D); break;
-    case 3: r = dist_block<3>(x, ck, D); break;
-    case 4: r = dist_block<4>(x, ck, D); break;
-    case 5: r = dist_block<5>(x, ck, D); break;
-    case 6: r = dist_block<6>(x, ck, D); break;
-    case 7: r = dist_block<7>(x, ck, D); break;
-    default: return;
-  }
-  for (int64_t j = 0; j < K - k; ++j) out[k + j] = r[j];
-}
+struct Prefetch {
+  const T* a;
+  int64_t na;
+  const T* b;
+  int64_t nb;
+};
 
-// Index of the smallest of d[0..n), ties to the lower index (the generic path, K > 8).
-template <typename T>
-VOSOPS_INLINE int64_t argmin(const T* d, int64_t n, T& best) {
-  best = d[0];
-  int64_t arg = 0;
-  for (int64_t k = 1; k < n; ++k) {
-    if (d[k] < best) {
-      best = d[k];
-      arg = k;
+// ct: the centres transposed, (D, K) (see pass_body), at the first of the G.
+template <int G, int L, typename T, typename V = typename VecN<T, L>::type>
+VOSOPS_INLINE void tile_dist(const T* __restrict xt, const T* __restrict ct, int64_t K, int64_t D,
+                             V (&acc)[G][kTile<T> / L], const Prefetch<T>& pf) {
+  constexpr int P = kTile<T> / L;
+  static_assert(L == 2 || L == 4 || L == 8, "2, 4 or 8 lanes");
+#pragma GCC unroll 8
+  for (int k = 0; k < G; ++k)
+#pragma GCC unroll 4
+    for (int v = 0; v < P; ++v) acc[k][v] = V{};
+  for (int64_t d = 0; d < D; ++d) {
+    if (d < pf.na) __builtin_prefetch(pf.a + d * (64 / sizeof(T)));
+    if (d < pf.nb) __builtin_prefetch(pf.b + d * (64 / sizeof(T)));
+    V xv[P];
+#pragma GCC unroll 4
+    for (int v = 0; v < P; ++v) xv[v] = loadv<V>(xt + d * kTile<T> + L * v);
+#pragma GCC unroll 8
+    for (int k = 0; k < G; ++k) {
+      // the broadcast spelt out in place (V{} + ck would add 0.0 to ck first, a wasted add; built in a helper
+      // function, it was lowered lane by lane for the baseline ISA before being inlined)
+      const T ck = ct[d * K + k];
+      V cb;
+      if constexpr (L == 8) cb = V{ck, ck, ck, ck, ck, ck, ck, ck};
+      else if constexpr (L == 4) cb = V{ck, ck, ck, ck};
+      else cb = V{ck, ck};
+#pragma GCC unroll 4
+      for (int v = 0; v < P; ++v) {
+        const V t = xv[v] - cb;
+        acc[k][v] += t * t;
+      }
     }
   }
-  return arg;
 }
 
-// Index of the smallest of lanes 0..KB-1 of r, ties to the lower index, without branches (their outcome is
-// random once the clusters settle; mispredicted they cost more than the distances): a min tree over the lanes,
-// then the lowest lane holding the minimum.
-template <int KB, typename V, typename T>
-VOSOPS_INLINE int64_t argmin8(V r, T& best) {
-  using I = decltype(r == r);  // the integer vector of the lane masks
-  const I lane = {0, 1, 2, 3, 4, 5, 6, 7};
-  if constexpr (KB < 8) r = lane < KB ? r : V{} + std::numeric_limits<T>::infinity();
-  const auto vmin = [](const auto& a, const auto& b) { return a < b ? a : b; };
-  V m = vmin(r, __builtin_shufflevector(r, r, 4, 5, 6, 7, 0, 1, 2, 3));
-  m = vmin(m, __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5));
-  m = vmin(m, __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6));
-  I idx = r == m ? lane : I{} + 8;
-  idx = vmin(idx, __builtin_shufflevector(idx, idx, 4, 5, 6, 7, 0, 1, 2, 3));
-  idx = vmin(idx, __builtin_shufflevector(idx, idx, 2, 3, 0, 1, 6, 7, 4, 5));
-  idx = vmin(idx, __builtin_shufflevector(idx, idx, 1, 0, 3, 2, 5, 4, 7, 6));
-  best = m[0];
-  return idx[0];
+// Lanes of the label vectors: the integers of the width of T.
+template <typename T>
+using Lane = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+
+// Folds the distances to the G centres k0.. into the running lane-wise minimum (best, arg): strict compares in
+// increasing centre order, so ties go to the lower index, and no branch depends on the data.
+template <int G, int L, typename T, typename V = typename VecN<T, L>::type, typename I = decltype(V{} < V{})>
+VOSOPS_INLINE void group_argmin(const T* __restrict xt, const T* __restrict ct, int64_t k0, int64_t K, int64_t D,
+                                V (&best)[kTile<T> / L], I (&arg)[kTile<T> / L], const Prefetch<T>& pf) {
+  V acc[G][kTile<T> / L];
+  tile_dist<G, L>(xt, ct + k0, K, D, acc, pf);
+#pragma GCC unroll 8
+  for (int k = 0; k < G; ++k)
+#pragma GCC unroll 4
+    for (int v = 0; v < kTile<T> / L; ++v) {
+      const I less = acc[k][v] < best[v];
+      best[v] = less ? acc[k][v] : best[v];
+      arg[v] = less ? I{} + static_cast<Lane<T>>(k0 + k) : arg[v];
+    }
 }
 
-// Points whose labels are found before any of them is added to the sums (see add_grouped).
+// Nearest centre of each lane of a tile: the centres in groups of at most MaxG (sizes as even as possible), one
+// sweep over the tile per group; the first sweep prefetches pf.
+template <int MaxG, int L, typename T, typename V = typename VecN<T, L>::type, typename I = decltype(V{} < V{})>
+VOSOPS_INLINE void tile_argmin(const T* __restrict xt, const T* __restrict ct, int64_t K, int64_t D,
+                               V (&best)[kTile<T> / L], I (&arg)[kTile<T> / L], Prefetch<T> pf) {
+  static_assert(MaxG >= 2 && MaxG <= 5, "groups of 2 to 5 centres");
+#pragma GCC unroll 4
+  for (int v = 0; v < kTile<T> / L; ++v) {
+    best[v] = V{} + std::numeric_limits<T>::infinity();
+    arg[v] = I{};
+  }
+  const int64_t ngroup = (K + MaxG - 1) / MaxG;
+  for (int64_t g = 0, k0 = 0; g < ngroup; ++g) {
+    const int64_t G = K / ngroup + (g < K % ngroup ? 1 : 0);
+    switch (G) {
+      case 1: group_argmin<1, L>(xt, ct, k0, K, D, best, arg, pf); break;
+      case 2: group_argmin<2, L>(xt, ct, k0, K, D, best, arg, pf); break;
+      case 3: if constexpr (MaxG >= 3) group_argmin<3, L>(xt, ct, k0, K, D, best, arg, pf); break;
+      case 4: if constexpr (MaxG >= 4) group_argmin<4, L>(xt, ct, k0, K, D, best, arg, pf); break;
+      default: if constexpr (MaxG >= 5) group_argmin<5, L>(xt, ct, k0, K, D, best, arg, pf); break;
+    }
+    k0 += G;
+    pf.na = pf.nb = 0;
+  }
+}
+
+// Points whose labels are found before any of them is added to the sums (see add_grouped); a multiple of the tile
+// widths.
 constexpr int kBlock = 64;
 
 // Adds the rows x[order[j]] to psum[k] for j in [start[k], start[k+1]) (the block's points grouped by cluster, in
 // point order inside a cluster, so the sums are exactly those of adding point after point). Going cluster by
 // cluster keeps up to 64 features of a sum in registers; adding each point to psum[label] straight after its
 // argmin instead made every add wait for the argmin and chain through memory (about a third of the pass).
-template <typename T>
+template <int L, typename T>
 VOSOPS_INLINE void add_grouped(const T* __restrict x, int64_t D, const int* order, const int* start, int64_t K,
                                T* __restrict psum) {
-  using V = typename Vec8<T>::type;
-  const int64_t Dv = D / 8 * 8;
+  using V = typename VecN<T, L>::type;
+  const int64_t Dv = D / L * L;
   for (int64_t k = 0; k < K; ++k) {
     const int b = start[k], e = start[k + 1];
     if (b == e) continue;
     T* s = psum + k * D;
     int64_t d0 = 0;
-    for (; d0 + 64 <= Dv; d0 += 64) {
+    for (; d0 + 8 * L <= Dv; d0 += 8 * L) {
       V acc[8];
 #pragma GCC unroll 8
-      for (int v = 0; v < 8; ++v) acc[v] = load8<V>(s + d0 + 8 * v);
+      for (int v = 0; v < 8; ++v) acc[v] = loadv<V>(s + d0 + L * v);
       for (int j = b; j < e; ++j) {
         const T* xr = x + order[j] * D + d0;
 #pragma GCC unroll 8
-        for (int v = 0; v < 8; ++v) acc[v] += load8<V>(xr + 8 * v);
+        for (int v = 0; v < 8; ++v) acc[v] += loadv<V>(xr + L * v);
       }
 #pragma GCC unroll 8
-      for (int v = 0; v < 8; ++v) __builtin_memcpy(s + d0 + 8 * v, &acc[v], sizeof(V));
+      for (int v = 0; v < 8; ++v) __builtin_memcpy(s + d0 + L * v, &acc[v], sizeof(V));
     }
-    for (; d0 < Dv; d0 += 8) {
-      V acc = load8<V>(s + d0);
-      for (int j = b; j < e; ++j) acc += load8<V>(x + order[j] * D + d0);
+    for (; d0 < Dv; d0 += L) {
+      V acc = loadv<V>(s + d0);
+      for (int j = b; j < e; ++j) acc += loadv<V>(x + order[j] * D + d0);
       __builtin_memcpy(s + d0, &acc, sizeof(V));
     }
     for (int64_t d = Dv; d < D; ++d) {
@@ -182,103 +244,117 @@ VOSOPS_INLINE void add_grouped(const T* __restrict x, int64_t D, const int* orde
   }
 }
 
-// One pass over the points [p0, p1) of one problem: label = nearest centre, mindist = its distance, and (when
-// psum is given) the point added to its cluster's partial sum psum (K, D) and count pcount (K) (zeroed here).
-// Returns whether any label differs from the one labels held before. KB > 0: K == KB known at compile time;
-// KB == 0: any K, with dist (K) as scratch.
-template <int KB, typename T>
-VOSOPS_INLINE bool pass_body(const T* __restrict x, int64_t D, const T* __restrict c, int64_t K, int64_t p0,
-                             int64_t p1, int64_t* __restrict labels, T* __restrict mindist, T* __restrict psum,
-                             int64_t* __restrict pcount, T* __restrict dist) {
+// One pass over the points [p0, p1) of one problem (p0 a multiple of kBlock): x its rows, xt the tiles of its
+// points from p0 on. label = nearest centre, mindist = its distance, and (when psum is given) the point added to
+// its cluster's partial sum psum (K, D) and count pcount (K) (zeroed here). scratch: 2K + 1 ints; ct: K D
+// elements. L: the lanes of the vectors. Returns whether any label differs from the one labels held before.
+template <int MaxG, int L, typename T>
+VOSOPS_INLINE bool pass_body(const T* __restrict x, const T* __restrict xt, int64_t D, const T* __restrict c,
+                             int64_t K, int64_t p0, int64_t p1, int64_t* __restrict labels, T* __restrict mindist,
+                             T* __restrict psum, int64_t* __restrict pcount, int* __restrict scratch,
+                             T* __restrict ct) {
+  using V = typename VecN<T, L>::type;
+  using I = decltype(V{} < V{});
+  constexpr int W = kTile<T>, P = W / L;
+  static_assert(kBlock % W == 0, "blocks of whole tiles");
+  // The centres transposed, (D, K): the distance loop reads a group's features through one pointer (one per
+  // centre ran out of registers).
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t d = 0; d < D; ++d) ct[d * K + k] = c[k * D + d];
   if (psum != nullptr) {
     std::fill(psum, psum + K * D, T(0));
     std::fill(pcount, pcount + K, int64_t(0));
   }
   bool changed = false;
-  int lab[kBlock];
+  int lab[kBlock], order[kBlock];
   for (int64_t i0 = p0; i0 < p1; i0 += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, p1 - i0));
-    for (int j = 0; j < n; ++j) {
-      const int64_t i = i0 + j;
-      T best;
-      int64_t arg;
-      if constexpr (KB > 0) {
-        arg = argmin8<KB>(dist_block<KB>(x + i * D, c, D), best);
-      } else {
-        dist_any(x + i * D, c, K, D, dist);
-        arg = argmin(dist, K, best);
+    for (int j0 = 0; j0 < n; j0 += W) {
+      const int m = std::min(W, n - j0);
+      // Fetched while the distances are computed, a line per feature (a burst of prefetches stalls the loads): the
+      // rows of these points, for the sums after the block (not read since the tiles were made), and the next tile
+      // (a tile row is 64 bytes). The loads wait on the caches without them (x and the tiles of a problem are
+      // twice the size of the L2 of many CPUs).
+      const bool next = i0 + j0 + W < p1;
+      const Prefetch<T> pf{x + (i0 + j0) * D, psum != nullptr ? (m * D * static_cast<int64_t>(sizeof(T)) + 63) / 64 : 0,
+                           next ? xt + (i0 - p0 + j0 + W) * D : xt, next ? D : 0};
+      V best[P];
+      I arg[P];
+      tile_argmin<MaxG, L>(xt + (i0 - p0 + j0) * D, ct, K, D, best, arg, pf);
+      for (int j = 0; j < m; ++j) {
+        const int64_t i = i0 + j0 + j;
+        const int64_t a = arg[j / L][j % L];
+        changed |= labels[i] != a;
+        labels[i] = a;
+        mindist[i] = best[j / L][j % L];
+        lab[j0 + j] = static_cast<int>(a);
       }
-      changed |= labels[i] != arg;
-      labels[i] = arg;
-      mindist[i] = best;
-      lab[j] = static_cast<int>(arg);
     }
     if (psum == nullptr) continue;
-    if constexpr (KB > 0) {
-      // counting sort of the block by cluster, then the grouped adds
-      int start[KB + 1] = {}, pos[KB], order[kBlock];
-      for (int j = 0; j < n; ++j) ++start[lab[j] + 1];
-      for (int k = 0; k < KB; ++k) {
-        pcount[k] += start[k + 1];
-        start[k + 1] += start[k];
-        pos[k] = start[k];
-      }
-      for (int j = 0; j < n; ++j) order[pos[lab[j]]++] = j;
-      add_grouped(x + i0 * D, D, order, start, KB, psum);
-    } else {
-      for (int j = 0; j < n; ++j) {
-        const T* xr = x + (i0 + j) * D;
-        T* s = psum + lab[j] * D;
-        for (int64_t d = 0; d < D; ++d) s[d] += xr[d];
-        pcount[lab[j]] += 1;
-      }
+    // counting sort of the block by cluster, then the grouped adds
+    int* start = scratch;        // K + 1
+    int* pos = scratch + K + 1;  // K
+    std::fill(start, start + K + 1, 0);
+    for (int j = 0; j < n; ++j) ++start[lab[j] + 1];
+    for (int64_t k = 0; k < K; ++k) {
+      pcount[k] += start[k + 1];
+      start[k + 1] += start[k];
+      pos[k] = start[k];
     }
+    for (int j = 0; j < n; ++j) order[pos[lab[j]]++] = j;
+    add_grouped<L>(x + i0 * D, D, order, start, K, psum);
   }
   return changed;
 }
 
-template <typename T>
-VOSOPS_INLINE bool pass_dispatch(const T* x, int64_t D, const T* c, int64_t K, int64_t p0, int64_t p1,
-                                 int64_t* labels, T* mindist, T* psum, int64_t* pcount, T* dist) {
-  switch (K) {
-    case 1: return pass_body<1>(x, D, c, K, p0, p1, labels, mindist, psum, pcount, dist);
-    case 2: return pass_body<2>(x, D, c, K, p0, p1, labels, mindist, psum, pcount, dist);
-    case 3: return pass_body<3>(x, D, c, K, p0, p1, labels, mindist, psum, pcount, dist);
-    case 4: return pass_body<4>(x, D, c, K, p0, p1, labels, mindist, psum, pcount, dist);
-    case 5: return pass_body<5>(x, D, c, K, p0, p1, labels, mindist, psum, pcount, dist);
-    case 6: return pass_body<6>(x, D, c, K, p0, p1, labels, mindist, psum, pcount, dist);
-    case 7: return pass_body<7>(x, D, c, K, p0, p1, labels, mindist, psum, pcount, dist);
-    case 8: return pass_body<8>(x, D, c, K, p0, p1, labels, mindist, psum, pcount, dist);
-    default: return pass_body<0>(x, D, c, K, p0, p1, labels, mindist, psum, pcount, dist);
-  }
-}
-
 // The pass is compiled twice, for AVX2 + FMA and for the baseline ISA, and picked once by what the CPU reports
-// (by feature, not by CPU model, so AMD and Intel both get the AVX2 path). Results are reproducible on a given
-// machine (FMA contraction differs between the two paths).
+// (by feature, not by CPU model, so AMD and Intel both get the AVX2 path); VOSOPS_KMEANS_PORTABLE=1 forces the
+// baseline one (tests run it that way on AVX2 machines). Results are reproducible on a given machine (FMA
+// contraction differs between the two paths). The baseline clone groups at most 2 centres: its 16 SSE registers
+// hold 8 accumulators.
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define VOSOPS_KMEANS_AVX2 __attribute__((target("avx2,fma")))
-const bool kUseAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+const bool kUseAvx2 = std::getenv("VOSOPS_KMEANS_PORTABLE") == nullptr && __builtin_cpu_supports("avx2") &&
+                      __builtin_cpu_supports("fma");
 #else
 #define VOSOPS_KMEANS_AVX2
 const bool kUseAvx2 = false;
 #endif
 
 template <typename T>
-VOSOPS_KMEANS_AVX2 bool pass_avx2(const T* x, int64_t D, const T* c, int64_t K, int64_t p0, int64_t p1,
-                                  int64_t* labels, T* mindist, T* psum, int64_t* pcount, T* dist) {
-  return pass_dispatch(x, D, c, K, p0, p1, labels, mindist, psum, pcount, dist);
+VOSOPS_KMEANS_AVX2 bool pass_avx2(const T* x, const T* xt, int64_t D, const T* c, int64_t K, int64_t p0, int64_t p1,
+                                  int64_t* labels, T* mindist, T* psum, int64_t* pcount, int* scratch, T* ct) {
+  return pass_body<5, 32 / sizeof(T)>(x, xt, D, c, K, p0, p1, labels, mindist, psum, pcount, scratch, ct);
 }
 template <typename T>
-bool pass_base(const T* x, int64_t D, const T* c, int64_t K, int64_t p0, int64_t p1, int64_t* labels, T* mindist,
-               T* psum, int64_t* pcount, T* dist) {
-  return pass_dispatch(x, D, c, K, p0, p1, labels, mindist, psum, pcount, dist);
+bool pass_base(const T* x, const T* xt, int64_t D, const T* c, int64_t K, int64_t p0, int64_t p1, int64_t* labels,
+               T* mindist, T* psum, int64_t* pcount, int* scratch, T* ct) {
+  return pass_body<2, 16 / sizeof(T)>(x, xt, D, c, K, p0, p1, labels, mindist, psum, pcount, scratch, ct);
 }
 template <typename T>
-bool pass(const T* x, int64_t D, const T* c, int64_t K, int64_t p0, int64_t p1, int64_t* labels, T* mindist, T* psum,
-          int64_t* pcount, T* dist) {
-  return kUseAvx2 ? pass_avx2(x, D, c, K, p0, p1, labels, mindist, psum, pcount, dist)
-                  : pass_base(x, D, c, K, p0, p1, labels, mindist, psum, pcount, dist);
+bool pass(const T* x, const T* xt, int64_t D, const T* c, int64_t K, int64_t p0, int64_t p1, int64_t* labels,
+          T* mindist, T* psum, int64_t* pcount, int* scratch, T* ct) {
+  return kUseAvx2 ? pass_avx2(x, xt, D, c, K, p0, p1, labels, mindist, psum, pcount, scratch, ct)
+                  : pass_base(x, xt, D, c, K, p0, p1, labels, mindist, psum, pcount, scratch, ct);
+}
+
+template <typename T>
+VOSOPS_KMEANS_AVX2 void make_tiles_avx2(const T* x, int64_t D, int64_t p0, int64_t p1, T* xt) {
+  make_tiles_body(x, D, p0, p1, xt);
+}
+template <typename T>
+void make_tiles_base(const T* x, int64_t D, int64_t p0, int64_t p1, T* xt) {
+  make_tiles_body(x, D, p0, p1, xt);
+}
+template <typename T>
+void make_tiles(const T* x, int64_t D, int64_t p0, int64_t p1, T* xt) {
+  kUseAvx2 ? make_tiles_avx2(x, D, p0, p1, xt) : make_tiles_base(x, D, p0, p1, xt);
+}
+
+// Scratch memory of one thread's pass (at::empty: 64-byte aligned, so tile rows do not straddle cache lines).
+template <typename T>
+at::Tensor scratch_tensor(int64_t n) {
+  return at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
 // sums (K, D) and counts (K) of a problem: its nchunk partials added in chunk order.
@@ -328,13 +404,18 @@ void relocate_empty(const T* x, int64_t len, int64_t D, int64_t K, const int64_t
 // Lloyd iterations for a set of problems, each exactly as the reference's lloyd: step (labels, sums, counts),
 // relocation of empty clusters, centre = mean (kept when the cluster is empty), stop when no label changed or the
 // squared centre shift summed over centres is <= tol[b], at most `iters` iterations; then the final assignment to
-// the final centres. The passes over (problem, chunk) run through at::parallel_for (inline when already inside a
-// parallel region: then this thread does all the work of these problems with no synchronisation).
+// the final centres. The problems' points are tiled once (a copy of their size) and every pass reads the tiles for
+// the distances and x for the sums. The passes over (problem, chunk) run through at::parallel_for (inline when
+// already inside a parallel region: then this thread does all the work of these problems with no synchronisation).
 template <typename T>
 void lloyd(const T* x, const int64_t* lengths, int64_t N, int64_t D, int64_t K, const std::vector<int64_t>& probs,
            int64_t iters, const T* tol, T* centers, int64_t* labels, T* mindist, int64_t* n_iter) {
   const int64_t P = static_cast<int64_t>(probs.size());
   const int64_t maxchunk = (N + kChunk - 1) / kChunk;
+  static_assert(kChunk % kBlock == 0, "chunks of whole blocks");
+  const int64_t tiled = (N + kTile<T> - 1) / kTile<T> * kTile<T> * D;  // the tiles of one problem
+  const at::Tensor xt_mem = scratch_tensor<T>(P * tiled);
+  T* xt = xt_mem.data_ptr<T>();
   std::vector<T> psum(static_cast<size_t>(P * maxchunk * K * D)), sums(static_cast<size_t>(K * D));
   std::vector<int64_t> pcount(static_cast<size_t>(P * maxchunk * K)), counts(static_cast<size_t>(K));
   std::vector<int64_t> active;  // indices into probs
@@ -348,14 +429,16 @@ void lloyd(const T* x, const int64_t* lengths, int64_t N, int64_t D, int64_t K, 
   // One pass over every task; with_sums: the Lloyd step, else the final assignment.
   auto run_tasks = [&](bool with_sums) {
     at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> dist(static_cast<size_t>(K));
+      std::vector<int> scratch(static_cast<size_t>(2 * K + 1));
+      std::vector<T> ct(static_cast<size_t>(K * D));
       for (int64_t t = begin; t < end; ++t) {
         const auto [j, ch] = tasks[t];
         const int64_t b = probs[j], len = lengths[b];
         const int64_t slot = j * maxchunk + ch;
-        changed[slot] = pass(x + b * N * D, D, centers + b * K * D, K, ch * kChunk, std::min(len, (ch + 1) * kChunk),
-                             labels + b * N, mindist + b * N, with_sums ? psum.data() + slot * K * D : nullptr,
-                             with_sums ? pcount.data() + slot * K : nullptr, dist.data());
+        changed[slot] = pass(x + b * N * D, xt + j * tiled + ch * kChunk * D, D, centers + b * K * D, K, ch * kChunk,
+                             std::min(len, (ch + 1) * kChunk), labels + b * N, mindist + b * N,
+                             with_sums ? psum.data() + slot * K * D : nullptr,
+                             with_sums ? pcount.data() + slot * K : nullptr, scratch.data(), ct.data());
       }
     });
   };
@@ -366,6 +449,15 @@ void lloyd(const T* x, const int64_t* lengths, int64_t N, int64_t D, int64_t K, 
     n_iter[b] = 0;
     active.push_back(j);
   }
+  make_tasks();  // the tiles of every problem, once for all iterations
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const auto [j, ch] = tasks[t];
+      const int64_t b = probs[j];
+      make_tiles(x + b * N * D, D, ch * kChunk, std::min(lengths[b], (ch + 1) * kChunk),
+                 xt + j * tiled + ch * kChunk * D);
+    }
+  });
   for (int64_t it = 0; it < iters && !active.empty(); ++it) {
     make_tasks();
     run_tasks(true);
@@ -437,14 +529,19 @@ std::vector<at::Tensor> run_cpu(const char* op, const at::Tensor& x_in, const at
     std::vector<scalar_t> psum(accumulate ? static_cast<size_t>(B * nchunk * K * D) : 0);
     std::vector<int64_t> pcount(accumulate ? static_cast<size_t>(B * nchunk * K) : 0);
     at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> dist(static_cast<size_t>(K));
+      // a single pass: each chunk is tiled just before it is read
+      const at::Tensor tiles = scratch_tensor<scalar_t>(kChunk * D);
+      scalar_t* xt = tiles.data_ptr<scalar_t>();
+      std::vector<int> scratch(static_cast<size_t>(2 * K + 1));
+      std::vector<scalar_t> ct(static_cast<size_t>(K * D));
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / nchunk, ch = task % nchunk;
         const int64_t p0 = ch * kChunk, p1 = std::min(N, p0 + kChunk);
         const int64_t stop = std::clamp<int64_t>(len[b], p0, p1);  // padding from here: ignored
-        pass(xp + b * N * D, D, cp + b * K * D, K, p0, stop, lab + b * N, md + b * N,
+        make_tiles(xp + b * N * D, D, p0, stop, xt);
+        pass(xp + b * N * D, xt, D, cp + b * K * D, K, p0, stop, lab + b * N, md + b * N,
              accumulate ? psum.data() + task * K * D : nullptr, accumulate ? pcount.data() + task * K : nullptr,
-             dist.data());
+             scratch.data(), ct.data());
         std::fill(lab + b * N + stop, lab + b * N + p1, int64_t(-1));
         std::fill(md + b * N + stop, md + b * N + p1, scalar_t(0));
       }

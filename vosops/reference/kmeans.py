@@ -140,6 +140,8 @@ def scaled_tol(x: torch.Tensor, lengths: torch.Tensor, tol: float) -> torch.Tens
     """scikit-learn's tolerance per problem: tol * mean over features of the (population) variance."""
     acc = acc_dtype(x.dtype)
     B, N, D = x.shape
+    if tol == 0:  # no pass over x for a product with 0 (x is finite)
+        return torch.zeros(B, dtype=acc, device=x.device)
     if x.device.type == "cpu" and x.dtype == acc and bool((lengths == N).all()):
         # no padding: two fast reductions and no temporaries, mean_d var_d = E|x|^2 / D - mean_d(E[x_d]^2)
         mean = x.sum(1) / N
