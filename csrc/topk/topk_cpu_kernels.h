@@ -197,8 +197,9 @@ VOSOPS_TOPK_CLONES void sparse_grad_key_portable(const T* kj, const T* vj, T* dk
   }
 }
 
-// Rows per block of the vectorised sparse backward: 16 rows of q, g and dq (D = 64) take 12 KB of L1.
-constexpr int64_t kSparseBlock = 16;
+// Rows per block of the vectorised sparse backward: a whole key's rows in the benchmarked configurations (about 40
+// to 60 queries keep a key); per-block overheads made 8- and 16-row blocks 10-20% slower, 32 rows about the same.
+constexpr int64_t kSparseBlock = 64;
 
 #if VOSOPS_TOPK_AVX2
 __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
@@ -296,8 +297,8 @@ __attribute__((target("avx2,fma"))) inline void scattered_axpy_avx2(float* base,
   }
 }
 
-// The same key backward as sparse_grad_key_portable, in blocks of rows small enough to stay in L1 across the
-// block's five passes, each keeping its fixed operand in registers. `work` holds 2 * kSparseBlock values.
+// The same key backward as sparse_grad_key_portable, in blocks of rows, five passes per block, each keeping its
+// fixed operand in registers. `work` holds 2 * kSparseBlock values.
 __attribute__((target("avx2,fma"))) inline void sparse_grad_key_avx2(const float* kj, const float* vj, float* dkj,
                                                                      float* dvj, const int32_t* rows, int64_t n,
                                                                      const float* q, const float* g, float* dq,
