@@ -445,6 +445,23 @@ def test_topk_attention_backend_matches_reference(backend, device, layout):
 
 
 @pytest.mark.parametrize("backend,device", [p for p in ATT_BACKENDS if p.values[0] == "cpu"])
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+def test_cpu_backward_tiles_and_wide_rows(backend, device, layout):
+    """The cpu backward's shape edges: more queries than one backward tile (dK, dV summed over tiles), head widths
+    that leave a 64-column block, an 8-column chunk and a scalar tail in the vectorised sparse kernel, keys kept by
+    more queries than one of its row blocks, and fewer queries than one block."""
+    for (M, L, D, Dv, topk, dense) in [(530, 340, 75, 70, 50, 40), (5, 30, 9, 17, 4, 3)]:
+        q, k, v = attention_inputs(1, 2, M, L, D, Dv, device)
+        for dtype in (torch.float32, torch.float64):
+            testing.check_against_reference(
+                lambda q, k, v: vosops.topk_attention(q, k, v, topk=topk, scale=0.25, dense_keys=dense,
+                                                      backend=backend),
+                lambda q, k, v: reference.topk_attention(q, k, v, topk=topk, scale=0.25, dense_keys=dense),
+                {"q": q, "k": k, "v": v}, dtype=dtype, grad_inputs=("q", "k", "v"), layout=layout,
+            )
+
+
+@pytest.mark.parametrize("backend,device", [p for p in ATT_BACKENDS if p.values[0] == "cpu"])
 def test_cpu_gradcheck(backend, device):
     q = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True)

