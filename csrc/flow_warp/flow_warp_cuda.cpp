@@ -1,8 +1,8 @@
 // flow_warp CUDA glue: checks, allocation and the launch on PyTorch's current stream. Built only with CUDA.
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/cuda_glue.h"
 #include "common/native.h"
 #include "flow_warp/flow_warp.h"
 #include "flow_warp/flow_warp_cuda.cuh"
@@ -10,10 +10,6 @@
 namespace vosops {
 namespace flow_warp {
 namespace {
-
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
 
 at::Tensor flow_warp_cuda(const at::Tensor& x, const at::Tensor& flow, c10::string_view mode_name,
                           c10::string_view padding_name) {
@@ -23,7 +19,7 @@ at::Tensor flow_warp_cuda(const at::Tensor& x, const at::Tensor& flow, c10::stri
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = new_output(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   check_launch(forward_cuda(to_dtype(x.scalar_type()), x.const_data_ptr(), shape4(x), flow.const_data_ptr(),
-                            shape4(flow), out.data_ptr(), mode, pad, c10::cuda::getCurrentCUDAStream().stream()),
+                            shape4(flow), out.data_ptr(), mode, pad, current_stream()),
                "flow_warp");
   return out;
 }
@@ -39,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> flow_warp_backward_cuda(const at::Tensor& gra
                              x.const_data_ptr(), shape4(x), flow.const_data_ptr(), shape4(flow),
                              need_x_grad ? b.grad_x_acc.data_ptr() : nullptr,
                              b.flow_kernel ? b.grad_flow.data_ptr() : nullptr, b.mode, b.pad,
-                             c10::cuda::getCurrentCUDAStream().stream()),
+                             current_stream()),
                "flow_warp_backward");
   return finish_backward(b, x);
 }

@@ -1,9 +1,9 @@
 // kmeans CUDA glue: checks, allocation and the launches on PyTorch's current stream. Built only with CUDA.
 // lengths are clamped to [0, N] by the kernel (checking them here would synchronise); vosops.kmeans validates them.
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/cuda_glue.h"
 #include "common/native.h"
 #include "kmeans/kmeans.h"
 #include "kmeans/kmeans_cuda.cuh"
@@ -37,10 +37,10 @@ std::vector<at::Tensor> run_cuda(const char* op, const at::Tensor& x_in, const a
       step_cuda(dtype, x.const_data_ptr(), B, N, D, lengths.const_data_ptr<int64_t>(), centers.const_data_ptr(), K,
                 labels.data_ptr<int64_t>(), mindist.data_ptr(), accumulate ? sums.data_ptr() : nullptr,
                 accumulate ? counts.data_ptr<int64_t>() : nullptr, accumulate ? workspace.data_ptr() : nullptr,
-                c10::cuda::getCurrentCUDAStream().stream());
+                current_stream());
   TORCH_CHECK(err != cudaErrorInvalidValue, op, ": K * D = ", K * D,
               " centre values do not fit in the GPU's shared memory; use the triton or reference backend");
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+  check_launch(err, op);
   if (accumulate) return {labels, mindist, sums, counts};
   return {labels, mindist};
 }

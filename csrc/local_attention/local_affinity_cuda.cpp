@@ -1,11 +1,11 @@
 // local_affinity / local_aggregate CUDA glue: checks, fp32 contiguous copies, rounded offsets, launches on the
 // current stream. float32 / float16 / bfloat16 (accumulated in fp32); float64 runs on the cpu/reference backends.
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <limits>
 
+#include "common/cuda_glue.h"
 #include "common/native.h"
 #include "local_attention/local_affinity.h"
 #include "local_attention/local_affinity_cuda.cuh"
@@ -14,18 +14,12 @@ namespace vosops {
 namespace local_affinity {
 namespace {
 
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
-
 void check_cuda_dtype(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
                    op, ": the cuda backend takes float32, float16 or bfloat16 ", name, ", got ", t.scalar_type());
 }
 
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // The reference's rounding (half away from zero, exact; non-finite and huge offsets to +-L), on the device.
 at::Tensor round_offsets_device(const std::optional<at::Tensor>& offsets, const Geometry& g) {
@@ -50,7 +44,7 @@ at::Tensor local_affinity_cuda(const at::Tensor& q, const at::Tensor& k, const s
     g.offsets = off.defined() ? off.const_data_ptr<int32_t>() : nullptr;
     const float fill = border == "zero" ? 0.f : -std::numeric_limits<float>::infinity();
     check_launch(scores_cuda(g, qf.const_data_ptr<float>(), kf.const_data_ptr<float>(), q.size(1),
-                             static_cast<float>(scale), fill, out.data_ptr<float>(), stream()),
+                             static_cast<float>(scale), fill, out.data_ptr<float>(), current_stream()),
                  "local_affinity");
   }
   return out.to(q.scalar_type());
@@ -78,13 +72,13 @@ std::tuple<at::Tensor, at::Tensor> local_affinity_backward_cuda(const at::Tensor
     if (need_q) {
       const at::Tensor kf = f32(k);
       check_launch(gather_cuda(g, gf.const_data_ptr<float>(), kf.const_data_ptr<float>(), q.size(1), s,
-                               gq.data_ptr<float>(), stream()),
+                               gq.data_ptr<float>(), current_stream()),
                    "local_affinity_backward");
     }
     if (need_k) {
       const at::Tensor qf = f32(q);
       check_launch(scatter_cuda(g, gf.const_data_ptr<float>(), qf.const_data_ptr<float>(), q.size(1), s,
-                                gk.data_ptr<float>(), stream()),
+                                gk.data_ptr<float>(), current_stream()),
                    "local_affinity_backward");
     }
   } else if (need_q) {
@@ -104,7 +98,7 @@ at::Tensor local_aggregate_cuda(const at::Tensor& weights, const at::Tensor& v,
     const at::Tensor off = round_offsets_device(offsets, g), wf = f32(weights), vf = f32(v);
     g.offsets = off.defined() ? off.const_data_ptr<int32_t>() : nullptr;
     check_launch(gather_cuda(g, wf.const_data_ptr<float>(), vf.const_data_ptr<float>(), Cv, 1.f,
-                             out.data_ptr<float>(), stream()),
+                             out.data_ptr<float>(), current_stream()),
                  "local_aggregate");
   }
   return out.to(v.scalar_type());
@@ -130,13 +124,13 @@ std::tuple<at::Tensor, at::Tensor> local_aggregate_backward_cuda(const at::Tenso
     if (need_weights) {  // an unscaled affinity of grad_out against v, 0 out of frame
       const at::Tensor vf = f32(v);
       check_launch(scores_cuda(g, gf.const_data_ptr<float>(), vf.const_data_ptr<float>(), Cv, 1.f, 0.f,
-                               gw.data_ptr<float>(), stream()),
+                               gw.data_ptr<float>(), current_stream()),
                    "local_aggregate_backward");
     }
     if (need_v) {
       const at::Tensor wf = f32(weights);
       check_launch(scatter_cuda(g, wf.const_data_ptr<float>(), gf.const_data_ptr<float>(), Cv, 1.f,
-                                gv.data_ptr<float>(), stream()),
+                                gv.data_ptr<float>(), current_stream()),
                    "local_aggregate_backward");
     }
   }

@@ -1,8 +1,8 @@
 // local_attention CUDA glue: checks, channels-last fp32 copies, rounded offsets, launch on the current stream.
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/cuda_glue.h"
 #include "common/native.h"
 #include "local_attention/local_attention.h"
 #include "local_attention/local_attention_cuda.cuh"
@@ -10,10 +10,6 @@
 namespace vosops {
 namespace local_attention {
 namespace {
-
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
 
 void check_cuda_inputs(const at::Tensor& q, const Config& c) {
   TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
@@ -91,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_cuda(
     const Prepared r = prepare(c, q, k, v, offsets);
     check_launch(forward_cuda(r.p, out.data_ptr<float>(), stats.data_ptr<float>(),
                               c.topk ? top_logits.data_ptr<float>() : nullptr,
-                              c.topk ? top_index.data_ptr<int64_t>() : nullptr, c10::cuda::getCurrentCUDAStream().stream()),
+                              c.topk ? top_index.data_ptr<int64_t>() : nullptr, current_stream()),
                  "local_attention");
   }
   return {out.to(q.scalar_type()), stats, top_logits.to(q.scalar_type()), top_index};
@@ -120,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_backward_cuda(
     check_launch(backward_cuda(r.p, g.const_data_ptr<float>(), with_gl ? gl.const_data_ptr<float>() : nullptr,
                                st.const_data_ptr<float>(), c.topk ? idx.const_data_ptr<int64_t>() : nullptr,
                                need_q ? dq.data_ptr<float>() : nullptr, need_k ? dk.data_ptr<float>() : nullptr,
-                               need_v ? dv.data_ptr<float>() : nullptr, c10::cuda::getCurrentCUDAStream().stream()),
+                               need_v ? dv.data_ptr<float>() : nullptr, current_stream()),
                  "local_attention_backward");
   }
   const auto st = q.scalar_type();

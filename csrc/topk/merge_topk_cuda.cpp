@@ -1,8 +1,8 @@
 // merge_topk CUDA glue: checks, allocation and the launch on PyTorch's current stream. Built only with CUDA.
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/cuda_glue.h"
 #include "common/native.h"
 #include "topk/merge_topk.h"
 #include "topk/merge_topk_cuda.cuh"
@@ -23,8 +23,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_topk_cuda_op(const at::Tens
   const cudaError_t err = merge_topk_cuda(to_dtype(logits.scalar_type()), logits.const_data_ptr(),
                                           index.const_data_ptr<int64_t>(), B * M, N, topk, out_l.data_ptr(),
                                           out_i.data_ptr<int64_t>(), out_s.data_ptr<int64_t>(),
-                                          c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "merge_topk: CUDA launch failed: ", cudaGetErrorString(err));
+                                          current_stream());
+  check_launch(err, "merge_topk");
   return {out_l, out_i, out_s};
 }
 

@@ -1,9 +1,9 @@
 // topk_aggregate CUDA glue: the CPU glue's checks (the index range as a device-side assert: no host sync per
 // call), allocation and the launches on PyTorch's current stream. Built only with CUDA.
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/cuda_glue.h"
 #include "common/native.h"
 #include "topk/topk.h"
 #include "topk/topk_aggregate_cuda.cuh"
@@ -11,15 +11,6 @@
 namespace vosops {
 namespace topk {
 namespace {
-
-Shape3 shape3_of(const at::Tensor& t) {
-  Shape3 s;
-  for (int i = 0; i < 3; ++i) {
-    s.size[i] = t.size(i);
-    s.stride[i] = t.stride(i);
-  }
-  return s;
-}
 
 int64_t threshold_k(c10::string_view normalize, int64_t k) {
   if (parse_normalize(normalize) == Normalize::Softmax) return 0;
@@ -38,9 +29,9 @@ at::Tensor topk_aggregate_cuda_op(const at::Tensor& logits_in, const at::Tensor&
   at::Tensor ws = at::empty({B * M * K}, logits.options().dtype(acc_type(logits.scalar_type())));
   const cudaError_t err = topk_aggregate_forward_cuda(
       to_dtype(logits.scalar_type()), logits.const_data_ptr(), index.const_data_ptr<int64_t>(),
-      values.const_data_ptr(), shape3_of(values), M, K, kth, ws.data_ptr(), out.data_ptr(),
-      c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "topk_aggregate: CUDA launch failed: ", cudaGetErrorString(err));
+      values.const_data_ptr(), shape_of<Shape3>(values), M, K, kth, ws.data_ptr(), out.data_ptr(),
+      current_stream());
+  check_launch(err, "topk_aggregate");
   return out;
 }
 
@@ -62,11 +53,11 @@ std::tuple<at::Tensor, at::Tensor> topk_aggregate_backward_cuda_op(const at::Ten
   if (need_logits || need_values) {
     at::Tensor ws = at::empty({3 * B * M * K}, logits.options().dtype(acc));
     const cudaError_t err = topk_aggregate_backward_cuda(
-        to_dtype(logits.scalar_type()), grad.const_data_ptr(), shape3_of(grad), logits.const_data_ptr(),
-        index.const_data_ptr<int64_t>(), values.const_data_ptr(), shape3_of(values), M, K, kth, ws.data_ptr(),
+        to_dtype(logits.scalar_type()), grad.const_data_ptr(), shape_of<Shape3>(grad), logits.const_data_ptr(),
+        index.const_data_ptr<int64_t>(), values.const_data_ptr(), shape_of<Shape3>(values), M, K, kth, ws.data_ptr(),
         need_logits ? gl.data_ptr() : nullptr, need_values ? gv_acc.data_ptr() : nullptr,
-        c10::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, "topk_aggregate_backward: CUDA launch failed: ", cudaGetErrorString(err));
+        current_stream());
+    check_launch(err, "topk_aggregate_backward");
   }
   at::Tensor gv = need_values ? gv_acc.to(values.scalar_type()) : values.new_empty({0});
   return {gl, gv};

@@ -1,8 +1,8 @@
 // topk CUDA glue: checks, allocation and the launches on PyTorch's current stream. Built only with CUDA.
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/cuda_glue.h"
 #include "common/native.h"
 #include "topk/topk.h"
 #include "topk/topk_cuda.cuh"
@@ -11,19 +11,6 @@ namespace vosops {
 namespace topk {
 namespace {
 
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
-
-Shape3 shape3(const at::Tensor& t) {
-  Shape3 s;
-  for (int i = 0; i < 3; ++i) {
-    s.size[i] = t.size(i);
-    s.stride[i] = t.stride(i);
-  }
-  return s;
-}
-
 std::tuple<at::Tensor, at::Tensor> global_topk_cuda_op(const at::Tensor& q, const at::Tensor& k, int64_t topk,
                                                        double scale, const std::optional<at::Tensor>& key_mask) {
   const at::Tensor mask = check_global_topk_args(q, k, topk, key_mask);
@@ -31,9 +18,10 @@ std::tuple<at::Tensor, at::Tensor> global_topk_cuda_op(const at::Tensor& q, cons
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out_l = new_output({B, M, topk}, q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor out_i = new_output({B, M, topk}, q.options().dtype(at::kLong));
-  check_launch(global_topk_cuda(to_dtype(q.scalar_type()), q.const_data_ptr(), shape3(q), k.const_data_ptr(),
-                                shape3(k), mask.defined() ? mask.const_data_ptr<bool>() : nullptr, topk, scale,
-                                out_l.data_ptr(), out_i.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
+  check_launch(global_topk_cuda(to_dtype(q.scalar_type()), q.const_data_ptr(), shape_of<Shape3>(q),
+                                k.const_data_ptr(), shape_of<Shape3>(k),
+                                mask.defined() ? mask.const_data_ptr<bool>() : nullptr, topk, scale, out_l.data_ptr(),
+                                out_i.data_ptr<int64_t>(), current_stream()),
                "global_topk");
   return {out_l, out_i};
 }
@@ -53,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_cuda_op(const at::
                                            k.const_data_ptr(), shape4(k), v.const_data_ptr(), shape4(v), dense, kk,
                                            scale, out.data_ptr(), lse.data_ptr(),
                                            kk > 0 ? index.data_ptr<int64_t>() : nullptr,
-                                           c10::cuda::getCurrentCUDAStream()),
+                                           current_stream()),
                "topk_attention");
   return {out, lse, index};
 }
@@ -76,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward_cuda_op(
                                             v.const_data_ptr(), shape4(v), o.const_data_ptr(), l.const_data_ptr(),
                                             kk > 0 ? ix.const_data_ptr<int64_t>() : nullptr, dense, kk, scale,
                                             dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-                                            c10::cuda::getCurrentCUDAStream()),
+                                            current_stream()),
                "topk_attention_backward");
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
 }
