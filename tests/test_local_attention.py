@@ -8,13 +8,14 @@
 """
 
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import vosops
-from vosops import reference, testing
+from vosops import _backends, reference, testing
 from vosops.reference.local_attention import round_offsets
 
 from conftest import backend_device_params
@@ -358,6 +359,28 @@ def test_backend_ties_indices_exact(backend, device):
         torch.testing.assert_close(got.double().cpu(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="compiled Triton always merges with tl.topk")
+@pytest.mark.skipif(_backends.why_unusable("triton", "local_attention", "cpu") is not None,
+                    reason="triton not usable on CPU here")
+def test_triton_topk_merge_matches_rank_merge_under_interpreter(monkeypatch):
+    """Compiled, the Triton kernel keeps its running top-k with tl.topk; the interpreter normally uses the rank
+    merge. Force tl.topk here so the compiled path's selection (ties and all) is checked on CPU too."""
+    monkeypatch.setenv("VOSOPS_TRITON_SORT", "1")
+    g = torch.Generator().manual_seed(5)
+    B, C, H, W, N = 1, 2, 5, 6, 2
+    q = torch.randint(-1, 2, (B, C, H, W), generator=g).float()
+    k = torch.randint(-1, 2, (B, N, C, H, W), generator=g).float()
+    v = torch.randn(B, N, 3, H, W, generator=g)
+    offsets = rand_offsets(B, N, H, W, device="cpu")
+    for kw in (dict(topk=7, border="zero"), dict(topk=20, border="mask"), dict(topk=5, normalize="threshold")):
+        got, (lg, idx) = vosops.local_attention(q, k, v, radius=2, offsets=offsets, return_topk=True,
+                                                backend="triton", **kw)
+        ref, (rlg, ridx) = vosops.local_attention(q.double(), k.double(), v.double(), radius=2,
+                                                  offsets=offsets.double(), return_topk=True, backend="reference", **kw)
+        assert torch.equal(idx, ridx), kw
+        torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_backend_no_valid_candidate_is_zero_not_nan(backend, device):
     B, C, H, W, N = 1, 3, 4, 5, 2
@@ -626,3 +649,24 @@ def test_triton_kernels_compile_for_gpu():
     if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr:
         pytest.skip("triton cannot find ptxas here")
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+@pytest.mark.skipif(_backends.why_unusable("triton", "local_attention", "cpu") is not None,
+                    reason="triton not usable on CPU here")
+def test_triton_compiled_tiles_fit_registers(monkeypatch):
+    """The compiled kernels keep (BQ, KP, CB) and (BQ, KP, CVP) tiles in registers: their sizes stay bounded
+    whatever topk, channels and value channels are (tests/triton_aot.py compiles them)."""
+    from vosops.triton import local_attention as tla
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for topk in (0, 5, 36, 64, 100, 256):  # 0: no top-k (the op passes 0 for None)
+        for C in (1, 3, 64, 384):
+            for CV in (1, 7, 64):
+                q, k, v = torch.empty(1, C, 4, 4), torch.empty(1, 1, C, 4, 4), torch.empty(1, 1, CV, 4, 4)
+                mt = tla._meta(q, k, v, 12, "square", topk, "softmax")
+                bq, cb = tla._tiles(10_000, mt)
+                for n in (bq, cb):
+                    assert n & (n - 1) == 0
+                assert 1 <= bq <= 16 and 2 <= cb <= 32
+                assert bq * mt["KP"] * cb <= max(tla._TILE_ELEMENTS, bq * mt["KP"] * 2)
+                assert bq * mt["KP"] * mt["CVP"] <= max(2 * tla._TILE_ELEMENTS, mt["KP"] * mt["CVP"])

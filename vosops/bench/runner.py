@@ -23,8 +23,12 @@ def device_name(device: str) -> str:
 def run_cases(cases: Iterable[Case], *, budget_s: float = 1.0, memory: bool = True, log=print) -> list[dict]:
     rows = []
     for case in cases:
-        fn = case.setup()
-        t = measure_ms(fn, case.device, budget_s=budget_s)
+        try:
+            fn = case.setup()
+            t = measure_ms(fn, case.device, budget_s=budget_s)
+        except Exception as exc:  # one broken case must not lose the others' numbers; it is reported, not timed
+            log(f"  {case.name}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            continue
         row = {
             "op": case.op, "config": case.config, "device": case.device, "device_name": device_name(case.device),
             "dtype": case.dtype, "direction": case.direction, "impl": case.impl, "baseline": case.baseline,

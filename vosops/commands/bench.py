@@ -55,6 +55,9 @@ def run(args) -> int:
     from vosops.bench.runner import run_cases
 
     rows = run_cases(cases, budget_s=args.budget, memory=not args.no_memory)
+    if not rows:
+        print("vosops bench: every case failed")
+        return 1
     print()
     print(format_table(rows))
     json_path = os.path.join(args.out, "results.json")

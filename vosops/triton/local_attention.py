@@ -38,11 +38,28 @@ _NO_KEY = -9223000000000000000
 _MODES = {"all": 0, "topk": 1, "threshold": 2}
 
 
-def _block_q(queries: int) -> int:
-    """Queries per program: 16 on a GPU; under the interpreter one wide block is far cheaper (numpy per op)."""
+# Elements of one (queries, candidates, channels) tile that a program keeps in registers: 32 a thread at 4 warps
+# (each also needs a 64-bit address while it is gathered).
+_TILE_ELEMENTS = 4096
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def _tiles(queries: int, mt: dict) -> tuple[int, int]:
+    """(BQ, CB): queries per program and the channel block of the score loop.
+
+    Compiled, the (BQ, KP, CB) key tile and the (BQ, KP, CVP) value tile live in registers, so CB shrinks as the
+    candidate chunk KP (the padded topk) grows, and BQ drops below 16 only when even the value tile is too large:
+    at KP = 64, CB = 32 the key tile alone would be 256 registers a thread and ptxas takes minutes. Under the
+    interpreter one wide block is far cheaper (numpy per op) and registers do not exist."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return min(128, max(16, triton.next_power_of_2(queries)))
-    return 16
+        return min(128, max(16, triton.next_power_of_2(queries))), min(32, max(2, triton.next_power_of_2(mt["C"])))
+    kp, cvp = mt["KP"], mt["CVP"]
+    bq = max(1, min(16, _pow2_floor(2 * _TILE_ELEMENTS // (kp * cvp))))
+    cb = max(2, min(32, triton.next_power_of_2(mt["C"]), _pow2_floor(_TILE_ELEMENTS // (bq * kp))))
+    return bq, cb
 
 
 @triton.jit
@@ -59,19 +76,30 @@ def _unpack_score(key):
     return tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
 
 
+def _sort_merge() -> bool:
+    """Compiled: merge with tl.topk (a bitonic network). Under the interpreter, whose tl.topk is very slow, with the
+    rank merge below; VOSOPS_TRITON_SORT=1 forces tl.topk there too (tests run both)."""
+    return os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("VOSOPS_TRITON_SORT") == "1"
+
+
 @triton.jit
-def _merge_topk(run, key, BQ: tl.constexpr, KP: tl.constexpr):
-    """The KP largest of run (BQ, KP) and key (BQ, KP), in descending order: each element's rank is the number of
-    elements above it (equal keys, i.e. the padding, are ranked by position), and slot r takes rank r. Only
-    compares and sums, so it runs alike compiled and under the interpreter (whose tl.sort is very slow)."""
+def _merge_topk(run, key, BQ: tl.constexpr, KP: tl.constexpr, SORT: tl.constexpr):
+    """The KP largest of run (BQ, KP) and key (BQ, KP), in descending order (keys are distinct but for the padding,
+    whose copies are equal, so both ways give the same list). SORT: tl.topk. Else each element's rank is the number
+    of elements above it (equal keys ranked by position) and slot r takes rank r: only compares and sums, but
+    (BQ, 2KP, 2KP) of them, which is cheap under the interpreter and far too large for a GPU's registers."""
     comb = tl.reshape(tl.join(run, key), (BQ, 2 * KP))
-    pos = tl.arange(0, 2 * KP)
-    a = comb[:, :, None]
-    o = comb[:, None, :]
-    beats = (o > a) | ((o == a) & (pos[None, None, :] < pos[None, :, None]))
-    rank = tl.sum(beats.to(tl.int32), axis=2)
-    slot = tl.arange(0, KP)
-    return tl.sum(tl.where(rank[:, :, None] == slot[None, None, :], a, 0), axis=1)
+    if SORT:
+        merged = tl.topk(comb, KP, dim=1)
+    else:
+        pos = tl.arange(0, 2 * KP)
+        a = comb[:, :, None]
+        o = comb[:, None, :]
+        beats = (o > a) | ((o == a) & (pos[None, None, :] < pos[None, :, None]))
+        rank = tl.sum(beats.to(tl.int32), axis=2)
+        slot = tl.arange(0, KP)
+        merged = tl.sum(tl.where(rank[:, :, None] == slot[None, None, :], a, 0), axis=1)
+    return merged
 
 
 @triton.jit
@@ -127,7 +155,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, out_ptr, lse_ptr, thr
                     B, C, CV, H, W, N, T, DIL, P, D, RADIUS, TOPK, scale,
                     sqb, sqc, sqh, sqw, skb, skn, skc, skh, skw, svb, svn, svc, svh, svw,
                     HAS_OFF: tl.constexpr, ZERO_BORDER: tl.constexpr, MODE: tl.constexpr, RET: tl.constexpr,
-                    BQ: tl.constexpr, KP: tl.constexpr, CB: tl.constexpr, CVP: tl.constexpr):
+                    BQ: tl.constexpr, KP: tl.constexpr, CB: tl.constexpr, CVP: tl.constexpr, SORT: tl.constexpr):
     pix, pm, j, i, b = _queries(BQ, B, H, W)
     NT = N * T
     qbase = b * sqb + i * sqh + j * sqw
@@ -148,7 +176,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, out_ptr, lse_ptr, thr
             # exact early-out: once the list is full most chunks hold no key above its last (KP-th) entry
             last = tl.sum(tl.where(col[None, :] == KP - 1, run, 0), axis=1)
             if tl.max((key > last[:, None]).to(tl.int32)) > 0:
-                run = _merge_topk(run, key, BQ, KP)
+                run = _merge_topk(run, key, BQ, KP, SORT)
         kth = tl.sum(tl.where(col[None, :] == TOPK - 1, run, 0), axis=1)
         if MODE == 1:
             thr = kth
@@ -300,8 +328,7 @@ def _meta(q, k, v, radius, window, topk, normalize):
     mode = 0 if not topk else (_MODES["topk"] if normalize == "softmax" else _MODES["threshold"])
     return dict(
         B=B, C=C, CV=CV, H=H, W=W, N=N, D=2 * radius + 1, P=(2 * radius + 1) ** 2, mode=mode,
-        KP=max(16, triton.next_power_of_2(max(topk, 1))), CB=min(32, max(2, triton.next_power_of_2(C))),
-        CVP=max(2, triton.next_power_of_2(CV)),
+        KP=max(16, triton.next_power_of_2(max(topk, 1))), CVP=max(2, triton.next_power_of_2(CV)),
     )
 
 
@@ -323,13 +350,13 @@ def local_attention_triton(
     thr = _alloc.empty(B, H, W, dtype=torch.int64, device=q.device)
     logits = _alloc.empty(B, H, W, K, dtype=q.dtype, device=q.device)
     index = _alloc.empty(B, H, W, K, dtype=torch.int64, device=q.device)
-    bq = _block_q(B * H * W)
+    bq, cb = _tiles(B * H * W, mt)
     _forward_kernel[(triton.cdiv(B * H * W, bq),)](
         q, k, v, off, tab, out, lse, thr, logits, index,
         B, mt["C"], mt["CV"], H, W, mt["N"], tab.shape[0], dilation, mt["P"], mt["D"], radius, topk, scale,
         *q.stride(), *k.stride(), *v.stride(),
         HAS_OFF=has_off, ZERO_BORDER=border == "zero", MODE=mt["mode"], RET=bool(K),
-        BQ=bq, KP=mt["KP"], CB=mt["CB"], CVP=mt["CVP"], enable_fp_fusion=False,
+        BQ=bq, KP=mt["KP"], CB=cb, CVP=mt["CVP"], SORT=_sort_merge(), enable_fp_fusion=False,
     )
     return out, lse, thr, logits, index
 
@@ -362,7 +389,7 @@ def local_attention_triton_backward(
     dv = torch.zeros(B, N, H, W, CV, dtype=torch.float32, device=q.device) if need_v else None
     has_glg = grad_logits is not None and index.shape[-1] > 0
     dummy = q.new_empty(1, dtype=torch.float32)
-    bq = _block_q(B * H * W)
+    bq, cb = _tiles(B * H * W, mt)
     _backward_kernel[(triton.cdiv(B * H * W, bq),)](
         grad_out, grad_logits.contiguous() if has_glg else dummy, index.contiguous() if has_glg else dummy,
         q, k, v, off, tab, lse, thr, delta,
@@ -370,7 +397,7 @@ def local_attention_triton_backward(
         B, C, CV, H, W, N, tab.shape[0], dilation, mt["P"], mt["D"], radius, topk, scale,
         *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(),
         HAS_OFF=has_off, ZERO_BORDER=border == "zero", MODE=mt["mode"], HAS_GLG=has_glg,
-        NEED_Q=need_q, NEED_K=need_k, NEED_V=need_v, BQ=bq, KP=mt["KP"], CB=mt["CB"], CVP=mt["CVP"],
+        NEED_Q=need_q, NEED_K=need_k, NEED_V=need_v, BQ=bq, KP=mt["KP"], CB=cb, CVP=mt["CVP"],
         enable_fp_fusion=False,
     )
     # back to (B, [N,] C, H, W), contiguous like the fake kernel's outputs

@@ -18,7 +18,7 @@ import triton.language as tl
 from .. import _alloc
 from ..ops.topk import attention_autograd_rules, attention_fake, global_topk_fake, gt_backward, gt_setup, kept_sparse
 
-_SENTINEL = -(2**63)  # below every packed key: an empty slot
+_SENTINEL = tl.constexpr(-(2**63))  # below every packed key: an empty slot (a constexpr: compiled kernels read no other globals)
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def _unpack(key):
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr,
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, p_ptr,
                 sqb, sqh, sqm, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                 H, M, L, D, DV, DENSE, KK, scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -102,15 +102,24 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr,
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
         p = tl.where(keep, tl.exp(sv - m_safe[:, None]), 0.0)
-        safe_idx = tl.where(keep, si, 0)
-        vg = tl.load(v_base + safe_idx[:, :, None] * svl + offs_dv[None, None, :] * svd,
-                     mask=keep[:, :, None] & (offs_dv[None, None, :] < DV), other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vg, 1)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
         row = (bh * M + offs_m).to(tl.int64)
-        tl.store(idx_ptr + row[:, None] * KK + col[None, :], tl.where(keep, si, -1),
-                 mask=m_ok[:, None] & (col[None, :] < KK))
+        kept_mask = m_ok[:, None] & (col[None, :] < KK)
+        tl.store(idx_ptr + row[:, None] * KK + col[None, :], tl.where(keep, si, -1), mask=kept_mask)
+        tl.store(p_ptr + row[:, None] * KK + col[None, :], p, mask=kept_mask)
+        # The values are gathered one kept column at a time, each column's index and weight read back from memory
+        # this program has just written (a barrier makes those writes visible across its threads): a 3-D
+        # (BLOCK_M, BLOCK_N, BLOCK_DV) gather would not fit in registers at BLOCK_N = 128.
+        tl.debug_barrier()
+        acc = acc * alpha[:, None]
+        for j in range(0, KK):
+            ij = tl.load(idx_ptr + row * KK + j, mask=m_ok, other=-1)
+            pj = tl.load(p_ptr + row * KK + j, mask=m_ok, other=0.0)
+            okj = ij >= 0
+            vrow = tl.load(v_base + tl.where(okj, ij, 0)[:, None] * svl + offs_dv[None, :] * svd,
+                           mask=okj[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+            acc += pj[:, None] * vrow
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     row = (bh * M + offs_m).to(tl.int64)
@@ -125,7 +134,7 @@ def _bwd_kernel(g_ptr, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, dq_ptr, dk_
                 sgb, sgh, sgm, sgd, sqb, sqh, sqm, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                 H, M, L, D, DV, DENSE, KK, scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                BLOCK_K: tl.constexpr, SPARSE: tl.constexpr, IEEE: tl.constexpr):
+                SPARSE: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -167,26 +176,27 @@ def _bwd_kernel(g_ptr, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, dq_ptr, dk_
         tl.atomic_add(dv_ptr + rows_n[:, None] * DV + offs_dv[None, :], dv_t, mask=n_ok[:, None] & dv_ok[None, :])
         tl.atomic_add(dk_ptr + rows_n[:, None] * D + offs_d[None, :], dk_t, mask=n_ok[:, None] & d_ok[None, :])
     if SPARSE:
-        col = tl.arange(0, BLOCK_K)
-        idx = tl.load(idx_ptr + row[:, None] * KK + col[None, :], mask=m_ok[:, None] & (col[None, :] < KK), other=-1)
-        keep = idx >= 0
-        safe = tl.where(keep, idx, 0)
-        kg = tl.load(k_base + safe[:, :, None] * skl + offs_d[None, None, :] * skd,
-                     mask=keep[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)
-        vg = tl.load(v_base + safe[:, :, None] * svl + offs_dv[None, None, :] * svd,
-                     mask=keep[:, :, None] & dv_ok[None, None, :], other=0.0).to(tl.float32)
+        # one kept column at a time: (BLOCK_M, BLOCK_D) gathers, so registers do not grow with topk
         qf = q.to(tl.float32)
         gf = g.to(tl.float32)
-        s = tl.sum(qf[:, None, :] * kg, 2) * scale
-        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.sum(gf[:, None, :] * vg, 2)
-        ds = p * (dp - di[:, None])
-        dq += tl.sum(ds[:, :, None] * kg, 1) * scale
-        rows_k = (acc_base + safe).to(tl.int64)
-        tl.atomic_add(dk_ptr + rows_k[:, :, None] * D + offs_d[None, None, :], ds[:, :, None] * qf[:, None, :] * scale,
-                      mask=keep[:, :, None] & d_ok[None, None, :])
-        tl.atomic_add(dv_ptr + rows_k[:, :, None] * DV + offs_dv[None, None, :], p[:, :, None] * gf[:, None, :],
-                      mask=keep[:, :, None] & dv_ok[None, None, :])
+        for j in range(0, KK):
+            ij = tl.load(idx_ptr + row * KK + j, mask=m_ok, other=-1)
+            okj = ij >= 0
+            safe = tl.where(okj, ij, 0)
+            kg = tl.load(k_base + safe[:, None] * skl + offs_d[None, :] * skd,
+                         mask=okj[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            vg = tl.load(v_base + safe[:, None] * svl + offs_dv[None, :] * svd,
+                         mask=okj[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+            s = tl.sum(qf * kg, 1) * scale
+            p = tl.where(okj, tl.exp(s - lse), 0.0)
+            dp = tl.sum(gf * vg, 1)
+            ds = p * (dp - di)
+            dq += ds[:, None] * kg * scale
+            rows_k = (acc_base + safe).to(tl.int64)
+            tl.atomic_add(dk_ptr + rows_k[:, None] * D + offs_d[None, :], ds[:, None] * qf * scale,
+                          mask=okj[:, None] & d_ok[None, :])
+            tl.atomic_add(dv_ptr + rows_k[:, None] * DV + offs_dv[None, :], p[:, None] * gf,
+                          mask=okj[:, None] & dv_ok[None, :])
     tl.store(dq_ptr + row[:, None] * D + offs_d[None, :], dq, mask=m_ok[:, None] & d_ok[None, :])
 
 
@@ -214,10 +224,11 @@ def topk_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top
     out = _alloc.empty(B, H, M, DV, dtype=q.dtype, device=q.device)
     lse = _alloc.empty(B, H, M, dtype=torch.float32, device=q.device)
     index = _alloc.empty(B, H, M, kk, dtype=torch.int64, device=q.device)
+    weights = torch.empty(B, H, M, kk, dtype=torch.float32, device=q.device)  # scratch: kept softmax numerators
     block_m = 16
     block_n = _pow2(kk) if kk else 32
     _fwd_kernel[(triton.cdiv(M, block_m), B * H)](
-        q, k, v, out, lse, index if kk else lse, *q.stride(), *k.stride(), *v.stride(),
+        q, k, v, out, lse, index if kk else lse, weights if kk else lse, *q.stride(), *k.stride(), *v.stride(),
         H, M, L, D, DV, dense, kk, float(scale),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE=kk > 0,
         IEEE=q.dtype == torch.float32,
@@ -248,7 +259,7 @@ def topk_attention_triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: t
         grad_out, q, k, v, out, lse, index if kk else lse, dq, dk, dv,
         *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(),
         H, M, L, D, DV, dense, kk, float(scale),
-        BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(max(kk, 1)),
+        BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
         SPARSE=kk > 0, IEEE=q.dtype == torch.float32,
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
