@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import vosops
-from vosops import reference, testing
+from vosops import _backends, reference, testing
 from vosops.ops import topk as topk_ops
 
 from conftest import backend_device_params
@@ -581,3 +581,16 @@ def test_topk_aggregate_rejects_out_of_range_index(backend, device, bad):
     ix[0, 2, 1] = bad
     with pytest.raises(ValueError, match=r"index must be in \[-1, L\)"):
         vosops.topk_aggregate(torch.randn(1, 4, 2), ix, torch.randn(1, 6, 5), backend=backend)
+
+
+@pytest.mark.skipif(_backends.why_unusable("triton", "global_topk", "cpu") is not None,
+                    reason="triton not usable on CPU here")
+def test_triton_grid_row_limit_is_a_clear_error():
+    """Batch (x heads) is the launch grid's second axis, capped at 65535 by CUDA: past it, an error saying so."""
+    with pytest.raises(ValueError, match="65535 batch entries"):
+        vosops.global_topk(torch.randn(65536, 1, 2), torch.randn(65536, 3, 2), topk=1, backend="triton")
+    with pytest.raises(ValueError, match="65535 batch x heads"):
+        vosops.topk_attention(torch.randn(2, 32768, 1, 4), torch.randn(2, 32768, 2, 4), torch.randn(2, 32768, 2, 4),
+                              topk=1, backend="triton")
+    with pytest.raises(ValueError, match="65535 problems"):
+        vosops.kmeans(torch.randn(65536, 2, 2), 1, iters=1, init="random", backend="triton")

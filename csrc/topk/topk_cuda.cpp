@@ -15,6 +15,8 @@ std::tuple<at::Tensor, at::Tensor> global_topk_cuda_op(const at::Tensor& q, cons
                                                        double scale, const std::optional<at::Tensor>& key_mask) {
   const at::Tensor mask = check_global_topk_args(q, k, topk, key_mask);
   const int64_t B = q.size(0), M = q.size(1);
+  TORCH_CHECK_VALUE(B <= 65535, "global_topk: at most 65535 batch entries per call on CUDA (one grid row each), got ",
+                    B);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out_l = new_output({B, M, topk}, q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor out_i = new_output({B, M, topk}, q.options().dtype(at::kLong));
@@ -33,6 +35,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_cuda_op(const at::
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), L = k.size(2), Dv = v.size(3);
   check_attention_counts(L, topk, dense_keys);
   const auto [dense, kk] = split_keys(L, topk, dense_keys);
+  TORCH_CHECK_VALUE(B * H <= 65535, "topk_attention: at most 65535 batch x heads per call on CUDA (one grid row "
+                    "each), got ", B, " x ", H);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = new_output({B, H, M, Dv}, q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = new_output({B, H, M}, q.options().dtype(acc_type(q.scalar_type())));

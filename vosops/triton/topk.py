@@ -204,6 +204,12 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
+def _check_grid_rows(op: str, rows: int, what: str) -> None:
+    """The kernels put batch (x heads) on the grid's second axis, which CUDA caps at 65535."""
+    if rows > 65535:
+        raise ValueError(f"{op}: the triton backend takes at most 65535 {what} per call, got {rows}")
+
+
 def _check_dtype(q: torch.Tensor) -> None:
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"topk_attention: the triton backend takes float32, float16 or bfloat16, got {q.dtype}")
@@ -221,6 +227,7 @@ def topk_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top
     B, H, M, D = q.shape
     L, DV = k.shape[2], v.shape[3]
     dense, kk = _split(topk, L, dense_keys)
+    _check_grid_rows("topk_attention", B * H, "batch x heads")
     out = _alloc.empty(B, H, M, DV, dtype=q.dtype, device=q.device)
     lse = _alloc.empty(B, H, M, dtype=torch.float32, device=q.device)
     index = _alloc.empty(B, H, M, kk, dtype=torch.int64, device=q.device)
@@ -322,6 +329,7 @@ def global_topk_triton(q: torch.Tensor, k: torch.Tensor, topk: int, scale: float
         raise TypeError(f"global_topk: the triton backend takes float32, float16 or bfloat16, got {q.dtype}")
     B, M, C = q.shape
     L = k.shape[1]
+    _check_grid_rows("global_topk", B, "batch entries")
     out_l = _alloc.empty(B, M, topk, dtype=q.dtype, device=q.device)
     out_i = _alloc.empty(B, M, topk, dtype=torch.int64, device=q.device)
     mask = key_mask.contiguous() if key_mask is not None else out_i
