@@ -19,7 +19,7 @@ def build_emulation(tmp_path_factory, source: str) -> ctypes.CDLL:
         pytest.skip("needs g++ and the CUDA toolkit headers")
     lib = tmp_path_factory.mktemp("emu") / (os.path.splitext(source)[0] + ".so")
     src = os.path.join(ROOT, "tests", "cuda_emulation", source)
-    subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-DVOSOPS_CUDA_EMULATION",
+    subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-DVOSOPS_CUDA_EMULATION",
                     "-I", os.path.join(ROOT, "csrc"), "-I", CUDA_INCLUDE, src, "-o", str(lib)], check=True)
     return ctypes.CDLL(str(lib))
 

@@ -21,6 +21,12 @@ template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <typename T> __device__ __forceinline__ T from_acc(double v) { return static_cast<T>(v); }
 
+// A kernel's dynamic shared memory as `unsigned char name[]` (16-byte aligned). The host emulation of the kernels
+// (tests/cuda_emulation/block_emulation.h) defines this macro first, to hand out its own per-block buffer.
+#ifndef VOSOPS_DYNAMIC_SMEM
+#define VOSOPS_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 // Blocks for a grid-stride loop over `total` items, `threads` per block: capped at 2^30 (the loop covers the rest).
 inline unsigned int grid_stride_blocks(int64_t total, int threads) {
   const int64_t blocks = (total + threads - 1) / threads;

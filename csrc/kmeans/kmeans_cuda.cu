@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kThreads, 4) step_kernel(const T* __restrict__
                                                         typename AccType<T>::type* __restrict__ psum,
                                                         int64_t* __restrict__ pcount) {
   using acc_t = typename AccType<T>::type;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  VOSOPS_DYNAMIC_SMEM(smem_raw);
   const int S = tile_stride(D);
   acc_t* cs = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* xs = cs + K * D;
@@ -155,6 +155,7 @@ inline size_t partial_sum_bytes(size_t acc, int64_t parts, int64_t K, int64_t D)
   return (static_cast<size_t>(parts * K * D) * acc + 7) / 8 * 8;
 }
 
+#ifndef VOSOPS_CUDA_EMULATION
 template <typename T>
 cudaError_t launch(const void* x, int64_t B, int64_t N, int64_t D, const int64_t* lengths, const void* centers,
                    int64_t K, int64_t* labels, void* mindist, void* sums, int64_t* counts, void* workspace,
@@ -188,6 +189,7 @@ cudaError_t launch(const void* x, int64_t B, int64_t N, int64_t D, const int64_t
   reduce_kernel<acc_t><<<rgrid, kThreads, 0, stream>>>(psum, pcount, nchunk, K, D, static_cast<acc_t*>(sums), counts);
   return cudaGetLastError();
 }
+#endif  // VOSOPS_CUDA_EMULATION
 
 }  // namespace
 
@@ -198,6 +200,7 @@ size_t step_workspace_bytes(DType dtype, int64_t B, int64_t N, int64_t D, int64_
   return partial_sum_bytes(acc, parts, K, D) + static_cast<size_t>(parts * K) * sizeof(int64_t);
 }
 
+#ifndef VOSOPS_CUDA_EMULATION
 cudaError_t step_cuda(DType dtype, const void* x, int64_t B, int64_t N, int64_t D, const int64_t* lengths,
                       const void* centers, int64_t K, int64_t* labels, void* mindist, void* sums, int64_t* counts,
                       void* workspace, cudaStream_t stream) {
@@ -215,6 +218,7 @@ cudaError_t step_cuda(DType dtype, const void* x, int64_t B, int64_t N, int64_t 
   }
   return cudaErrorInvalidValue;
 }
+#endif  // VOSOPS_CUDA_EMULATION
 
 }  // namespace kmeans
 }  // namespace vosops

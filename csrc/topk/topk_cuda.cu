@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads, 1) global_topk_kernel(const T* __res
   const int64_t M = qs.size[1], C = qs.size[2], L = ks.size[1];
   const int64_t b = blockIdx.y, m0 = static_cast<int64_t>(blockIdx.x) * kQT;
   const int qt = static_cast<int>(M - m0 < kQT ? M - m0 : kQT);
-  extern __shared__ __align__(16) unsigned char smem[];
+  VOSOPS_DYNAMIC_SMEM(smem);
   int64_t* idx = reinterpret_cast<int64_t*>(smem);              // kQT * topk
   int64_t* count = idx + kQT * topk;                              // kQT
   acc_t* vals = reinterpret_cast<acc_t*>(count + kQT);            // kQT * topk
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_kernel(const T*
   const int64_t H = qs.size[1], M = qs.size[2], D = qs.size[3], L = ks.size[2], Dv = vs.size[3];
   const int64_t bh = blockIdx.y, b = bh / H, h = bh % H, m0 = static_cast<int64_t>(blockIdx.x) * kQT;
   const int qt = static_cast<int>(M - m0 < kQT ? M - m0 : kQT);
-  extern __shared__ __align__(16) unsigned char smem[];
+  VOSOPS_DYNAMIC_SMEM(smem);
   int64_t* idx = reinterpret_cast<int64_t*>(smem);  // kQT * kk
   int64_t* count = idx + kQT * kk;                    // kQT
   acc_t* vals = reinterpret_cast<acc_t*>(count + kQT);
@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(
   const int64_t H = qs.size[1], M = qs.size[2], D = qs.size[3], L = ks.size[2], Dv = vs.size[3];
   const int64_t bh = blockIdx.y, b = bh / H, h = bh % H, m0 = static_cast<int64_t>(blockIdx.x) * kQT;
   const int qt = static_cast<int>(M - m0 < kQT ? M - m0 : kQT);
-  extern __shared__ __align__(16) unsigned char smem[];
+  VOSOPS_DYNAMIC_SMEM(smem);
   acc_t* s = reinterpret_cast<acc_t*>(smem);  // kQT * kKT: scores, then P
   acc_t* ds = s + kQT * kKT;                   // kQT * kKT
   acc_t* qsh = ds + kQT * kKT;                 // kQT * D
@@ -367,12 +367,28 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(
   for (int64_t e = threadIdx.x; e < qt * D; e += kThreads) dq[(bh * M + m0) * D + e] = dqsh[e];
 }
 
+// Dynamic shared memory of each kernel (the host emulation sizes its blocks with these too).
+template <typename acc_t>
+size_t global_topk_smem(int64_t topk, int64_t C) {
+  return align8(sizeof(int64_t) * (kQT * topk + kQT)) + sizeof(acc_t) * (kQT * topk + kQT * kKT + kQT * C);
+}
+template <typename acc_t>
+size_t attention_forward_smem(int64_t kk, int64_t D, int64_t Dv) {
+  return align8(sizeof(int64_t) * (kQT * kk + kQT)) +
+         sizeof(acc_t) * (kQT * kk + kQT * kKT + kQT * D + kQT * Dv + 3 * kQT);
+}
+template <typename acc_t>
+size_t attention_backward_smem(int64_t D, int64_t Dv) {
+  return sizeof(acc_t) * (2 * kQT * kKT + 2 * kQT * D + kQT * Dv + 2 * kQT);
+}
+
+#ifndef VOSOPS_CUDA_EMULATION
 template <typename T>
 cudaError_t launch_global_topk(const void* q, Shape3 qs, const void* k, Shape3 ks, const bool* mask, int64_t topk,
                                double scale, void* out_l, int64_t* out_i, cudaStream_t stream) {
   using acc_t = typename AccType<T>::type;
   const int64_t B = qs.size[0], M = qs.size[1], C = qs.size[2];
-  const size_t smem = align8(sizeof(int64_t) * (kQT * topk + kQT)) + sizeof(acc_t) * (kQT * topk + kQT * kKT + kQT * C);
+  const size_t smem = global_topk_smem<acc_t>(topk, C);
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(global_topk_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  static_cast<int>(smem));
@@ -390,8 +406,7 @@ cudaError_t launch_attention_forward(const void* q, Shape4 qs, const void* k, Sh
                                      cudaStream_t stream) {
   using acc_t = typename AccType<T>::type;
   const int64_t B = qs.size[0], H = qs.size[1], M = qs.size[2], D = qs.size[3], Dv = vs.size[3];
-  const size_t smem = align8(sizeof(int64_t) * (kQT * kk + kQT)) +
-                      sizeof(acc_t) * (kQT * kk + kQT * kKT + kQT * D + kQT * Dv + 3 * kQT);
+  const size_t smem = attention_forward_smem<acc_t>(kk, D, Dv);
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(attention_forward_kernel<T>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -411,7 +426,7 @@ cudaError_t launch_attention_backward(const void* g, Shape4 gs, const void* q, S
                                       cudaStream_t stream) {
   using acc_t = typename AccType<T>::type;
   const int64_t B = qs.size[0], H = qs.size[1], M = qs.size[2], D = qs.size[3], Dv = vs.size[3];
-  const size_t smem = sizeof(acc_t) * (2 * kQT * kKT + 2 * kQT * D + kQT * Dv + 2 * kQT);
+  const size_t smem = attention_backward_smem<acc_t>(D, Dv);
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(attention_backward_kernel<T>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -425,9 +440,11 @@ cudaError_t launch_attention_backward(const void* g, Shape4 gs, const void* q, S
   return cudaGetLastError();
 }
 
+#endif  // VOSOPS_CUDA_EMULATION
+
 }  // namespace
 
-
+#ifndef VOSOPS_CUDA_EMULATION
 cudaError_t global_topk_cuda(DType dtype, const void* q, Shape3 qs, const void* k, Shape3 ks, const bool* key_mask,
                              int64_t topk, double scale, void* out_logits, int64_t* out_index, cudaStream_t stream) {
   if (qs.size[0] * qs.size[1] == 0) return cudaSuccess;
@@ -449,6 +466,8 @@ cudaError_t topk_attention_backward_cuda(DType dtype, const void* grad_out, Shap
   VOSOPS_CUDA_DISPATCH(dtype, launch_attention_backward<T>(grad_out, gs, q, qs, k, ks, v, vs, out, lse, index, dense,
                                                            kk, scale, dq, dk, dv, stream))
 }
+
+#endif  // VOSOPS_CUDA_EMULATION
 
 }  // namespace topk
 }  // namespace vosops

@@ -1,0 +1,96 @@
+"""The global_topk and topk_attention CUDA kernels' logic, run on the CPU: tests/cuda_emulation/topk_attention_emu.cpp
+compiles csrc/topk/topk_cuda.cu as host code with one host thread per CUDA thread (shared memory, __syncthreads, warp
+ballots and shuffles emulated; block_emulation.h), in float32 and float64, with the launchers' geometry. Compared
+with the reference, forward and backward. Timing, occupancy and the glue need a GPU (the cuda-marked tests)."""
+
+import ctypes
+
+import pytest
+import torch
+
+import vosops
+from vosops.ops.topk import kept_sparse
+from _cuda_emulation import build_emulation, ptr
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return build_emulation(tmp_path_factory, "topk_attention_emu.cpp")
+
+
+def _shape(t):
+    return torch.tensor(list(t.shape) + list(t.stride()), dtype=torch.int64)
+
+
+def _is_double(dtype):
+    return int(dtype == torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,M,L,C,topk,masked", [
+    (2, 9, 300, 5, 4, True),     # three key tiles of 128, a partial query tile
+    (1, 8, 40, 3, 40, False),    # topk = L: every key, in order
+    (1, 3, 130, 17, 10, True),
+])
+def test_global_topk_kernel(emu, dtype, B, M, L, C, topk, masked):
+    g = torch.Generator().manual_seed(L + topk)
+    q = torch.randn(B, M, C, generator=g).to(dtype)
+    # integer-valued keys: many exact ties, which must go to the lower key index
+    k = torch.randint(-2, 3, (B, L, C), generator=g).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    mask = (torch.rand(B, L, generator=g) > 0.2) if masked else None
+    out_l = torch.full((B, M, topk), float("nan"), dtype=dtype)
+    out_i = torch.full((B, M, topk), -7777, dtype=torch.int64)
+    assert emu.emu_global_topk(_is_double(dtype), ptr(q), ptr(_shape(q)), ptr(k), ptr(_shape(k)), ptr(mask),
+                               ctypes.c_int64(topk), ctypes.c_double(0.5), ptr(out_l), ptr(out_i)) == 0
+    want_l, want_i = vosops.global_topk(q.double(), k.double(), topk=topk, scale=0.5, key_mask=mask,
+                                        backend="reference")
+    torch.testing.assert_close(out_i, want_i, atol=0, rtol=0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out_l.double(), want_l, atol=tol, rtol=tol)
+
+
+ATTENTION_CASES = [  # (B, H, M, L, D, Dv, topk, dense_keys)
+    (1, 2, 9, 300, 8, 5, 7, 9),      # JointFormer shape: dense prefix = the queries, sparse memory swept in tiles
+    (2, 1, 5, 40, 4, 3, 6, 0),       # XMem readout: no dense keys
+    (1, 1, 4, 20, 6, 2, 16, 4),      # topk = the sparse keys: plain attention over all
+    (1, 3, 17, 150, 16, 16, 12, 17),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", range(len(ATTENTION_CASES)))
+def test_topk_attention_kernels(emu, dtype, case):
+    B, H, M, L, D, Dv, topk, dense_keys = ATTENTION_CASES[case]
+    g = torch.Generator().manual_seed(case)
+    q = torch.randn(B, H, M, D, generator=g).to(dtype)
+    k = torch.randn(B, H, L, D, generator=g).to(dtype)
+    v = torch.randn(B, H, L, Dv, generator=g).to(dtype).transpose(2, 3).contiguous().transpose(2, 3)  # strided
+    scale = D ** -0.5
+    kk = kept_sparse(topk, L, dense_keys)
+    dense = L if kk == 0 else dense_keys
+    out = torch.full((B, H, M, Dv), float("nan"), dtype=dtype)
+    lse = torch.full((B, H, M), float("nan"), dtype=dtype)
+    index = torch.full((B, H, M, max(kk, 1)), -7777, dtype=torch.int64)
+    assert emu.emu_attention_forward(_is_double(dtype), ptr(q), ptr(_shape(q)), ptr(k), ptr(_shape(k)), ptr(v),
+                                     ptr(_shape(v)), ctypes.c_int64(dense), ctypes.c_int64(kk), ctypes.c_double(scale),
+                                     ptr(out), ptr(lse), ptr(index)) == 0
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    want = vosops.topk_attention(qr, kr, vr, topk=topk, scale=scale, dense_keys=dense_keys, backend="reference")
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out.double(), want.detach(), atol=tol, rtol=tol)
+    if kk:  # the kept sparse keys are the top-kk logits of the sparse part, best first
+        s = torch.einsum("bhmd,bhld->bhml", q.double(), k.double())[..., dense_keys:] * scale
+        ref_idx = torch.topk(s, kk, dim=-1).indices + dense_keys
+        torch.testing.assert_close(index.sort(-1).values, ref_idx.sort(-1).values, atol=0, rtol=0)
+
+    grad = torch.randn(B, H, M, Dv, generator=g).to(dtype)
+    dq = torch.full((B, H, M, D), float("nan"), dtype=dtype)
+    dk = torch.zeros(B, H, L, D, dtype=dtype)  # the glue zero-fills dk, dv: the kernel accumulates into them
+    dv = torch.zeros(B, H, L, Dv, dtype=dtype)
+    assert emu.emu_attention_backward(_is_double(dtype), ptr(grad), ptr(_shape(grad)), ptr(q), ptr(_shape(q)), ptr(k),
+                                      ptr(_shape(k)), ptr(v), ptr(_shape(v)), ptr(out), ptr(lse),
+                                      ptr(index if kk else None), ctypes.c_int64(dense), ctypes.c_int64(kk),
+                                      ctypes.c_double(scale), ptr(dq), ptr(dk), ptr(dv)) == 0
+    want_grads = torch.autograd.grad(want, (qr, kr, vr), grad.double())
+    for got, ref in zip((dq, dk, dv), want_grads):
+        torch.testing.assert_close(got.double(), ref, atol=10 * tol, rtol=10 * tol)
