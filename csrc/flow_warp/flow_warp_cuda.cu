@@ -117,6 +117,7 @@ __global__ void backward_kernel(const T* __restrict__ grad_out, Shape4 gs, const
   }
 }
 
+#ifndef VOSOPS_CUDA_EMULATION
 template <typename T>
 cudaError_t launch_forward(const void* x, Shape4 xs, const void* flow, Shape4 fs, void* out, Mode mode, Padding pad,
                            cudaStream_t stream) {
@@ -154,9 +155,11 @@ cudaError_t launch_backward(const void* grad_out, Shape4 gs, const void* x, Shap
   }
   return cudaGetLastError();
 }
+#endif  // VOSOPS_CUDA_EMULATION
 
 }  // namespace
 
+#ifndef VOSOPS_CUDA_EMULATION
 cudaError_t forward_cuda(DType dtype, const void* x, Shape4 xs, const void* flow, Shape4 fs, void* out, Mode mode,
                          Padding pad, cudaStream_t stream) {
   switch (dtype) {
@@ -182,6 +185,8 @@ cudaError_t backward_cuda(DType dtype, const void* grad_out, Shape4 gs, const vo
   }
   return cudaErrorInvalidValue;
 }
+
+#endif  // VOSOPS_CUDA_EMULATION
 
 }  // namespace flow_warp
 }  // namespace vosops

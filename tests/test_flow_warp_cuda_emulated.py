@@ -1,0 +1,55 @@
+"""The flow_warp CUDA kernels' logic, run on the CPU: tests/cuda_emulation/flow_warp_emu.cpp compiles
+csrc/flow_warp/flow_warp_cuda.cu as host code with one host thread per CUDA thread (block_emulation.h; the backward's
+atomics into d(x) contend for real) and the launchers' geometry, in float32 and float64, against the reference,
+forward and backward. fp16/bf16, timing and the glue need a GPU (the cuda-marked tests in test_flow_warp.py)."""
+
+import ctypes
+
+import pytest
+import torch
+
+import vosops
+from _cuda_emulation import build_emulation, ptr
+
+MODES = {"bilinear": 0, "nearest": 1}
+PADDINGS = {"zeros": 0, "border": 1}
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return build_emulation(tmp_path_factory, "flow_warp_emu.cpp")
+
+
+def _shape(t):
+    return torch.tensor(list(t.shape) + list(t.stride()), dtype=torch.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+@pytest.mark.parametrize("B,C,H,W", [(2, 3, 7, 9), (1, 2, 17, 19)])  # 126 pixels: one block; 323: two
+def test_flow_warp_kernels(emu, dtype, mode, padding_mode, B, C, H, W):
+    g = torch.Generator().manual_seed(H * W + C)
+    x = torch.randn(B, H, W, C, generator=g).to(dtype).permute(0, 3, 1, 2)  # channels-last strides
+    flow = (torch.randn(B, 2, H, W, generator=g) * 3).to(dtype)
+    flow[0, :, 0, 0] = torch.tensor([1.0, 2.0], dtype=dtype)  # a sample exactly on a pixel
+    flow[-1, 0, -1, :] = W + 2.0  # fully outside the frame
+    out = torch.full((B, C, H, W), float("nan"), dtype=dtype)
+    is_double = int(dtype == torch.float64)
+    m, p = MODES[mode], PADDINGS[padding_mode]
+    assert emu.emu_flow_warp_forward(is_double, ptr(x), ptr(_shape(x)), ptr(flow), ptr(_shape(flow)), ptr(out),
+                                     m, p) == 0
+    xr, fr = x.double().requires_grad_(), flow.double().requires_grad_()
+    want = vosops.flow_warp(xr, fr, mode=mode, padding_mode=padding_mode, backend="reference")
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out.double(), want.detach(), atol=tol, rtol=tol)
+
+    grad = torch.randn(B, C, H, W, generator=g).to(dtype)
+    grad_x = torch.zeros(B, C, H, W, dtype=dtype)
+    grad_flow = torch.full((B, 2, H, W), float("nan"), dtype=dtype)
+    assert emu.emu_flow_warp_backward(is_double, ptr(grad), ptr(_shape(grad)), ptr(x), ptr(_shape(x)), ptr(flow),
+                                      ptr(_shape(flow)), ptr(grad_x), ptr(grad_flow), m, p) == 0
+    want_gx, want_gf = torch.autograd.grad(want, (xr, fr), grad.double(), allow_unused=True)
+    torch.testing.assert_close(grad_x.double(), want_gx, atol=10 * tol, rtol=10 * tol)
+    if mode == "bilinear":
+        torch.testing.assert_close(grad_flow.double(), want_gf, atol=10 * tol, rtol=10 * tol)
