@@ -19,7 +19,8 @@ def build_emulation(tmp_path_factory, source: str) -> ctypes.CDLL:
         pytest.skip("needs g++ and the CUDA toolkit headers")
     lib = tmp_path_factory.mktemp("emu") / (os.path.splitext(source)[0] + ".so")
     src = os.path.join(ROOT, "tests", "cuda_emulation", source)
-    subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-DVOSOPS_CUDA_EMULATION",
+    subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-ffp-contract=off",
+                    "-DVOSOPS_CUDA_EMULATION",
                     "-I", os.path.join(ROOT, "csrc"), "-I", CUDA_INCLUDE, src, "-o", str(lib)], check=True)
     return ctypes.CDLL(str(lib))
 
@@ -27,3 +28,10 @@ def build_emulation(tmp_path_factory, source: str) -> ctypes.CDLL:
 def ptr(t) -> ctypes.c_void_p:
     """The data pointer of a tensor, or NULL for None."""
     return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
+
+
+def sizes_strides(t) -> "torch.Tensor":
+    """A tensor's sizes then strides as int64, how the emulations take a strided tensor's shape (emu::shape)."""
+    import torch
+
+    return torch.tensor(list(t.shape) + list(t.stride()), dtype=torch.int64)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vosops
-from _cuda_emulation import build_emulation, ptr
+from _cuda_emulation import build_emulation, ptr, sizes_strides as _shape
 
 MODES = {"bilinear": 0, "nearest": 1}
 PADDINGS = {"zeros": 0, "border": 1}
@@ -18,10 +18,6 @@ PADDINGS = {"zeros": 0, "border": 1}
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     return build_emulation(tmp_path_factory, "flow_warp_emu.cpp")
-
-
-def _shape(t):
-    return torch.tensor(list(t.shape) + list(t.stride()), dtype=torch.int64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

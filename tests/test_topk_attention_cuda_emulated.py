@@ -10,16 +10,12 @@ import torch
 
 import vosops
 from vosops.ops.topk import kept_sparse
-from _cuda_emulation import build_emulation, ptr
+from _cuda_emulation import build_emulation, ptr, sizes_strides as _shape
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     return build_emulation(tmp_path_factory, "topk_attention_emu.cpp")
-
-
-def _shape(t):
-    return torch.tensor(list(t.shape) + list(t.stride()), dtype=torch.int64)
 
 
 def _is_double(dtype):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vosops import reference, testing
-from _cuda_emulation import build_emulation, ptr
+from _cuda_emulation import build_emulation, ptr, sizes_strides as _shape
 
 NEG_INF = float("-inf")
 
@@ -17,10 +17,6 @@ NEG_INF = float("-inf")
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     return build_emulation(tmp_path_factory, "topk_emu.cpp")
-
-
-def _shape(t):
-    return torch.tensor(list(t.shape) + list(t.stride()), dtype=torch.int64)
 
 
 def _i64(n):

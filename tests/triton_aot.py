@@ -12,7 +12,8 @@ without a GPU:
    cubin with ptxas) for sm_90 and sm_80, and its shared memory, registers and spills are read off the cubin.
 
 A failure here is a kernel that would not compile (or not launch: shared memory over the device's limit) on an
-H100/A100. Spills are reported (per kernel; --spills lists them), not failed on: they cost speed, not correctness. Run:  python tests/triton_aot.py [--arch 90] [--json out.json]
+H100/A100. Spills are reported (per kernel; --spills lists them), not failed on: they cost speed, not correctness.
+Run:  python tests/triton_aot.py [--arch 90] [--json out.json]
 """
 
 from __future__ import annotations
@@ -323,7 +324,8 @@ def main(argv=None) -> int:
     for k, rs in sorted(per_kernel.items()):
         print(f"{k:<40}{len(rs):>6}{max(r['registers'] or 0 for r in rs):>9}{max(r['shared'] for r in rs):>10}"
               f"{sum((r['stack'] or 0) > 0 for r in rs):>9}{max(r['stack'] or 0 for r in rs):>12}")
-    print(f"\ncompiled {len(results) - len(failed)}/{len(results)} for sm_{arches} in {time.perf_counter() - t0:.0f} s; "
+    elapsed = time.perf_counter() - t0
+    print(f"\ncompiled {len(results) - len(failed)}/{len(results)} for sm_{arches} in {elapsed:.0f} s; "
           f"{len(failed)} failed, {len(errors)} wrapper errors")
     if args.json:
         with open(args.json, "w") as f:

@@ -16,19 +16,13 @@
 #include <thread>
 #include <vector>
 
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __restrict__ __restrict
+#include "emulation_common.h"
+
 // A kernel's static __shared__ arrays become function statics: one copy, seen by all of the block's threads (blocks
 // run one at a time). Its dynamic shared memory (VOSOPS_DYNAMIC_SMEM, common/cuda_types.cuh) is emu::dynamic_smem.
 #define __shared__ static
 #define __align__(n) alignas(n)
 #define VOSOPS_DYNAMIC_SMEM(name) unsigned char* name = emu::dynamic_smem
-
-#include <cuda_runtime_api.h>  // cudaError_t, cudaStream_t, dim3 (host-compilable toolkit headers)
 
 namespace emu {
 
@@ -44,7 +38,9 @@ struct Warp {
 
 struct Block {
   explicit Block(unsigned threads) : sync(threads) {
-    for (unsigned w = 0; w * 32 < threads; ++w) warps.push_back(std::make_unique<Warp>(std::min(32u, threads - 32 * w)));
+    for (unsigned w = 0; w * 32 < threads; ++w) {
+      warps.push_back(std::make_unique<Warp>(std::min(32u, threads - 32 * w)));
+    }
   }
   std::barrier<> sync;
   std::vector<std::unique_ptr<Warp>> warps;

@@ -5,14 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __restrict__ __restrict
-
-#include <cuda_runtime_api.h>  // cudaError_t, cudaStream_t, float4 (host-compilable toolkit headers)
+#include "emulation_common.h"
 
 namespace {
 struct Dim3 {

@@ -11,19 +11,10 @@ using vosops::Shape4;
 using vosops::flow_warp::Mode;
 using vosops::flow_warp::Padding;
 
-Shape4 shape4(const int64_t* s) {  // sizes then strides
-  Shape4 r;
-  for (int i = 0; i < 4; ++i) {
-    r.size[i] = s[i];
-    r.stride[i] = s[4 + i];
-  }
-  return r;
-}
-
 template <typename T>
 int forward(const T* x, const int64_t* xsz, const T* flow, const int64_t* fsz, T* out, int mode, int pad) {
   using namespace vosops::flow_warp;
-  const Shape4 xs = shape4(xsz), fs = shape4(fsz);
+  const Shape4 xs = emu::shape<Shape4, 4>(xsz), fs = emu::shape<Shape4, 4>(fsz);
   const unsigned blocks = vosops::grid_stride_blocks(xs.size[0] * xs.size[2] * xs.size[3], kThreads);
   return emu::launch(blocks, 1, kThreads, 0, [&] {
     if (static_cast<Mode>(mode) == Mode::Bilinear) {
@@ -38,7 +29,8 @@ template <typename T>
 int backward(const T* g, const int64_t* gsz, const T* x, const int64_t* xsz, const T* flow, const int64_t* fsz,
              T* grad_x, T* grad_flow, int mode, int pad) {
   using namespace vosops::flow_warp;
-  const Shape4 gs = shape4(gsz), xs = shape4(xsz), fs = shape4(fsz);
+  const Shape4 gs = emu::shape<Shape4, 4>(gsz), xs = emu::shape<Shape4, 4>(xsz);
+  const Shape4 fs = emu::shape<Shape4, 4>(fsz);
   const unsigned blocks = vosops::grid_stride_blocks(xs.size[0] * xs.size[2] * xs.size[3], kThreads);
   return emu::launch(blocks, 1, kThreads, 0, [&] {
     if (static_cast<Mode>(mode) == Mode::Bilinear) {

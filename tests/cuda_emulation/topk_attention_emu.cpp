@@ -11,21 +11,11 @@ using vosops::topk::Shape3;
 
 namespace {
 
-template <typename S, int R>
-S shape(const int64_t* s) {  // sizes then strides
-  S r;
-  for (int i = 0; i < R; ++i) {
-    r.size[i] = s[i];
-    r.stride[i] = s[R + i];
-  }
-  return r;
-}
-
 template <typename T>
 int global_topk(const T* q, const int64_t* qsz, const T* k, const int64_t* ksz, const bool* mask, int64_t topk,
                 double scale, T* out_l, int64_t* out_i) {
   using namespace vosops::topk;
-  const Shape3 qs = shape<Shape3, 3>(qsz), ks = shape<Shape3, 3>(ksz);
+  const Shape3 qs = emu::shape<Shape3, 3>(qsz), ks = emu::shape<Shape3, 3>(ksz);
   const auto grid_x = static_cast<unsigned>((qs.size[1] + kQT - 1) / kQT), grid_y = static_cast<unsigned>(qs.size[0]);
   const bool ok = emu::launch(grid_x, grid_y, kThreads, global_topk_smem<T>(topk, qs.size[2]), [&] {
     global_topk_kernel<T>(q, qs, k, ks, mask, topk, scale, out_l, out_i);
@@ -37,7 +27,7 @@ template <typename T>
 int attention_forward(const T* q, const int64_t* qsz, const T* k, const int64_t* ksz, const T* v, const int64_t* vsz,
                       int64_t dense, int64_t kk, double scale, T* out, T* lse, int64_t* index) {
   using namespace vosops::topk;
-  const Shape4 qs = shape<Shape4, 4>(qsz), ks = shape<Shape4, 4>(ksz), vs = shape<Shape4, 4>(vsz);
+  const Shape4 qs = emu::shape<Shape4, 4>(qsz), ks = emu::shape<Shape4, 4>(ksz), vs = emu::shape<Shape4, 4>(vsz);
   const auto grid_x = static_cast<unsigned>((qs.size[2] + kQT - 1) / kQT);
   const auto grid_y = static_cast<unsigned>(qs.size[0] * qs.size[1]);
   const bool ok = emu::launch(grid_x, grid_y, kThreads, attention_forward_smem<T>(kk, qs.size[3], vs.size[3]), [&] {
@@ -51,8 +41,8 @@ int attention_backward(const T* g, const int64_t* gsz, const T* q, const int64_t
                        const T* v, const int64_t* vsz, const T* o, const T* lse, const int64_t* index, int64_t dense,
                        int64_t kk, double scale, T* dq, T* dk, T* dv) {
   using namespace vosops::topk;
-  const Shape4 gs = shape<Shape4, 4>(gsz), qs = shape<Shape4, 4>(qsz), ks = shape<Shape4, 4>(ksz),
-               vs = shape<Shape4, 4>(vsz);
+  const Shape4 gs = emu::shape<Shape4, 4>(gsz), qs = emu::shape<Shape4, 4>(qsz), ks = emu::shape<Shape4, 4>(ksz),
+               vs = emu::shape<Shape4, 4>(vsz);
   const auto grid_x = static_cast<unsigned>((qs.size[2] + kQT - 1) / kQT);
   const auto grid_y = static_cast<unsigned>(qs.size[0] * qs.size[1]);
   const bool ok = emu::launch(grid_x, grid_y, kThreads, attention_backward_smem<T>(qs.size[3], vs.size[3]), [&] {

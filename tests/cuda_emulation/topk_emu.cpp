@@ -10,15 +10,6 @@ using vosops::topk::Shape3;
 
 namespace {
 
-Shape3 shape3(const int64_t* s) {  // sizes then strides
-  Shape3 r;
-  for (int i = 0; i < 3; ++i) {
-    r.size[i] = s[i];
-    r.stride[i] = s[3 + i];
-  }
-  return r;
-}
-
 // The launchers' sequence of kernels, for T = float (fp32) or double.
 template <typename T>
 void merge(const T* logits, const int64_t* index, int64_t rows, int64_t N, int64_t topk, T* ol, int64_t* oi,
@@ -30,7 +21,7 @@ template <typename T>
 void aggregate(const T* logits, const int64_t* index, const T* values, const int64_t* vsz, int64_t M, int64_t K,
                int64_t kth, T* ws, T* out) {
   using namespace vosops::topk;
-  const Shape3 vs = shape3(vsz);
+  const Shape3 vs = emu::shape<Shape3, 3>(vsz);
   const int64_t rows = vs.size[0] * M, Cv = vs.size[2];
   agg_weights_kernel<T, T>(logits, index, rows * K, K, vs.size[1], kth, ws);
   agg_forward_kernel<T, T>(ws, index, values, vs, rows * Cv, M, K, Cv, out);
@@ -40,7 +31,7 @@ template <typename T>
 void aggregate_backward(const T* grad, const int64_t* gsz, const T* logits, const int64_t* index, const T* values,
                         const int64_t* vsz, int64_t M, int64_t K, int64_t kth, T* ws, T* gl, T* gv) {
   using namespace vosops::topk;
-  const Shape3 vs = shape3(vsz), gs = shape3(gsz);
+  const Shape3 vs = emu::shape<Shape3, 3>(vsz), gs = emu::shape<Shape3, 3>(gsz);
   const int64_t rows = vs.size[0] * M, L = vs.size[1], Cv = vs.size[2], n = rows * K;
   T *e = ws, *w = ws + n, *d = ws + 2 * n;
   agg_weights_kernel<T, T>(logits, index, n, K, L, kth, e);
