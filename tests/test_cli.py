@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,3 +40,18 @@ def test_bench_writes_table_json_and_png(tmp_path):
 def test_bench_rejects_unknown_op():
     res = run_cli("bench", "--op", "nope", "--device", "cpu")
     assert res.returncode == 2 and "unknown op" in res.stdout
+
+
+def test_bench_runner_reports_a_failing_case_and_keeps_the_others():
+    from vosops.bench.registry import Case
+    from vosops.bench.runner import run_cases
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    ok = Case("demo", "tiny", "cpu", "baseline", "fwd", lambda: (lambda: torch.ones(4) * 2), baseline=True)
+    bad = Case("demo", "tiny", "cpu", "mine", "fwd", broken)
+    lines = []
+    rows = run_cases([ok, bad], budget_s=0.01, memory=False, log=lines.append)
+    assert [r["impl"] for r in rows] == ["baseline"] and rows[0]["speedup"] == 1.0
+    assert any("demo/tiny/cpu/float32/fwd/mine: FAILED RuntimeError: CUDA error" in line for line in lines)
