@@ -35,3 +35,17 @@ def sizes_strides(t) -> "torch.Tensor":
     import torch
 
     return torch.tensor(list(t.shape) + list(t.stride()), dtype=torch.int64)
+
+
+def dtype_code(dtype) -> int:
+    """The element-type number of the block emulations' entry points (EMU_DISPATCH)."""
+    import torch
+
+    return {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}[dtype]
+
+
+def acc_dtype(dtype):
+    """The CUDA kernels' accumulation type for an element type: float64 for float64, else float32."""
+    import torch
+
+    return torch.float64 if dtype == torch.float64 else torch.float32

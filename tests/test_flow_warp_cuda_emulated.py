@@ -1,7 +1,7 @@
 """The flow_warp CUDA kernels' logic, run on the CPU: tests/cuda_emulation/flow_warp_emu.cpp compiles
 csrc/flow_warp/flow_warp_cuda.cu as host code with one host thread per CUDA thread (block_emulation.h; the backward's
-atomics into d(x) contend for real) and the launchers' geometry, in float32 and float64, against the reference,
-forward and backward. fp16/bf16, timing and the glue need a GPU (the cuda-marked tests in test_flow_warp.py)."""
+atomics into d(x) contend for real) and the launchers' geometry, in float32, float64, float16 and bfloat16, against
+the reference, forward and backward. Timing and the glue need a GPU (the cuda-marked tests in test_flow_warp.py)."""
 
 import ctypes
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vosops
-from _cuda_emulation import build_emulation, ptr, sizes_strides as _shape
+from _cuda_emulation import acc_dtype, build_emulation, dtype_code, ptr, sizes_strides as _shape
 
 MODES = {"bilinear": 0, "nearest": 1}
 PADDINGS = {"zeros": 0, "border": 1}
@@ -20,7 +20,7 @@ def emu(tmp_path_factory):
     return build_emulation(tmp_path_factory, "flow_warp_emu.cpp")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
 @pytest.mark.parametrize("B,C,H,W", [(2, 3, 7, 9), (1, 2, 17, 19)])  # 126 pixels: one block; 323: two
@@ -31,19 +31,19 @@ def test_flow_warp_kernels(emu, dtype, mode, padding_mode, B, C, H, W):
     flow[0, :, 0, 0] = torch.tensor([1.0, 2.0], dtype=dtype)  # a sample exactly on a pixel
     flow[-1, 0, -1, :] = W + 2.0  # fully outside the frame
     out = torch.full((B, C, H, W), float("nan"), dtype=dtype)
-    is_double = int(dtype == torch.float64)
+    code = dtype_code(dtype)
     m, p = MODES[mode], PADDINGS[padding_mode]
-    assert emu.emu_flow_warp_forward(is_double, ptr(x), ptr(_shape(x)), ptr(flow), ptr(_shape(flow)), ptr(out),
-                                     m, p) == 0
+    assert emu.emu_flow_warp_forward(code, ptr(x), ptr(_shape(x)), ptr(flow), ptr(_shape(flow)), ptr(out), m,
+                                     p) == 0
     xr, fr = x.double().requires_grad_(), flow.double().requires_grad_()
     want = vosops.flow_warp(xr, fr, mode=mode, padding_mode=padding_mode, backend="reference")
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(out.double(), want.detach(), atol=tol, rtol=tol)
 
     grad = torch.randn(B, C, H, W, generator=g).to(dtype)
-    grad_x = torch.zeros(B, C, H, W, dtype=dtype)
+    grad_x = torch.zeros(B, C, H, W, dtype=acc_dtype(dtype))
     grad_flow = torch.full((B, 2, H, W), float("nan"), dtype=dtype)
-    assert emu.emu_flow_warp_backward(is_double, ptr(grad), ptr(_shape(grad)), ptr(x), ptr(_shape(x)), ptr(flow),
+    assert emu.emu_flow_warp_backward(code, ptr(grad), ptr(_shape(grad)), ptr(x), ptr(_shape(x)), ptr(flow),
                                       ptr(_shape(flow)), ptr(grad_x), ptr(grad_flow), m, p) == 0
     want_gx, want_gf = torch.autograd.grad(want, (xr, fr), grad.double(), allow_unused=True)
     torch.testing.assert_close(grad_x.double(), want_gx, atol=10 * tol, rtol=10 * tol)

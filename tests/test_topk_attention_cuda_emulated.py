@@ -1,6 +1,7 @@
 """The global_topk and topk_attention CUDA kernels' logic, run on the CPU: tests/cuda_emulation/topk_attention_emu.cpp
 compiles csrc/topk/topk_cuda.cu as host code with one host thread per CUDA thread (shared memory, __syncthreads, warp
-ballots and shuffles emulated; block_emulation.h), in float32 and float64, with the launchers' geometry. Compared
+ballots and shuffles emulated; block_emulation.h), in float32, float64, float16 and bfloat16, with the launchers'
+geometry. Compared
 with the reference, forward and backward. Timing, occupancy and the glue need a GPU (the cuda-marked tests)."""
 
 import ctypes
@@ -10,7 +11,7 @@ import torch
 
 import vosops
 from vosops.ops.topk import kept_sparse
-from _cuda_emulation import build_emulation, ptr, sizes_strides as _shape
+from _cuda_emulation import acc_dtype, build_emulation, dtype_code, ptr, sizes_strides as _shape
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +19,12 @@ def emu(tmp_path_factory):
     return build_emulation(tmp_path_factory, "topk_attention_emu.cpp")
 
 
-def _is_double(dtype):
-    return int(dtype == torch.float64)
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# Tolerances on outputs stored in the element type (inputs already rounded to it; the reference is float64).
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,M,L,C,topk,masked", [
     (2, 9, 300, 5, 4, True),     # three key tiles of 128, a partial query tile
     (1, 8, 40, 3, 40, False),    # topk = L: every key, in order
@@ -36,13 +38,13 @@ def test_global_topk_kernel(emu, dtype, B, M, L, C, topk, masked):
     mask = (torch.rand(B, L, generator=g) > 0.2) if masked else None
     out_l = torch.full((B, M, topk), float("nan"), dtype=dtype)
     out_i = torch.full((B, M, topk), -7777, dtype=torch.int64)
-    assert emu.emu_global_topk(_is_double(dtype), ptr(q), ptr(_shape(q)), ptr(k), ptr(_shape(k)), ptr(mask),
+    assert emu.emu_global_topk(dtype_code(dtype), ptr(q), ptr(_shape(q)), ptr(k), ptr(_shape(k)), ptr(mask),
                                ctypes.c_int64(topk), ctypes.c_double(0.5), ptr(out_l), ptr(out_i)) == 0
     want_l, want_i = vosops.global_topk(q.double(), k.double(), topk=topk, scale=0.5, key_mask=mask,
                                         backend="reference")
+    # integer-valued keys: every score is exact in fp32 too, so the selection must match exactly in every dtype
     torch.testing.assert_close(out_i, want_i, atol=0, rtol=0)
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
-    torch.testing.assert_close(out_l.double(), want_l, atol=tol, rtol=tol)
+    torch.testing.assert_close(out_l.double(), want_l, atol=TOL[dtype], rtol=TOL[dtype])
 
 
 ATTENTION_CASES = [  # (B, H, M, L, D, Dv, topk, dense_keys)
@@ -53,7 +55,7 @@ ATTENTION_CASES = [  # (B, H, M, L, D, Dv, topk, dense_keys)
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(ATTENTION_CASES)))
 def test_topk_attention_kernels(emu, dtype, case):
     B, H, M, L, D, Dv, topk, dense_keys = ATTENTION_CASES[case]
@@ -65,28 +67,33 @@ def test_topk_attention_kernels(emu, dtype, case):
     kk = kept_sparse(topk, L, dense_keys)
     dense = L if kk == 0 else dense_keys
     out = torch.full((B, H, M, Dv), float("nan"), dtype=dtype)
-    lse = torch.full((B, H, M), float("nan"), dtype=dtype)
+    lse = torch.full((B, H, M), float("nan"), dtype=acc_dtype(dtype))
     index = torch.full((B, H, M, max(kk, 1)), -7777, dtype=torch.int64)
-    assert emu.emu_attention_forward(_is_double(dtype), ptr(q), ptr(_shape(q)), ptr(k), ptr(_shape(k)), ptr(v),
+    assert emu.emu_attention_forward(dtype_code(dtype), ptr(q), ptr(_shape(q)), ptr(k), ptr(_shape(k)), ptr(v),
                                      ptr(_shape(v)), ctypes.c_int64(dense), ctypes.c_int64(kk), ctypes.c_double(scale),
                                      ptr(out), ptr(lse), ptr(index)) == 0
     qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
     want = vosops.topk_attention(qr, kr, vr, topk=topk, scale=scale, dense_keys=dense_keys, backend="reference")
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    tol = TOL[dtype]
     torch.testing.assert_close(out.double(), want.detach(), atol=tol, rtol=tol)
-    if kk:  # the kept sparse keys are the top-kk logits of the sparse part, best first
+    # the kept sparse keys are the top-kk logits of the sparse part (checked in fp32/fp64: from fp16/bf16 inputs the
+    # fp32 scores may order near-ties differently from the float64 reference)
+    if kk and dtype in (torch.float32, torch.float64):
         s = torch.einsum("bhmd,bhld->bhml", q.double(), k.double())[..., dense_keys:] * scale
         ref_idx = torch.topk(s, kk, dim=-1).indices + dense_keys
         torch.testing.assert_close(index.sort(-1).values, ref_idx.sort(-1).values, atol=0, rtol=0)
 
     grad = torch.randn(B, H, M, Dv, generator=g).to(dtype)
-    dq = torch.full((B, H, M, D), float("nan"), dtype=dtype)
-    dk = torch.zeros(B, H, L, D, dtype=dtype)  # the glue zero-fills dk, dv: the kernel accumulates into them
-    dv = torch.zeros(B, H, L, Dv, dtype=dtype)
-    assert emu.emu_attention_backward(_is_double(dtype), ptr(grad), ptr(_shape(grad)), ptr(q), ptr(_shape(q)), ptr(k),
+    dq = torch.full((B, H, M, D), float("nan"), dtype=acc_dtype(dtype))
+    dk = torch.zeros(B, H, L, D, dtype=acc_dtype(dtype))  # the glue zero-fills dk, dv: the kernel accumulates into them
+    dv = torch.zeros(B, H, L, Dv, dtype=acc_dtype(dtype))
+    assert emu.emu_attention_backward(dtype_code(dtype), ptr(grad), ptr(_shape(grad)), ptr(q), ptr(_shape(q)), ptr(k),
                                       ptr(_shape(k)), ptr(v), ptr(_shape(v)), ptr(out), ptr(lse),
                                       ptr(index if kk else None), ctypes.c_int64(dense), ctypes.c_int64(kk),
                                       ctypes.c_double(scale), ptr(dq), ptr(dk), ptr(dv)) == 0
     want_grads = torch.autograd.grad(want, (qr, kr, vr), grad.double())
+    # the gradients accumulate in fp32 from inputs rounded to the element type, and out is rounded (it enters
+    # through the softmax backward's row term)
+    gtol = 10 * tol if dtype in (torch.float32, torch.float64) else 4 * tol
     for got, ref in zip((dq, dk, dv), want_grads):
-        torch.testing.assert_close(got.double(), ref, atol=10 * tol, rtol=10 * tol)
+        torch.testing.assert_close(got.double(), ref, atol=gtol, rtol=gtol)

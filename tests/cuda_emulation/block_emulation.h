@@ -163,3 +163,14 @@ inline bool launch(unsigned grid_x, unsigned grid_y, unsigned threads, size_t sm
   return true;
 }
 }  // namespace emu
+
+// In an extern "C" entry point: `return CALL;` with T bound to the element type numbered `code` (0 float32,
+// 1 float64, 2 float16, 3 bfloat16; the tests' numbering); 2 for an unknown code.
+#define EMU_DISPATCH(code, CALL)                                    \
+  switch (code) {                                                   \
+    case 0: { using T = float; return CALL; }                       \
+    case 1: { using T = double; return CALL; }                      \
+    case 2: { using T = __half; return CALL; }                      \
+    case 3: { using T = __nv_bfloat16; return CALL; }               \
+  }                                                                 \
+  return 2;
