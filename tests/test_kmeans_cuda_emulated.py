@@ -1,7 +1,7 @@
 """The kmeans CUDA kernels' logic, run on the CPU: tests/cuda_emulation/kmeans_emu.cpp compiles
 csrc/kmeans/kmeans_cuda.cu as host code with one host thread per CUDA thread (block_emulation.h) and the launcher's
-geometry, in float32, float64, float16 and bfloat16. One Lloyd step (assignment, squared distances, per-cluster sums and counts) is
-compared with a direct computation. Timing and the glue need a GPU (the cuda-marked tests in test_kmeans.py)."""
+geometry, in float32, float64, float16 and bfloat16. One Lloyd step (assignment, squared distances, per-cluster
+sums and counts) is compared with a direct computation. Timing and the glue need a GPU (the cuda-marked tests in test_kmeans.py)."""
 
 import ctypes
 
