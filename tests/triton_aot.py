@@ -32,6 +32,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # JITFunctions, and the GPU block size
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +74,8 @@ def _record_launch(records: dict, fn: JITFunction, args, kwargs) -> None:
         kind = None if param.is_constexpr else _arg_type(value)
         if kind is None:
             signature[param.name] = "constexpr"
-            constexprs[param.name] = value
+            # a dtype constexpr (tl.int32, say) travels through JSON by name
+            constexprs[param.name] = {"tl_dtype": value.name} if isinstance(value, tl.dtype) else value
         else:
             signature[param.name] = kind
     key = json.dumps([fn.fn.__module__, fn.fn.__qualname__, signature, constexprs, options], sort_keys=True,
@@ -262,7 +264,7 @@ def compile_one(spec: dict, arch: int) -> dict:
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
-    constexprs = {k: v for k, v in spec["constexprs"].items()}
+    constexprs = {k: getattr(tl, v["tl_dtype"]) if isinstance(v, dict) else v for k, v in spec["constexprs"].items()}
     result = dict(spec, arch=arch)
     t0 = time.perf_counter()
     try:

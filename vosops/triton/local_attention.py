@@ -67,7 +67,7 @@ def _pack(s, cid):
     """int64 key ordering by score descending, then candidate index ascending (-0.0 counts as +0.0)."""
     bits = (s + 0.0).to(tl.int32, bitcast=True)
     mono = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    return (mono.to(tl.int64) << 32) | (4294967295 - cid)
+    return (mono.to(tl.int64) << 32) | (4294967295 - cid.to(tl.int64))
 
 
 @triton.jit
@@ -103,32 +103,33 @@ def _merge_topk(run, key, BQ: tl.constexpr, KP: tl.constexpr, SORT: tl.constexpr
 
 
 @triton.jit
-def _chunk_positions(off_ptr, tab_ptr, cid, b, i, j, NT, T, N, H, W, DIL, HAS_OFF: tl.constexpr):
+def _chunk_positions(off_ptr, tab_ptr, cid, b, i, j, NT, T, N, H, W, DIL, HAS_OFF: tl.constexpr,
+                     IDX: tl.constexpr):
     """For queries (BQ,) and packed candidates cid (CH,): reference n (CH,), key row/col (BQ, CH), in-frame mask
     (BQ, CH), whether cid is a real candidate (CH,), and the window entry t (CH,)."""
     cvalid = cid < NT
     cc = tl.where(cvalid, cid, 0)
     n = cc // T
     t = cc % T
-    dy = tl.load(tab_ptr + 2 * t).to(tl.int64)
-    dx = tl.load(tab_ptr + 2 * t + 1).to(tl.int64)
+    dy = tl.load(tab_ptr + 2 * t).to(IDX)
+    dx = tl.load(tab_ptr + 2 * t + 1).to(IDX)
     y = i[:, None] + dy[None, :] * DIL
     x = j[:, None] + dx[None, :] * DIL
     if HAS_OFF:
         o = ((b[:, None] * N + n[None, :]) * 2) * H * W + (i * W + j)[:, None]  # contiguous int32 (B, N, 2, H, W)
-        x += tl.load(off_ptr + o).to(tl.int64)
-        y += tl.load(off_ptr + o + H * W).to(tl.int64)
+        x += tl.load(off_ptr + o).to(IDX)
+        y += tl.load(off_ptr + o + H * W).to(IDX)
     inside = (y >= 0) & (y < H) & (x >= 0) & (x < W) & cvalid[None, :]
     return n, tl.where(inside, y, 0), tl.where(inside, x, 0), inside, cvalid, t
 
 
 @triton.jit
 def _chunk_scores(q_ptr, k_ptr, qbase, kpix, lm, C, sqc, skc, scale, ZERO_BORDER: tl.constexpr,
-                  BQ: tl.constexpr, CH: tl.constexpr, CB: tl.constexpr, inside, cvalid):
+                  BQ: tl.constexpr, CH: tl.constexpr, CB: tl.constexpr, inside, cvalid, IDX: tl.constexpr):
     """Scores (BQ, CH) over channel blocks of CB; out-of-frame: 0 (zero border) or -inf; padding columns -inf."""
     s = tl.zeros((BQ, CH), tl.float32)
     for c0 in range(0, C, CB):
-        c = c0 + tl.arange(0, CB).to(tl.int64)
+        c = c0 + tl.arange(0, CB).to(IDX)
         cm = c < C
         qv = tl.load(q_ptr + qbase[:, None] + c[None, :] * sqc, mask=cm[None, :], other=0.0).to(tl.float32)
         kv = tl.load(k_ptr + kpix[:, :, None] + c[None, None, :] * skc, mask=lm[:, :, None] & cm[None, None, :],
@@ -143,8 +144,8 @@ def _chunk_scores(q_ptr, k_ptr, qbase, kpix, lm, C, sqc, skc, scale, ZERO_BORDER
 
 
 @triton.jit
-def _queries(BQ: tl.constexpr, B, H, W):
-    pix = tl.program_id(0).to(tl.int64) * BQ + tl.arange(0, BQ).to(tl.int64)
+def _queries(BQ: tl.constexpr, B, H, W, IDX: tl.constexpr):
+    pix = tl.program_id(0).to(IDX) * BQ + tl.arange(0, BQ).to(IDX)
     pm = pix < B * H * W
     pix = tl.where(pm, pix, 0)
     return pix, pm, pix % W, (pix // W) % H, pix // (H * W)
@@ -155,11 +156,12 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, out_ptr, lse_ptr, thr
                     B, C, CV, H, W, N, T, DIL, P, D, RADIUS, TOPK, scale,
                     sqb, sqc, sqh, sqw, skb, skn, skc, skh, skw, svb, svn, svc, svh, svw,
                     HAS_OFF: tl.constexpr, ZERO_BORDER: tl.constexpr, MODE: tl.constexpr, RET: tl.constexpr,
-                    BQ: tl.constexpr, KP: tl.constexpr, CB: tl.constexpr, CVP: tl.constexpr, SORT: tl.constexpr):
-    pix, pm, j, i, b = _queries(BQ, B, H, W)
+                    BQ: tl.constexpr, KP: tl.constexpr, CB: tl.constexpr, CVP: tl.constexpr, SORT: tl.constexpr,
+                    IDX: tl.constexpr):
+    pix, pm, j, i, b = _queries(BQ, B, H, W, IDX)
     NT = N * T
     qbase = b * sqb + i * sqh + j * sqw
-    col = tl.arange(0, KP).to(tl.int64)
+    col = tl.arange(0, KP).to(IDX)
     thr = tl.full((BQ,), -9223000000000000000, tl.int64)
     if MODE != 0:
         # pass 1: running list of the KP largest keys
@@ -167,11 +169,11 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, out_ptr, lse_ptr, thr
         for c0 in range(0, NT, KP):
             cid = c0 + col
             n, y, x, inside, cvalid, t = _chunk_positions(off_ptr, tab_ptr, cid, b, i, j, NT, T, N, H, W, DIL,
-                                                          HAS_OFF)
+                                                          HAS_OFF, IDX)
             lm = inside & pm[:, None]
             kpix = b[:, None] * skb + n[None, :] * skn + y * skh + x * skw
             s = _chunk_scores(q_ptr, k_ptr, qbase, kpix, lm, C, sqc, skc, scale, ZERO_BORDER, BQ, KP, CB,
-                              inside, cvalid)
+                              inside, cvalid, IDX)
             key = tl.where(cvalid[None, :], _pack(s, cid[None, :]), -9223000000000000000)
             # exact early-out: once the list is full most chunks hold no key above its last (KP-th) entry
             last = tl.sum(tl.where(col[None, :] == KP - 1, run, 0), axis=1)
@@ -194,17 +196,19 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, out_ptr, lse_ptr, thr
             tl.store(lg_ptr + o, _unpack_score(run).to(lg_ptr.dtype.element_ty), mask=om)
             tl.store(idx_ptr + o, full, mask=om)
     # pass 2: online softmax over the kept candidates
-    cv = tl.arange(0, CVP).to(tl.int64)
+    cv = tl.arange(0, CVP).to(IDX)
     cvm = cv < CV
     m = tl.full((BQ,), float("-inf"), tl.float32)
     l = tl.zeros((BQ,), tl.float32)
     acc = tl.zeros((BQ, CVP), tl.float32)
     for c0 in range(0, NT, KP):
         cid = c0 + col
-        n, y, x, inside, cvalid, t = _chunk_positions(off_ptr, tab_ptr, cid, b, i, j, NT, T, N, H, W, DIL, HAS_OFF)
+        n, y, x, inside, cvalid, t = _chunk_positions(off_ptr, tab_ptr, cid, b, i, j, NT, T, N, H, W, DIL, HAS_OFF,
+                                                      IDX)
         lm = inside & pm[:, None]
         kpix = b[:, None] * skb + n[None, :] * skn + y * skh + x * skw
-        s = _chunk_scores(q_ptr, k_ptr, qbase, kpix, lm, C, sqc, skc, scale, ZERO_BORDER, BQ, KP, CB, inside, cvalid)
+        s = _chunk_scores(q_ptr, k_ptr, qbase, kpix, lm, C, sqc, skc, scale, ZERO_BORDER, BQ, KP, CB, inside, cvalid,
+                          IDX)
         if MODE != 0:
             s = tl.where(_pack(s, cid[None, :]) >= thr[:, None], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -234,12 +238,12 @@ def _backward_kernel(g_ptr, glg_ptr, idx_ptr, q_ptr, k_ptr, v_ptr, off_ptr, tab_
                      sgb, sgc, sgh, sgw, sqb, sqc, sqh, sqw, skb, skn, skc, skh, skw, svb, svn, svc, svh, svw,
                      HAS_OFF: tl.constexpr, ZERO_BORDER: tl.constexpr, MODE: tl.constexpr, HAS_GLG: tl.constexpr,
                      NEED_Q: tl.constexpr, NEED_K: tl.constexpr, NEED_V: tl.constexpr,
-                     BQ: tl.constexpr, KP: tl.constexpr, CB: tl.constexpr, CVP: tl.constexpr):
-    pix, pm, j, i, b = _queries(BQ, B, H, W)
+                     BQ: tl.constexpr, KP: tl.constexpr, CB: tl.constexpr, CVP: tl.constexpr, IDX: tl.constexpr):
+    pix, pm, j, i, b = _queries(BQ, B, H, W, IDX)
     NT = N * T
     qbase = b * sqb + i * sqh + j * sqw
-    col = tl.arange(0, KP).to(tl.int64)
-    cv = tl.arange(0, CVP).to(tl.int64)
+    col = tl.arange(0, KP).to(IDX)
+    cv = tl.arange(0, CVP).to(IDX)
     cvm = cv < CV
     g = tl.load(g_ptr + (b * sgb + i * sgh + j * sgw)[:, None] + cv[None, :] * sgc,
                 mask=pm[:, None] & cvm[None, :], other=0.0).to(tl.float32)
@@ -253,10 +257,12 @@ def _backward_kernel(g_ptr, glg_ptr, idx_ptr, q_ptr, k_ptr, v_ptr, off_ptr, tab_
                         other=0.0).to(tl.float32)
     for c0 in range(0, NT, KP):
         cid = c0 + col
-        n, y, x, inside, cvalid, t = _chunk_positions(off_ptr, tab_ptr, cid, b, i, j, NT, T, N, H, W, DIL, HAS_OFF)
+        n, y, x, inside, cvalid, t = _chunk_positions(off_ptr, tab_ptr, cid, b, i, j, NT, T, N, H, W, DIL, HAS_OFF,
+                                                      IDX)
         lm = inside & pm[:, None]
         kpix = b[:, None] * skb + n[None, :] * skn + y * skh + x * skw
-        s = _chunk_scores(q_ptr, k_ptr, qbase, kpix, lm, C, sqc, skc, scale, ZERO_BORDER, BQ, KP, CB, inside, cvalid)
+        s = _chunk_scores(q_ptr, k_ptr, qbase, kpix, lm, C, sqc, skc, scale, ZERO_BORDER, BQ, KP, CB, inside, cvalid,
+                          IDX)
         kept = cvalid[None, :] & pm[:, None]
         if MODE != 0:
             kept = kept & (_pack(s, cid[None, :]) >= thr[:, None])
@@ -280,7 +286,7 @@ def _backward_kernel(g_ptr, glg_ptr, idx_ptr, q_ptr, k_ptr, v_ptr, off_ptr, tab_
             tl.atomic_add(dv_ptr + vb[:, :, None] + cv[None, None, :], p[:, :, None] * g[:, None, :],
                           mask=vmask)
         for cc0 in range(0, C, CB):
-            c = cc0 + tl.arange(0, CB).to(tl.int64)
+            c = cc0 + tl.arange(0, CB).to(IDX)
             cm = c < C
             if NEED_Q:
                 kv = tl.load(k_ptr + kpix[:, :, None] + c[None, None, :] * skc,
@@ -293,6 +299,20 @@ def _backward_kernel(g_ptr, glg_ptr, idx_ptr, q_ptr, k_ptr, v_ptr, off_ptr, tab_
                 kb = (((b[:, None] * N + n[None, :]) * H + y) * W + x) * C
                 tl.atomic_add(dk_ptr + kb[:, :, None] + c[None, None, :], ds[:, :, None] * qv[:, None, :],
                               mask=lm[:, :, None] & cm[None, None, :])
+
+
+def _index_type(*tensors):
+    """tl.int32 for the kernels' element offsets when every tensor they address spans fewer than 2^31 elements
+    (the usual case: int64 offsets cost registers, about 60% of the no-top-k forward's spills on sm_90), else
+    tl.int64. VOSOPS_TRITON_INT64_INDEX=1 forces int64 (tests run both)."""
+    if os.environ.get("VOSOPS_TRITON_INT64_INDEX") == "1":
+        return tl.int64
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        if 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31 - 1:
+            return tl.int64
+    return tl.int32
 
 
 def _channels_last(x: torch.Tensor, cdim: int) -> torch.Tensor:
@@ -356,7 +376,8 @@ def local_attention_triton(
         B, mt["C"], mt["CV"], H, W, mt["N"], tab.shape[0], dilation, mt["P"], mt["D"], radius, topk, scale,
         *q.stride(), *k.stride(), *v.stride(),
         HAS_OFF=has_off, ZERO_BORDER=border == "zero", MODE=mt["mode"], RET=bool(K),
-        BQ=bq, KP=mt["KP"], CB=cb, CVP=mt["CVP"], SORT=_sort_merge(), enable_fp_fusion=False,
+        BQ=bq, KP=mt["KP"], CB=cb, CVP=mt["CVP"], SORT=_sort_merge(), IDX=_index_type(q, k, v, off, out, logits, index),
+        enable_fp_fusion=False,
     )
     return out, lse, thr, logits, index
 
@@ -398,7 +419,7 @@ def local_attention_triton_backward(
         *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(),
         HAS_OFF=has_off, ZERO_BORDER=border == "zero", MODE=mt["mode"], HAS_GLG=has_glg,
         NEED_Q=need_q, NEED_K=need_k, NEED_V=need_v, BQ=bq, KP=mt["KP"], CB=cb, CVP=mt["CVP"],
-        enable_fp_fusion=False,
+        IDX=_index_type(grad_out, grad_logits, index, q, k, v, off, dq, dk, dv), enable_fp_fusion=False,
     )
     # back to (B, [N,] C, H, W), contiguous like the fake kernel's outputs
     dq = dq.permute(0, 3, 1, 2).to(dtypes[0]).contiguous() if need_q else q.new_empty(0)
