@@ -7,15 +7,16 @@ the backward's recomputation see bit-identical scores.
 
 Selection (topk): each (score, index) is packed into one int64 key that orders by score descending, then index
 ascending (the float's bits made monotone in the high word, ~index in the low word). A running list of the KP
-largest keys, kept in descending order, is merged with each chunk by ranking (compares and sums); the k-th key then defines the kept set exactly: `key >= kth`
-for top-k (exactly k candidates, ties to the lower index), `key >= kth with its index bits cleared` for threshold
+largest keys, kept in descending order, is merged with each chunk (tl.topk when compiled, a rank merge under the
+interpreter); the k-th key then defines the kept set exactly: `key >= kth` for top-k (exactly k candidates, ties to the lower index), `key >= kth with its index bits cleared` for threshold
 (every score >= the k-th score). Softmax over all candidates keeps everything.
 
 Forward pass 2 folds the kept scores into an online softmax (running max, sum, Cv accumulator). The N*P-wide
 affinity never exists; per query only the KP-long key list and the saved (log-sum-exp, kth key) remain.
 Backward (flash-style): p = exp(s - lse) on the kept set, ds = p * (g.v - g.out); dq per query in the program,
 dk and dv scattered into fp32 channels-last buffers with atomics. Inputs are read through channels-last views
-(copied once per call when they are not), so a candidate's channel block is one contiguous load. Gradients of the returned top-k logits add to ds.
+(copied once per call when they are not), so a candidate's channel block is one contiguous load. Gradients of the
+returned top-k logits add to ds. Element offsets are int32 when every tensor spans under 2^31 elements, else int64.
 Offsets are rounded (half away from zero) once on the host with the reference's rule. The kernels are launched
 with enable_fp_fusion=False: no FMA contraction, so every pass rounds a score identically and the kept set of the
 selection pass is exactly the one the aggregation and the backward recompute.

@@ -18,7 +18,8 @@ import triton.language as tl
 from .. import _alloc
 from ..ops.topk import attention_autograd_rules, attention_fake, global_topk_fake, gt_backward, gt_setup, kept_sparse
 
-_SENTINEL = tl.constexpr(-(2**63))  # below every packed key: an empty slot (a constexpr: compiled kernels read no other globals)
+# Below every packed key: an empty slot. A tl.constexpr, as compiled kernels may read no other kind of global.
+_SENTINEL = tl.constexpr(-(2**63))
 
 
 @triton.jit
