@@ -9,7 +9,8 @@ Selection (topk): each (score, index) is packed into one int64 key that orders b
 ascending (the float's bits made monotone in the high word, ~index in the low word). A running list of the KP
 largest keys, kept in descending order, is merged with each chunk (tl.topk when compiled, a rank merge under the
 interpreter); the k-th key then defines the kept set exactly: `key >= kth` for top-k (exactly k candidates, ties
-to the lower index), `key >= kth with its index bits cleared` for threshold (every score >= the k-th score). Softmax over all candidates keeps everything.
+to the lower index), `key >= kth with its index bits cleared` for threshold (every score >= the k-th score).
+Softmax over all candidates keeps everything.
 
 Forward pass 2 folds the kept scores into an online softmax (running max, sum, Cv accumulator). The N*P-wide
 affinity never exists; per query only the KP-long key list and the saved (log-sum-exp, kth key) remain.
