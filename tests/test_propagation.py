@@ -301,3 +301,20 @@ def test_mask_writer(tmp_path):
     w.close()
     np.testing.assert_array_equal(read_mask(str(tmp_path / "m" / "00017.png")), ids.numpy())
     assert (tmp_path / "o" / "00017.png").exists() and w.written == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["mamp", "maskvos", "ino", "dino", "jointformer-memory"])
+def test_gpu_loop_never_synchronises_per_frame(name):
+    """Steady-state frames (memory full) on the GPU with every host synchronisation made an error."""
+    from vosops.bench.propagate import make_runner
+
+    step = make_runner(name, "given", "cuda", 96, 160)  # runs the warm-up frames (memory fill) first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            ids = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert ids.is_cuda and ids.shape == (96, 160)
