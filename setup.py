@@ -34,7 +34,7 @@ def _native_extensions():
         return [], {}
 
     cpu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
-    cuda_glue = [s for s in cpu_sources if s.endswith("_cuda.cpp")]
+    cuda_glue = [s for s in cpu_sources if s.endswith("_cuda_glue.cpp")]
     cpu_sources = [s for s in cpu_sources if s not in cuda_glue]
     cu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True))
 

@@ -161,7 +161,7 @@ def test_predict_matches_reference(backend, device):
     x = torch.randn(2, 30, 6, device=device)
     c = torch.randn(4, 6, device=device)
     out = vosops.kmeans_predict(x, c, backend=backend)
-    ref = reference.kmeans_assign(x.double(), torch.tensor([30, 30]), c.double().expand(2, 4, 6))[0]
+    ref = reference.kmeans_assign(x.double(), torch.tensor([30, 30], device=device), c.double().expand(2, 4, 6))[0]
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
     single = vosops.kmeans_predict(x[0], c, backend=backend)
     torch.testing.assert_close(single, ref[0], atol=0, rtol=0)

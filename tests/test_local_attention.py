@@ -354,9 +354,9 @@ def test_backend_ties_indices_exact(backend, device):
                                                 backend=backend, **kw)
         ref, (rlg, ridx) = vosops.local_attention(q.double(), k.double(), v.double(), radius=2,
                                                   offsets=offsets.double(), return_topk=True, backend="reference", **kw)
-        assert torch.equal(idx.cpu(), ridx), kw
-        torch.testing.assert_close(lg.double().cpu(), rlg)
-        torch.testing.assert_close(got.double().cpu(), ref, atol=1e-5, rtol=1e-5)
+        assert torch.equal(idx.cpu(), ridx.cpu()), kw
+        torch.testing.assert_close(lg.double().cpu(), rlg.cpu())
+        torch.testing.assert_close(got.double().cpu(), ref.cpu(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="compiled Triton always merges with tl.topk")

@@ -233,8 +233,8 @@ def test_xmem_top30_readout(backend, device):
     keys and as global_topk + topk_aggregate."""
     B, M, L, C, Cv = 1, 16, 80, 16, 16
     dtype = torch.float64 if backend in ("reference", "cpu") else torch.float32
-    q, k, v = (torch.randn(B, M, C, dtype=dtype), torch.randn(B, L, C, dtype=dtype),
-               torch.randn(B, L, Cv, dtype=dtype))
+    q, k, v = (torch.randn(B, M, C, dtype=dtype, device=device), torch.randn(B, L, C, dtype=dtype, device=device),
+               torch.randn(B, L, Cv, dtype=dtype, device=device))
     scale = 1 / math.sqrt(C)
     expected = pipeline_aggregate(scale * q @ k.transpose(1, 2), v, 30)
     out = vosops.topk_attention(q[:, None], k[:, None], v[:, None], topk=30, backend=backend)[:, 0]
@@ -250,9 +250,9 @@ def test_jointformer_dense_prefix_plus_topk_memory(backend, device):
     """JointFormer: current tokens attend to themselves (all) and to the top-k memory tokens, one softmax."""
     B, Hh, M, T, D, topk = 1, 2, 24, 2, 16, 6
     dtype = torch.float64 if backend in ("reference", "cpu") else torch.float32
-    q = torch.randn(B, Hh, M, D, dtype=dtype)
-    k = torch.randn(B, Hh, M * (1 + T), D, dtype=dtype)
-    v = torch.randn(B, Hh, M * (1 + T), D, dtype=dtype)
+    q = torch.randn(B, Hh, M, D, dtype=dtype, device=device)
+    k = torch.randn(B, Hh, M * (1 + T), D, dtype=dtype, device=device)
+    v = torch.randn(B, Hh, M * (1 + T), D, dtype=dtype, device=device)
     s = q @ k.transpose(-1, -2) / math.sqrt(D)
     s_cur, s_mem = s[..., :M], s[..., M:]
     vals, idx = torch.topk(s_mem, topk, dim=-1)
@@ -577,10 +577,18 @@ def test_bad_input_raises_clear_errors(case):
 @pytest.mark.parametrize("backend,device", [("reference", "cpu")] + AGG_BACKENDS)
 @pytest.mark.parametrize("bad", [-2, 6, 100])
 def test_topk_aggregate_rejects_out_of_range_index(backend, device, bad):
-    ix = torch.zeros(1, 4, 2, dtype=torch.int64)
+    ix = torch.zeros(1, 4, 2, dtype=torch.int64, device=device)
     ix[0, 2, 1] = bad
+    lg, vals = torch.randn(1, 4, 2, device=device), torch.randn(1, 6, 5, device=device)
     with pytest.raises(ValueError, match=r"index must be in \[-1, L\)"):
-        vosops.topk_aggregate(torch.randn(1, 4, 2), ix, torch.randn(1, 6, 5), backend=backend)
+        vosops.topk_aggregate(lg, ix, vals, backend=backend)
+    if device == "cpu" and backend != "reference":
+        return  # the kernels on CPU tensors check the range whatever check_index says
+    # unchecked (indices from vosops' own top-k ops), an out-of-range candidate is dropped, never read
+    ok = ix.clamp(-1, 5)
+    ok[0, 2, 1] = -1
+    want = vosops.topk_aggregate(lg, ok, vals, backend=backend)
+    torch.testing.assert_close(vosops.topk_aggregate(lg, ix, vals, check_index=False, backend=backend), want)
 
 
 @pytest.mark.skipif(_backends.why_unusable("triton", "global_topk", "cpu") is not None,

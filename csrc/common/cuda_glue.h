@@ -1,4 +1,4 @@
-// Shared by the CUDA glue files (*_cuda.cpp, built only with CUDA): the launch check and PyTorch's current stream.
+// Shared by the CUDA glue files (*_cuda_glue.cpp, built only with CUDA): the launch check and PyTorch's current stream.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>

@@ -20,7 +20,10 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def run_cases(cases: Iterable[Case], *, budget_s: float = 1.0, memory: bool = True, log=print) -> list[dict]:
+def run_cases(cases: Iterable[Case], *, budget_s: float = 1.0, memory: bool = True, log=print,
+              on_row=None) -> list[dict]:
+    """Time each case; `on_row(rows)` after each finished one (to save partial results: a run stopped by a time
+    limit keeps what it measured)."""
     rows = []
     for case in cases:
         try:
@@ -48,6 +51,9 @@ def run_cases(cases: Iterable[Case], *, budget_s: float = 1.0, memory: bool = Tr
         rows.append(row)
         del fn
         log(f"  {case.name}: {t['ms']:.3f} ms")
+        if on_row is not None:
+            _add_speedups(rows)
+            on_row(rows)
     _add_speedups(rows)
     return rows
 

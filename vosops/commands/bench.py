@@ -54,13 +54,14 @@ def run(args) -> int:
     print(f"vosops bench: {len(cases)} cases on {device} ({torch.get_num_threads()} CPU threads)")
     from vosops.bench.runner import run_cases
 
-    rows = run_cases(cases, budget_s=args.budget, memory=not args.no_memory)
+    json_path = os.path.join(args.out, "results.json")
+    rows = run_cases(cases, budget_s=args.budget, memory=not args.no_memory,
+                     on_row=lambda rows: write_json(rows, json_path))
     if not rows:
         print("vosops bench: every case failed")
         return 1
     print()
     print(format_table(rows))
-    json_path = os.path.join(args.out, "results.json")
     png_path = os.path.join(args.out, "speedup.png")
     write_json(rows, json_path)
     plot_speedups(rows, png_path, title=f"vosops speed-up over the PyTorch baseline ({rows[0]['device_name']})")

@@ -131,13 +131,17 @@ def merge_topk(candidates, topk: int, *, backend: str | None = None):
 # --- topk_aggregate ----------------------------------------------------------------------------------------------
 
 def topk_aggregate(logits: torch.Tensor, index: torch.Tensor, values: torch.Tensor, *, normalize: str = "softmax",
-                   k: int | None = None, backend: str | None = None) -> torch.Tensor:
+                   k: int | None = None, check_index: bool = True, backend: str | None = None) -> torch.Tensor:
     """Softmax-weighted sum of the candidates' values: out[b, m] = sum_j w[b, m, j] values[b, index[b, m, j]].
 
     logits (B, M, K), index (B, M, K) int64 in [-1, L), values (B, L, Cv) -> (B, M, Cv).
     normalize="softmax": max-subtracted softmax over the valid candidates (index >= 0, logit > -inf).
     normalize="threshold" (DINO/INO): keep the valid candidates >= the k-th largest valid logit, ties kept.
     A row with no valid candidate outputs 0 with zero gradient. Differentiable w.r.t. logits and values.
+    check_index: raise a ValueError for an index outside [-1, L). On a GPU that check synchronises with the host,
+    so a loop whose indices come from vosops' own top-k ops passes False; unchecked, an out-of-range candidate is
+    dropped like an empty slot (never read), except on CPU tensors with the cpu and triton backends, which always
+    check.
     """
     _validate.tensor("logits", logits, dim=3)
     _index_tensor("index", index, logits.shape)
@@ -156,9 +160,9 @@ def topk_aggregate(logits: torch.Tensor, index: torch.Tensor, values: torch.Tens
     elif k is not None:
         raise ValueError(f"k is only used with normalize='threshold', got k={k!r} with normalize='softmax'")
     chosen = _backends.select("topk_aggregate", logits.device, backend, AGGREGATE_BACKENDS)
+    if check_index and not torch.compiler.is_compiling():  # data-dependent; the CPU kernel checks it itself
+        _check_index_range(index, values.shape[1])
     if chosen == "reference":
-        if not torch.compiler.is_compiling():  # a data-dependent check; the native kernel checks it itself
-            _check_index_range(index, values.shape[1])
         return _ref.topk_aggregate(logits, index, values, normalize=normalize, k=k)
     if chosen == "triton":
         from ..triton import topk_aggregate as _triton_agg
@@ -168,11 +172,6 @@ def topk_aggregate(logits: torch.Tensor, index: torch.Tensor, values: torch.Tens
 
 
 def _check_index_range(index: torch.Tensor, L: int) -> None:
-    if index.device.type != "cpu":
-        # On an accelerator a host-side check would synchronise every call (every frame of a propagation loop);
-        # a device-side assert stops the program instead, with this message, when the kernel queue reaches it.
-        torch._assert_async(((index >= -1) & (index < L)).all(), f"topk_aggregate: index must be in [-1, {L})")
-        return
     if index.numel() and bool(((index < -1) | (index >= L)).any()):
         bad = index[(index < -1) | (index >= L)][0].item()
         raise ValueError(f"index must be in [-1, L) = [-1, {L}) (-1 marks an empty slot), found {bad}")

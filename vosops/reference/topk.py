@@ -72,9 +72,10 @@ def merge_topk(candidates, topk: int):
     return out_l, out_i
 
 
-def _kept(logits: torch.Tensor, index: torch.Tensor, normalize: str, k: int | None) -> torch.Tensor:
+def _kept(logits: torch.Tensor, index: torch.Tensor, normalize: str, k: int | None,
+          in_range: torch.Tensor | bool = True) -> torch.Tensor:
     """Bool (B, M, K): the candidates that take part in the softmax."""
-    valid = (index >= 0) & (logits > float("-inf"))
+    valid = (index >= 0) & (logits > float("-inf")) & in_range
     if normalize == "threshold":
         # Keep every valid logit >= the k-th largest valid one (ties kept); fewer than k valid keeps them all.
         masked = torch.where(valid, logits.detach(), torch.full_like(logits, float("-inf")))
@@ -103,8 +104,10 @@ def topk_aggregate(logits: torch.Tensor, index: torch.Tensor, values: torch.Tens
     survive). Differentiable w.r.t. logits and values.
     """
     B, M, K = logits.shape
-    w = softmax_weights(logits, _kept(logits, index, normalize, k))
-    safe = index.clamp(min=0)
+    L = values.shape[1]
+    in_range = index < L  # an unchecked out-of-range index is dropped like an empty slot (-1), never read
+    w = softmax_weights(logits, _kept(logits, index, normalize, k, in_range))
+    safe = index.clamp(0, L - 1)
     gathered = torch.gather(values, 1, safe.reshape(B, M * K, 1).expand(B, M * K, values.shape[-1]))
     return (w.reshape(B, M * K, 1) * gathered).reshape(B, M, K, -1).sum(dim=2)
 

@@ -63,7 +63,12 @@ def _bilinear_taps(px, py, H, W):
     return x0, y0, fx, fy, vx0 & vy0, vx1 & vy0, vx0 & vy1, vx1 & vy1
 
 
-@triton.jit
+# Sizes are never specialised: Triton would compile an int argument equal to 1 as the constant 1, on which the
+# tensor methods these kernels call (.to) do not exist.
+_SIZES = ["B", "C", "H", "W"]
+
+
+@triton.jit(do_not_specialize=_SIZES)
 def _forward_kernel(x_ptr, flow_ptr, out_ptr, B, C, H, W, sxb, sxc, sxh, sxw, sfb, sfc, sfh, sfw,
                     BILINEAR: tl.constexpr, BORDER: tl.constexpr, BLOCK: tl.constexpr):
     m, b, i, j, px, py = _pixels(flow_ptr, B, H, W, sfb, sfc, sfh, sfw, BLOCK)
@@ -98,7 +103,7 @@ def _forward_kernel(x_ptr, flow_ptr, out_ptr, B, C, H, W, sxb, sxc, sxh, sxw, sf
             tl.store(out_ptr + out_base + c * H * W, v.to(out_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _backward_kernel(g_ptr, x_ptr, flow_ptr, gx_ptr, gf_ptr, B, C, H, W, sgb, sgc, sgh, sgw,
                      sxb, sxc, sxh, sxw, sfb, sfc, sfh, sfw,
                      BILINEAR: tl.constexpr, BORDER: tl.constexpr, NEED_GX: tl.constexpr, NEED_GF: tl.constexpr,

@@ -66,7 +66,12 @@ def _in_window(p, R, CIRCLE: tl.constexpr):
         return p >= 0
 
 
-@triton.jit
+# Sizes are never specialised: Triton would compile an int argument equal to 1 as the constant 1, on which the
+# tensor methods these kernels call (.to) do not exist.
+_SIZES = ["TOTAL", "N", "C", "H", "W", "R", "DIL", "P"]
+
+
+@triton.jit(do_not_specialize=_SIZES)
 def _scores_kernel(a_ptr, x_ptr, off_ptr, out_ptr, TOTAL, N, C, H, W, R, DIL, P, scale, fill,
                    sab, sac, sah, saw, sxb, sxn, sxc, sxh, sxw,
                    HAS_OFF: tl.constexpr, CIRCLE: tl.constexpr, BLOCK: tl.constexpr):
@@ -87,7 +92,7 @@ def _scores_kernel(a_ptr, x_ptr, off_ptr, out_ptr, TOTAL, N, C, H, W, R, DIL, P,
     tl.store(out_ptr + e, s.to(out_ptr.dtype.element_ty), mask=em)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _gather_kernel(w_ptr, x_ptr, off_ptr, out_ptr, TOTAL, N, C, H, W, R, DIL, P, scale,
                    swb, swn, swp, swh, sww, sxb, sxn, sxc, sxh, sxw,
                    HAS_OFF: tl.constexpr, CIRCLE: tl.constexpr, BLOCK: tl.constexpr):
@@ -106,7 +111,7 @@ def _gather_kernel(w_ptr, x_ptr, off_ptr, out_ptr, TOTAL, N, C, H, W, R, DIL, P,
     tl.store(out_ptr + e, (s * scale).to(out_ptr.dtype.element_ty), mask=em)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _scatter_kernel(w_ptr, a_ptr, off_ptr, out_ptr, TOTAL, N, C, H, W, R, DIL, P, scale,
                     swb, swn, swp, swh, sww, sab, sac, sah, saw,
                     HAS_OFF: tl.constexpr, CIRCLE: tl.constexpr, BLOCK: tl.constexpr):

@@ -332,10 +332,19 @@ def _check(q: torch.Tensor) -> None:
         raise TypeError(f"local_attention: the triton backend takes float32, float16 or bfloat16, got {q.dtype}")
 
 
+_TABLES: dict = {}
+
+
 def _table(radius: int, window: str, device) -> torch.Tensor:
-    D = 2 * radius + 1
-    cols = window_columns(radius, window)
-    return torch.tensor([[p // D - radius, p % D - radius] for p in cols], dtype=torch.int32, device=device)
+    """(P, 2) int32 window offsets (dy, dx), cached per device: a host-to-device copy every call would
+    synchronise a propagation loop with the host every frame."""
+    key = (radius, window, str(device))
+    if key not in _TABLES:
+        D = 2 * radius + 1
+        cols = window_columns(radius, window)
+        _TABLES[key] = torch.tensor([[p // D - radius, p % D - radius] for p in cols], dtype=torch.int32,
+                                    device=device)
+    return _TABLES[key]
 
 
 def _rounded(offsets, radius, dilation, like):

@@ -119,9 +119,10 @@ def _check(logits: torch.Tensor, index: torch.Tensor, values: torch.Tensor, norm
         raise ValueError(f"topk_aggregate: normalize must be 'softmax' or 'threshold', got {normalize!r}")
     if normalize == "threshold" and k < 1:
         raise ValueError(f"topk_aggregate: k must be >= 1 with 'threshold', got {k}")
-    from ..ops.topk import _check_index_range
+    if index.device.type == "cpu":  # as the native op: on a GPU a check would synchronise (the kernels drop
+        from ..ops.topk import _check_index_range  # out-of-range candidates); vosops.topk_aggregate checks there
 
-    _check_index_range(index, values.shape[1])  # the op is opaque to torch.compile: this runs at call time
+        _check_index_range(index, values.shape[1])
 
 
 def _kk(normalize: str, k: int, K: int) -> int:

@@ -1,5 +1,6 @@
-// topk_aggregate CUDA glue: the CPU glue's checks (the index range as a device-side assert: no host sync per
-// call), allocation and the launches on PyTorch's current stream. Built only with CUDA.
+// topk_aggregate CUDA glue: the CPU glue's checks (not the index range, which would synchronise with the host: the
+// kernels drop out-of-range candidates), allocation and the launches on PyTorch's current stream. Built only with
+// CUDA.
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
