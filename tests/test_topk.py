@@ -199,13 +199,15 @@ def test_crw_label_propagation(backend, device):
     HW = H * W
     cand, inside = circle_candidates(H, W, r)
     labels = torch.rand(1, HW * (1 + n_prev), 5, dtype=torch.float64).softmax(-1)
-    g = vosops.global_topk(q, frames[0], topk=10, scale=scale, backend=backend)
+    dtype = torch.float64 if backend in ("reference", "cpu") else torch.float32
+    on = lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device)  # noqa: E731
+    g = vosops.global_topk(on(q), on(frames[0]), topk=10, scale=scale, backend=backend)
     loc = local_candidates(q, frames[1:], cand, scale, HW)
-    logits, index = vosops.merge_topk([g, loc], 10)
-    agg_backend = backend if backend != "reference" else "reference"
-    out = vosops.topk_aggregate(logits, index, labels, backend=agg_backend)
+    logits, index = vosops.merge_topk([g, tuple(map(on, loc))], 10)
+    out = vosops.topk_aggregate(logits, index, on(labels), backend=backend)
     (expected,) = restricted_readout(q, frames, inside, scale, 10, [labels])
-    torch.testing.assert_close(out[0], expected)
+    tol = 1e-7 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(out[0].cpu().double(), expected, atol=tol, rtol=tol)
 
 
 def test_maskvos_readout_same_weights_read_two_value_tensors():
@@ -520,8 +522,9 @@ def test_torch_compile_fullgraph_triton(backend, device):
 
 @pytest.mark.parametrize("backend,device", [("reference", "cpu")] + GT_NATIVE)
 def test_torch_compile_fullgraph(backend, device):
-    q, k, v = (torch.randn(1, 2, 5, 4, requires_grad=True), torch.randn(1, 2, 9, 4, requires_grad=True),
-               torch.randn(1, 2, 9, 3, requires_grad=True))
+    q, k, v = (torch.randn(1, 2, 5, 4, device=device, requires_grad=True),
+               torch.randn(1, 2, 9, 4, device=device, requires_grad=True),
+               torch.randn(1, 2, 9, 3, device=device, requires_grad=True))
     testing.check_compile(lambda a, b, c: vosops.topk_attention(a, b, c, topk=3, dense_keys=2, backend=backend),
                           (q, k, v))
 
@@ -530,8 +533,8 @@ def test_torch_compile_fullgraph(backend, device):
         logits, index = vosops.merge_topk([(logits, index)], 2)
         return vosops.topk_aggregate(logits, index, values, backend=backend)
 
-    testing.check_compile(readout, (torch.randn(2, 3, 4, requires_grad=True), torch.randn(2, 8, 4, requires_grad=True),
-                                    torch.randn(2, 8, 3, requires_grad=True)))
+    testing.check_compile(readout, tuple(torch.randn(*s, device=device, requires_grad=True)
+                                         for s in ((2, 3, 4), (2, 8, 4), (2, 8, 3))))
 
 
 def _bad_cases():

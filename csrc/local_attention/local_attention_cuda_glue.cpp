@@ -2,6 +2,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <map>
+#include <mutex>
+#include <utility>
+#include <vector>
+
 #include "common/cuda_glue.h"
 #include "common/native.h"
 #include "local_attention/local_attention.h"
@@ -34,6 +39,22 @@ at::Tensor round_offsets_device(const at::Tensor& offsets, const Config& c) {
   return at::where(o < 0, -r, r).to(at::kInt).contiguous();
 }
 
+// The in-window column table on the device, made once per (device, column list): a host-to-device copy on every
+// call would synchronise a propagation loop with the host every frame. A few hundred bytes per window shape.
+at::Tensor device_columns(const std::vector<int32_t>& cols, const at::Device& device) {
+  static std::mutex mutex;
+  // never destroyed: freeing CUDA memory from a static destructor at exit could outlive the CUDA runtime
+  static auto* cache = new std::map<std::pair<int64_t, std::vector<int32_t>>, at::Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto key = std::make_pair(static_cast<int64_t>(device.index()), cols);
+  auto it = cache->find(key);
+  if (it == cache->end()) {
+    at::Tensor host = at::tensor(cols, at::TensorOptions().dtype(at::kInt));
+    it = cache->emplace(std::move(key), host.to(device)).first;  // the one synchronous copy
+  }
+  return it->second;
+}
+
 struct Prepared {
   at::Tensor q, k, v, offsets, cols;
   CudaProblem p;
@@ -46,7 +67,7 @@ Prepared prepare(const Config& c, const at::Tensor& q, const at::Tensor& k, cons
   r.k = to_cl(k);
   r.v = to_cl(v);
   if (offsets.has_value()) r.offsets = round_offsets_device(*offsets, c);
-  r.cols = at::tensor(c.cols, q.options().dtype(at::kInt).device(at::kCPU)).to(q.device());
+  r.cols = device_columns(c.cols, q.device());
   CudaProblem& p = r.p;
   p.B = c.B;
   p.N = c.N;
