@@ -28,7 +28,14 @@ AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
 }
 # Per-op exceptions to AUTO_ORDER, each backed by a benchmark: {op: {device_type: (backend, ...)}}.
-AUTO_OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {}
+# Measured on an H200 side by side (benchmarks/results/nvidia-h200/results.json, fp32 unless noted):
+#   local_attention  triton 14.4 ms vs cuda 44.3 ms (crw-480p), 0.68 vs 4.16 ms (mamp-train forward), 6.3 vs
+#                    37.9 ms (mamp-train forward + backward), 24.0 vs 23.3 ms (mamp-480p: a tie)
+#   topk_attention   triton 3.1 vs cuda 7.2 ms forward, 1.7 vs 17.1 ms backward (jointformer-davis-1f, fp16)
+AUTO_OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
+    "local_attention": {"cuda": ("triton", "cuda", "reference")},
+    "topk_attention": {"cuda": ("triton", "cuda", "reference")},
+}
 
 
 class BackendUnavailableError(RuntimeError):
