@@ -12,6 +12,8 @@
 #             side: both are mostly Triton compilation (CPU work), and the timed `bench` stage then finds every
 #             kernel in Triton's cache
 #   bench     `vosops bench --device cuda`, one process per op, into $OUT/results.json and speedup.png
+#   profile   the top kernels of one call of each BENCH_CONFIGS case (benchmarks/gpu_profile.py) into $OUT/profile.txt
+#   ncu       Nsight Compute counters of the kernels matching NCU_KERNEL in those calls, into $OUT/ncu.txt
 #   pack-cache / carried-cache   Triton's cache to $OUT/triton-cache.txz / from .gpubuild/triton-cache.txz
 # Settings: TEST_S (test time limit), TEST_ARGS (extra pytest arguments, e.g. -k), WARM_S (each warm-up process),
 # BENCH_OPS, BENCH_CONFIGS (restrict the configurations), BENCH_ARGS (extra `vosops bench` arguments), BENCH_OP_S
@@ -138,6 +140,24 @@ if rows:
     plot_speedups(rows, os.path.join(out, "speedup.png"), title=f"vosops speed-up ({rows[0]['device_name']})")
     print(format_table(rows))
 PYEOF
+      ;;
+    profile)
+      # the top kernels of one call of each BENCH_CONFIGS case (cuda and triton implementations)
+      step "profile"
+      cfgs=""; for c in ${BENCH_CONFIGS:?BENCH_CONFIGS is needed by profile}; do cfgs="$cfgs --config $c"; done
+      timeout "${PROFILE_S:-120}" python3 benchmarks/gpu_profile.py --device cuda $cfgs --impl cuda --impl triton \
+        --top "${PROFILE_TOP:-6}" > "$OUT/profile.txt" 2>&1; echo "profile exited $? ($(grep -c '^== ' "$OUT/profile.txt") cases)"
+      ;;
+    ncu)
+      # hardware counters (occupancy, memory throughput, stall reasons) of the first launches of kernels matching
+      # NCU_KERNEL (a regex) in one profiled call of each BENCH_CONFIGS case; clocks left alone (METHOD.md)
+      step "ncu ${NCU_KERNEL:?NCU_KERNEL is needed by ncu}"
+      cfgs=""; for c in ${BENCH_CONFIGS:?}; do cfgs="$cfgs --config $c"; done
+      timeout "${NCU_S:-180}" ncu --clock-control none --set "${NCU_SET:-detailed}" -k "regex:$NCU_KERNEL" \
+        --launch-count "${NCU_LAUNCHES:-2}" python3 benchmarks/gpu_profile.py --device cuda $cfgs \
+        --impl "${NCU_IMPL:-cuda}" --top 3 > "$OUT/ncu.txt" 2>&1; echo "ncu exited $?"
+      grep -E "Duration|Achieved Occupancy|Memory Throughput|Compute \(SM\) Throughput|Registers Per|L1/TEX Hit|L2 Hit" \
+        "$OUT/ncu.txt" | head -40
       ;;
     pack-cache)
       step "pack Triton's cache"
