@@ -12,7 +12,9 @@ interpreter); the k-th key then defines the kept set exactly: `key >= kth` for t
 to the lower index), `key >= kth with its index bits cleared` for threshold (every score >= the k-th score).
 Softmax over all candidates keeps everything.
 
-Forward pass 2 folds the kept scores into an online softmax (running max, sum, Cv accumulator). The N*P-wide
+With top-k softmax the list is the kept set: one softmax over its scores and a gather of its values end the
+forward. Otherwise forward pass 2 sweeps the window again, folding the kept scores into an online softmax (running
+max, sum, Cv accumulator; threshold keeps ties, so its kept set can outgrow the list). The N*P-wide
 affinity never exists; per query only the KP-long key list and the saved (log-sum-exp, kth key) remain.
 Backward (flash-style): p = exp(s - lse) on the kept set, ds = p * (g.v - g.out); dq per query in the program,
 dk and dv scattered into fp32 channels-last buffers with atomics. Inputs are read through channels-last views
@@ -197,32 +199,56 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, out_ptr, lse_ptr, thr
             om = pm[:, None] & (col[None, :] < TOPK)
             tl.store(lg_ptr + o, _unpack_score(run).to(lg_ptr.dtype.element_ty), mask=om)
             tl.store(idx_ptr + o, full, mask=om)
-    # pass 2: online softmax over the kept candidates
     cv = tl.arange(0, CVP).to(IDX)
     cvm = cv < CV
     m = tl.full((BQ,), float("-inf"), tl.float32)
     l = tl.zeros((BQ,), tl.float32)
     acc = tl.zeros((BQ, CVP), tl.float32)
-    for c0 in range(0, NT, KP):
-        cid = c0 + col
-        n, y, x, inside, cvalid, t = _chunk_positions(off_ptr, tab_ptr, cid, b, i, j, NT, T, N, H, W, DIL, HAS_OFF,
-                                                      IDX)
-        lm = inside & pm[:, None]
-        kpix = b[:, None] * skb + n[None, :] * skn + y * skh + x * skw
-        s = _chunk_scores(q_ptr, k_ptr, qbase, kpix, lm, C, sqc, skc, scale, ZERO_BORDER, BQ, KP, CB, inside, cvalid,
-                          IDX)
-        if MODE != 0:
-            s = tl.where(_pack(s, cid[None, :]) >= thr[:, None], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing kept yet: avoid -inf - -inf
-        alpha = tl.exp(m - m_safe)
+    if MODE == 1:
+        # top-k softmax: the kept set is the list itself (its first TOPK entries, scores in the keys), so one
+        # softmax over it and a gather of its values replace a second sweep over the window
+        keep = (col[None, :] < TOPK) & (run != -9223000000000000000) & pm[:, None]
+        s = tl.where(keep, _unpack_score(run), float("-inf"))
+        rc = tl.where(keep, 4294967295 - (run & 4294967295), 0).to(IDX)
+        rn = rc // T
+        rt = rc % T
+        y = i[:, None] + tl.load(tab_ptr + 2 * rt, mask=keep, other=0).to(IDX) * DIL
+        x = j[:, None] + tl.load(tab_ptr + 2 * rt + 1, mask=keep, other=0).to(IDX) * DIL
+        if HAS_OFF:
+            o = ((b[:, None] * N + rn) * 2) * H * W + (i * W + j)[:, None]
+            x += tl.load(off_ptr + o, mask=keep, other=0).to(IDX)
+            y += tl.load(off_ptr + o + H * W, mask=keep, other=0).to(IDX)
+        lm = keep & (y >= 0) & (y < H) & (x >= 0) & (x < W)  # out of frame (zero border): value 0
+        m = tl.max(s, axis=1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
         p = tl.exp(s - m_safe[:, None])
-        vpix = b[:, None] * svb + n[None, :] * svn + y * svh + x * svw
-        vv = tl.load(v_ptr + vpix[:, :, None] + cv[None, None, :] * svc, mask=lm[:, :, None] & cvm[None, None, :],
-                     other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vv, axis=1)
-        l = l * alpha + tl.sum(p, axis=1)
-        m = m_new
+        vp = v_ptr + (b[:, None] * svb + rn * svn + tl.where(lm, y, 0) * svh + tl.where(lm, x, 0) * svw)
+        for c in range(0, CV):  # one value channel at a time: a (BQ, KP, CVP) gather would spill at KP = 64
+            vc = tl.load(vp + c * svc, mask=lm, other=0.0).to(tl.float32)
+            acc += tl.where(cv[None, :] == c, tl.sum(p * vc, axis=1)[:, None], 0.0)
+        l = tl.sum(p, axis=1)
+    # pass 2 (softmax over every candidate, or threshold with its ties): online softmax over a second sweep
+    if MODE != 1:
+        for c0 in range(0, NT, KP):
+            cid = c0 + col
+            n, y, x, inside, cvalid, t = _chunk_positions(off_ptr, tab_ptr, cid, b, i, j, NT, T, N, H, W, DIL,
+                                                          HAS_OFF, IDX)
+            lm = inside & pm[:, None]
+            kpix = b[:, None] * skb + n[None, :] * skn + y * skh + x * skw
+            s = _chunk_scores(q_ptr, k_ptr, qbase, kpix, lm, C, sqc, skc, scale, ZERO_BORDER, BQ, KP, CB, inside,
+                              cvalid, IDX)
+            if MODE != 0:
+                s = tl.where(_pack(s, cid[None, :]) >= thr[:, None], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing kept yet: avoid -inf - -inf
+            alpha = tl.exp(m - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            vpix = b[:, None] * svb + n[None, :] * svn + y * svh + x * svw
+            vv = tl.load(v_ptr + vpix[:, :, None] + cv[None, None, :] * svc,
+                         mask=lm[:, :, None] & cvm[None, None, :], other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vv, axis=1)
+            l = l * alpha + tl.sum(p, axis=1)
+            m = m_new
     has = l > 0.0
     out = acc / tl.where(has, l, 1.0)[:, None]
     ob = b * CV * H * W + i * W + j

@@ -47,6 +47,16 @@ def _unpack(key):
 
 
 @triton.jit
+def _any_enters(best, keys, KK, BLOCK_N: tl.constexpr):
+    """Whether any key of the tile beats its row's KK-th best so far (best: sorted best-first). When none does,
+    merging cannot change any row's first KK entries, the only ones read: skipping the merge is exact, and after
+    the first tiles most tiles hold no such key."""
+    col = tl.arange(0, BLOCK_N)
+    kth = tl.min(tl.where(col[None, :] < KK, best, 9223372036854775807), axis=1)
+    return tl.max((keys > kth[:, None]).to(tl.int32)) > 0
+
+
+@triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, p_ptr,
                 sqb, sqh, sqm, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                 H, M, L, D, DV, DENSE, KK, scale,
@@ -93,8 +103,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, p_ptr,
                          mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
             s = _dot(q, tl.trans(kt), IEEE) * scale
             keys = tl.where(n_ok[None, :] & (s > float("-inf")), _pack(s, offs_n[None, :]), _SENTINEL)
-            both = tl.reshape(tl.join(best, keys), (BLOCK_M, 2 * BLOCK_N))
-            best = tl.topk(both, BLOCK_N, dim=1)  # sorted best-first
+            if _any_enters(best, keys, KK, BLOCK_N):
+                both = tl.reshape(tl.join(best, keys), (BLOCK_M, 2 * BLOCK_N))
+                best = tl.topk(both, BLOCK_N, dim=1)  # sorted best-first
         sv, si = _unpack(best)
         col = tl.arange(0, BLOCK_N)
         keep = (col[None, :] < KK) & (best != _SENTINEL)
@@ -312,7 +323,8 @@ def _global_topk_kernel(q_ptr, k_ptr, mask_ptr, ol_ptr, oi_ptr, sqb, sqm, sqc, s
                      mask=(offs_n[:, None] < L) & (offs_c[None, :] < C), other=0.0)
         s = _dot(q, tl.trans(kt), IEEE) * scale
         keys = tl.where(n_ok[None, :] & (s > float("-inf")), _pack(s, offs_n[None, :]), _SENTINEL)  # NaN fails too
-        best = tl.topk(tl.reshape(tl.join(best, keys), (BLOCK_M, 2 * BLOCK_N)), BLOCK_N, dim=1)
+        if _any_enters(best, keys, TOPK, BLOCK_N):
+            best = tl.topk(tl.reshape(tl.join(best, keys), (BLOCK_M, 2 * BLOCK_N)), BLOCK_N, dim=1)
     sv, si = _unpack(best)
     col = tl.arange(0, BLOCK_N)
     have = best != _SENTINEL
