@@ -160,7 +160,8 @@ def topk_aggregate(logits: torch.Tensor, index: torch.Tensor, values: torch.Tens
     elif k is not None:
         raise ValueError(f"k is only used with normalize='threshold', got k={k!r} with normalize='softmax'")
     chosen = _backends.select("topk_aggregate", logits.device, backend, AGGREGATE_BACKENDS)
-    if check_index and not torch.compiler.is_compiling():  # data-dependent; the CPU kernel checks it itself
+    # data-dependent, so not traced; on CPU tensors the cpu and triton kernels check it themselves
+    if check_index and not torch.compiler.is_compiling() and (chosen == "reference" or index.device.type != "cpu"):
         _check_index_range(index, values.shape[1])
     if chosen == "reference":
         return _ref.topk_aggregate(logits, index, values, normalize=normalize, k=k)
