@@ -45,6 +45,8 @@ def run(args) -> int:
             if why is not None and not (backend, d) in (("cuda", "cpu"), ("cpu", "cuda")):
                 print(f"  note: {backend} on {d}: {why}")
     print(f"auto order: {_backends.AUTO_ORDER}")
+    for op, orders in _backends.AUTO_OVERRIDES.items():
+        print(f"  {op}: {orders} (measured faster)")
     return 0
 
 
