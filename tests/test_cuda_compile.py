@@ -1,6 +1,7 @@
 """The torch-free CUDA sources compile with nvcc for sm_80 and sm_90 (the CMake compile-check target)."""
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SPILL_BUDGET_BYTES = 64  # per kernel, sm_80 and sm_90
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cmake") is None, reason="needs nvcc and cmake")
@@ -18,9 +20,16 @@ def test_cuda_sources_compile_without_torch():
     cfg = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-DVOSOPS_CUDA_CHECK=ON"],
                          capture_output=True, text=True, env=env)
     assert cfg.returncode == 0, cfg.stdout[-4000:] + cfg.stderr[-4000:]
-    res = subprocess.run(["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True, env=env)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-6000:]
-    assert "spill" not in res.stdout.replace("0 bytes spill", ""), "register spills in a CUDA kernel"
+    res = subprocess.run(["cmake", "--build", str(build), "--clean-first", "-j", "2"], capture_output=True, text=True,
+                         env=env)
+    log = res.stdout + res.stderr  # ptxas -v reports on stderr
+    assert res.returncode == 0, log[-6000:]
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log)]
+    assert spills, "no ptxas report: the check compiled nothing"
+    # A few register spills around 64-bit integer divisions (subroutine calls) are tolerated; a kernel that keeps a
+    # large array in registers spills hundreds of bytes and fails here.
+    assert max(spills) <= SPILL_BUDGET_BYTES, f"a CUDA kernel spills {max(spills)} bytes:\n" + "\n".join(
+        line for line in log.splitlines() if "spill stores" in line and not line.strip().startswith("0 bytes"))
 
 
 def _cuda_include_dir():

@@ -1,11 +1,14 @@
-// local_attention CUDA kernels (torch-free). One thread per query pixel, channels-last fp32 inputs.
+// local_attention CUDA kernels (torch-free). Channels-last fp32 inputs.
 //
-// Forward: a pass over the N*Q candidates computes each score (contiguous dot product) and keeps a running top-k
-// (a small sorted list: later candidates enter only when strictly larger, so ties go to the lower index) or the
-// running maximum; a second pass (softmax over all / threshold) or the list (top-k) accumulates the max-subtracted
-// exponentials and the values, Cv in register chunks of 8. Backward recomputes the kept scores from q and k with the
-// saved log-sum-exp / threshold / top-k indices: dq per thread, dk and dv scattered with fp32 atomics.
-// Scores are computed by one fmaf chain in a fixed order and scaled with __fmul_rn (never contracted), so every
+// Forward: a team of kTeam lanes per query pixel (a quarter warp). For each of the N*Q candidates the lanes split the
+// dot product over channel chunks (a team reads a key's channels as one contiguous 128-byte run) and sum it with
+// shuffles; every lane then holds the same score and keeps the same running top-k (a small sorted list: later
+// candidates enter only when strictly larger, so ties go to the lower index) or running maximum. A second pass
+// (softmax over all / threshold) or the list (top-k) accumulates the max-subtracted exponentials and the values,
+// the lanes splitting the Cv value channels. Backward, one thread per query, recomputes the kept scores from q and k
+// with the saved log-sum-exp / threshold / top-k indices: dq per thread, dk and dv scattered with fp32 atomics.
+// A score is the same function everywhere: kTeam fmaf chains over fixed channel chunks, summed in the shuffles'
+// butterfly order (tree_sum computes that order in one thread), scaled with __fmul_rn (never contracted), so every
 // recomputation is bit-identical to the forward's (the threshold rule compares scores exactly).
 #include <cmath>
 #include <cstdint>
@@ -18,7 +21,8 @@ namespace local_attention {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kVChunk = 8;
+constexpr int kTeam = 8;  // forward lanes per query: the butterfly in team_sum and tree_sum assumes 8
+static_assert(kThreads % 32 == 0 && 32 % kTeam == 0, "teams must tile whole warps");
 
 // Flat key position y*W + x of in-window column t of reference n for query (b, i, j), or -1 outside the frame.
 __device__ __forceinline__ int64_t key_pos(const CudaProblem& p, int64_t b, int64_t n, int64_t t, int64_t i,
@@ -29,32 +33,108 @@ __device__ __forceinline__ int64_t key_pos(const CudaProblem& p, int64_t b, int6
     ox = o[0];
     oy = o[p.H * p.W];
   }
-  const int32_t col = p.cols[t];
-  const int64_t y = i + oy + (col / (2 * p.radius + 1) - p.radius) * p.dilation;
-  const int64_t x = j + ox + (col % (2 * p.radius + 1) - p.radius) * p.dilation;
+  // 32-bit: a window's columns and side are small, and a 64-bit division is a subroutine call on the GPU
+  const int32_t col = p.cols[t], side = static_cast<int32_t>(2 * p.radius + 1), r = static_cast<int32_t>(p.radius);
+  const int64_t y = i + oy + static_cast<int64_t>(col / side - r) * p.dilation;
+  const int64_t x = j + ox + static_cast<int64_t>(col % side - r) * p.dilation;
   return (y >= 0 && y < p.H && x >= 0 && x < p.W) ? y * p.W + x : -1;
 }
 
-__device__ __forceinline__ float score_at(const CudaProblem& p, const float* __restrict__ qv, int64_t b, int64_t n,
-                                          int64_t pos) {
-  if (pos < 0) return p.zero_border ? 0.f : -INFINITY;
-  const float* __restrict__ kv = p.k + ((b * p.N + n) * p.H * p.W + pos) * p.C;
+// The channels are split into chunks of 4; lane g of a team owns chunks g, g + kTeam, g + 2 kTeam, ... and sums
+// its channels in increasing order in one fmaf chain (its partial). The partials are then added in a fixed tree.
+// The chunking does not depend on alignment: float4 loads, where both rows allow them, only fetch the same channels.
+constexpr int kChunk = 4;
+
+// Whether both rows allow float4 loads: C a multiple of 4 and 16-byte aligned rows (a caller's view may start
+// anywhere).
+__device__ __forceinline__ bool float4_rows(const CudaProblem& p, const float* qv, const float* kv) {
+  return (p.C & 3) == 0 && ((reinterpret_cast<uintptr_t>(qv) | reinterpret_cast<uintptr_t>(kv)) & 15) == 0;
+}
+
+// s += the chunk of 4 channels starting at c (c < C), in channel order.
+__device__ __forceinline__ float chunk_dot(const CudaProblem& p, const float* __restrict__ qv,
+                                           const float* __restrict__ kv, int64_t c, bool vec, float s) {
+  if (vec) {
+    const float4 a = *reinterpret_cast<const float4*>(qv + c), kk = __ldg(reinterpret_cast<const float4*>(kv + c));
+    s = fmaf(a.x, kk.x, s);
+    s = fmaf(a.y, kk.y, s);
+    s = fmaf(a.z, kk.z, s);
+    return fmaf(a.w, kk.w, s);
+  }
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e)
+    if (c + e < p.C) s = fmaf(qv[c + e], __ldg(kv + c + e), s);
+  return s;
+}
+
+__device__ __forceinline__ float partial_dot(const CudaProblem& p, const float* __restrict__ qv,
+                                             const float* __restrict__ kv, int g) {
+  // chunk_dot's order, written out: its unrolled tail here costs the forward registers
+  const bool vec = float4_rows(p, qv, kv);
   float s = 0.f;
-  // float4 loads when aligned (a caller's channels-last view may start anywhere); same fmaf order either way.
-  if ((p.C & 3) == 0 && ((reinterpret_cast<uintptr_t>(qv) | reinterpret_cast<uintptr_t>(kv)) & 15) == 0) {
-    const float4* q4 = reinterpret_cast<const float4*>(qv);
-    const float4* k4 = reinterpret_cast<const float4*>(kv);
-    for (int64_t c = 0; c < p.C / 4; ++c) {
-      const float4 a = q4[c], kk = __ldg(k4 + c);
+  for (int64_t c = int64_t(g) * kChunk; c < p.C; c += kTeam * kChunk) {
+    if (vec) {
+      const float4 a = *reinterpret_cast<const float4*>(qv + c), kk = __ldg(reinterpret_cast<const float4*>(kv + c));
       s = fmaf(a.x, kk.x, s);
       s = fmaf(a.y, kk.y, s);
       s = fmaf(a.z, kk.z, s);
       s = fmaf(a.w, kk.w, s);
+    } else {
+      for (int64_t e = c; e < c + kChunk && e < p.C; ++e) s = fmaf(qv[e], __ldg(kv + e), s);
     }
-  } else {
-    for (int64_t c = 0; c < p.C; ++c) s = fmaf(qv[c], __ldg(kv + c), s);
   }
-  return __fmul_rn(p.scale, s);
+  return s;
+}
+
+// The lanes of this thread's team within its warp (a team works on one query, so its lanes never diverge).
+__device__ __forceinline__ unsigned team_mask() { return 0xffu << ((threadIdx.x % 32) & ~unsigned(kTeam - 1)); }
+
+// The sum of a team's eight partials, identical in every lane: ((x0+x4)+(x2+x6)) + ((x1+x5)+(x3+x7)) (addition is
+// commutative, so each lane's own-plus-partner order gives the same bits). Every lane of the team calls it.
+__device__ __forceinline__ float team_sum(float x) {
+  const unsigned mask = team_mask();
+  x += __shfl_xor_sync(mask, x, 4, kTeam);
+  x += __shfl_xor_sync(mask, x, 2, kTeam);
+  x += __shfl_xor_sync(mask, x, 1, kTeam);
+  return x;
+}
+
+// team_sum of the eight partials, computed by one thread: one pass over the channels, chunk c / 4 feeding partial
+// (c / 4) % 8, so each partial sees its channels in the lane's order.
+__device__ __forceinline__ float tree_sum(const CudaProblem& p, const float* __restrict__ qv,
+                                          const float* __restrict__ kv) {
+  const bool vec = float4_rows(p, qv, kv);
+  float x[kTeam];
+#pragma unroll
+  for (int u = 0; u < kTeam; ++u) x[u] = 0.f;
+  for (int64_t c0 = 0; c0 < p.C; c0 += kTeam * kChunk) {
+#pragma unroll
+    for (int u = 0; u < kTeam; ++u) {
+      const int64_t c = c0 + u * kChunk;
+      if (c < p.C) x[u] = chunk_dot(p, qv, kv, c, vec, x[u]);
+    }
+  }
+  return ((x[0] + x[4]) + (x[2] + x[6])) + ((x[1] + x[5]) + (x[3] + x[7]));
+}
+
+__device__ __forceinline__ const float* key_row(const CudaProblem& p, int64_t b, int64_t n, int64_t pos) {
+  return p.k + ((b * p.N + n) * p.H * p.W + pos) * p.C;
+}
+
+__device__ __forceinline__ float outside_score(const CudaProblem& p) { return p.zero_border ? 0.f : -INFINITY; }
+
+// One thread's score of the candidate at flat key position pos (-1: outside the frame).
+__device__ __forceinline__ float score_at(const CudaProblem& p, const float* __restrict__ qv, int64_t b, int64_t n,
+                                          int64_t pos) {
+  if (pos < 0) return outside_score(p);
+  return __fmul_rn(p.scale, tree_sum(p, qv, key_row(p, b, n, pos)));
+}
+
+// A team's score of the same candidate, lane g; every lane of the team calls it (pos is the team's own).
+__device__ __forceinline__ float team_score(const CudaProblem& p, const float* __restrict__ qv, int64_t b,
+                                            int64_t n, int64_t pos, int g) {
+  const float s = team_sum(pos < 0 ? 0.f : partial_dot(p, qv, key_row(p, b, n, pos), g));
+  return pos < 0 ? outside_score(p) : __fmul_rn(p.scale, s);
 }
 
 // Insert (s, e) into the descending list ts/ti of length cnt (capacity K); e arrives in increasing order.
@@ -81,20 +161,21 @@ template <int MAXK>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaProblem p, float* __restrict__ out,
                                                            float* __restrict__ stats, float* __restrict__ top_logits,
                                                            int64_t* __restrict__ top_index) {
-  const int64_t HW = p.H * p.W, total = p.B * HW, Q = p.Q, NQ = p.N * Q;
+  const int64_t HW = p.H * p.W, total = p.B * HW, Q = p.Q;
   const int K = static_cast<int>(p.topk);
-  for (int64_t qi = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; qi < total;
-       qi += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+  const int g = static_cast<int>(threadIdx.x % kTeam);
+  const int64_t teams = static_cast<int64_t>(blockDim.x) * gridDim.x / kTeam;
+  for (int64_t qi = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kTeam; qi < total; qi += teams) {
     const int64_t b = qi / HW, i = (qi % HW) / p.W, j = qi % p.W;
     const float* qv = p.q + qi * p.C;
     float ts[MAXK > 0 ? MAXK : 1];
     int32_t ti[MAXK > 0 ? MAXK : 1];
     int cnt = 0;
     float m = -INFINITY, thr = -INFINITY;
-    // Pass 1: scores -> running top-k or running maximum.
+    // Pass 1: scores -> running top-k or running maximum (the same in every lane of the team).
     for (int64_t n = 0; n < p.N; ++n) {
       for (int64_t t = 0; t < Q; ++t) {
-        const float s = score_at(p, qv, b, n, key_pos(p, b, n, t, i, j));
+        const float s = team_score(p, qv, b, n, key_pos(p, b, n, t, i, j), g);
         if (MAXK > 0) {
           topk_push<MAXK>(s, static_cast<int32_t>(n * Q + t), ts, ti, cnt, K);
         } else {
@@ -105,24 +186,26 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaProblem p, 
     if (MAXK > 0) {
       m = ts[0];
       if (p.normalize == Normalize::Threshold) thr = ts[K - 1];
-      for (int e = 0; e < K; ++e) {
+      for (int e = g; e < K; e += kTeam) {
         top_logits[qi * K + e] = ts[e];
         top_index[qi * K + e] = (ti[e] / Q) * p.P + p.cols[ti[e] % Q];
       }
     }
     float* o = out + b * p.Cv * HW + i * p.W + j;
-    if (!(m > -INFINITY)) {  // nothing kept: zero output, lse = +inf gives zero gradient
-      for (int64_t c = 0; c < p.Cv; ++c) o[c * HW] = 0.f;
-      stats[qi * 2] = INFINITY;
-      stats[qi * 2 + 1] = thr;
+    if (!(m > -INFINITY)) {  // nothing kept (the whole team agrees): zero output, lse = +inf gives zero gradient
+      for (int64_t c = g; c < p.Cv; c += kTeam) o[c * HW] = 0.f;
+      if (g == 0) {
+        stats[qi * 2] = INFINITY;
+        stats[qi * 2 + 1] = thr;
+      }
       continue;
     }
     float sum = 0.f;
     if (MAXK > 0 && p.normalize == Normalize::Softmax) {
-      // Top-k softmax: weights over the list, then one gather of the winners' values per channel.
+      // Top-k softmax: weights over the list, then one gather of the winners' values; lanes split the channels.
       for (int e = 0; e < K; ++e)
         if (ts[e] > -INFINITY) sum += expf(ts[e] - m);
-      for (int64_t c = 0; c < p.Cv; ++c) {
+      for (int64_t c = g; c < p.Cv; c += kTeam) {
         float acc = 0.f;
         for (int e = 0; e < K; ++e) {
           if (!(ts[e] > -INFINITY)) continue;
@@ -133,35 +216,28 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaProblem p, 
         o[c * HW] = acc / sum;
       }
     } else {
-      // Softmax over all / threshold: recompute the scores, accumulate Cv in register chunks.
-      for (int64_t c0 = 0; c0 < p.Cv; c0 += kVChunk) {
-        float acc[kVChunk];
-#pragma unroll
-        for (int c = 0; c < kVChunk; ++c) acc[c] = 0.f;
-        float s_sum = 0.f;
+      // Softmax over all / threshold: recompute the scores; lane g accumulates value channels c0 + g.
+      for (int64_t c0 = 0; c0 < p.Cv; c0 += kTeam) {
+        const int64_t c = c0 + g;
+        float acc = 0.f, s_sum = 0.f;
         for (int64_t n = 0; n < p.N; ++n) {
           for (int64_t t = 0; t < Q; ++t) {
             const int64_t pos = key_pos(p, b, n, t, i, j);
-            const float s = score_at(p, qv, b, n, pos);
+            const float s = team_score(p, qv, b, n, pos, g);
             if (!(s > -INFINITY) || s < thr) continue;
             const float w = expf(s - m);
             s_sum += w;
-            if (pos < 0) continue;
-            const float* vv = p.v + ((b * p.N + n) * HW + pos) * p.Cv + c0;
-#pragma unroll
-            for (int c = 0; c < kVChunk; ++c)
-              if (c0 + c < p.Cv) acc[c] = fmaf(w, __ldg(vv + c), acc[c]);
+            if (pos >= 0 && c < p.Cv) acc = fmaf(w, __ldg(p.v + ((b * p.N + n) * HW + pos) * p.Cv + c), acc);
           }
         }
         sum = s_sum;
-#pragma unroll
-        for (int c = 0; c < kVChunk; ++c)
-          if (c0 + c < p.Cv) o[(c0 + c) * HW] = acc[c] / sum;
+        if (c < p.Cv) o[c * HW] = acc / sum;
       }
     }
-    stats[qi * 2] = m + logf(sum);
-    stats[qi * 2 + 1] = thr;
-    (void)NQ;
+    if (g == 0) {
+      stats[qi * 2] = m + logf(sum);
+      stats[qi * 2 + 1] = thr;
+    }
   }
 }
 
@@ -272,14 +348,17 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const CudaProblem p,
 
 }  // namespace
 
-// Launchers. tests/cuda_emulation compiles the kernels above as host code (one emulated thread walks the
-// grid-stride loops) to check their logic against the reference on machines without a GPU; it skips these.
+// The forward's grid: kTeam threads per query (the emulation in tests/cuda_emulation launches the same).
+inline unsigned int forward_blocks(int64_t total) { return grid_stride_blocks(total * kTeam, kThreads); }
+
+// Launchers. tests/cuda_emulation compiles the kernels above as host code (a host thread per CUDA thread) to check
+// their logic against the reference on machines without a GPU; it skips these.
 #ifndef VOSOPS_CUDA_EMULATION
 cudaError_t forward_cuda(const CudaProblem& p, float* out, float* stats, float* top_logits, int64_t* top_index,
                          cudaStream_t stream) {
   const int64_t total = p.B * p.H * p.W;
   if (total == 0) return cudaSuccess;
-  const unsigned int grid = grid_stride_blocks(total, kThreads);
+  const unsigned int grid = forward_blocks(total);
   if (p.topk == 0) {
     forward_kernel<0><<<grid, kThreads, 0, stream>>>(p, out, stats, top_logits, top_index);
   } else if (p.topk <= 8) {

@@ -83,6 +83,12 @@ T __shfl_xor_sync(unsigned, T v, int mask) {
   return emu::exchange(v, [mask](unsigned lane) { return lane ^ static_cast<unsigned>(mask); });
 }
 template <typename T>
+T __shfl_xor_sync(unsigned, T v, int mask, int width) {  // mask < width: the partner is in the lane's segment
+  return emu::exchange(v, [mask, width](unsigned lane) {
+    return (lane & ~static_cast<unsigned>(width - 1)) | ((lane ^ static_cast<unsigned>(mask)) & (width - 1));
+  });
+}
+template <typename T>
 T __shfl_sync(unsigned, T v, int src) {
   return emu::exchange(v, [src](unsigned) { return static_cast<unsigned>(src); });
 }

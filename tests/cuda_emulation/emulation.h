@@ -17,7 +17,6 @@ template <typename T>
 inline T __ldg(const T* p) {
   return *p;
 }
-inline float __fmul_rn(float a, float b) { return a * b; }  // built with -ffp-contract=off: never fused
 template <typename T>
 inline T atomicAdd(T* a, T v) {  // one emulated thread: a plain read-modify-write
   const T old = *a;

@@ -13,6 +13,8 @@
 
 #include <cuda_runtime_api.h>  // cudaError_t, cudaStream_t, float4 (host-compilable toolkit headers)
 
+inline float __fmul_rn(float a, float b) { return a * b; }  // built with -ffp-contract=off: never fused
+
 namespace emu {
 // A Shape3/Shape4 from R sizes followed by R strides (tests/_cuda_emulation.py: sizes_strides).
 template <typename S, int R>

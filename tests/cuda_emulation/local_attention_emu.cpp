@@ -1,7 +1,8 @@
 // Host emulation of the local_attention CUDA kernels, for tests on machines without a GPU: the CUDA keywords and
-// intrinsics become host code, and a single emulated thread (grid and block of 1) walks every grid-stride loop.
-// It checks the kernels' logic (indexing, selection, softmax, backward) - not races, occupancy or the glue.
-#include "emulation.h"
+// intrinsics become host code. The forward runs with the launcher's geometry, a host thread per CUDA thread
+// (block_emulation.h: its teams of lanes shuffle); the backward, one thread per query, as one thread walking the
+// grid-stride loop. It checks the kernels' logic (indexing, selection, softmax, backward) - not occupancy or glue.
+#include "block_emulation.h"
 
 #include "local_attention/local_attention_cuda.cu"
 
@@ -39,18 +40,20 @@ extern "C" int emu_forward(const int64_t* sizes, float scale, int64_t topk, int 
                            float* out, float* stats, float* top_logits, int64_t* top_index) {
   using namespace vosops::local_attention;
   const CudaProblem p = problem(sizes, scale, topk, normalize, zero_border, q, k, v, off, cols);
-  if (topk == 0) {
-    forward_kernel<0>(p, out, stats, top_logits, top_index);
-  } else if (topk <= 8) {
-    forward_kernel<8>(p, out, stats, top_logits, top_index);
-  } else if (topk <= 16) {
-    forward_kernel<16>(p, out, stats, top_logits, top_index);
-  } else if (topk <= kCudaMaxTopk) {
-    forward_kernel<kCudaMaxTopk>(p, out, stats, top_logits, top_index);
-  } else {
-    return 1;
-  }
-  return 0;
+  if (topk > kCudaMaxTopk) return 1;
+  const unsigned grid = forward_blocks(p.B * p.H * p.W);
+  const bool ok = emu::launch(grid, 1, kThreads, 0, [&] {
+    if (topk == 0) {
+      forward_kernel<0>(p, out, stats, top_logits, top_index);
+    } else if (topk <= 8) {
+      forward_kernel<8>(p, out, stats, top_logits, top_index);
+    } else if (topk <= 16) {
+      forward_kernel<16>(p, out, stats, top_logits, top_index);
+    } else {
+      forward_kernel<kCudaMaxTopk>(p, out, stats, top_logits, top_index);
+    }
+  });
+  return ok ? 0 : 1;
 }
 
 extern "C" int emu_backward(const int64_t* sizes, float scale, int64_t topk, int normalize, int zero_border,
@@ -59,6 +62,7 @@ extern "C" int emu_backward(const int64_t* sizes, float scale, int64_t topk, int
                             const int64_t* top_index, float* dq, float* dk, float* dv) {
   using namespace vosops::local_attention;
   const CudaProblem p = problem(sizes, scale, topk, normalize, zero_border, q, k, v, off, cols);
-  backward_kernel(p, grad_out, grad_logits, stats, top_index, dq, dk, dv);
-  return 0;
+  return emu::launch(1, 1, 1, 0, [&] { backward_kernel(p, grad_out, grad_logits, stats, top_index, dq, dk, dv); })
+             ? 0
+             : 1;
 }
