@@ -29,6 +29,7 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfl
     (2, 9, 300, 5, 4, True),     # three key tiles of 128, a partial query tile
     (1, 8, 40, 3, 40, False),    # topk = L: every key, in order
     (1, 3, 130, 17, 10, True),
+    (1, 5, 140, 70, 6, False),   # channels staged in three chunks of 32, the last partial
 ])
 def test_global_topk_kernel(emu, dtype, B, M, L, C, topk, masked):
     g = torch.Generator().manual_seed(L + topk)
@@ -52,6 +53,7 @@ ATTENTION_CASES = [  # (B, H, M, L, D, Dv, topk, dense_keys)
     (2, 1, 5, 40, 4, 3, 6, 0),       # XMem readout: no dense keys
     (1, 1, 4, 20, 6, 2, 16, 4),      # topk = the sparse keys: plain attention over all
     (1, 3, 17, 150, 16, 16, 12, 17),
+    (1, 1, 6, 140, 40, 3, 5, 6),     # D over one staged chunk of 32 channels
 ]
 
 

@@ -3,7 +3,7 @@
 // a warp filters the row's tile scores against the current k-th logit with a ballot and lane 0 inserts the few
 // survivors in key order (ties to the lower index). topk_attention folds the dense keys through an online softmax
 // and the kept sparse keys after the sweep; its backward recomputes scores and scatters dk/dv with atomics.
-// Plain FMA scores: a first, correct version (no tensor cores yet).
+// Plain FMA scores (no tensor cores yet); key tiles pass through shared memory so their loads are coalesced.
 #include <cstdint>
 
 #include "common/cuda_types.cuh"
@@ -35,23 +35,40 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
-// s[r * kKT + j] = scale * q_r . key(l0 + j) for j < lt (thread j); q rows staged in shared memory (zero padded).
+// Keys of a tile are staged in shared memory kCT channels at a time, transposed with a padded row (kKS), so the
+// loads are coalesced (consecutive threads read consecutive channels of one key) and the reads conflict-free.
+constexpr int kCT = 32;
+constexpr int kKS = kKT + 1;
+
+// s[r * kKT + j] = scale * q_r . key(l0 + j) for j < lt (thread j sums its key's channels in order); q rows staged in
+// shared memory (zero padded), ksh: kCT * kKS staging. Every thread of the block calls it (it synchronises).
 template <typename T, typename acc_t>
 __device__ void score_tile(const acc_t* qsh, const T* kb, int64_t skl, int64_t skc, int64_t C, int64_t l0, int64_t lt,
-                           acc_t scale, acc_t* s) {
+                           acc_t scale, acc_t* s, acc_t* ksh) {
   const int j = threadIdx.x;
-  if (j >= lt) return;
-  const T* kr = kb + (l0 + j) * skl;
   acc_t dot[kQT];
 #pragma unroll
   for (int r = 0; r < kQT; ++r) dot[r] = acc_t(0);
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t kv = to_acc(kr[c * skc]);
+  for (int64_t c0 = 0; c0 < C; c0 += kCT) {
+    const int ct = static_cast<int>(C - c0 < kCT ? C - c0 : kCT);
+    __syncthreads();  // every thread is done with the previous chunk
+    for (int e = threadIdx.x; e < static_cast<int>(lt) * ct; e += kThreads) {
+      const int jj = e / ct, cc = e % ct;
+      ksh[cc * kKS + jj] = to_acc(kb[(l0 + jj) * skl + (c0 + cc) * skc]);
+    }
+    __syncthreads();
+    if (j < lt) {
+      for (int cc = 0; cc < ct; ++cc) {
+        const acc_t kv = ksh[cc * kKS + j];
 #pragma unroll
-    for (int r = 0; r < kQT; ++r) dot[r] += qsh[r * C + c] * kv;
+        for (int r = 0; r < kQT; ++r) dot[r] += qsh[r * C + c0 + cc] * kv;
+      }
+    }
   }
+  if (j < lt) {
 #pragma unroll
-  for (int r = 0; r < kQT; ++r) s[r * kKT + j] = scale * dot[r];
+    for (int r = 0; r < kQT; ++r) s[r * kKT + j] = scale * dot[r];
+  }
 }
 
 // Push the tile's scores of row r into its running list (one warp per row), kept sorted by logit descending with
@@ -107,6 +124,7 @@ __global__ void __launch_bounds__(kThreads, 1) global_topk_kernel(const T* __res
   acc_t* vals = reinterpret_cast<acc_t*>(count + kQT);            // kQT * topk
   acc_t* s = vals + kQT * topk;                                   // kQT * kKT
   acc_t* qsh = s + kQT * kKT;                                     // kQT * C
+  acc_t* ksh = qsh + kQT * C;                                     // kCT * kKS
   const acc_t scale = static_cast<acc_t>(scale_d);
   for (int64_t e = threadIdx.x; e < kQT * C; e += kThreads) {
     const int64_t r = e / C, c = e % C;
@@ -118,7 +136,7 @@ __global__ void __launch_bounds__(kThreads, 1) global_topk_kernel(const T* __res
   const int warp = threadIdx.x >> 5;
   for (int64_t l0 = 0; l0 < L; l0 += kKT) {
     const int64_t lt = L - l0 < kKT ? L - l0 : kKT;
-    score_tile(qsh, kb, ks.stride[1], ks.stride[2], C, l0, lt, scale, s);
+    score_tile(qsh, kb, ks.stride[1], ks.stride[2], C, l0, lt, scale, s, ksh);
     __syncthreads();
     for (int r = warp; r < qt; r += kWarps) {
       select_tile(s + r * kKT, lt, l0, mask ? mask + b * L + l0 : nullptr, vals + r * topk, idx + r * topk, topk,
@@ -183,6 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_kernel(const T*
   acc_t* mrow = acc + kQT * Dv;     // kQT
   acc_t* lrow = mrow + kQT;         // kQT
   acc_t* alpha = lrow + kQT;        // kQT
+  acc_t* ksh = alpha + kQT;         // kCT * kKS
   const acc_t scale = static_cast<acc_t>(scale_d);
   const T* qb = q + b * qs.stride[0] + h * qs.stride[1];
   const T* kb = k + b * ks.stride[0] + h * ks.stride[1];
@@ -201,7 +220,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_kernel(const T*
   const int warp = threadIdx.x >> 5;
   for (int64_t l0 = 0; l0 < dense; l0 += kKT) {
     const int64_t lt = dense - l0 < kKT ? dense - l0 : kKT;
-    score_tile(qsh, kb, ks.stride[2], ks.stride[3], D, l0, lt, scale, s);
+    score_tile(qsh, kb, ks.stride[2], ks.stride[3], D, l0, lt, scale, s, ksh);
     __syncthreads();
     for (int r = warp; r < qt; r += kWarps) softmax_step(s + r * kKT, lt, mrow + r, lrow + r, alpha + r);
     __syncthreads();
@@ -217,7 +236,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_kernel(const T*
   if (kk > 0) {
     for (int64_t l0 = dense; l0 < L; l0 += kKT) {
       const int64_t lt = L - l0 < kKT ? L - l0 : kKT;
-      score_tile(qsh, kb, ks.stride[2], ks.stride[3], D, l0, lt, scale, s);
+      score_tile(qsh, kb, ks.stride[2], ks.stride[3], D, l0, lt, scale, s, ksh);
       __syncthreads();
       for (int r = warp; r < qt; r += kWarps) {
         select_tile(s + r * kKT, lt, l0, nullptr, vals + r * kk, idx + r * kk, kk, count + r);
@@ -284,6 +303,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(
   acc_t* dqsh = gsh + kQT * Dv;                // kQT * D
   acc_t* lrow = dqsh + kQT * D;                // kQT
   acc_t* drow = lrow + kQT;                    // kQT
+  acc_t* ksh = drow + kQT;                     // kCT * kKS
   const acc_t scale = static_cast<acc_t>(scale_d);
   const T* qb = q + b * qs.stride[0] + h * qs.stride[1];
   const T* kb = k + b * ks.stride[0] + h * ks.stride[1];
@@ -314,7 +334,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(
   acc_t* dvb = dv + bh * L * Dv;
   for (int64_t l0 = 0; l0 < dense; l0 += kKT) {
     const int64_t lt = dense - l0 < kKT ? dense - l0 : kKT;
-    score_tile(qsh, kb, ks.stride[2], ks.stride[3], D, l0, lt, scale, s);
+    score_tile(qsh, kb, ks.stride[2], ks.stride[3], D, l0, lt, scale, s, ksh);
     __syncthreads();
     const int64_t j = threadIdx.x;
     if (j < lt) {  // thread j: P and dS of its key for every query of the tile, then its dk/dv rows
@@ -370,16 +390,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(
 // Dynamic shared memory of each kernel (the host emulation sizes its blocks with these too).
 template <typename acc_t>
 size_t global_topk_smem(int64_t topk, int64_t C) {
-  return align8(sizeof(int64_t) * (kQT * topk + kQT)) + sizeof(acc_t) * (kQT * topk + kQT * kKT + kQT * C);
+  return align8(sizeof(int64_t) * (kQT * topk + kQT)) +
+         sizeof(acc_t) * (kQT * topk + kQT * kKT + kQT * C + kCT * kKS);
 }
 template <typename acc_t>
 size_t attention_forward_smem(int64_t kk, int64_t D, int64_t Dv) {
   return align8(sizeof(int64_t) * (kQT * kk + kQT)) +
-         sizeof(acc_t) * (kQT * kk + kQT * kKT + kQT * D + kQT * Dv + 3 * kQT);
+         sizeof(acc_t) * (kQT * kk + kQT * kKT + kQT * D + kQT * Dv + 3 * kQT + kCT * kKS);
 }
 template <typename acc_t>
 size_t attention_backward_smem(int64_t D, int64_t Dv) {
-  return sizeof(acc_t) * (2 * kQT * kKT + 2 * kQT * D + kQT * Dv + 2 * kQT);
+  return sizeof(acc_t) * (2 * kQT * kKT + 2 * kQT * D + kQT * Dv + 2 * kQT + kCT * kKS);
 }
 
 #ifndef VOSOPS_CUDA_EMULATION
