@@ -1,15 +1,14 @@
 // local_attention CUDA kernels (torch-free). Channels-last fp32 inputs.
 //
-// Forward: a team of kTeam lanes per query pixel (a quarter warp). For each of the N*Q candidates the lanes split the
-// dot product over channel chunks (a team reads a key's channels as one contiguous 128-byte run) and sum it with
-// shuffles; every lane then holds the same score and keeps the same running top-k (a small sorted list: later
-// candidates enter only when strictly larger, so ties go to the lower index) or running maximum. A second pass
-// (softmax over all / threshold) or the list (top-k) accumulates the max-subtracted exponentials and the values,
-// the lanes splitting the Cv value channels. Backward, one thread per query, recomputes the kept scores from q and k
-// with the saved log-sum-exp / threshold / top-k indices: dq per thread, dk and dv scattered with fp32 atomics.
-// A score is the same function everywhere: kTeam fmaf chains over fixed channel chunks, summed in the shuffles'
-// butterfly order (tree_sum computes that order in one thread), scaled with __fmul_rn (never contracted), so every
-// recomputation is bit-identical to the forward's (the threshold rule compares scores exactly).
+// Both kernels give each query pixel a team of kTeam lanes (a quarter warp). For each candidate the lanes split the
+// dot product over 4-channel chunks (a team reads a key's channels as one contiguous run) and add their partials with
+// shuffles in a fixed butterfly, so every lane holds the same score, bit for bit in the forward and the backward
+// (scaled with __fmul_rn, never contracted: the threshold rule compares scores exactly).
+// Forward: a pass over the N*Q candidates keeps a running top-k (a small sorted list, the same in every lane: later
+// candidates enter only when strictly larger, so ties go to the lower index) or the running maximum; a second pass
+// (softmax over all / threshold) or the list (top-k) accumulates the max-subtracted exponentials and the values, the
+// lanes splitting the Cv value channels. Backward recomputes the kept scores with the saved log-sum-exp / threshold /
+// top-k indices: dq in the team's own row, dk and dv scattered with fp32 atomics, lanes splitting the channels.
 #include <cmath>
 #include <cstdint>
 
@@ -21,7 +20,7 @@ namespace local_attention {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kTeam = 8;  // forward lanes per query: the butterfly in team_sum and tree_sum assumes 8
+constexpr int kTeam = 8;  // lanes per query: team_sum's butterfly assumes 8
 static_assert(kThreads % 32 == 0 && 32 % kTeam == 0, "teams must tile whole warps");
 
 // Flat key position y*W + x of in-window column t of reference n for query (b, i, j), or -1 outside the frame.
@@ -99,36 +98,11 @@ __device__ __forceinline__ float team_sum(float x) {
   return x;
 }
 
-// team_sum of the eight partials, computed by one thread: one pass over the channels, chunk c / 4 feeding partial
-// (c / 4) % 8, so each partial sees its channels in the lane's order.
-__device__ __forceinline__ float tree_sum(const CudaProblem& p, const float* __restrict__ qv,
-                                          const float* __restrict__ kv) {
-  const bool vec = float4_rows(p, qv, kv);
-  float x[kTeam];
-#pragma unroll
-  for (int u = 0; u < kTeam; ++u) x[u] = 0.f;
-  for (int64_t c0 = 0; c0 < p.C; c0 += kTeam * kChunk) {
-#pragma unroll
-    for (int u = 0; u < kTeam; ++u) {
-      const int64_t c = c0 + u * kChunk;
-      if (c < p.C) x[u] = chunk_dot(p, qv, kv, c, vec, x[u]);
-    }
-  }
-  return ((x[0] + x[4]) + (x[2] + x[6])) + ((x[1] + x[5]) + (x[3] + x[7]));
-}
-
 __device__ __forceinline__ const float* key_row(const CudaProblem& p, int64_t b, int64_t n, int64_t pos) {
   return p.k + ((b * p.N + n) * p.H * p.W + pos) * p.C;
 }
 
 __device__ __forceinline__ float outside_score(const CudaProblem& p) { return p.zero_border ? 0.f : -INFINITY; }
-
-// One thread's score of the candidate at flat key position pos (-1: outside the frame).
-__device__ __forceinline__ float score_at(const CudaProblem& p, const float* __restrict__ qv, int64_t b, int64_t n,
-                                          int64_t pos) {
-  if (pos < 0) return outside_score(p);
-  return __fmul_rn(p.scale, tree_sum(p, qv, key_row(p, b, n, pos)));
-}
 
 // A team's score of the same candidate, lane g; every lane of the team calls it (pos is the team's own).
 __device__ __forceinline__ float team_score(const CudaProblem& p, const float* __restrict__ qv, int64_t b,
@@ -255,30 +229,33 @@ __device__ __forceinline__ int64_t column_position(const CudaProblem& p, int64_t
   return lo;
 }
 
-// Per candidate of the backward: dp = <g, v_c> (0 out of frame).
-__device__ __forceinline__ float value_dot(const CudaProblem& p, const float* __restrict__ gv, int64_t b, int64_t n,
-                                           int64_t pos) {
-  if (pos < 0) return 0.f;
-  const float* vv = p.v + ((b * p.N + n) * p.H * p.W + pos) * p.Cv;
+// Per candidate of the backward: dp = <g, v_c> (0 out of frame), lanes splitting the Cv channels; the same value
+// in every lane of the team, which calls it together.
+__device__ __forceinline__ float team_value_dot(const CudaProblem& p, const float* __restrict__ gv, int64_t b,
+                                               int64_t n, int64_t pos, int g) {
   float d = 0.f;
-  for (int64_t c = 0; c < p.Cv; ++c) d = fmaf(gv[c], __ldg(vv + c), d);
-  return d;
+  if (pos >= 0) {
+    const float* vv = p.v + ((b * p.N + n) * p.H * p.W + pos) * p.Cv;
+    for (int64_t c = g; c < p.Cv; c += kTeam) d = fmaf(gv[c], __ldg(vv + c), d);
+  }
+  return team_sum(d);
 }
 
-__device__ __forceinline__ void scatter(const CudaProblem& p, const float* __restrict__ qv,
-                                        const float* __restrict__ gv, int64_t b, int64_t n, int64_t pos, float ds,
-                                        float pe, float* dqv, float* dk, float* dv) {
+// Lane g's share of one kept candidate's gradients: its q/k channel chunks and its value channels.
+__device__ __forceinline__ void team_scatter(const CudaProblem& p, const float* __restrict__ qv,
+                                             const float* __restrict__ gv, int64_t b, int64_t n, int64_t pos,
+                                             float ds, float pe, float* dqv, float* dk, float* dv, int g) {
   if (pos < 0) return;  // zero-border candidate: constant logit, zero value
   const int64_t kb = (b * p.N + n) * p.H * p.W + pos;
   const float w = p.scale * ds;
-  if (dqv != nullptr) {
-    const float* kv = p.k + kb * p.C;
-    for (int64_t c = 0; c < p.C; ++c) dqv[c] = fmaf(w, __ldg(kv + c), dqv[c]);
+  for (int64_t c0 = int64_t(g) * kChunk; c0 < p.C; c0 += kTeam * kChunk) {
+    for (int64_t c = c0; c < c0 + kChunk && c < p.C; ++c) {
+      if (dqv != nullptr) dqv[c] = fmaf(w, __ldg(p.k + kb * p.C + c), dqv[c]);  // the team's own row
+      if (dk != nullptr) atomicAdd(dk + kb * p.C + c, w * qv[c]);
+    }
   }
-  if (dk != nullptr)
-    for (int64_t c = 0; c < p.C; ++c) atomicAdd(dk + kb * p.C + c, w * qv[c]);
   if (dv != nullptr)
-    for (int64_t c = 0; c < p.Cv; ++c) atomicAdd(dv + kb * p.Cv + c, pe * gv[c]);
+    for (int64_t c = g; c < p.Cv; c += kTeam) atomicAdd(dv + kb * p.Cv + c, pe * gv[c]);
 }
 
 __global__ void __launch_bounds__(kThreads) backward_kernel(const CudaProblem p, const float* __restrict__ grad_out,
@@ -290,14 +267,15 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const CudaProblem p,
   const int64_t HW = p.H * p.W, total = p.B * HW, Q = p.Q;
   const int64_t K = p.topk;
   const bool list_mode = K > 0 && p.normalize == Normalize::Softmax;
-  for (int64_t qi = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; qi < total;
-       qi += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+  const int g = static_cast<int>(threadIdx.x % kTeam);
+  const int64_t teams = static_cast<int64_t>(blockDim.x) * gridDim.x / kTeam;
+  for (int64_t qi = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kTeam; qi < total; qi += teams) {
     const float lse = stats[qi * 2], thr = stats[qi * 2 + 1];
     if (!(lse < INFINITY)) continue;  // nothing kept: zero gradient
     const int64_t b = qi / HW, i = (qi % HW) / p.W, j = qi % p.W;
     const float* qv = p.q + qi * p.C;
     const float* gv = grad_out + qi * p.Cv;
-    float* dqv = dq != nullptr ? dq + qi * p.C : nullptr;  // this thread's own row: no atomics
+    float* dqv = dq != nullptr ? dq + qi * p.C : nullptr;  // the team's own row: no atomics
     // Pass A: D = sum over kept of p * dp.  Pass B: ds = p (dp - D) (+ the returned logit's gradient), scatter.
     float D = 0.f;
     if (list_mode) {
@@ -305,42 +283,44 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const CudaProblem p,
         const int64_t full = top_index[qi * K + e], n = full / p.P;
         const int64_t t = column_position(p, full % p.P);
         const int64_t pos = key_pos(p, b, n, t, i, j);
-        const float s = score_at(p, qv, b, n, pos);
-        if (s > -INFINITY) D += expf(s - lse) * value_dot(p, gv, b, n, pos);
+        const float s = team_score(p, qv, b, n, pos, g);
+        const float dp = team_value_dot(p, gv, b, n, pos, g);
+        if (s > -INFINITY) D += expf(s - lse) * dp;
       }
       for (int64_t e = 0; e < K; ++e) {
         const int64_t full = top_index[qi * K + e], n = full / p.P;
         const int64_t t = column_position(p, full % p.P);
         const int64_t pos = key_pos(p, b, n, t, i, j);
-        const float s = score_at(p, qv, b, n, pos);
+        const float s = team_score(p, qv, b, n, pos, g);
         if (!(s > -INFINITY)) continue;
         const float pe = expf(s - lse);
-        float ds = pe * (value_dot(p, gv, b, n, pos) - D);
+        float ds = pe * (team_value_dot(p, gv, b, n, pos, g) - D);
         if (grad_logits != nullptr) ds += grad_logits[qi * K + e];
-        scatter(p, qv, gv, b, n, pos, ds, pe, dqv, dk, dv);
+        team_scatter(p, qv, gv, b, n, pos, ds, pe, dqv, dk, dv, g);
       }
       continue;
     }
     for (int64_t n = 0; n < p.N; ++n) {
       for (int64_t t = 0; t < Q; ++t) {
         const int64_t pos = key_pos(p, b, n, t, i, j);
-        const float s = score_at(p, qv, b, n, pos);
-        if (s > -INFINITY && s >= thr) D += expf(s - lse) * value_dot(p, gv, b, n, pos);
+        const float s = team_score(p, qv, b, n, pos, g);
+        const float dp = team_value_dot(p, gv, b, n, pos, g);
+        if (s > -INFINITY && s >= thr) D += expf(s - lse) * dp;
       }
     }
     for (int64_t n = 0; n < p.N; ++n) {
       for (int64_t t = 0; t < Q; ++t) {
         const int64_t pos = key_pos(p, b, n, t, i, j);
-        const float s = score_at(p, qv, b, n, pos);
+        const float s = team_score(p, qv, b, n, pos, g);
         if (!(s > -INFINITY) || s < thr) continue;
         const float pe = expf(s - lse);
-        float ds = pe * (value_dot(p, gv, b, n, pos) - D);
+        float ds = pe * (team_value_dot(p, gv, b, n, pos, g) - D);
         if (grad_logits != nullptr) {  // threshold: a kept candidate may also be one of the returned logits
           const int64_t full = n * p.P + p.cols[t];
           for (int64_t e = 0; e < K; ++e)
             if (top_index[qi * K + e] == full) ds += grad_logits[qi * K + e];
         }
-        scatter(p, qv, gv, b, n, pos, ds, pe, dqv, dk, dv);
+        team_scatter(p, qv, gv, b, n, pos, ds, pe, dqv, dk, dv, g);
       }
     }
   }
@@ -348,8 +328,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const CudaProblem p,
 
 }  // namespace
 
-// The forward's grid: kTeam threads per query (the emulation in tests/cuda_emulation launches the same).
-inline unsigned int forward_blocks(int64_t total) { return grid_stride_blocks(total * kTeam, kThreads); }
+// The grid of both kernels: kTeam threads per query (the emulation in tests/cuda_emulation launches the same).
+inline unsigned int team_blocks(int64_t total) { return grid_stride_blocks(total * kTeam, kThreads); }
 
 // Launchers. tests/cuda_emulation compiles the kernels above as host code (a host thread per CUDA thread) to check
 // their logic against the reference on machines without a GPU; it skips these.
@@ -358,7 +338,7 @@ cudaError_t forward_cuda(const CudaProblem& p, float* out, float* stats, float* 
                          cudaStream_t stream) {
   const int64_t total = p.B * p.H * p.W;
   if (total == 0) return cudaSuccess;
-  const unsigned int grid = forward_blocks(total);
+  const unsigned int grid = team_blocks(total);
   if (p.topk == 0) {
     forward_kernel<0><<<grid, kThreads, 0, stream>>>(p, out, stats, top_logits, top_index);
   } else if (p.topk <= 8) {
@@ -377,8 +357,8 @@ cudaError_t backward_cuda(const CudaProblem& p, const float* grad_out, const flo
                           const int64_t* top_index, float* dq, float* dk, float* dv, cudaStream_t stream) {
   const int64_t total = p.B * p.H * p.W;
   if (total == 0) return cudaSuccess;
-  backward_kernel<<<grid_stride_blocks(total, kThreads), kThreads, 0, stream>>>(p, grad_out, grad_logits, stats,
-                                                                                top_index, dq, dk, dv);
+  backward_kernel<<<team_blocks(total), kThreads, 0, stream>>>(p, grad_out, grad_logits, stats, top_index, dq, dk,
+                                                                   dv);
   return cudaGetLastError();
 }
 

@@ -1,7 +1,7 @@
 // Host emulation of the local_attention CUDA kernels, for tests on machines without a GPU: the CUDA keywords and
-// intrinsics become host code. The forward runs with the launcher's geometry, a host thread per CUDA thread
-// (block_emulation.h: its teams of lanes shuffle); the backward, one thread per query, as one thread walking the
-// grid-stride loop. It checks the kernels' logic (indexing, selection, softmax, backward) - not occupancy or glue.
+// intrinsics become host code, and both kernels run with the launchers' geometry, a host thread per CUDA thread
+// (block_emulation.h: their teams of lanes shuffle). It checks the kernels' logic (indexing, selection, softmax,
+// backward) - not occupancy or glue.
 #include "block_emulation.h"
 
 #include "local_attention/local_attention_cuda.cu"
@@ -41,7 +41,7 @@ extern "C" int emu_forward(const int64_t* sizes, float scale, int64_t topk, int 
   using namespace vosops::local_attention;
   const CudaProblem p = problem(sizes, scale, topk, normalize, zero_border, q, k, v, off, cols);
   if (topk > kCudaMaxTopk) return 1;
-  const unsigned grid = forward_blocks(p.B * p.H * p.W);
+  const unsigned grid = team_blocks(p.B * p.H * p.W);
   const bool ok = emu::launch(grid, 1, kThreads, 0, [&] {
     if (topk == 0) {
       forward_kernel<0>(p, out, stats, top_logits, top_index);
@@ -62,7 +62,8 @@ extern "C" int emu_backward(const int64_t* sizes, float scale, int64_t topk, int
                             const int64_t* top_index, float* dq, float* dk, float* dv) {
   using namespace vosops::local_attention;
   const CudaProblem p = problem(sizes, scale, topk, normalize, zero_border, q, k, v, off, cols);
-  return emu::launch(1, 1, 1, 0, [&] { backward_kernel(p, grad_out, grad_logits, stats, top_index, dq, dk, dv); })
-             ? 0
-             : 1;
+  const bool ok = emu::launch(team_blocks(p.B * p.H * p.W), 1, kThreads, 0, [&] {
+    backward_kernel(p, grad_out, grad_logits, stats, top_index, dq, dk, dv);
+  });
+  return ok ? 0 : 1;
 }
