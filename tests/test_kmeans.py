@@ -611,3 +611,30 @@ def test_pseudo_labels_on_davis_frames():
         assert torch.equal(labels == -1, dropped[full])
         assert torch.equal(labels[labels >= 0], full[labels >= 0])
     assert dropped.any() and (~dropped).any()
+
+
+def test_cuda_graph_is_ignored_on_cpu():
+    x = torch.randn(3, 50, 4)
+    a = vosops.kmeans(x, 3, seed=1, cuda_graph=True)
+    b = vosops.kmeans(x, 3, seed=1)
+    torch.testing.assert_close(a.centroids, b.centroids, atol=0, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+def test_cuda_graph_loop_equals_the_plain_loop(backend):
+    """The graphed Lloyd loop runs the same iterations: ragged problems, one converging within a few iterations
+    (well separated blobs) and others running to the limit, an iteration count not a multiple of the chunk."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 400, 8, generator=g)
+    x[0, :200] += 20.0  # two far blobs: converges early
+    lengths = torch.tensor([400, 333, 57])
+    x, lengths = x.cuda(), lengths.cuda()
+    for iters in (1, 7, 23):
+        kw = dict(iters=iters, tol=0.0, lengths=lengths, seed=5, backend=backend)
+        plain = vosops.kmeans(x, 4, **kw)
+        graphed = vosops.kmeans(x, 4, cuda_graph=True, **kw)
+        torch.testing.assert_close(graphed.labels, plain.labels, atol=0, rtol=0)
+        torch.testing.assert_close(graphed.n_iter, plain.n_iter, atol=0, rtol=0)
+        torch.testing.assert_close(graphed.centroids, plain.centroids, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(graphed.inertia, plain.inertia, atol=1e-4, rtol=1e-6)

@@ -43,10 +43,10 @@ def make_data(B: int, N: int, D: int, K: int, device: str, seed: int = 0):
     return x.to(device), x[:, :K].clone().to(device)
 
 
-def _vosops(backend, batch_size=None):
+def _vosops(backend, batch_size=None, cuda_graph=False):
     def run(x, init, iters):
         r = vosops.kmeans(x, init.shape[1], init=init, iters=iters, tol=0.0, batch_size=batch_size, seed=0,
-                          backend=backend)
+                          cuda_graph=cuda_graph, backend=backend)
         return r.n_iter.float().mean().item(), r.inertia.double().mean().item()
     return run
 
@@ -116,6 +116,8 @@ def _impls(device: str) -> dict:
         if _backends.why_unusable(b, "kmeans_step", device) is None and not (b == "triton" and device == "cpu"):
             impls[b] = _vosops(b)
             impls[f"{b}-minibatch"] = _vosops_minibatch(b)
+            if device == "cuda":
+                impls[f"{b}-graph"] = _vosops(b, cuda_graph=True)
     if device == "cpu":
         impls["sklearn"] = _sklearn
         impls["sklearn-minibatch"] = _sklearn_minibatch

@@ -101,6 +101,7 @@ def kmeans(
     batch_size: int | None = None,
     lengths: torch.Tensor | None = None,
     seed: int | None = None,
+    cuda_graph: bool = False,
     backend: str | None = None,
 ) -> KMeansResult:
     """k-means on B independent problems at once.
@@ -115,6 +116,8 @@ def kmeans(
     lengths: (B,) int, problem b uses only its first lengths[b] points (the rest are ignored and labelled -1).
     seed: the seed of the generator for seeding and batches (None: drawn from torch's global generator);
     a seed gives the same result on the same backend and device.
+    cuda_graph: on a GPU, replay the full-batch Lloyd iterations from a CUDA graph instead of launching each of an
+    iteration's ops from Python (the same results; for problems small enough that launches dominate).
 
     Returns KMeansResult(centroids (B, K, D), labels (B, N) int64, inertia (B,), n_iter (B,)) with the B axis
     dropped for (N, D) input. Centroids/inertia are float32 for half inputs, else x's dtype. Not differentiable.
@@ -130,6 +133,8 @@ def kmeans(
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
     if seed is not None:
         _int("seed", seed, 0)
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
     lengths = _check_lengths(lengths, B, N, x.device)
     if K > int(lengths.min()):
         raise ValueError(f"num_clusters ({K}) must be <= the number of points of every problem "
@@ -148,10 +153,19 @@ def kmeans(
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)))
     gen = torch.Generator(device=x.device).manual_seed(seed)
+    check_every = 1 if x.device.type == "cpu" else 10
+    full_batch = None
+    if chosen == "cpu":
+        full_batch = _native_lloyd
+    elif cuda_graph and x.device.type == "cuda":
+        from ._kmeans_graph import lloyd_cuda_graph
+
+        def full_batch(x, lengths, centers, iters, tol):
+            return lloyd_cuda_graph(x, lengths, centers, iters, tol, step=step, assign=assign,
+                                    check_every=check_every)
     res = _ref.kmeans(x, K, iters=iters, tol=float(tol), init=init, n_init=n_init, batch_size=batch_size,
-                      lengths=lengths, generator=gen, step=step, assign=assign,
-                      check_every=1 if x.device.type == "cpu" else 10,
-                      full_batch=_native_lloyd if chosen == "cpu" else None)
+                      lengths=lengths, generator=gen, step=step, assign=assign, check_every=check_every,
+                      full_batch=full_batch)
     if single:
         res = KMeansResult(*(t[0] for t in res))
     return res

@@ -187,6 +187,16 @@ def kmeans_update(centers, sums, counts, labels, labels_old, active, tol):
     return torch.where(active[:, None, None], new, centers), converged
 
 
+def lloyd_iteration(x, lengths, centers, active, n_iter, labels_old, tol, step: Step = kmeans_step):
+    """One Lloyd iteration of every still active problem: (centres, active, n_iter, labels) after it."""
+    # finished problems are passed with length 0: the step skips their points (their outputs are discarded)
+    labels, mind, sums, counts = step(x, torch.where(active, lengths, 0), centers)
+    if x.device.type != "cpu" or bool(((counts == 0) & active[:, None]).any()):  # free on CPU, a sync on a GPU
+        sums, counts = relocate_empty(x, labels, mind, sums, counts)
+    centers, converged = kmeans_update(centers, sums, counts, labels, labels_old, active, tol)
+    return centers, active & ~converged, n_iter + active.long(), labels
+
+
 def lloyd(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, *, iters: int, tol: torch.Tensor,
           step: Step = kmeans_step, assign: Step = kmeans_assign, check_every: int = 1) -> KMeansResult:
     """Lloyd iterations from `centers` (B, K, D) for every problem; see the module docstring for the rules.
@@ -199,14 +209,8 @@ def lloyd(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, *, iter
     n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
     labels_old = torch.full((B, N), -1, dtype=torch.int64, device=dev)
     for it in range(iters):
-        # finished problems are passed with length 0: the step skips their points (their outputs are discarded)
-        labels, mind, sums, counts = step(x, torch.where(active, lengths, 0), centers)
-        if dev.type != "cpu" or bool(((counts == 0) & active[:, None]).any()):  # free on CPU, a sync on a GPU
-            sums, counts = relocate_empty(x, labels, mind, sums, counts)
-        centers, converged = kmeans_update(centers, sums, counts, labels, labels_old, active, tol)
-        n_iter += active.long()
-        active = active & ~converged
-        labels_old = labels
+        centers, active, n_iter, labels_old = lloyd_iteration(x, lengths, centers, active, n_iter, labels_old, tol,
+                                                              step)
         if (it + 1) % check_every == 0 and not bool(active.any()):
             break
     labels, mind = assign(x, lengths, centers)
