@@ -50,25 +50,9 @@ __device__ __forceinline__ bool float4_rows(const CudaProblem& p, const float* q
   return (p.C & 3) == 0 && ((reinterpret_cast<uintptr_t>(qv) | reinterpret_cast<uintptr_t>(kv)) & 15) == 0;
 }
 
-// s += the chunk of 4 channels starting at c (c < C), in channel order.
-__device__ __forceinline__ float chunk_dot(const CudaProblem& p, const float* __restrict__ qv,
-                                           const float* __restrict__ kv, int64_t c, bool vec, float s) {
-  if (vec) {
-    const float4 a = *reinterpret_cast<const float4*>(qv + c), kk = __ldg(reinterpret_cast<const float4*>(kv + c));
-    s = fmaf(a.x, kk.x, s);
-    s = fmaf(a.y, kk.y, s);
-    s = fmaf(a.z, kk.z, s);
-    return fmaf(a.w, kk.w, s);
-  }
-#pragma unroll
-  for (int e = 0; e < kChunk; ++e)
-    if (c + e < p.C) s = fmaf(qv[c + e], __ldg(kv + c + e), s);
-  return s;
-}
-
+// Lane g's partial: its chunks in increasing order, each chunk's channels in order, one fmaf chain.
 __device__ __forceinline__ float partial_dot(const CudaProblem& p, const float* __restrict__ qv,
                                              const float* __restrict__ kv, int g) {
-  // chunk_dot's order, written out: its unrolled tail here costs the forward registers
   const bool vec = float4_rows(p, qv, kv);
   float s = 0.f;
   for (int64_t c = int64_t(g) * kChunk; c < p.C; c += kTeam * kChunk) {
