@@ -298,6 +298,38 @@ def test_global_topk_triton_matches_reference(backend, device):
             )
 
 
+@pytest.mark.parametrize("backend,device", GT_TRITON)
+@pytest.mark.parametrize("split", [1, 3, None])
+def test_global_topk_triton_key_splits_and_channel_chunks(backend, device, split, monkeypatch):
+    """Small tiles so one call covers what the GPU tiles do at scale: several key tiles per split, several key
+    splits (a split whose keys are all masked, ties across split boundaries), channels over several chunks, rows
+    past M, and a tile where many keys enter a row at once. Selection must be the exact stable top-k."""
+    from vosops.triton import topk as ttk
+    monkeypatch.setitem(ttk.GLOBAL_TOPK_CONFIG, "block_m", 16)
+    monkeypatch.setitem(ttk.GLOBAL_TOPK_CONFIG, "block_n", 16)
+    monkeypatch.setitem(ttk.GLOBAL_TOPK_CONFIG, "block_c", 16)
+    monkeypatch.setitem(ttk.GLOBAL_TOPK_CONFIG, "split", split)
+    B, M, C = 2, 19, 37
+    half = small_ints(B, 56, C, dtype=torch.float32, device=device)
+    k = torch.cat([half, half], 1)  # L = 112: 7 key tiles, ties between the halves
+    q = small_ints(B, M, C, dtype=torch.float32, device=device)
+    key_mask = torch.rand(B, 112, device=device) > 0.3
+    key_mask[1, 40:80] = False  # batch 1: the middle split masked out
+    plan = ttk.global_topk_plan(B, M, 112, 9, torch.device(device))
+    assert plan["split"] == (split or plan["split"]) and plan["chunk"] % 16 == 0
+    for topk, mask in ((1, None), (9, key_mask), (20, None), (20, key_mask)):
+        got = vosops.global_topk(q, k, topk=topk, scale=0.5, key_mask=mask, backend=backend)
+        exp = dense_topk(q.double(), k.double(), topk, 0.5, key_mask=mask)
+        torch.testing.assert_close(got[1], exp[1], atol=0, rtol=0)
+        torch.testing.assert_close(got[0].double(), exp[0], atol=0, rtol=0)
+    qf, kf = torch.randn(1, 21, 40, device=device), torch.randn(1, 150, 40, device=device)
+    kf[:, 140:] += 3.0  # the last tile beats every earlier pick: all 12 slots replaced in one tile
+    got = vosops.global_topk(qf.abs(), kf, topk=12, scale=2.0, backend=backend)
+    exp = dense_topk(qf.abs().double(), kf.double(), 12, 2.0)
+    torch.testing.assert_close(got[1], exp[1], atol=0, rtol=0)
+    torch.testing.assert_close(got[0].double(), exp[0], atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend,device", GT_NATIVE)
 def test_global_topk_random_floats_many_tiles(backend, device):
     q, k = torch.randn(2, 70, 24, device=device), torch.randn(2, 5000, 24, device=device)

@@ -299,40 +299,119 @@ def topk_attention(q, k, v, topk, scale, dense_keys):
 
 # --- global_topk -------------------------------------------------------------------------------------------------
 
+# Above every packed key: a slot that is never evicted (the running lists of global_topk are KPAD wide but keep KK).
+_MAXKEY = tl.constexpr(2**63 - 1)
+
+
 @triton.jit
-def _global_topk_kernel(q_ptr, k_ptr, mask_ptr, ol_ptr, oi_ptr, sqb, sqm, sqc, skb, skl, skc,
-                        M, L, C, TOPK, scale,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_MASK: tl.constexpr,
-                        IEEE: tl.constexpr):
-    """One program per (block of queries, batch): key tiles of BLOCK_N (= the padded topk) merged into each row's
-    running best list of packed keys with tl.topk; memory O(BLOCK_M * BLOCK_N) per program."""
+def _insert_entrants(best, keys, col):
+    """Merge a tile's packed keys (BLOCK_M, BLOCK_N) into each row's running list `best` (BLOCK_M, KPAD), kept
+    unsorted: its minimum is the row's KK-th best (slots past KK hold _MAXKEY, empty slots _SENTINEL). Each round
+    moves every row's largest entrant into its list's minimum slot; a tile needs as many rounds as the most keys
+    any row admits (at most KK, and 0 or 1 once the lists fill), far cheaper than sorting the tile."""
+    kth = tl.min(best, axis=1)
+    cand = tl.where(keys > kth[:, None], keys, _SENTINEL)
+    top = tl.max(cand, axis=1)
+    while tl.max((top > kth).to(tl.int32)) > 0:
+        enter = top > kth
+        slot = tl.argmin(best, axis=1)
+        best = tl.where(enter[:, None] & (col[None, :] == slot[:, None]), top[:, None], best)
+        kth = tl.min(best, axis=1)
+        # packed keys are unique per key index, so `!= top` removes exactly the key just placed (or refused)
+        cand = tl.where((cand != top[:, None]) & (cand > kth[:, None]), cand, _SENTINEL)
+        top = tl.max(cand, axis=1)
+    return best
+
+
+@triton.jit
+def _global_topk_split_kernel(q_ptr, k_ptr, mask_ptr, part_ptr, sqb, sqm, sqc, skb, skl, skc,
+                              M, L, C, TOPK, SPLIT, CHUNK, scale,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                              KPAD: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
+    """One program per (block of queries, batch x key split): scores a (BLOCK_M, BLOCK_N) tile at a time (tl.dot
+    over BLOCK_C-channel chunks) over its CHUNK keys and keeps each row's best TOPK as packed keys; writes them,
+    unsorted, to part[(b*M + m)*SPLIT + split, :KPAD] (_SENTINEL where empty). The key splits give the grid enough
+    programs when B*M is small; the finishing kernel takes the top TOPK of a row's SPLIT lists."""
     pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid_bs = tl.program_id(1)
+    b = (pid_bs // SPLIT).to(tl.int64)
+    sp = pid_bs % SPLIT
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_C)
+    col = tl.arange(0, KPAD)
     m_ok = offs_m < M
-    q = tl.load(q_ptr + b * sqb + offs_m[:, None].to(tl.int64) * sqm + offs_c[None, :] * sqc,
-                mask=m_ok[:, None] & (offs_c[None, :] < C), other=0.0)
-    best = tl.full((BLOCK_M, BLOCK_N), _SENTINEL, tl.int64)
-    for start in range(0, L, BLOCK_N):
+    q_rows = q_ptr + b * sqb + offs_m[:, None].to(tl.int64) * sqm
+    best = tl.where(col[None, :] < TOPK, tl.full((BLOCK_M, KPAD), _SENTINEL, tl.int64), _MAXKEY)
+    lo = sp * CHUNK
+    hi = tl.minimum(lo + CHUNK, L)
+    for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < L
+        n_ok = offs_n < hi
+        k_rows = k_ptr + b * skb + offs_n[:, None].to(tl.int64) * skl
+        s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c_ok = (c0 + offs_c) < C
+            qt = tl.load(q_rows + (c0 + offs_c)[None, :] * sqc, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+            kt = tl.load(k_rows + (c0 + offs_c)[None, :] * skc, mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+            s += _dot(qt, tl.trans(kt), IEEE)
+        s = s * scale
+        valid = n_ok
         if HAS_MASK:
-            n_ok = n_ok & (tl.load(mask_ptr + b * L + offs_n, mask=n_ok, other=0) != 0)
-        kt = tl.load(k_ptr + b * skb + offs_n[:, None].to(tl.int64) * skl + offs_c[None, :] * skc,
-                     mask=(offs_n[:, None] < L) & (offs_c[None, :] < C), other=0.0)
-        s = _dot(q, tl.trans(kt), IEEE) * scale
-        keys = tl.where(n_ok[None, :] & (s > float("-inf")), _pack(s, offs_n[None, :]), _SENTINEL)  # NaN fails too
-        if _any_enters(best, keys, TOPK, BLOCK_N):
-            best = tl.topk(tl.reshape(tl.join(best, keys), (BLOCK_M, 2 * BLOCK_N)), BLOCK_N, dim=1)
+            valid = valid & (tl.load(mask_ptr + b * L + offs_n, mask=n_ok, other=0) != 0)
+        keys = tl.where(valid[None, :] & (s > float("-inf")), _pack(s, offs_n[None, :]), _SENTINEL)  # NaN fails too
+        best = _insert_entrants(best, keys, col)
+    best = tl.where(col[None, :] < TOPK, best, _SENTINEL)
+    row = (b * M + offs_m).to(tl.int64) * SPLIT + sp
+    tl.store(part_ptr + row[:, None] * KPAD + col[None, :], best, mask=m_ok[:, None])
+
+
+@triton.jit
+def _global_topk_finish_kernel(part_ptr, ol_ptr, oi_ptr, R, TOPK, SPLIT,
+                               BLOCK_R: tl.constexpr, KPAD: tl.constexpr, WIDTH: tl.constexpr):
+    """Row r's SPLIT partial lists (SPLIT*KPAD packed keys, padded to WIDTH) -> its TOPK best, sorted."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    w = tl.arange(0, WIDTH)
+    rows = offs_r.to(tl.int64)
+    parts = tl.load(part_ptr + rows[:, None] * (SPLIT * KPAD) + w[None, :],
+                    mask=r_ok[:, None] & (w[None, :] < SPLIT * KPAD), other=_SENTINEL)
+    best = tl.topk(parts, KPAD, dim=1)  # sorted best-first
     sv, si = _unpack(best)
-    col = tl.arange(0, BLOCK_N)
+    col = tl.arange(0, KPAD)
     have = best != _SENTINEL
-    row = (b * M + offs_m).to(tl.int64)
-    out_mask = m_ok[:, None] & (col[None, :] < TOPK)
-    tl.store(ol_ptr + row[:, None] * TOPK + col[None, :], tl.where(have, sv, float("-inf")).to(ol_ptr.dtype.element_ty),
-             mask=out_mask)
-    tl.store(oi_ptr + row[:, None] * TOPK + col[None, :], tl.where(have, si, -1), mask=out_mask)
+    out_mask = r_ok[:, None] & (col[None, :] < TOPK)
+    tl.store(ol_ptr + rows[:, None] * TOPK + col[None, :],
+             tl.where(have, sv, float("-inf")).to(ol_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(oi_ptr + rows[:, None] * TOPK + col[None, :], tl.where(have, si, -1), mask=out_mask)
+
+
+# Tiles of global_topk's split kernel. Benchmarks and tests may replace entries (block sizes are powers of two >= 16;
+# `split` None = enough key splits for `programs_per_sm` programs per SM; `num_warps`/`num_stages` as in Triton).
+GLOBAL_TOPK_CONFIG = {"block_m": 64, "block_n": 64, "block_c": 32, "split": None, "programs_per_sm": 4,
+                      "num_warps": 8, "num_stages": 2}
+_DEFAULT_SMS = 132  # an H100/H200: used to size the grid when no GPU is there to ask (AOT compile checks)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_SMS
+
+
+def global_topk_plan(B: int, M: int, L: int, topk: int, device: torch.device) -> dict:
+    """Tile sizes, key splits and keys per split for one call."""
+    cfg = dict(GLOBAL_TOPK_CONFIG)
+    kpad = _pow2(topk)
+    block_m = min(cfg["block_m"], max(16, _pow2(4096 // kpad)))  # the running lists live in registers
+    tiles = max(1, triton.cdiv(L, cfg["block_n"]))
+    split = cfg["split"]
+    if split is None:
+        row_programs = triton.cdiv(M, block_m) * B
+        split = triton.cdiv(cfg["programs_per_sm"] * _sm_count(device), row_programs)
+    split = max(1, min(split, tiles, 65535 // max(B, 1)))
+    chunk = triton.cdiv(tiles, split) * cfg["block_n"]
+    split = triton.cdiv(max(L, 1), chunk)
+    return {**cfg, "block_m": block_m, "kpad": kpad, "split": split, "chunk": chunk}
 
 
 @torch.library.custom_op("vosops::global_topk_triton", mutates_args=())
@@ -343,15 +422,23 @@ def global_topk_triton(q: torch.Tensor, k: torch.Tensor, topk: int, scale: float
     B, M, C = q.shape
     L = k.shape[1]
     _check_grid_rows("global_topk", B, "batch entries")
+    plan = global_topk_plan(B, M, L, topk, q.device)
+    split, kpad = plan["split"], plan["kpad"]
     out_l = _alloc.empty(B, M, topk, dtype=q.dtype, device=q.device)
     out_i = _alloc.empty(B, M, topk, dtype=torch.int64, device=q.device)
+    parts = torch.empty(B * M * split, kpad, dtype=torch.int64, device=q.device)  # O(M * k) scratch
     mask = key_mask.contiguous() if key_mask is not None else out_i
-    block_m = 16
-    _global_topk_kernel[(triton.cdiv(M, block_m), B)](
-        q, k, mask, out_l, out_i, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        M, L, C, topk, float(scale),
-        BLOCK_M=block_m, BLOCK_N=_pow2(topk), BLOCK_C=_pow2(C), HAS_MASK=key_mask is not None,
-        IEEE=q.dtype == torch.float32,
+    _global_topk_split_kernel[(triton.cdiv(M, plan["block_m"]), B * split)](
+        q, k, mask, parts, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        M, L, C, topk, split, plan["chunk"], float(scale),
+        BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_C=min(plan["block_c"], _pow2(C)), KPAD=kpad,
+        HAS_MASK=key_mask is not None, IEEE=q.dtype == torch.float32,
+        num_warps=plan["num_warps"], num_stages=plan["num_stages"],
+    )
+    width = _pow2(split * kpad)
+    block_r = max(1, min(64, 8192 // width))
+    _global_topk_finish_kernel[(triton.cdiv(B * M, block_r),)](
+        parts, out_l, out_i, B * M, topk, split, BLOCK_R=block_r, KPAD=kpad, WIDTH=width,
     )
     return out_l, out_i
 

@@ -1,0 +1,131 @@
+"""Tile sweeps for the Triton kernels whose launch parameters live in a config dict, for a GPU session.
+
+Each tunable names a config dict in vosops, the values each entry may take, and the benchmark cases to time. The
+search is coordinate descent from the shipped defaults: vary one entry over its values with the others fixed, keep
+the fastest, go to the next entry; `--rounds` passes. Every candidate's output is checked against the shipped
+default's output on the same inputs before it is timed (a tile that compiles but computes something else is
+reported, never picked). Times are CUDA-event medians (vosops.bench.timing). Nothing here changes the shipped
+defaults: read the table, then edit the dict in the source.
+
+Run:  python benchmarks/tune_triton.py [--op global_topk] [--rounds 1] [--budget 0.1] [--out tune.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _global_topk_tunable():
+    from vosops.bench.topk import GLOBAL
+    from vosops.triton import topk as ttk
+
+    import vosops
+
+    def make_case(spec):
+        M, C, k = spec["M"], spec["C"], spec["k"]
+        L = M * spec["frames"]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = F.normalize(torch.randn(1, M, C, device="cuda", generator=g), dim=-1)
+        keys = F.normalize(torch.randn(1, L, C, device="cuda", generator=g), dim=-1)
+        run = lambda: vosops.global_topk(q, keys, topk=k, scale=20.0, backend="triton")  # noqa: E731
+
+        def agree(got, exp):
+            # selection can differ only between logits equal to rounding (summation order depends on the tile)
+            return torch.allclose(got[0].float(), exp[0].float(), atol=1e-4, rtol=1e-5)
+
+        return run, agree
+
+    return {
+        "config": ttk.GLOBAL_TOPK_CONFIG,
+        "values": {"block_m": [32, 64, 128], "block_n": [32, 64, 128], "block_c": [16, 32, 64],
+                   "num_warps": [4, 8], "num_stages": [1, 2, 3], "programs_per_sm": [1, 2, 4, 8]},
+        "cases": {name: (lambda s=spec: make_case(s)) for name, spec in GLOBAL.items() if "cuda" in spec["devices"]},
+    }
+
+
+TUNABLES = {"global_topk": _global_topk_tunable}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _try(run, agree, expected, budget, device):
+    from vosops.bench.timing import measure_ms
+
+    try:
+        got = run()
+        _sync(device)
+    except Exception as e:  # a tile the compiler or the device refuses (shared memory, registers)
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+    if not agree(got, expected):
+        return {"error": "output differs from the default tile's"}
+    return {"ms": measure_ms(run, device, budget_s=budget)["ms"]}
+
+
+def tune(op: str, spec: dict, rounds: int, budget: float, device: str = "cuda", log=print) -> list[dict]:
+    """Coordinate descent over spec["values"] for each of spec["cases"]; returns every timed row, then one row per
+    case with "best": True. The config dict is restored to its defaults afterwards."""
+    config, values = spec["config"], spec["values"]
+    default = dict(config)
+    rows = []
+    for case_name, make in spec["cases"].items():
+        run, agree = make()
+        config.clear()
+        config.update(default)
+        expected = run()
+        _sync(device)
+        best = dict(default)
+        best_ms = _try(run, agree, expected, budget, device).get("ms", float("inf"))
+        rows.append({"op": op, "case": case_name, "config": dict(default), "ms": best_ms, "default": True})
+        log(f"{op} {case_name} default {default}: {best_ms:.3f} ms")
+        for _, key in itertools.product(range(rounds), values):
+            for value in values[key]:
+                if value == best.get(key):
+                    continue
+                trial = {**best, key: value}
+                config.clear()
+                config.update(trial)
+                res = _try(run, agree, expected, budget, device)
+                rows.append({"op": op, "case": case_name, "config": trial, **res, "default": False})
+                log(f"  {key}={value}: " + (f"{res['ms']:.3f} ms" if "ms" in res else res["error"]))
+                if res.get("ms", float("inf")) < best_ms:
+                    best, best_ms = trial, res["ms"]
+        log(f"{op} {case_name} best {best}: {best_ms:.3f} ms")
+        rows.append({"op": op, "case": case_name, "config": best, "ms": best_ms, "best": True})
+    config.clear()
+    config.update(default)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--op", action="append", choices=sorted(TUNABLES), help="default: every tunable")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--budget", type=float, default=0.1, help="seconds of timing per candidate")
+    parser.add_argument("--out", help="write every row as JSON here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_triton: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    rows = []
+    for op in args.op or sorted(TUNABLES):
+        rows += tune(op, TUNABLES[op](), args.rounds, args.budget, log=lambda s: print(s, flush=True))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    print(f"tuned in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

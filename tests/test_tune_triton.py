@@ -1,0 +1,39 @@
+"""benchmarks/tune_triton.py's search on the CPU with a synthetic tunable: it must pick the fastest candidate that
+agrees with the default's output, report refused and wrong tiles without picking them, and restore the defaults."""
+
+import importlib.util
+import os
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("tune_triton", os.path.join(ROOT, "benchmarks", "tune_triton.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_coordinate_descent_picks_the_fastest_correct_tile():
+    tune = _load()
+    config = {"a": 2, "b": 2}
+    x = torch.arange(5.0)
+
+    def run():
+        if config["b"] == 3:
+            raise RuntimeError("out of resources: shared memory")
+        time.sleep(0.004 * config["a"] + 0.002 * config["b"])
+        return x + 1 if config["a"] == 0 else x  # a=0 is the fastest, but wrong
+
+    spec = {"config": config, "values": {"a": [0, 1, 2], "b": [1, 2, 3]},
+            "cases": {"synthetic": lambda: (run, lambda got, exp: torch.equal(got, exp))}}
+    rows = tune.tune("synthetic", spec, rounds=1, budget=0.02, device="cpu", log=lambda s: None)
+    assert config == {"a": 2, "b": 2}, "defaults restored"
+    errors = {(r["config"]["a"], r["config"]["b"]): r["error"] for r in rows if "error" in r}
+    assert "differs" in errors[(0, 2)] and "shared memory" in errors[(1, 3)]
+    best = [r for r in rows if r.get("best")]
+    assert len(best) == 1 and best[0]["config"] == {"a": 1, "b": 1}
+    assert all(r["ms"] > 0 for r in rows if "ms" in r)
