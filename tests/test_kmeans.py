@@ -315,6 +315,59 @@ def test_opcheck_native():
     testing.check_opcheck(torch.ops.vosops.kmeans_assign.default, (x, L, c))
 
 
+def update_case(dtype=torch.float64, seed=0):
+    """Arguments of kmeans_update for four problems after a real step: problem 0 with two empty clusters (their
+    centres far away), 1 whose labels did not change, 2 with five of six clusters empty and only K+3 points, 3
+    inactive (with an empty cluster: it must be left alone)."""
+    g = torch.Generator().manual_seed(seed)
+    B, N, D, K = 4, 60, 5, 6
+    x = torch.randn(B, N, D, generator=g, dtype=torch.float64).to(dtype)
+    lengths = torch.tensor([N, N - 7, K + 3, N])
+    centers = torch.randn(B, K, D, generator=g, dtype=torch.float64).to(R.acc_dtype(dtype))
+    centers[0, [1, 4]] += 1000.0
+    centers[2, 1:] += 1000.0
+    centers[3, 2] += 1000.0
+    labels, mind, sums, counts = R.kmeans_step(x, lengths, centers)
+    assert (counts[0] == 0).sum() == 2 and (counts[2] == 0).sum() == 5 and (counts[3] == 0).sum() == 1
+    active = torch.tensor([True, True, True, False])
+    n_iter = torch.tensor([3, 3, 0, 9])
+    labels_equal = torch.tensor([False, True, False, False])
+    tol = torch.full((B,), 1e-3, dtype=R.acc_dtype(dtype))
+    return [x, lengths, labels, mind, sums, counts, centers, active, n_iter, labels_equal, tol]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_update_matches_reference_update(dtype):
+    """kmeans_update (the rest of a Lloyd iteration, one CUDA kernel on a GPU) against the reference's relocation,
+    update and flags; the reference keeps the empty clusters' far centres only for inactive problems."""
+    if vosops._backends.why_unusable("cpu", "kmeans_step", "cpu"):
+        pytest.skip("native kernels not built")
+    args = update_case(dtype)
+    got = torch.ops.vosops.kmeans_update(*args)
+    exp = R.lloyd_update(*args)
+    torch.testing.assert_close(got[0], exp[0], atol=1e-12 if dtype == torch.float64 else 1e-6, rtol=1e-6)
+    assert torch.equal(got[1], exp[1]) and torch.equal(got[2], exp[2])
+    assert got[1].tolist() == [True, False, True, False] and got[2].tolist() == [4, 4, 1, 9]
+    assert torch.equal(got[0][3], args[6][3]), "an inactive problem keeps its centres"
+    assert (got[0][2] < 100).all(), "every empty cluster took a point"
+
+
+def test_native_update_checks_its_arguments():
+    if vosops._backends.why_unusable("cpu", "kmeans_step", "cpu"):
+        pytest.skip("native kernels not built")
+    args = update_case()
+    for i, name, bad, exc in [(2, "labels", args[2][:, :5], ValueError), (5, "counts", args[5].int(), TypeError),
+                              (7, "active", args[7].long(), TypeError), (10, "tol", args[10][:2], ValueError)]:
+        with pytest.raises(exc, match=name):
+            torch.ops.vosops.kmeans_update(*args[:i], bad, *args[i + 1:])
+
+
+def test_opcheck_native_update():
+    if vosops._backends.why_unusable("cpu", "kmeans_step", "cpu"):
+        pytest.skip("native kernels not built")
+    testing.check_opcheck(torch.ops.vosops.kmeans_update.default, tuple(update_case(torch.float32)))
+
+
 def test_opcheck_triton():
     pytest.importorskip("triton")
     if vosops._backends.why_unusable("triton", "kmeans_step", "cpu"):

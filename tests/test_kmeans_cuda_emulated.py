@@ -57,3 +57,30 @@ def test_step_kernel(emu, dtype, B, N, D, K, accumulate):
     if accumulate:
         torch.testing.assert_close(sums.double(), want_sums, atol=0, rtol=0)
         torch.testing.assert_close(counts, want_counts, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_update_kernel_equals_the_native_cpu_update(emu, dtype):
+    """The update kernel (relocation of empty clusters, centre = mean, flags; one CTA per problem) against the CPU
+    implementation of the same op, which the reference tests hold: the same picks, the same centres bit for bit
+    (the subtractions and divisions happen in the same order), the same flags. Ties among the farthest points go to
+    the lower index: problem 0's distances repeat."""
+    from test_kmeans import update_case
+
+    args = update_case(dtype if dtype != torch.bfloat16 else torch.float16, seed=3)
+    if dtype == torch.bfloat16:
+        args[0] = args[0].to(torch.bfloat16)
+    args[3][0, 30:] = args[3][0, :30]  # every distance of problem 0 twice: the lower index must win
+    x, lengths, labels, mind, sums, counts, centers, active, n_iter, labels_equal, tol = args
+    exp = torch.ops.vosops.kmeans_update(*args)
+    B, N, D = x.shape
+    K = centers.shape[1]
+    centers_out = torch.full_like(centers, float("nan"))
+    active_out = torch.zeros(B, dtype=torch.bool)
+    n_iter_out = torch.full((B,), -7777, dtype=torch.int64)
+    assert emu.emu_kmeans_update(dtype_code(dtype), ptr(x), ctypes.c_int64(B), ctypes.c_int64(N), ctypes.c_int64(D),
+                                 ctypes.c_int64(K), ptr(lengths), ptr(labels), ptr(mind), ptr(sums), ptr(counts),
+                                 ptr(centers), ptr(active), ptr(n_iter), ptr(labels_equal), ptr(tol),
+                                 ptr(centers_out), ptr(active_out), ptr(n_iter_out)) == 0
+    torch.testing.assert_close(centers_out, exp[0], atol=0, rtol=0)
+    assert torch.equal(active_out, exp[1]) and torch.equal(n_iter_out, exp[2])

@@ -622,6 +622,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_lloyd_cpu(cons
   return {centers, labels, mindist, n_iter};
 }
 
+// The rest of one Lloyd iteration after kmeans_step, for every problem (the reference's relocate_empty and
+// kmeans_update plus lloyd_iteration's flags), exactly as the native loop does it: relocation of empty clusters,
+// centre = mean, shift, convergence. The CPU loop (kmeans_lloyd) does not call it; it is here so the op has the same
+// behaviour on every device and can be tested against the reference and the CUDA kernel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_update_cpu(
+    const at::Tensor& x_in, const at::Tensor& lengths_in, const at::Tensor& labels_in, const at::Tensor& mindist_in,
+    const at::Tensor& sums_in, const at::Tensor& counts_in, const at::Tensor& centers_in, const at::Tensor& active_in,
+    const at::Tensor& n_iter_in, const at::Tensor& labels_equal_in, const at::Tensor& tol_in) {
+  check_update_inputs("kmeans_update", x_in, lengths_in, labels_in, mindist_in, sums_in, counts_in, centers_in,
+                      active_in, n_iter_in, labels_equal_in, tol_in);
+  const at::Tensor x = points(x_in);
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), K = centers_in.size(1);
+  const at::ScalarType acc = x.scalar_type();
+  const at::Tensor lengths = lengths_in.contiguous(), labels = labels_in.contiguous();
+  const at::Tensor mindist = mindist_in.to(acc).contiguous(), tol = tol_in.to(acc).contiguous();
+  const at::Tensor active = active_in.contiguous(), n_iter = n_iter_in.contiguous();
+  const at::Tensor labels_equal = labels_equal_in.contiguous();
+  at::Tensor sums = sums_in.to(acc).contiguous().clone(), counts = counts_in.contiguous().clone();
+  at::Tensor centers = centers_in.to(acc).contiguous().clone();
+  at::Tensor active_out = new_output({B}, active.options());
+  at::Tensor n_iter_out = new_output({B}, n_iter.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "kmeans_update_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* sp = sums.data_ptr<scalar_t>();
+    scalar_t* cp = centers.data_ptr<scalar_t>();
+    int64_t* cnt = counts.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      const bool on = active.const_data_ptr<bool>()[b];
+      active_out.data_ptr<bool>()[b] = on;
+      n_iter_out.data_ptr<int64_t>()[b] = n_iter.const_data_ptr<int64_t>()[b] + (on ? 1 : 0);
+      if (!on) continue;
+      const int64_t len = std::min(std::max(lengths.const_data_ptr<int64_t>()[b], int64_t(0)), N);
+      int64_t* cb = cnt + b * K;
+      scalar_t* sb = sp + b * K * D;
+      if (std::find(cb, cb + K, int64_t(0)) != cb + K)
+        relocate_empty(xp + b * N * D, len, D, K, labels.const_data_ptr<int64_t>() + b * N,
+                       mindist.const_data_ptr<scalar_t>() + b * N, sb, cb);
+      scalar_t* c = cp + b * K * D;
+      scalar_t shift = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        if (cb[k] == 0) continue;
+        const scalar_t n = static_cast<scalar_t>(cb[k]);
+        for (int64_t d = 0; d < D; ++d) {
+          const scalar_t v = sb[k * D + d] / n;
+          shift += (v - c[k * D + d]) * (v - c[k * D + d]);
+          c[k * D + d] = v;
+        }
+      }
+      const bool converged = labels_equal.const_data_ptr<bool>()[b] || shift <= tol.const_data_ptr<scalar_t>()[b];
+      active_out.data_ptr<bool>()[b] = !converged;
+    }
+  });
+  return {centers, active_out, n_iter_out};
+}
+
 }  // namespace
 }  // namespace kmeans
 }  // namespace vosops
@@ -631,10 +686,13 @@ TORCH_LIBRARY_FRAGMENT(vosops, m) {
   m.def("kmeans_assign(Tensor x, Tensor lengths, Tensor centers) -> (Tensor, Tensor)");
   m.def("kmeans_lloyd(Tensor x, Tensor lengths, Tensor centers, int iters, Tensor tol) -> (Tensor, Tensor, Tensor, "
         "Tensor)");
+  m.def("kmeans_update(Tensor x, Tensor lengths, Tensor labels, Tensor mindist, Tensor sums, Tensor counts, "
+        "Tensor centers, Tensor active, Tensor n_iter, Tensor labels_equal, Tensor tol) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vosops, CPU, m) {
   m.impl("kmeans_step", &vosops::kmeans::kmeans_step_cpu);
   m.impl("kmeans_assign", &vosops::kmeans::kmeans_assign_cpu);
   m.impl("kmeans_lloyd", &vosops::kmeans::kmeans_lloyd_cpu);
+  m.impl("kmeans_update", &vosops::kmeans::kmeans_update_cpu);
 }

@@ -27,5 +27,34 @@ inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
                     " and ", centers.device());
 }
 
+// kmeans_update's arguments: x (B, N, D); lengths, n_iter (B,) int64; labels (B, N) int64; mindist (B, N), sums
+// (B, K, D), centers (B, K, D), tol (B,) floating; counts (B, K) int64; active, labels_equal (B,) bool; one device.
+inline void check_update_inputs(const char* op, const at::Tensor& x, const at::Tensor& lengths,
+                                const at::Tensor& labels, const at::Tensor& mindist, const at::Tensor& sums,
+                                const at::Tensor& counts, const at::Tensor& centers, const at::Tensor& active,
+                                const at::Tensor& n_iter, const at::Tensor& labels_equal, const at::Tensor& tol) {
+  check_inputs(op, x, lengths, centers);
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), K = centers.size(1);
+  auto expect = [&](const char* name, const at::Tensor& t, at::IntArrayRef shape, bool floating,
+                    at::ScalarType type) {
+    TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+    if (floating) {
+      TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ",
+                       t.scalar_type());
+    } else {
+      TORCH_CHECK_TYPE(t.scalar_type() == type, op, ": ", name, " must be ", type, ", got ", t.scalar_type());
+    }
+    TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", t.device());
+  };
+  expect("labels", labels, {B, N}, false, at::kLong);
+  expect("mindist", mindist, {B, N}, true, at::kFloat);
+  expect("sums", sums, {B, K, D}, true, at::kFloat);
+  expect("counts", counts, {B, K}, false, at::kLong);
+  expect("active", active, {B}, false, at::kBool);
+  expect("n_iter", n_iter, {B}, false, at::kLong);
+  expect("labels_equal", labels_equal, {B}, false, at::kBool);
+  expect("tol", tol, {B}, true, at::kFloat);
+}
+
 }  // namespace kmeans
 }  // namespace vosops

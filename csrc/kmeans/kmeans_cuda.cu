@@ -155,6 +155,140 @@ inline size_t partial_sum_bytes(size_t acc, int64_t parts, int64_t K, int64_t D)
   return (static_cast<size_t>(parts * K * D) * acc + 7) / 8 * 8;
 }
 
+// update_kernel: the rest of a Lloyd iteration, one CTA per problem: scikit-learn's relocation of empty clusters
+// (the e-th empty cluster, in index order, takes the e-th farthest valid point, ties to the lower index; the point
+// leaves its old cluster's sum and count, subtracted in e order), centre = mean (kept when the cluster is empty),
+// the squared centre shift, convergence (labels unchanged or shift <= tol) and the active / n_iter flags. It reads
+// the problem's N distances only when one of its clusters is empty (rare after the first iterations), so an
+// iteration costs no pass over the points and no torch.topk, and it decides on the device (no host sync).
+constexpr int kUpdateThreads = 256;
+
+inline size_t update_smem_bytes(int64_t K) {
+  return static_cast<size_t>(5 * K) * sizeof(int64_t);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kUpdateThreads) update_kernel(
+    const T* __restrict__ x, int64_t N, int64_t D, int64_t K, const int64_t* __restrict__ lengths,
+    const int64_t* __restrict__ labels, const typename AccType<T>::type* __restrict__ mindist,
+    const typename AccType<T>::type* __restrict__ sums, const int64_t* __restrict__ counts,
+    const typename AccType<T>::type* __restrict__ centers, const bool* __restrict__ active,
+    const int64_t* __restrict__ n_iter, const bool* __restrict__ labels_equal,
+    const typename AccType<T>::type* __restrict__ tol, typename AccType<T>::type* __restrict__ centers_out,
+    bool* __restrict__ active_out, int64_t* __restrict__ n_iter_out) {
+  using acc_t = typename AccType<T>::type;
+  __shared__ acc_t red_v[kUpdateThreads];
+  __shared__ int64_t red_i[kUpdateThreads];
+  __shared__ int64_t n_empty;
+  VOSOPS_DYNAMIC_SMEM(smem);
+  int64_t* cnt = reinterpret_cast<int64_t*>(smem);  // K: counts after relocation
+  int64_t* empty_k = cnt + K;                        // E: the empty clusters in index order
+  int64_t* pick = empty_k + K;                       // E: the point each takes (-1: none left)
+  int64_t* old = pick + K;                           // E: that point's cluster
+  int64_t* slot = old + K;                           // K: e for an empty cluster, else -1
+  const int tid = threadIdx.x;
+  const int64_t b = blockIdx.x, KD = K * D;
+  const acc_t* cb = centers + b * KD;
+  acc_t* ob = centers_out + b * KD;
+  if (!active[b]) {  // a finished problem: everything stays
+    for (int64_t e = tid; e < KD; e += kUpdateThreads) ob[e] = cb[e];
+    if (tid == 0) {
+      active_out[b] = false;
+      n_iter_out[b] = n_iter[b];
+    }
+    return;
+  }
+  if (tid == 0) {
+    int64_t E = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      cnt[k] = counts[b * K + k];
+      slot[k] = -1;
+      if (cnt[k] == 0) {
+        slot[k] = E;
+        empty_k[E++] = k;
+      }
+    }
+    n_empty = E;
+  }
+  __syncthreads();
+  const int64_t E = n_empty;
+  int64_t len = lengths[b];
+  len = len < 0 ? 0 : (len > N ? N : len);
+  const int64_t* lab = labels + b * N;
+  const acc_t* md = mindist + b * N;
+  for (int64_t e = 0; e < E; ++e) {
+    // the farthest valid point not taken yet: each thread scans a stride in increasing index (ties stay lower),
+    // then a tree over the threads ordered by (distance desc, index asc)
+    acc_t bv = acc_t(0);
+    int64_t bi = -1;
+    for (int64_t i = tid; i < len; i += kUpdateThreads) {
+      if (lab[i] < 0) continue;
+      bool taken = false;
+      for (int64_t f = 0; f < e; ++f) taken |= pick[f] == i;
+      if (taken) continue;
+      if (bi < 0 || md[i] > bv) {
+        bv = md[i];
+        bi = i;
+      }
+    }
+    red_v[tid] = bv;
+    red_i[tid] = bi;
+    __syncthreads();
+    for (int h = kUpdateThreads / 2; h > 0; h /= 2) {
+      if (tid < h) {
+        const acc_t ov = red_v[tid + h];
+        const int64_t oi = red_i[tid + h];
+        const int64_t mi = red_i[tid];
+        if (oi >= 0 && (mi < 0 || ov > red_v[tid] || (ov == red_v[tid] && oi < mi))) {
+          red_v[tid] = ov;
+          red_i[tid] = oi;
+        }
+      }
+      __syncthreads();
+    }
+    if (tid == 0) {
+      const int64_t p = red_i[0];
+      pick[e] = p;
+      old[e] = p >= 0 ? lab[p] : -1;
+      if (p >= 0) {
+        cnt[old[e]] -= 1;
+        cnt[empty_k[e]] = 1;
+      }
+    }
+    __syncthreads();
+  }
+  const T* xb = x + b * N * D;
+  acc_t part = acc_t(0);
+  const int D32 = static_cast<int>(D);  // K * D < 2^31 (the launcher checks): 32-bit division
+  for (int e = tid; e < static_cast<int>(KD); e += kUpdateThreads) {
+    const int k = e / D32, d = e % D32;
+    // an empty cluster's sum is its point; another's loses the points taken from it, in e order
+    const int64_t s_e = slot[k];
+    const bool took = s_e >= 0 && pick[s_e] >= 0;
+    acc_t s = took ? acc_t(0) : sums[b * KD + e];
+    for (int64_t f = 0; f < E; ++f) {
+      const int64_t p = pick[f];
+      if (p < 0 || !(took ? f == s_e : old[f] == k)) continue;
+      const acc_t xv = to_acc(xb[p * D + d]);
+      s = took ? xv : s - xv;
+    }
+    const acc_t c = cb[e];
+    const acc_t v = cnt[k] > 0 ? s / static_cast<acc_t>(cnt[k]) : c;
+    ob[e] = v;
+    part += (v - c) * (v - c);
+  }
+  red_v[tid] = part;
+  __syncthreads();
+  for (int h = kUpdateThreads / 2; h > 0; h /= 2) {
+    if (tid < h) red_v[tid] += red_v[tid + h];
+    __syncthreads();
+  }
+  if (tid == 0) {
+    active_out[b] = !(labels_equal[b] || red_v[0] <= tol[b]);
+    n_iter_out[b] = n_iter[b] + 1;
+  }
+}
+
 #ifndef VOSOPS_CUDA_EMULATION
 template <typename T>
 cudaError_t launch(const void* x, int64_t B, int64_t N, int64_t D, const int64_t* lengths, const void* centers,
@@ -189,6 +323,20 @@ cudaError_t launch(const void* x, int64_t B, int64_t N, int64_t D, const int64_t
   reduce_kernel<acc_t><<<rgrid, kThreads, 0, stream>>>(psum, pcount, nchunk, K, D, static_cast<acc_t*>(sums), counts);
   return cudaGetLastError();
 }
+
+template <typename T>
+cudaError_t launch_update(const void* x, int64_t B, int64_t N, int64_t D, int64_t K, const int64_t* lengths,
+                          const int64_t* labels, const void* mindist, const void* sums, const int64_t* counts,
+                          const void* centers, const bool* active, const int64_t* n_iter, const bool* labels_equal,
+                          const void* tol, void* centers_out, bool* active_out, int64_t* n_iter_out,
+                          cudaStream_t stream) {
+  using acc_t = typename AccType<T>::type;
+  update_kernel<T><<<static_cast<unsigned int>(B), kUpdateThreads, update_smem_bytes(K), stream>>>(
+      static_cast<const T*>(x), N, D, K, lengths, labels, static_cast<const acc_t*>(mindist),
+      static_cast<const acc_t*>(sums), counts, static_cast<const acc_t*>(centers), active, n_iter, labels_equal,
+      static_cast<const acc_t*>(tol), static_cast<acc_t*>(centers_out), active_out, n_iter_out);
+  return cudaGetLastError();
+}
 #endif  // VOSOPS_CUDA_EMULATION
 
 }  // namespace
@@ -201,6 +349,17 @@ size_t step_workspace_bytes(DType dtype, int64_t B, int64_t N, int64_t D, int64_
 }
 
 #ifndef VOSOPS_CUDA_EMULATION
+cudaError_t update_cuda(DType dtype, const void* x, int64_t B, int64_t N, int64_t D, int64_t K,
+                        const int64_t* lengths, const int64_t* labels, const void* mindist, const void* sums,
+                        const int64_t* counts, const void* centers, const bool* active, const int64_t* n_iter,
+                        const bool* labels_equal, const void* tol, void* centers_out, bool* active_out,
+                        int64_t* n_iter_out, cudaStream_t stream) {
+  if (B == 0) return cudaSuccess;
+  if (K > kCudaUpdateMaxK || B > 0x7fffffff || K * D > 0x7fffffff) return cudaErrorInvalidValue;
+  VOSOPS_CUDA_DISPATCH(dtype, launch_update<T>(x, B, N, D, K, lengths, labels, mindist, sums, counts, centers, active,
+                                               n_iter, labels_equal, tol, centers_out, active_out, n_iter_out, stream))
+}
+
 cudaError_t step_cuda(DType dtype, const void* x, int64_t B, int64_t N, int64_t D, const int64_t* lengths,
                       const void* centers, int64_t K, int64_t* labels, void* mindist, void* sums, int64_t* counts,
                       void* workspace, cudaStream_t stream) {

@@ -26,5 +26,17 @@ cudaError_t step_cuda(DType dtype, const void* x, int64_t B, int64_t N, int64_t 
                       const void* centers, int64_t K, int64_t* labels, void* mindist, void* sums, int64_t* counts,
                       void* workspace, cudaStream_t stream);
 
+// The rest of a Lloyd iteration after step_cuda, one CTA per problem (the reference's relocate_empty and
+// kmeans_update, and the active / n_iter bookkeeping of lloyd_iteration): relocation of empty clusters, new centres,
+// convergence. x: contiguous (B, N, D) of `dtype`; labels, mindist, sums, counts: step_cuda's outputs; centers,
+// sums, mindist, tol and centers_out in the accumulation type; active, labels_equal: (B,) bool; n_iter: (B,) int64.
+// Inactive problems are copied through. K at most kCudaUpdateMaxK (its per-cluster lists sit in shared memory).
+constexpr int64_t kCudaUpdateMaxK = 1024;
+cudaError_t update_cuda(DType dtype, const void* x, int64_t B, int64_t N, int64_t D, int64_t K,
+                        const int64_t* lengths, const int64_t* labels, const void* mindist, const void* sums,
+                        const int64_t* counts, const void* centers, const bool* active, const int64_t* n_iter,
+                        const bool* labels_equal, const void* tol, void* centers_out, bool* active_out,
+                        int64_t* n_iter_out, cudaStream_t stream);
+
 }  // namespace kmeans
 }  // namespace vosops

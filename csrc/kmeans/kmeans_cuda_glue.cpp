@@ -58,6 +58,36 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cuda(const at::Tensor& x, const
   return {r[0], r[1]};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_update_cuda(
+    const at::Tensor& x_in, const at::Tensor& lengths, const at::Tensor& labels, const at::Tensor& mindist,
+    const at::Tensor& sums, const at::Tensor& counts, const at::Tensor& centers, const at::Tensor& active,
+    const at::Tensor& n_iter, const at::Tensor& labels_equal, const at::Tensor& tol) {
+  const char* op = "kmeans_update";
+  check_update_inputs(op, x_in, lengths, labels, mindist, sums, counts, centers, active, n_iter, labels_equal, tol);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), K = centers.size(1);
+  TORCH_CHECK_VALUE(K <= kCudaUpdateMaxK, op, ": at most ", kCudaUpdateMaxK, " clusters on CUDA, got ", K,
+                    "; use the reference backend");
+  TORCH_CHECK_VALUE(B <= 0x7fffffff, op, ": at most 2^31 - 1 problems on CUDA, got ", B);
+  const at::ScalarType acc = acc_type(x.scalar_type());
+  const at::Tensor c = centers.to(acc).contiguous();
+  const at::Tensor md = mindist.to(acc).contiguous(), s = sums.to(acc).contiguous(), t = tol.to(acc).contiguous();
+  const at::Tensor lab = labels.contiguous(), cnt = counts.contiguous(), len = lengths.contiguous();
+  const at::Tensor act = active.contiguous(), it = n_iter.contiguous(), eq = labels_equal.contiguous();
+  at::Tensor centers_out = new_output({B, K, D}, c.options());
+  at::Tensor active_out = new_output({B}, act.options());
+  at::Tensor n_iter_out = new_output({B}, it.options());
+  check_launch(update_cuda(to_dtype(x.scalar_type()), x.const_data_ptr(), B, N, D, K, len.const_data_ptr<int64_t>(),
+                           lab.const_data_ptr<int64_t>(), md.const_data_ptr(), s.const_data_ptr(),
+                           cnt.const_data_ptr<int64_t>(), c.const_data_ptr(), act.const_data_ptr<bool>(),
+                           it.const_data_ptr<int64_t>(), eq.const_data_ptr<bool>(), t.const_data_ptr(),
+                           centers_out.data_ptr(), active_out.data_ptr<bool>(), n_iter_out.data_ptr<int64_t>(),
+                           current_stream()),
+               op);
+  return {centers_out, active_out, n_iter_out};
+}
+
 }  // namespace
 }  // namespace kmeans
 }  // namespace vosops
@@ -65,4 +95,5 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cuda(const at::Tensor& x, const
 TORCH_LIBRARY_IMPL(vosops, CUDA, m) {
   m.impl("kmeans_step", &vosops::kmeans::kmeans_step_cuda);
   m.impl("kmeans_assign", &vosops::kmeans::kmeans_assign_cuda);
+  m.impl("kmeans_update", &vosops::kmeans::kmeans_update_cuda);
 }

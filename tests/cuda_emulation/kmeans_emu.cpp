@@ -44,7 +44,34 @@ int step(const void* x_, int64_t B, int64_t N, int64_t D, const int64_t* lengths
   }) ? 0 : 1;
 }
 
+template <typename T>
+int update(const void* x, int64_t B, int64_t N, int64_t D, int64_t K, const int64_t* lengths, const int64_t* labels,
+           const void* mindist, const void* sums, const int64_t* counts, const void* centers, const bool* active,
+           const int64_t* n_iter, const bool* labels_equal, const void* tol, void* centers_out, bool* active_out,
+           int64_t* n_iter_out) {
+  using namespace vosops::kmeans;
+  using acc_t = typename vosops::AccType<T>::type;
+  if (K > kCudaUpdateMaxK) return 2;
+  return emu::launch(static_cast<unsigned>(B), 1, kUpdateThreads, update_smem_bytes(K), [&] {
+    update_kernel<T>(static_cast<const T*>(x), N, D, K, lengths, labels, static_cast<const acc_t*>(mindist),
+                     static_cast<const acc_t*>(sums), counts, static_cast<const acc_t*>(centers), active, n_iter,
+                     labels_equal, static_cast<const acc_t*>(tol), static_cast<acc_t*>(centers_out), active_out,
+                     n_iter_out);
+  }) ? 0 : 1;
+}
+
 }  // namespace
+
+// The update kernel (the rest of a Lloyd iteration) with the launcher's geometry: one CTA per problem. Floating
+// arguments other than x are in the accumulation type.
+extern "C" int emu_kmeans_update(int dtype, const void* x, int64_t B, int64_t N, int64_t D, int64_t K,
+                                 const int64_t* lengths, const int64_t* labels, const void* mindist, const void* sums,
+                                 const int64_t* counts, const void* centers, const bool* active, const int64_t* n_iter,
+                                 const bool* labels_equal, const void* tol, void* centers_out, bool* active_out,
+                                 int64_t* n_iter_out) {
+  EMU_DISPATCH(dtype, update<T>(x, B, N, D, K, lengths, labels, mindist, sums, counts, centers, active, n_iter,
+                                labels_equal, tol, centers_out, active_out, n_iter_out))
+}
 
 // dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16 (x's type); centres, mindist and sums are in the accumulation
 // type (float64 for float64, else float32). sums/counts null: assignment only.

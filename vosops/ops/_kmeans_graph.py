@@ -1,7 +1,8 @@
 """The full-batch Lloyd loop on a GPU with its iterations replayed from a CUDA graph.
 
-An iteration is a step kernel and some twenty small tensor ops (empty-cluster relocation, update, convergence): on
-a GPU each costs a launch from Python, which for most problem sizes is more than its work. Capturing
+An iteration is a step kernel and a few small ops (with the native CUDA update; some twenty with the reference's
+relocation and update): on a GPU each costs a launch from Python, which for most problem sizes is more than its
+work. Capturing
 `check_every` iterations in one graph and replaying it leaves one launch per chunk of iterations. The iterations
 are the reference's (`lloyd_iteration`), with the state in fixed buffers updated in place, so the results equal
 the plain loop's (extra iterations after every problem has converged change nothing: finished problems are
@@ -16,7 +17,7 @@ from ..reference import kmeans as _ref
 
 
 def lloyd_cuda_graph(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, iters: int, tol: torch.Tensor,
-                     *, step, assign, check_every: int) -> _ref.KMeansResult:
+                     *, step, assign, check_every: int, update=_ref.lloyd_update) -> _ref.KMeansResult:
     B, N, _ = x.shape
     dev = x.device
     centers = centers.to(_ref.acc_dtype(x.dtype)).clone()
@@ -25,7 +26,8 @@ def lloyd_cuda_graph(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tens
     labels_old = torch.full((B, N), -1, dtype=torch.int64, device=dev)
 
     def iteration():
-        c, a, n, labels = _ref.lloyd_iteration(x, lengths, centers, active, n_iter, labels_old, tol, step)
+        c, a, n, labels = _ref.lloyd_iteration(x, lengths, centers, active, n_iter, labels_old, tol, step,
+                                                  update)
         centers.copy_(c)
         active.copy_(a)
         n_iter.copy_(n)

@@ -5,6 +5,8 @@ supplies the fused pass over x: `kmeans_step` (nearest centre, its distance, per
 `kmeans_assign` (nearest centre and distance). Both are registered ops for the cpu/cuda backends
 (torch.ops.vosops.kmeans_step / kmeans_assign) and Triton custom ops for the triton backend. The cpu backend also
 runs the whole full-batch Lloyd loop as one native call (torch.ops.vosops.kmeans_lloyd, the reference's `lloyd`).
+On a GPU the rest of each Lloyd iteration (empty-cluster relocation, update, convergence flags: the reference's
+`lloyd_update`) is one native kernel, torch.ops.vosops.kmeans_update, for the cuda and triton steps alike.
 """
 
 from __future__ import annotations
@@ -27,6 +29,18 @@ def _steps(backend: str):
 
         return _tk.kmeans_step, _tk.kmeans_assign
     return torch.ops.vosops.kmeans_step, torch.ops.vosops.kmeans_assign
+
+
+CUDA_UPDATE_MAX_K = 1024  # csrc/kmeans/kmeans_cuda.cuh kCudaUpdateMaxK: the update kernel's per-cluster lists
+
+
+def _update(backend: str, device: torch.device, K: int):
+    """The rest of a Lloyd iteration after the step: on a GPU the native kernel (torch.ops.vosops.kmeans_update, for
+    the cuda and triton steps alike) when it is built, else (and for the reference backend) the reference's ops."""
+    if (backend in ("cuda", "triton") and device.type == "cuda" and K <= CUDA_UPDATE_MAX_K
+            and _native.has_kernel("kmeans_update", "CUDA")):
+        return torch.ops.vosops.kmeans_update
+    return _ref.lloyd_update
 
 
 def _native_lloyd(x, lengths, centers, iters, tol):
@@ -155,6 +169,7 @@ def kmeans(
     gen = torch.Generator(device=x.device).manual_seed(seed)
     check_every = 1 if x.device.type == "cpu" else 10
     full_batch = None
+    update = _update(chosen, x.device, K)
     if chosen == "cpu":
         full_batch = _native_lloyd
     elif cuda_graph and x.device.type == "cuda":
@@ -162,10 +177,10 @@ def kmeans(
 
         def full_batch(x, lengths, centers, iters, tol):
             return lloyd_cuda_graph(x, lengths, centers, iters, tol, step=step, assign=assign,
-                                    check_every=check_every)
+                                    check_every=check_every, update=update)
     res = _ref.kmeans(x, K, iters=iters, tol=float(tol), init=init, n_init=n_init, batch_size=batch_size,
                       lengths=lengths, generator=gen, step=step, assign=assign, check_every=check_every,
-                      full_batch=full_batch)
+                      full_batch=full_batch, update=update)
     if single:
         res = KMeansResult(*(t[0] for t in res))
     return res
@@ -203,6 +218,11 @@ def _register_native() -> None:
         acc = _ref.acc_dtype(x.dtype)
         return (x.new_empty(centers.shape, dtype=acc), x.new_empty((B, N), dtype=torch.int64),
                 x.new_empty((B, N), dtype=acc), x.new_empty((B,), dtype=torch.int64))
+
+    @torch.library.register_fake("vosops::kmeans_update")
+    def _(x, lengths, labels, mindist, sums, counts, centers, active, n_iter, labels_equal, tol):
+        return (centers.new_empty(centers.shape, dtype=_ref.acc_dtype(x.dtype)), active.new_empty(active.shape),
+                n_iter.new_empty(n_iter.shape))
 
     @torch.library.register_fake("vosops::kmeans_assign")
     def _(x, lengths, centers):

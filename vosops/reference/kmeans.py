@@ -177,28 +177,40 @@ def relocate_empty(x, labels, mindist, sums, counts):
     return sums, counts
 
 
-def kmeans_update(centers, sums, counts, labels, labels_old, active, tol):
+def kmeans_update(centers, sums, counts, labels_equal, active, tol):
     """The Lloyd update: new centre = cluster mean (unchanged when the cluster is empty); a problem has converged
-    when its labels equal labels_old or its squared centre shift is <= tol. Returns (centres, converged) with the
-    centres of inactive problems left as they were."""
+    when its labels did not change (labels_equal) or its squared centre shift is <= tol. Returns (centres, converged)
+    with the centres of inactive problems left as they were."""
     new = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None].to(sums.dtype), centers)
     shift = ((new - centers) ** 2).sum((1, 2))
-    converged = (labels == labels_old).all(1) | (shift <= tol)
+    converged = labels_equal | (shift <= tol)
     return torch.where(active[:, None, None], new, centers), converged
 
 
-def lloyd_iteration(x, lengths, centers, active, n_iter, labels_old, tol, step: Step = kmeans_step):
+def lloyd_update(x, lengths, labels, mindist, sums, counts, centers, active, n_iter, labels_equal, tol):
+    """Everything of a Lloyd iteration after the step: relocation of empty clusters, the update, and the flags.
+    Returns (centres, active, n_iter) after it. Same arguments and results as the native op
+    torch.ops.vosops.kmeans_update (one CUDA kernel on a GPU: no topk over the points, no launch per tensor op)."""
+    if x.device.type != "cpu" or bool(((counts == 0) & active[:, None]).any()):  # free on CPU, a sync on a GPU
+        sums, counts = relocate_empty(x, labels, mindist, sums, counts)
+    centers, converged = kmeans_update(centers, sums, counts, labels_equal, active, tol)
+    return centers, active & ~converged, n_iter + active.long()
+
+
+def lloyd_iteration(x, lengths, centers, active, n_iter, labels_old, tol, step: Step = kmeans_step,
+                    update: Callable = lloyd_update):
     """One Lloyd iteration of every still active problem: (centres, active, n_iter, labels) after it."""
     # finished problems are passed with length 0: the step skips their points (their outputs are discarded)
     labels, mind, sums, counts = step(x, torch.where(active, lengths, 0), centers)
-    if x.device.type != "cpu" or bool(((counts == 0) & active[:, None]).any()):  # free on CPU, a sync on a GPU
-        sums, counts = relocate_empty(x, labels, mind, sums, counts)
-    centers, converged = kmeans_update(centers, sums, counts, labels, labels_old, active, tol)
-    return centers, active & ~converged, n_iter + active.long(), labels
+    labels_equal = (labels == labels_old).all(1)
+    centers, active, n_iter = update(x, lengths, labels, mind, sums, counts, centers, active, n_iter, labels_equal,
+                                     tol)
+    return centers, active, n_iter, labels
 
 
 def lloyd(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, *, iters: int, tol: torch.Tensor,
-          step: Step = kmeans_step, assign: Step = kmeans_assign, check_every: int = 1) -> KMeansResult:
+          step: Step = kmeans_step, assign: Step = kmeans_assign, check_every: int = 1,
+          update: Callable = lloyd_update) -> KMeansResult:
     """Lloyd iterations from `centers` (B, K, D) for every problem; see the module docstring for the rules.
     `check_every`: how often the host looks at the device-side flags to stop early (1 on CPU; on CUDA more, so the
     loop runs without a synchronisation per iteration)."""
@@ -210,7 +222,7 @@ def lloyd(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, *, iter
     labels_old = torch.full((B, N), -1, dtype=torch.int64, device=dev)
     for it in range(iters):
         centers, active, n_iter, labels_old = lloyd_iteration(x, lengths, centers, active, n_iter, labels_old, tol,
-                                                              step)
+                                                              step, update)
         if (it + 1) % check_every == 0 and not bool(active.any()):
             break
     labels, mind = assign(x, lengths, centers)
@@ -263,10 +275,11 @@ def minibatch(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, bat
 def kmeans(x: torch.Tensor, K: int, *, iters: int = 100, tol: float = 1e-4, init="k-means++", n_init: int = 1,
            batch_size: int | None = None, lengths: torch.Tensor | None = None, generator: torch.Generator,
            step: Step = kmeans_step, assign: Step = kmeans_assign, check_every: int = 1,
-           full_batch: Callable | None = None) -> KMeansResult:
+           full_batch: Callable | None = None, update: Callable = lloyd_update) -> KMeansResult:
     """The whole algorithm on validated (B, N, D) input; `init` is "k-means++", "random" or (B, K, D) centres.
     With n_init > 1 each problem keeps the restart with the lowest inertia. `full_batch`: a replacement of `lloyd`,
-    called as full_batch(x, lengths, centers, iters, tol) (the cpu backend's single native call)."""
+    called as full_batch(x, lengths, centers, iters, tol) (the cpu backend's single native call); `update`: the
+    rest of a Lloyd iteration after the step (lloyd_update or an op with its arguments)."""
     B, N, D = x.shape
     if lengths is None:
         lengths = torch.full((B,), N, dtype=torch.int64, device=x.device)
@@ -283,7 +296,8 @@ def kmeans(x: torch.Tensor, K: int, *, iters: int = 100, tol: float = 1e-4, init
             if full_batch is not None:
                 res = full_batch(x, lengths, c0, iters, tol_b)
             else:
-                res = lloyd(x, lengths, c0, iters=iters, tol=tol_b, step=step, assign=assign, check_every=check_every)
+                res = lloyd(x, lengths, c0, iters=iters, tol=tol_b, step=step, assign=assign, check_every=check_every,
+                            update=update)
         else:
             batches = sample_batches(lengths, iters, batch_size, generator)
             res = minibatch(x, lengths, c0, batches, tol=tol_b, step=step, assign=assign, check_every=check_every)
