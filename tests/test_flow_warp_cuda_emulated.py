@@ -23,7 +23,8 @@ def emu(tmp_path_factory):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
-@pytest.mark.parametrize("B,C,H,W", [(2, 3, 7, 9), (1, 2, 17, 19)])  # 126 pixels: one block; 323: two
+@pytest.mark.parametrize("B,C,H,W", [(2, 3, 7, 9), (1, 2, 17, 19), (2, 19, 5, 6)])  # 126 pixels: one block; 323: two;
+# C=19: three forward channel groups, the last partial
 def test_flow_warp_kernels(emu, dtype, mode, padding_mode, B, C, H, W):
     g = torch.Generator().manual_seed(H * W + C)
     x = torch.randn(B, H, W, C, generator=g).to(dtype).permute(0, 3, 1, 2)  # channels-last strides

@@ -1,6 +1,6 @@
 // Host emulation of the flow_warp CUDA kernels (csrc/flow_warp/flow_warp_cuda.cu), for tests on machines without a
 // GPU: every CUDA thread is a host thread (block_emulation.h), so the backward's atomics into d(x) really contend;
-// the geometry is the launchers' (kThreads per block, grid_stride_blocks).
+// the geometry is the launchers' (kThreads per block, grid_stride_blocks over their items).
 #include "block_emulation.h"
 
 #include "flow_warp/flow_warp_cuda.cu"
@@ -15,7 +15,7 @@ template <typename T>
 int forward(const void* x, const int64_t* xsz, const void* flow, const int64_t* fsz, void* out, int mode, int pad) {
   using namespace vosops::flow_warp;
   const Shape4 xs = emu::shape<Shape4, 4>(xsz), fs = emu::shape<Shape4, 4>(fsz);
-  const unsigned blocks = vosops::grid_stride_blocks(xs.size[0] * xs.size[2] * xs.size[3], kThreads);
+  const unsigned blocks = vosops::grid_stride_blocks(forward_items(xs), kThreads);
   const T *xp = static_cast<const T*>(x), *fp = static_cast<const T*>(flow);
   T* op = static_cast<T*>(out);
   return emu::launch(blocks, 1, kThreads, 0, [&] {
