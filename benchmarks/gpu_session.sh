@@ -13,7 +13,8 @@
 #             kernel in Triton's cache
 #   bench     `vosops bench --device cuda`, one process per op, into $OUT/results.json and speedup.png
 #   profile   the top kernels of one call of each BENCH_CONFIGS case (benchmarks/gpu_profile.py) into $OUT/profile.txt
-#   tune      tile sweeps of the Triton kernels with config dicts (benchmarks/tune_triton.py, TUNE_OPS, TUNE_S) into
+#   tune      tile sweeps of the Triton kernels with config dicts (benchmarks/tune_triton.py; TUNE_OPS, TUNE_CASE,
+#             TUNE_KEYS, TUNE_S) into
 #             $OUT/tune.json; the table in the log says which tile to ship
 #   ncu       Nsight Compute counters of the kernels matching NCU_KERNEL in those calls, into $OUT/ncu.txt
 #   pack-cache / carried-cache   Triton's cache to $OUT/triton-cache.txz / from .gpubuild/triton-cache.txz
@@ -153,7 +154,7 @@ PYEOF
     tune)
       step "tune"
       timeout "${TUNE_S:-180}" python3 benchmarks/tune_triton.py $(for o in ${TUNE_OPS:-}; do echo --op "$o"; done) \
-        --budget "${TUNE_BUDGET:-0.1}" --out "$OUT/tune.json" > "$OUT/tune.log" 2>&1; echo "tune exited $?"
+        --case "${TUNE_CASE:-}" $(for k in ${TUNE_KEYS:-}; do echo --key "$k"; done) --budget "${TUNE_BUDGET:-0.1}" --out "$OUT/tune.json" > "$OUT/tune.log" 2>&1; echo "tune exited $?"
       grep -E "default|best|Error" "$OUT/tune.log" | cut -c1-300 | tail -20
       ;;
     ncu)

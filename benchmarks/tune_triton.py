@@ -7,7 +7,8 @@ default's output on the same inputs before it is timed (a tile that compiles but
 reported, never picked). Times are CUDA-event medians (vosops.bench.timing). Nothing here changes the shipped
 defaults: read the table, then edit the dict in the source.
 
-Run:  python benchmarks/tune_triton.py [--op global_topk] [--rounds 1] [--budget 0.1] [--out tune.json]
+Run:  python benchmarks/tune_triton.py [--op global_topk] [--case mamp-480p] [--key num_warps] [--rounds 1]
+      [--budget 0.1] [--out tune.json]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import sys
 import time
 
@@ -50,7 +52,59 @@ def _global_topk_tunable():
     }
 
 
-TUNABLES = {"global_topk": _global_topk_tunable}
+def _flatten(out) -> list:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in _flatten(o)] if isinstance(out, (tuple, list)) else []
+
+
+def _close_on_average(got, exp) -> bool:
+    """Mean absolute difference within 1e-3 of the mean magnitude for every output tensor: a different tile changes
+    the summation order, which may flip a near-tie of a top-k selection (a local difference of one weight), but a
+    wrong kernel differs everywhere."""
+    g, e = _flatten(got), _flatten(exp)
+    if len(g) != len(e):
+        return False
+    for a, b in zip(g, e):
+        if a.shape != b.shape or not torch.isfinite(a.float()).all():
+            return False
+        a, b = a.double(), b.double()
+        if (a - b).abs().mean() > 1e-3 * b.abs().mean() + 1e-6:
+            return False
+    return True
+
+
+def _bench_case_tunable(op: str, module: str, config_name: str, values: dict, configs: tuple, directions: tuple):
+    """A tunable whose cases are the `vosops bench` cases of `op` timed for the triton implementation."""
+    import importlib
+
+    from vosops.bench import cases_for
+
+    config = getattr(importlib.import_module(module), config_name)
+    cases = {f"{c.config} {c.dtype} {c.direction}": c for c in cases_for(op, "cuda")
+             if c.impl == "triton" and c.config in configs and c.direction in directions}
+    return {"config": config, "values": values,
+            "cases": {name: (lambda c=c: (c.setup(), _close_on_average)) for name, c in cases.items()}}
+
+
+def _local_attention_tunable():
+    return _bench_case_tunable(
+        "local_attention", "vosops.triton.local_attention", "LOCAL_ATTENTION_CONFIG",
+        {"tile_elements": [1024, 2048, 4096, 8192], "max_bq": [4, 8, 16, 32, 64], "num_warps": [1, 2, 4, 8],
+         "num_stages": [1, 2, 3]},
+        ("mamp-480p", "crw-480p", "mamp-train"), ("fwd", "fwd+bwd"))
+
+
+def _topk_attention_tunable():
+    return _bench_case_tunable(
+        "topk", "vosops.triton.topk", "TOPK_ATTENTION_CONFIG",
+        {"block_m": [16, 32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3], "bwd_block_m": [16, 32, 64],
+         "bwd_block_n": [16, 32, 64], "bwd_num_warps": [2, 4, 8]},
+        ("jointformer-davis-1f", "jointformer-davis-3f"), ("fwd", "bwd"))
+
+
+TUNABLES = {"global_topk": _global_topk_tunable, "local_attention": _local_attention_tunable,
+            "topk_attention": _topk_attention_tunable}
 
 
 def _sync(device: str) -> None:
@@ -71,13 +125,18 @@ def _try(run, agree, expected, budget, device):
     return {"ms": measure_ms(run, device, budget_s=budget)["ms"]}
 
 
-def tune(op: str, spec: dict, rounds: int, budget: float, device: str = "cuda", log=print) -> list[dict]:
-    """Coordinate descent over spec["values"] for each of spec["cases"]; returns every timed row, then one row per
-    case with "best": True. The config dict is restored to its defaults afterwards."""
-    config, values = spec["config"], spec["values"]
+def tune(op: str, spec: dict, rounds: int, budget: float, device: str = "cuda", log=print, case_regex: str = "",
+         keys: list | None = None) -> list[dict]:
+    """Coordinate descent over spec["values"] (only `keys`, if given) for each of spec["cases"] whose name matches
+    case_regex; returns every timed row, then one row per case with "best": True. The config dict is restored to
+    its defaults afterwards."""
+    config = spec["config"]
+    values = {k: v for k, v in spec["values"].items() if not keys or k in keys}
     default = dict(config)
     rows = []
     for case_name, make in spec["cases"].items():
+        if not re.search(case_regex, case_name):
+            continue
         run, agree = make()
         config.clear()
         config.update(default)
@@ -111,6 +170,8 @@ def main(argv=None) -> int:
     parser.add_argument("--op", action="append", choices=sorted(TUNABLES), help="default: every tunable")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--budget", type=float, default=0.1, help="seconds of timing per candidate")
+    parser.add_argument("--case", default="", help="only cases whose name ('config dtype direction') matches")
+    parser.add_argument("--key", action="append", help="only sweep these config entries")
     parser.add_argument("--out", help="write every row as JSON here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -119,7 +180,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     rows = []
     for op in args.op or sorted(TUNABLES):
-        rows += tune(op, TUNABLES[op](), args.rounds, args.budget, log=lambda s: print(s, flush=True))
+        rows += tune(op, TUNABLES[op](), args.rounds, args.budget, log=lambda s: print(s, flush=True),
+                     case_regex=args.case, keys=args.key)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)

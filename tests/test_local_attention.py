@@ -610,8 +610,8 @@ def test_triton_compiled_tiles_fit_registers(monkeypatch):
                 for n in (bq, cb):
                     assert n & (n - 1) == 0
                 assert 1 <= bq <= 16 and 2 <= cb <= 32
-                assert bq * mt["KP"] * cb <= max(tla._TILE_ELEMENTS, bq * mt["KP"] * 2)
-                assert bq * mt["KP"] * mt["CVP"] <= max(2 * tla._TILE_ELEMENTS, mt["KP"] * mt["CVP"])
+                assert bq * mt["KP"] * cb <= max(tla.LOCAL_ATTENTION_CONFIG["tile_elements"], bq * mt["KP"] * 2)
+                assert bq * mt["KP"] * mt["CVP"] <= max(2 * tla.LOCAL_ATTENTION_CONFIG["tile_elements"], mt["KP"] * mt["CVP"])
 
 
 @pytest.mark.skipif(_backends.why_unusable("triton", "local_attention", "cpu") is not None,

@@ -37,3 +37,16 @@ def test_coordinate_descent_picks_the_fastest_correct_tile():
     best = [r for r in rows if r.get("best")]
     assert len(best) == 1 and best[0]["config"] == {"a": 1, "b": 1}
     assert all(r["ms"] > 0 for r in rows if "ms" in r)
+    only_b = tune.tune("synthetic", spec, rounds=1, budget=0.01, device="cpu", log=lambda s: None, keys=["b"])
+    assert {r["config"]["a"] for r in only_b} == {2}, "keys restricts the sweep"
+    assert tune.tune("synthetic", spec, rounds=1, budget=0.01, device="cpu", log=lambda s: None,
+                     case_regex="^other") == [], "case_regex selects cases"
+
+
+def test_every_tunable_sweeps_entries_its_kernels_read():
+    """Each tunable's values are entries of its config dict (the wrappers read them by name), and it has cases."""
+    tune = _load()
+    for op, make in tune.TUNABLES.items():
+        spec = make()
+        assert spec["values"] and set(spec["values"]) <= set(spec["config"]), op
+        assert spec["cases"], op

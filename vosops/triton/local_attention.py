@@ -42,9 +42,10 @@ _NO_KEY = -9223000000000000000
 _MODES = {"all": 0, "topk": 1, "threshold": 2}
 
 
-# Elements of one (queries, candidates, channels) tile that a program keeps in registers: 32 a thread at 4 warps
-# (each also needs a 64-bit address while it is gathered).
-_TILE_ELEMENTS = 4096
+# Launch parameters of the compiled kernels (the interpreter ignores them). tile_elements: elements of one (queries,
+# candidates, channels) tile a program keeps in registers (32 a thread at 4 warps; each also needs a 64-bit address
+# while it is gathered); max_bq: queries per program at most. benchmarks/tune_triton.py sweeps them on a GPU.
+LOCAL_ATTENTION_CONFIG = {"tile_elements": 4096, "max_bq": 16, "num_warps": 4, "num_stages": 3}
 
 
 def _pow2_floor(n: int) -> int:
@@ -61,8 +62,9 @@ def _tiles(queries: int, mt: dict) -> tuple[int, int]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return min(128, max(16, triton.next_power_of_2(queries))), min(32, max(2, triton.next_power_of_2(mt["C"])))
     kp, cvp = mt["KP"], mt["CVP"]
-    bq = max(1, min(16, _pow2_floor(2 * _TILE_ELEMENTS // (kp * cvp))))
-    cb = max(2, min(32, triton.next_power_of_2(mt["C"]), _pow2_floor(_TILE_ELEMENTS // (bq * kp))))
+    tile, max_bq = LOCAL_ATTENTION_CONFIG["tile_elements"], LOCAL_ATTENTION_CONFIG["max_bq"]
+    bq = max(1, min(max_bq, _pow2_floor(2 * tile // (kp * cvp))))
+    cb = max(2, min(32, triton.next_power_of_2(mt["C"]), _pow2_floor(tile // (bq * kp))))
     return bq, cb
 
 
@@ -414,7 +416,8 @@ def local_attention_triton(
         *q.stride(), *k.stride(), *v.stride(),
         HAS_OFF=has_off, ZERO_BORDER=border == "zero", MODE=mt["mode"], RET=bool(K),
         BQ=bq, KP=mt["KP"], CB=cb, CVP=mt["CVP"], SORT=_sort_merge(), IDX=_index_type(q, k, v, off, out, logits, index),
-        enable_fp_fusion=False,
+        enable_fp_fusion=False, num_warps=LOCAL_ATTENTION_CONFIG["num_warps"],
+        num_stages=LOCAL_ATTENTION_CONFIG["num_stages"],
     )
     return out, lse, thr, logits, index
 
@@ -457,6 +460,7 @@ def local_attention_triton_backward(
         HAS_OFF=has_off, ZERO_BORDER=border == "zero", MODE=mt["mode"], HAS_GLG=has_glg,
         NEED_Q=need_q, NEED_K=need_k, NEED_V=need_v, BQ=bq, KP=mt["KP"], CB=cb, CVP=mt["CVP"],
         IDX=_index_type(grad_out, grad_logits, index, q, k, v, off, dq, dk, dv), enable_fp_fusion=False,
+        num_warps=LOCAL_ATTENTION_CONFIG["num_warps"], num_stages=LOCAL_ATTENTION_CONFIG["num_stages"],
     )
     # back to (B, [N,] C, H, W), contiguous like the fake kernel's outputs
     dq = dq.permute(0, 3, 1, 2).to(dtypes[0]).contiguous() if need_q else q.new_empty(0)

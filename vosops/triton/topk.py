@@ -212,6 +212,11 @@ def _bwd_kernel(g_ptr, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, dq_ptr, dk_
     tl.store(dq_ptr + row[:, None] * D + offs_d[None, :], dq, mask=m_ok[:, None] & d_ok[None, :])
 
 
+# Launch parameters of topk_attention's kernels (forward and backward); benchmarks/tune_triton.py sweeps them.
+TOPK_ATTENTION_CONFIG = {"block_m": 16, "num_warps": 4, "num_stages": 3, "bwd_block_m": 16, "bwd_block_n": 32,
+                         "bwd_num_warps": 4}
+
+
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
@@ -244,13 +249,14 @@ def topk_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top
     lse = _alloc.empty(B, H, M, dtype=torch.float32, device=q.device)
     index = _alloc.empty(B, H, M, kk, dtype=torch.int64, device=q.device)
     weights = torch.empty(B, H, M, kk, dtype=torch.float32, device=q.device)  # scratch: kept softmax numerators
-    block_m = 16
+    cfg = TOPK_ATTENTION_CONFIG
+    block_m = cfg["block_m"]
     block_n = _pow2(kk) if kk else 32
     _fwd_kernel[(triton.cdiv(M, block_m), B * H)](
         q, k, v, out, lse, index if kk else lse, weights if kk else lse, *q.stride(), *k.stride(), *v.stride(),
         H, M, L, D, DV, dense, kk, float(scale),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE=kk > 0,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse, index
 
@@ -273,13 +279,14 @@ def topk_attention_triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: t
     out = out.contiguous()
     lse = lse.contiguous()
     index = index.contiguous()
-    block_m = 16
+    cfg = TOPK_ATTENTION_CONFIG
+    block_m = cfg["bwd_block_m"]
     _bwd_kernel[(triton.cdiv(M, block_m), B * H)](
         grad_out, q, k, v, out, lse, index if kk else lse, dq, dk, dv,
         *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(),
         H, M, L, D, DV, dense, kk, float(scale),
-        BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
-        SPARSE=kk > 0, IEEE=q.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=cfg["bwd_block_n"], BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
+        SPARSE=kk > 0, IEEE=q.dtype == torch.float32, num_warps=cfg["bwd_num_warps"], num_stages=cfg["num_stages"],
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
