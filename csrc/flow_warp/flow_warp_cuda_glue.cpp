@@ -31,10 +31,13 @@ std::tuple<at::Tensor, at::Tensor> flow_warp_backward_cuda(const at::Tensor& gra
   const c10::cuda::CUDAGuard guard(x.device());
   BackwardBuffers b =
       prepare_backward(grad_out, x, flow, mode_name, padding_name, need_x_grad, need_flow_grad);
-  check_launch(backward_cuda(to_dtype(x.scalar_type()), grad_out.const_data_ptr(), shape4(grad_out),
+  const DType dtype = to_dtype(x.scalar_type());
+  const at::Tensor workspace = at::empty(
+      {static_cast<int64_t>(backward_workspace_bytes(dtype, shape4(x), b.flow_kernel))}, x.options().dtype(at::kByte));
+  check_launch(backward_cuda(dtype, grad_out.const_data_ptr(), shape4(grad_out),
                              x.const_data_ptr(), shape4(x), flow.const_data_ptr(), shape4(flow),
                              need_x_grad ? b.grad_x_acc.data_ptr() : nullptr,
-                             b.flow_kernel ? b.grad_flow.data_ptr() : nullptr, b.mode, b.pad,
+                             b.flow_kernel ? b.grad_flow.data_ptr() : nullptr, workspace.data_ptr(), b.mode, b.pad,
                              current_stream()),
                "flow_warp_backward");
   return finish_backward(b, x);
