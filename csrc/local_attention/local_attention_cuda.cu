@@ -4,8 +4,8 @@
 // dot product over 4-channel chunks (a team reads a key's channels as one contiguous run) and add their partials with
 // shuffles in a fixed butterfly, so every lane holds the same score, bit for bit in the forward and the backward
 // (scaled with __fmul_rn, never contracted: the threshold rule compares scores exactly).
-// Forward: a pass over the N*Q candidates keeps a running top-k (a small sorted list, the same in every lane: later
-// candidates enter only when strictly larger, so ties go to the lower index) or the running maximum; a second pass
+// Forward: a pass over the N*Q candidates keeps a running top-k (a sorted list spread over the team's registers:
+// later candidates enter only when strictly larger, so ties go to the lower index) or the running maximum; a second pass
 // (softmax over all / threshold) or the list (top-k) accumulates the max-subtracted exponentials and the values, the
 // lanes splitting the Cv value channels. Backward recomputes the kept scores with the saved log-sum-exp / threshold /
 // top-k indices: dq in the team's own row, dk and dv scattered with fp32 atomics, lanes splitting the channels.
@@ -95,30 +95,87 @@ __device__ __forceinline__ float team_score(const CudaProblem& p, const float* _
   return pos < 0 ? outside_score(p) : __fmul_rn(p.scale, s);
 }
 
-// Insert (s, e) into the descending list ts/ti of length cnt (capacity K); e arrives in increasing order.
+__device__ __forceinline__ int team_sum_int(int x) {
+  const unsigned mask = team_mask();
+  x += __shfl_xor_sync(mask, x, 4, kTeam);
+  x += __shfl_xor_sync(mask, x, 2, kTeam);
+  x += __shfl_xor_sync(mask, x, 1, kTeam);
+  return x;
+}
+
+// A team's running top-k list, descending by score, ties to the earlier candidate: slot e lives in lane e % kTeam,
+// register e / kTeam, so each lane holds MAXK / kTeam slots in registers (a whole list per lane would sit in local
+// memory, eight copies per query, and every insertion would shift it there). cnt and kth (slot K-1's score once
+// the list is full: the admission threshold) are the same in every lane.
 template <int MAXK>
-__device__ __forceinline__ void topk_push(float s, int32_t e, float* ts, int32_t* ti, int& cnt, int K) {
-  int j;
-  if (cnt < K) {
-    j = cnt++;
-  } else if (s > ts[K - 1]) {
-    j = K - 1;
-  } else {
-    return;
+struct TeamList {
+  static constexpr int R = MAXK > 0 ? (MAXK + kTeam - 1) / kTeam : 1;
+  float s[R];
+  int32_t i[R];
+  int cnt;
+  float kth;
+};
+
+template <int MAXK>
+__device__ __forceinline__ void team_list_init(TeamList<MAXK>& L) {
+#pragma unroll
+  for (int r = 0; r < TeamList<MAXK>::R; ++r) {
+    L.s[r] = -INFINITY;
+    L.i[r] = 0;
   }
-  while (j > 0 && s > ts[j - 1]) {
-    ts[j] = ts[j - 1];
-    ti[j] = ti[j - 1];
-    --j;
+  L.cnt = 0;
+  L.kth = -INFINITY;
+}
+
+// Insert candidate e with score s (candidates arrive in increasing e; every lane of the team calls it with the same
+// s and e). A full list admits only s > kth. The new slot j is the start slot minus the number of kept entries
+// strictly below s (they form the tail), and the slots from j on shift down by one, each lane taking its
+// predecessor's value with one shuffle per register (lane 0's predecessor is lane kTeam-1's previous register).
+template <int MAXK>
+__device__ __forceinline__ void team_list_push(TeamList<MAXK>& L, float s, int32_t e, int K, int g) {
+  constexpr int R = TeamList<MAXK>::R;
+  if (L.cnt == K && !(s > L.kth)) return;
+  const int start = L.cnt < K ? L.cnt : K - 1;  // when full, the last slot drops out
+  int below = 0;
+#pragma unroll
+  for (int r = 0; r < R; ++r) below += (r * kTeam + g < start && s > L.s[r]) ? 1 : 0;
+  const int j = start - team_sum_int(below);
+  const unsigned mask = team_mask();
+  const int from = (g + kTeam - 1) % kTeam;
+  float carry_s = 0.f;
+  int32_t carry_i = 0;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const float up_s = __shfl_sync(mask, L.s[r], from, kTeam);
+    const int32_t up_i = __shfl_sync(mask, L.i[r], from, kTeam);
+    const int slot = r * kTeam + g;
+    if (slot == j) {
+      L.s[r] = s;
+      L.i[r] = e;
+    } else if (slot > j && slot <= start) {
+      L.s[r] = g == 0 ? carry_s : up_s;
+      L.i[r] = g == 0 ? carry_i : up_i;
+    }
+    carry_s = up_s;  // lane 0: slot r * kTeam + kTeam - 1, the predecessor of its next register's slot
+    carry_i = up_i;
   }
-  ts[j] = s;
-  ti[j] = e;
+  if (L.cnt < K) ++L.cnt;
+  if (L.cnt == K) {
+    const int rk = (K - 1) / kTeam;
+    float v = L.s[0];
+#pragma unroll
+    for (int r = 1; r < R; ++r)
+      if (r == rk) v = L.s[r];
+    L.kth = __shfl_sync(mask, v, (K - 1) % kTeam, kTeam);
+  }
 }
 
 template <int MAXK>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const CudaProblem p, float* __restrict__ out,
+__global__ void __launch_bounds__(kThreads, 4) forward_kernel(const CudaProblem p, float* __restrict__ out,
                                                            float* __restrict__ stats, float* __restrict__ top_logits,
                                                            int64_t* __restrict__ top_index) {
+  __shared__ float team_scores[(kThreads / kTeam) * (MAXK > 0 ? MAXK : 1)];
+  __shared__ int32_t team_index[(kThreads / kTeam) * (MAXK > 0 ? MAXK : 1)];
   const int64_t HW = p.H * p.W, total = p.B * HW, Q = p.Q;
   const int K = static_cast<int>(p.topk);
   const int g = static_cast<int>(threadIdx.x % kTeam);
@@ -126,22 +183,33 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const CudaProblem p, 
   for (int64_t qi = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kTeam; qi < total; qi += teams) {
     const int64_t b = qi / HW, i = (qi % HW) / p.W, j = qi % p.W;
     const float* qv = p.q + qi * p.C;
-    float ts[MAXK > 0 ? MAXK : 1];
-    int32_t ti[MAXK > 0 ? MAXK : 1];
-    int cnt = 0;
+    TeamList<MAXK> list;
+    team_list_init(list);
     float m = -INFINITY, thr = -INFINITY;
     // Pass 1: scores -> running top-k or running maximum (the same in every lane of the team).
     for (int64_t n = 0; n < p.N; ++n) {
       for (int64_t t = 0; t < Q; ++t) {
         const float s = team_score(p, qv, b, n, key_pos(p, b, n, t, i, j), g);
         if (MAXK > 0) {
-          topk_push<MAXK>(s, static_cast<int32_t>(n * Q + t), ts, ti, cnt, K);
+          team_list_push<MAXK>(list, s, static_cast<int32_t>(n * Q + t), K, g);
         } else {
           m = fmaxf(m, s);
         }
       }
     }
+    // The kept list, to the team's region of shared memory: the gathers below read its entries in any lane.
+    float* ts = team_scores + (threadIdx.x / kTeam) * (MAXK > 0 ? MAXK : 1);
+    int32_t* ti = team_index + (threadIdx.x / kTeam) * (MAXK > 0 ? MAXK : 1);
     if (MAXK > 0) {
+      __syncwarp(team_mask());  // the team is done reading its previous query's list
+#pragma unroll
+      for (int r = 0; r < TeamList<MAXK>::R; ++r) {
+        if (r * kTeam + g < K) {
+          ts[r * kTeam + g] = list.s[r];
+          ti[r * kTeam + g] = list.i[r];
+        }
+      }
+      __syncwarp(team_mask());
       m = ts[0];
       if (p.normalize == Normalize::Threshold) thr = ts[K - 1];
       for (int e = g; e < K; e += kTeam) {

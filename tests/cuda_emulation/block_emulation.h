@@ -30,9 +30,19 @@ struct Dim3 {
   unsigned int x = 0, y = 0, z = 0;
 };
 
+// Width of the lane segments a narrow shuffle or a segment __syncwarp synchronises (the local_attention teams).
+constexpr unsigned kSegment = 8;
+
 struct Warp {
-  explicit Warp(unsigned lanes) : sync(lanes) {}
+  explicit Warp(unsigned lanes) : sync(lanes) {
+    for (unsigned s = 0; s * kSegment < lanes; ++s) {
+      segments.push_back(std::make_unique<std::barrier<>>(std::min(kSegment, lanes - kSegment * s)));
+    }
+  }
   std::barrier<> sync;
+  // One barrier per kSegment lanes: a width-kSegment shuffle or a __syncwarp over one segment's lanes waits only
+  // for that segment, as on a GPU, where a team's masked shuffle does not involve the warp's other teams.
+  std::vector<std::unique_ptr<std::barrier<>>> segments;
   uint64_t slot[32] = {};
 };
 
@@ -56,22 +66,31 @@ inline thread_local emu::Dim3 threadIdx;
 inline emu::Dim3 blockIdx, blockDim, gridDim;
 
 inline void __syncthreads() { emu::current_block->sync.arrive_and_wait(); }
-inline void __syncwarp(unsigned = 0xffffffffu) { emu::current_block->warps[threadIdx.x / 32]->sync.arrive_and_wait(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  emu::Warp& w = *emu::current_block->warps[threadIdx.x / 32];
+  if (__builtin_popcount(mask) == static_cast<int>(emu::kSegment)) {
+    w.segments[(threadIdx.x % 32) / emu::kSegment]->arrive_and_wait();  // a team's lanes only
+  } else {
+    w.sync.arrive_and_wait();
+  }
+}
 
 namespace emu {
 // Every lane of the warp publishes `value`, then reads lane `src(lane)`'s; the second barrier keeps the slots until
 // all have read.
+// width: the lanes taking part, 32 (the warp) or kSegment (the lane's segment; src stays inside it).
 template <typename T, typename Src>
-T exchange(T value, Src src) {
+T exchange(T value, Src src, unsigned width = 32) {
   static_assert(sizeof(T) <= sizeof(uint64_t));
   Warp& w = *current_block->warps[threadIdx.x / 32];
   const unsigned lane = threadIdx.x % 32;
+  std::barrier<>& bar = width == kSegment ? *w.segments[lane / kSegment] : w.sync;
   uint64_t bits = 0;
   std::memcpy(&bits, &value, sizeof(T));
   w.slot[lane] = bits;
-  w.sync.arrive_and_wait();
+  bar.arrive_and_wait();
   const uint64_t got = w.slot[src(lane) % 32];
-  w.sync.arrive_and_wait();
+  bar.arrive_and_wait();
   T out;
   std::memcpy(&out, &got, sizeof(T));
   return out;
@@ -86,11 +105,17 @@ template <typename T>
 T __shfl_xor_sync(unsigned, T v, int mask, int width) {  // mask < width: the partner is in the lane's segment
   return emu::exchange(v, [mask, width](unsigned lane) {
     return (lane & ~static_cast<unsigned>(width - 1)) | ((lane ^ static_cast<unsigned>(mask)) & (width - 1));
-  });
+  }, static_cast<unsigned>(width));
 }
 template <typename T>
 T __shfl_sync(unsigned, T v, int src) {
   return emu::exchange(v, [src](unsigned) { return static_cast<unsigned>(src); });
+}
+template <typename T>
+T __shfl_sync(unsigned, T v, int src, int width) {  // lane src % width of the lane's segment
+  return emu::exchange(v, [src, width](unsigned lane) {
+    return (lane & ~static_cast<unsigned>(width - 1)) | (static_cast<unsigned>(src) & (width - 1));
+  }, static_cast<unsigned>(width));
 }
 inline unsigned __ballot_sync(unsigned, int predicate) {
   emu::Warp& w = *emu::current_block->warps[threadIdx.x / 32];
@@ -160,6 +185,7 @@ inline bool launch(unsigned grid_x, unsigned grid_y, unsigned threads, size_t sm
           run();
           block.sync.arrive_and_drop();
           block.warps[t / 32]->sync.arrive_and_drop();
+          block.warps[t / 32]->segments[(t % 32) / emu::kSegment]->arrive_and_drop();
         });
       }
       for (auto& th : pool) th.join();
