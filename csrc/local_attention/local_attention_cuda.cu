@@ -5,9 +5,9 @@
 // shuffles in a fixed butterfly, so every lane holds the same score, bit for bit in the forward and the backward
 // (scaled with __fmul_rn, never contracted: the threshold rule compares scores exactly).
 // Forward: a pass over the N*Q candidates keeps a running top-k (a sorted list spread over the team's registers:
-// later candidates enter only when strictly larger, so ties go to the lower index) or the running maximum; a second pass
-// (softmax over all / threshold) or the list (top-k) accumulates the max-subtracted exponentials and the values, the
-// lanes splitting the Cv value channels. Backward recomputes the kept scores with the saved log-sum-exp / threshold /
+// later candidates enter only when strictly larger, so ties go to the lower index) or the running maximum; a second
+// pass (softmax over all / threshold) or the list (top-k) accumulates the max-subtracted exponentials and the values,
+// the lanes splitting the Cv value channels. Backward recomputes the kept scores with the saved log-sum-exp / threshold /
 // top-k indices: dq in the team's own row, dk and dv scattered with fp32 atomics, lanes splitting the channels.
 #include <cmath>
 #include <cstdint>
@@ -44,17 +44,52 @@ __device__ __forceinline__ int64_t key_pos(const CudaProblem& p, int64_t b, int6
 // The chunking does not depend on alignment: float4 loads, where both rows allow them, only fetch the same channels.
 constexpr int kChunk = 4;
 
-// Whether both rows allow float4 loads: C a multiple of 4 and 16-byte aligned rows (a caller's view may start
-// anywhere).
-__device__ __forceinline__ bool float4_rows(const CudaProblem& p, const float* qv, const float* kv) {
-  return (p.C & 3) == 0 && ((reinterpret_cast<uintptr_t>(qv) | reinterpret_cast<uintptr_t>(kv)) & 15) == 0;
+// A query row as the team's lanes read it: lane g's chunks (g, g + kTeam) in registers when they all fit (C a
+// multiple of 4 up to kTeam * kChunk * kQRegChunks = 64 channels, MAMP's, and a 16-byte aligned row), so the
+// candidate loop loads only keys; otherwise the row is read from memory per candidate.
+constexpr int kQRegChunks = 2;
+
+struct QRow {
+  const float* ptr;
+  float4 reg[kQRegChunks];
+  bool in_regs;
+};
+
+__device__ __forceinline__ QRow load_q(const CudaProblem& p, const float* __restrict__ qv, int g) {
+  QRow q;
+  q.ptr = qv;
+  q.in_regs = (p.C & 3) == 0 && p.C <= kTeam * kChunk * kQRegChunks && (reinterpret_cast<uintptr_t>(qv) & 15) == 0;
+#pragma unroll
+  for (int r = 0; r < kQRegChunks; ++r) {
+    const int64_t c = (int64_t(g) + int64_t(r) * kTeam) * kChunk;
+    q.reg[r] = q.in_regs && c < p.C ? *reinterpret_cast<const float4*>(qv + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  return q;
 }
 
-// Lane g's partial: its chunks in increasing order, each chunk's channels in order, one fmaf chain.
-__device__ __forceinline__ float partial_dot(const CudaProblem& p, const float* __restrict__ qv,
-                                             const float* __restrict__ kv, int g) {
-  const bool vec = float4_rows(p, qv, kv);
+// Lane g's partial: its chunks in increasing order, each chunk's channels in order, one fmaf chain (the same
+// arithmetic whichever way q and the key row are loaded).
+__device__ __forceinline__ float partial_dot(const CudaProblem& p, const QRow& q, const float* __restrict__ kv,
+                                             int g) {
+  const bool k_vec = (reinterpret_cast<uintptr_t>(kv) & 15) == 0;
   float s = 0.f;
+  if (q.in_regs) {
+#pragma unroll
+    for (int r = 0; r < kQRegChunks; ++r) {
+      const int64_t c = (int64_t(g) + int64_t(r) * kTeam) * kChunk;
+      if (c >= p.C) break;
+      const float4 a = q.reg[r];
+      const float4 kk = k_vec ? __ldg(reinterpret_cast<const float4*>(kv + c))
+                              : make_float4(__ldg(kv + c), __ldg(kv + c + 1), __ldg(kv + c + 2), __ldg(kv + c + 3));
+      s = fmaf(a.x, kk.x, s);
+      s = fmaf(a.y, kk.y, s);
+      s = fmaf(a.z, kk.z, s);
+      s = fmaf(a.w, kk.w, s);
+    }
+    return s;
+  }
+  const float* qv = q.ptr;
+  const bool vec = (p.C & 3) == 0 && k_vec && (reinterpret_cast<uintptr_t>(qv) & 15) == 0;
   for (int64_t c = int64_t(g) * kChunk; c < p.C; c += kTeam * kChunk) {
     if (vec) {
       const float4 a = *reinterpret_cast<const float4*>(qv + c), kk = __ldg(reinterpret_cast<const float4*>(kv + c));
@@ -89,9 +124,9 @@ __device__ __forceinline__ const float* key_row(const CudaProblem& p, int64_t b,
 __device__ __forceinline__ float outside_score(const CudaProblem& p) { return p.zero_border ? 0.f : -INFINITY; }
 
 // A team's score of the same candidate, lane g; every lane of the team calls it (pos is the team's own).
-__device__ __forceinline__ float team_score(const CudaProblem& p, const float* __restrict__ qv, int64_t b,
-                                            int64_t n, int64_t pos, int g) {
-  const float s = team_sum(pos < 0 ? 0.f : partial_dot(p, qv, key_row(p, b, n, pos), g));
+__device__ __forceinline__ float team_score(const CudaProblem& p, const QRow& q, int64_t b, int64_t n, int64_t pos,
+                                            int g) {
+  const float s = team_sum(pos < 0 ? 0.f : partial_dot(p, q, key_row(p, b, n, pos), g));
   return pos < 0 ? outside_score(p) : __fmul_rn(p.scale, s);
 }
 
@@ -182,14 +217,14 @@ __global__ void __launch_bounds__(kThreads, 4) forward_kernel(const CudaProblem 
   const int64_t teams = static_cast<int64_t>(blockDim.x) * gridDim.x / kTeam;
   for (int64_t qi = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kTeam; qi < total; qi += teams) {
     const int64_t b = qi / HW, i = (qi % HW) / p.W, j = qi % p.W;
-    const float* qv = p.q + qi * p.C;
+    const QRow qrow = load_q(p, p.q + qi * p.C, g);
     TeamList<MAXK> list;
     team_list_init(list);
     float m = -INFINITY, thr = -INFINITY;
     // Pass 1: scores -> running top-k or running maximum (the same in every lane of the team).
     for (int64_t n = 0; n < p.N; ++n) {
       for (int64_t t = 0; t < Q; ++t) {
-        const float s = team_score(p, qv, b, n, key_pos(p, b, n, t, i, j), g);
+        const float s = team_score(p, qrow, b, n, key_pos(p, b, n, t, i, j), g);
         if (MAXK > 0) {
           team_list_push<MAXK>(list, s, static_cast<int32_t>(n * Q + t), K, g);
         } else {
@@ -249,7 +284,7 @@ __global__ void __launch_bounds__(kThreads, 4) forward_kernel(const CudaProblem 
         for (int64_t n = 0; n < p.N; ++n) {
           for (int64_t t = 0; t < Q; ++t) {
             const int64_t pos = key_pos(p, b, n, t, i, j);
-            const float s = team_score(p, qv, b, n, pos, g);
+            const float s = team_score(p, qrow, b, n, pos, g);
             if (!(s > -INFINITY) || s < thr) continue;
             const float w = expf(s - m);
             s_sum += w;
@@ -326,6 +361,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const CudaProblem p,
     if (!(lse < INFINITY)) continue;  // nothing kept: zero gradient
     const int64_t b = qi / HW, i = (qi % HW) / p.W, j = qi % p.W;
     const float* qv = p.q + qi * p.C;
+    const QRow qrow = load_q(p, qv, g);
     const float* gv = grad_out + qi * p.Cv;
     float* dqv = dq != nullptr ? dq + qi * p.C : nullptr;  // the team's own row: no atomics
     // Pass A: D = sum over kept of p * dp.  Pass B: ds = p (dp - D) (+ the returned logit's gradient), scatter.
@@ -335,7 +371,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const CudaProblem p,
         const int64_t full = top_index[qi * K + e], n = full / p.P;
         const int64_t t = column_position(p, full % p.P);
         const int64_t pos = key_pos(p, b, n, t, i, j);
-        const float s = team_score(p, qv, b, n, pos, g);
+        const float s = team_score(p, qrow, b, n, pos, g);
         const float dp = team_value_dot(p, gv, b, n, pos, g);
         if (s > -INFINITY) D += expf(s - lse) * dp;
       }
@@ -343,7 +379,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const CudaProblem p,
         const int64_t full = top_index[qi * K + e], n = full / p.P;
         const int64_t t = column_position(p, full % p.P);
         const int64_t pos = key_pos(p, b, n, t, i, j);
-        const float s = team_score(p, qv, b, n, pos, g);
+        const float s = team_score(p, qrow, b, n, pos, g);
         if (!(s > -INFINITY)) continue;
         const float pe = expf(s - lse);
         float ds = pe * (team_value_dot(p, gv, b, n, pos, g) - D);
@@ -355,7 +391,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const CudaProblem p,
     for (int64_t n = 0; n < p.N; ++n) {
       for (int64_t t = 0; t < Q; ++t) {
         const int64_t pos = key_pos(p, b, n, t, i, j);
-        const float s = team_score(p, qv, b, n, pos, g);
+        const float s = team_score(p, qrow, b, n, pos, g);
         const float dp = team_value_dot(p, gv, b, n, pos, g);
         if (s > -INFINITY && s >= thr) D += expf(s - lse) * dp;
       }
@@ -363,7 +399,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const CudaProblem p,
     for (int64_t n = 0; n < p.N; ++n) {
       for (int64_t t = 0; t < Q; ++t) {
         const int64_t pos = key_pos(p, b, n, t, i, j);
-        const float s = team_score(p, qv, b, n, pos, g);
+        const float s = team_score(p, qrow, b, n, pos, g);
         if (!(s > -INFINITY) || s < thr) continue;
         const float pe = expf(s - lse);
         float ds = pe * (team_value_dot(p, gv, b, n, pos, g) - D);
