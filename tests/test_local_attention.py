@@ -294,6 +294,8 @@ CASES = [
     (1, 2, 2, 3, 4, 1, dict(radius=1, topk=9)),  # k = candidate count
     (2, 4, 3, 5, 6, 2, dict(radius=2, offsets=True, border="zero", scale=0.5)),
     (1, 3, 2, 6, 7, 2, dict(radius=2, dilation=2, window="circle", offsets=True, border="mask")),
+    # softmax over every candidate, no offsets: the triton backward gathers dk/dv per key
+    (2, 5, 3, 6, 5, 2, dict(radius=2, dilation=2, window="circle", border="zero", scale=0.5)),
 ]
 
 

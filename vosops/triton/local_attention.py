@@ -17,7 +17,8 @@ forward. Otherwise forward pass 2 sweeps the window again, folding the kept scor
 max, sum, Cv accumulator; threshold keeps ties, so its kept set can outgrow the list). The N*P-wide
 affinity never exists; per query only the KP-long key list and the saved (log-sum-exp, kth key) remain.
 Backward (flash-style): p = exp(s - lse) on the kept set, ds = p * (g.v - g.out); dq per query in the program,
-dk and dv scattered into fp32 channels-last buffers with atomics. Inputs are read through channels-last views
+dk and dv scattered into fp32 channels-last buffers with atomics, or, for softmax over every candidate without
+offsets (MAMP training), gathered per key by a second kernel that visits the queries whose windows hold the key. Inputs are read through channels-last views
 (copied once per call when they are not), so a candidate's channel block is one contiguous load. Gradients of the
 returned top-k logits add to ds. Element offsets are int32 when every tensor spans under 2^31 elements, else int64.
 Offsets are rounded (half away from zero) once on the host with the reference's rule. The kernels are launched
@@ -331,6 +332,76 @@ def _backward_kernel(g_ptr, glg_ptr, idx_ptr, q_ptr, k_ptr, v_ptr, off_ptr, tab_
                               mask=lm[:, :, None] & cm[None, None, :])
 
 
+@triton.jit
+def _backward_kv_kernel(g_ptr, q_ptr, k_ptr, v_ptr, tab_ptr, lse_ptr, dlt_ptr, dk_ptr, dv_ptr,
+                        B, C, CV, H, W, N, T, DIL, scale,
+                        sgb, sgc, sgh, sgw, sqb, sqc, sqh, sqw, skb, skn, skc, skh, skw, svb, svn, svc, svh, svw,
+                        NEED_K: tl.constexpr, NEED_V: tl.constexpr,
+                        BQ: tl.constexpr, KP: tl.constexpr, CB: tl.constexpr, CVP: tl.constexpr,
+                        IDX: tl.constexpr):
+    """dk and dv of softmax over every candidate without offsets, gathered per key instead of scattered per query:
+    a program owns BQ key pixels of one (batch, reference) and visits, for each window entry t, the query the entry
+    maps onto the key (key - DIL * (dy, dx)_t), recomputing that pair's p and ds from the query's log-sum-exp and
+    row term. Every key row is written by one program: no atomics (the query-centric scatter does one atomic per
+    (query, candidate, channel))."""
+    kid = tl.program_id(0).to(IDX) * BQ + tl.arange(0, BQ).to(IDX)
+    km = kid < B * N * H * W
+    kid = tl.where(km, kid, 0)
+    xk = kid % W
+    yk = (kid // W) % H
+    n = (kid // (H * W)) % N
+    b = kid // (N * H * W)
+    kbase = b * skb + n * skn + yk * skh + xk * skw
+    col = tl.arange(0, KP).to(IDX)
+    cv = tl.arange(0, CVP).to(IDX)
+    cvm = cv < CV
+    vk = tl.load(v_ptr + (b * svb + n * svn + yk * svh + xk * svw)[:, None] + cv[None, :] * svc,
+                 mask=km[:, None] & cvm[None, :], other=0.0).to(tl.float32)
+    dv_acc = tl.zeros((BQ, CVP), tl.float32)
+    for t0 in range(0, T, KP):
+        t = t0 + col
+        tvalid = t < T
+        tt = tl.where(tvalid, t, 0)
+        dy = tl.load(tab_ptr + 2 * tt).to(IDX)
+        dx = tl.load(tab_ptr + 2 * tt + 1).to(IDX)
+        yq = yk[:, None] - dy[None, :] * DIL
+        xq = xk[:, None] - dx[None, :] * DIL
+        qin = (yq >= 0) & (yq < H) & (xq >= 0) & (xq < W) & tvalid[None, :] & km[:, None]
+        yq = tl.where(qin, yq, 0)
+        xq = tl.where(qin, xq, 0)
+        qaddr = b[:, None] * sqb + yq * sqh + xq * sqw
+        s = tl.zeros((BQ, KP), tl.float32)
+        for c0 in range(0, C, CB):
+            c = c0 + tl.arange(0, CB).to(IDX)
+            cm = c < C
+            kv = tl.load(k_ptr + kbase[:, None] + c[None, :] * skc, mask=km[:, None] & cm[None, :],
+                         other=0.0).to(tl.float32)
+            qv = tl.load(q_ptr + qaddr[:, :, None] + c[None, None, :] * sqc, mask=qin[:, :, None] & cm[None, None, :],
+                         other=0.0).to(tl.float32)
+            s += tl.sum(qv * kv[:, None, :], axis=2)
+        s = s * scale
+        qpix = (b[:, None] * H + yq) * W + xq
+        lse = tl.load(lse_ptr + qpix, mask=qin, other=0.0)
+        delta = tl.load(dlt_ptr + qpix, mask=qin, other=0.0)
+        p = tl.where(qin, tl.exp(s - lse), 0.0)
+        gq = tl.load(g_ptr + (b[:, None] * sgb + yq * sgh + xq * sgw)[:, :, None] + cv[None, None, :] * sgc,
+                     mask=qin[:, :, None] & cvm[None, None, :], other=0.0).to(tl.float32)
+        if NEED_V:
+            dv_acc += tl.sum(p[:, :, None] * gq, axis=1)
+        if NEED_K:
+            ds = p * (tl.sum(gq * vk[:, None, :], axis=2) - delta) * scale
+            for c0 in range(0, C, CB):
+                c = c0 + tl.arange(0, CB).to(IDX)
+                cm = c < C
+                qv = tl.load(q_ptr + qaddr[:, :, None] + c[None, None, :] * sqc,
+                             mask=qin[:, :, None] & cm[None, None, :], other=0.0).to(tl.float32)
+                ka = dk_ptr + kid[:, None] * C + c[None, :]  # fp32 channels-last (B, N, H, W, C): this program's rows
+                kmask = km[:, None] & cm[None, :]
+                tl.store(ka, tl.load(ka, mask=kmask, other=0.0) + tl.sum(ds[:, :, None] * qv, axis=1), mask=kmask)
+    if NEED_V:
+        tl.store(dv_ptr + kid[:, None] * CV + cv[None, :], dv_acc, mask=km[:, None] & cvm[None, :])
+
+
 def _index_type(*tensors):
     """tl.int32 for the kernels' element offsets when every tensor they address spans fewer than 2^31 elements
     (the usual case: int64 offsets cost registers, about 60% of the no-top-k forward's spills on sm_90), else
@@ -451,17 +522,29 @@ def local_attention_triton_backward(
     has_glg = grad_logits is not None and index.shape[-1] > 0
     dummy = q.new_empty(1, dtype=torch.float32)
     bq, cb = _tiles(B * H * W, mt)
-    _backward_kernel[(triton.cdiv(B * H * W, bq),)](
-        grad_out, grad_logits.contiguous() if has_glg else dummy, index.contiguous() if has_glg else dummy,
-        q, k, v, off, tab, lse, thr, delta,
-        dq if need_q else dummy, dk if need_k else dummy, dv if need_v else dummy,
-        B, C, CV, H, W, N, tab.shape[0], dilation, mt["P"], mt["D"], radius, topk, scale,
-        *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(),
-        HAS_OFF=has_off, ZERO_BORDER=border == "zero", MODE=mt["mode"], HAS_GLG=has_glg,
-        NEED_Q=need_q, NEED_K=need_k, NEED_V=need_v, BQ=bq, KP=mt["KP"], CB=cb, CVP=mt["CVP"],
-        IDX=_index_type(grad_out, grad_logits, index, q, k, v, off, dq, dk, dv), enable_fp_fusion=False,
-        num_warps=LOCAL_ATTENTION_CONFIG["num_warps"], num_stages=LOCAL_ATTENTION_CONFIG["num_stages"],
-    )
+    idx_type = _index_type(grad_out, grad_logits, index, q, k, v, off, dq, dk, dv)
+    launch = dict(enable_fp_fusion=False, num_warps=LOCAL_ATTENTION_CONFIG["num_warps"],
+                  num_stages=LOCAL_ATTENTION_CONFIG["num_stages"])
+    # Softmax over every candidate without offsets: dk, dv gathered per key (no atomics); else scattered per query.
+    gather_kv = mt["mode"] == 0 and not has_off and not has_glg and (need_k or need_v)
+    if need_q or ((need_k or need_v) and not gather_kv):
+        _backward_kernel[(triton.cdiv(B * H * W, bq),)](
+            grad_out, grad_logits.contiguous() if has_glg else dummy, index.contiguous() if has_glg else dummy,
+            q, k, v, off, tab, lse, thr, delta,
+            dq if need_q else dummy, dk if need_k else dummy, dv if need_v else dummy,
+            B, C, CV, H, W, N, tab.shape[0], dilation, mt["P"], mt["D"], radius, topk, scale,
+            *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(),
+            HAS_OFF=has_off, ZERO_BORDER=border == "zero", MODE=mt["mode"], HAS_GLG=has_glg,
+            NEED_Q=need_q, NEED_K=need_k and not gather_kv, NEED_V=need_v and not gather_kv, BQ=bq, KP=mt["KP"],
+            CB=cb, CVP=mt["CVP"], IDX=idx_type, **launch,
+        )
+    if gather_kv:
+        _backward_kv_kernel[(triton.cdiv(B * N * H * W, bq),)](
+            grad_out, q, k, v, tab, lse, delta, dk if need_k else dummy, dv if need_v else dummy,
+            B, C, CV, H, W, N, tab.shape[0], dilation, scale,
+            *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(),
+            NEED_K=need_k, NEED_V=need_v, BQ=bq, KP=mt["KP"], CB=cb, CVP=mt["CVP"], IDX=idx_type, **launch,
+        )
     # back to (B, [N,] C, H, W), contiguous like the fake kernel's outputs
     dq = dq.permute(0, 3, 1, 2).to(dtypes[0]).contiguous() if need_q else q.new_empty(0)
     dk = dk.permute(0, 1, 4, 2, 3).to(dtypes[1]).contiguous() if need_k else k.new_empty(0)
