@@ -109,7 +109,8 @@ __device__ __forceinline__ unsigned team_mask() { return 0xffu << ((threadIdx.x 
 
 // The sum of a team's eight partials, identical in every lane: ((x0+x4)+(x2+x6)) + ((x1+x5)+(x3+x7)) (addition is
 // commutative, so each lane's own-plus-partner order gives the same bits). Every lane of the team calls it.
-__device__ __forceinline__ float team_sum(float x) {
+template <typename V>
+__device__ __forceinline__ V team_sum(V x) {
   const unsigned mask = team_mask();
   x += __shfl_xor_sync(mask, x, 4, kTeam);
   x += __shfl_xor_sync(mask, x, 2, kTeam);
@@ -128,14 +129,6 @@ __device__ __forceinline__ float team_score(const CudaProblem& p, const QRow& q,
                                             int g) {
   const float s = team_sum(pos < 0 ? 0.f : partial_dot(p, q, key_row(p, b, n, pos), g));
   return pos < 0 ? outside_score(p) : __fmul_rn(p.scale, s);
-}
-
-__device__ __forceinline__ int team_sum_int(int x) {
-  const unsigned mask = team_mask();
-  x += __shfl_xor_sync(mask, x, 4, kTeam);
-  x += __shfl_xor_sync(mask, x, 2, kTeam);
-  x += __shfl_xor_sync(mask, x, 1, kTeam);
-  return x;
 }
 
 // A team's running top-k list, descending by score, ties to the earlier candidate: slot e lives in lane e % kTeam,
@@ -174,7 +167,7 @@ __device__ __forceinline__ void team_list_push(TeamList<MAXK>& L, float s, int32
   int below = 0;
 #pragma unroll
   for (int r = 0; r < R; ++r) below += (r * kTeam + g < start && s > L.s[r]) ? 1 : 0;
-  const int j = start - team_sum_int(below);
+  const int j = start - team_sum(below);
   const unsigned mask = team_mask();
   const int from = (g + kTeam - 1) % kTeam;
   float carry_s = 0.f;
