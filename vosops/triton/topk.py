@@ -1,15 +1,18 @@
 """topk_attention in Triton: flash-style forward and backward with a running top-k per query row.
 
 Forward, one program per (block of queries, batch*head): the dense keys [0, dense) go through the usual online
-softmax (tl.dot tiles); the sparse keys are swept tile by tile keeping each row's best KPAD candidates as packed
+softmax (tl.dot tiles); the sparse keys are swept tile by tile keeping each row's best `kk` candidates as packed
 int64 keys (orderable logit bits << 32 | inverted index, so "larger key" = larger logit, ties to the lower
-index) merged with tl.topk; after the sweep the first `kk` are folded into the same softmax and their values
-gathered. Saved for backward: the log-sum-exp per query and the kept sparse indices (no M x L tensor).
+index), each tile merged by rounds of "largest entrant replaces the list's minimum" (_insert_entrants); after the
+sweep the list is sorted and folded into the same softmax, and its values gathered. Saved for backward: the
+log-sum-exp per query and the kept sparse indices (no M x L tensor).
 Backward recomputes the dense scores tile by tile and the sparse ones from the saved indices; dk and dv are
 scattered with fp32 atomics. Accumulation is fp32; the backend takes float32 and float16 (and bfloat16 on GPU).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -46,14 +49,28 @@ def _unpack(key):
     return bits.to(tl.float32, bitcast=True), 4294967295 - (key & 4294967295)
 
 
+# Above every packed key: a slot that is never evicted (the running lists are KPAD wide but keep KK).
+_MAXKEY = tl.constexpr(2**63 - 1)
+
+
 @triton.jit
-def _any_enters(best, keys, KK, BLOCK_N: tl.constexpr):
-    """Whether any key of the tile beats its row's KK-th best so far (best: sorted best-first). When none does,
-    merging cannot change any row's first KK entries, the only ones read: skipping the merge is exact, and after
-    the first tiles most tiles hold no such key."""
-    col = tl.arange(0, BLOCK_N)
-    kth = tl.min(tl.where(col[None, :] < KK, best, 9223372036854775807), axis=1)
-    return tl.max((keys > kth[:, None]).to(tl.int32)) > 0
+def _insert_entrants(best, keys, col):
+    """Merge a tile's packed keys (BLOCK_M, BLOCK_N) into each row's running list `best` (BLOCK_M, KPAD), kept
+    unsorted: its minimum is the row's KK-th best (slots past KK hold _MAXKEY, empty slots _SENTINEL). Each round
+    moves every row's largest entrant into its list's minimum slot; a tile needs as many rounds as the most keys
+    any row admits (at most KK, and few once the lists fill), far cheaper than sorting the tile."""
+    kth = tl.min(best, axis=1)
+    cand = tl.where(keys > kth[:, None], keys, _SENTINEL)
+    top = tl.max(cand, axis=1)
+    while tl.max((top > kth).to(tl.int32)) > 0:
+        enter = top > kth
+        slot = tl.argmin(best, axis=1)
+        best = tl.where(enter[:, None] & (col[None, :] == slot[:, None]), top[:, None], best)
+        kth = tl.min(best, axis=1)
+        # packed keys are unique per key index, so `!= top` removes exactly the key just placed (or refused)
+        cand = tl.where((cand != top[:, None]) & (cand > kth[:, None]), cand, _SENTINEL)
+        top = tl.max(cand, axis=1)
+    return best
 
 
 @triton.jit
@@ -95,7 +112,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, p_ptr,
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE)
         m_i = m_new
     if SPARSE:
-        best = tl.full((BLOCK_M, BLOCK_N), _SENTINEL, tl.int64)
+        col = tl.arange(0, BLOCK_N)
+        best = tl.where(col[None, :] < KK, tl.full((BLOCK_M, BLOCK_N), _SENTINEL, tl.int64), _MAXKEY)
         for start in range(DENSE, L, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < L
@@ -103,11 +121,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, p_ptr,
                          mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
             s = _dot(q, tl.trans(kt), IEEE) * scale
             keys = tl.where(n_ok[None, :] & (s > float("-inf")), _pack(s, offs_n[None, :]), _SENTINEL)
-            if _any_enters(best, keys, KK, BLOCK_N):
-                both = tl.reshape(tl.join(best, keys), (BLOCK_M, 2 * BLOCK_N))
-                best = tl.topk(both, BLOCK_N, dim=1)  # sorted best-first
+            best = _insert_entrants(best, keys, col)
+        best = tl.sort(tl.where(col[None, :] < KK, best, _SENTINEL), dim=1, descending=True)  # best-first
         sv, si = _unpack(best)
-        col = tl.arange(0, BLOCK_N)
         keep = (col[None, :] < KK) & (best != _SENTINEL)
         sv = tl.where(keep, sv, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sv, 1))
@@ -213,7 +229,7 @@ def _bwd_kernel(g_ptr, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, dq_ptr, dk_
 
 
 # Launch parameters of topk_attention's kernels (forward and backward); benchmarks/tune_triton.py sweeps them.
-TOPK_ATTENTION_CONFIG = {"block_m": 16, "num_warps": 4, "num_stages": 3, "bwd_block_m": 16, "bwd_block_n": 32,
+TOPK_ATTENTION_CONFIG = {"block_m": 16, "num_warps": 8, "num_stages": 3, "bwd_block_m": 16, "bwd_block_n": 32,
                          "bwd_num_warps": 4}
 
 
@@ -306,30 +322,6 @@ def topk_attention(q, k, v, topk, scale, dense_keys):
 
 # --- global_topk -------------------------------------------------------------------------------------------------
 
-# Above every packed key: a slot that is never evicted (the running lists of global_topk are KPAD wide but keep KK).
-_MAXKEY = tl.constexpr(2**63 - 1)
-
-
-@triton.jit
-def _insert_entrants(best, keys, col):
-    """Merge a tile's packed keys (BLOCK_M, BLOCK_N) into each row's running list `best` (BLOCK_M, KPAD), kept
-    unsorted: its minimum is the row's KK-th best (slots past KK hold _MAXKEY, empty slots _SENTINEL). Each round
-    moves every row's largest entrant into its list's minimum slot; a tile needs as many rounds as the most keys
-    any row admits (at most KK, and 0 or 1 once the lists fill), far cheaper than sorting the tile."""
-    kth = tl.min(best, axis=1)
-    cand = tl.where(keys > kth[:, None], keys, _SENTINEL)
-    top = tl.max(cand, axis=1)
-    while tl.max((top > kth).to(tl.int32)) > 0:
-        enter = top > kth
-        slot = tl.argmin(best, axis=1)
-        best = tl.where(enter[:, None] & (col[None, :] == slot[:, None]), top[:, None], best)
-        kth = tl.min(best, axis=1)
-        # packed keys are unique per key index, so `!= top` removes exactly the key just placed (or refused)
-        cand = tl.where((cand != top[:, None]) & (cand > kth[:, None]), cand, _SENTINEL)
-        top = tl.max(cand, axis=1)
-    return best
-
-
 @triton.jit
 def _global_topk_split_kernel(q_ptr, k_ptr, mask_ptr, part_ptr, sqb, sqm, sqc, skb, skl, skc,
                               M, L, C, TOPK, SPLIT, CHUNK, scale,
@@ -399,6 +391,7 @@ GLOBAL_TOPK_CONFIG = {"block_m": 64, "block_n": 64, "block_c": 32, "split": None
 _DEFAULT_SMS = 132  # an H100/H200: used to size the grid when no GPU is there to ask (AOT compile checks)
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
