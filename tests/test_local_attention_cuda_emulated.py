@@ -66,6 +66,7 @@ CASES = [
     (1, 2, 2, 3, 4, 1, dict(radius=1, topk=9), False),  # k = candidate count
     (1, 5, 9, 6, 5, 2, dict(radius=2, topk=20, border="zero", scale=0.5), True),  # Cv > 8: two value chunks
     (1, 4, 7, 5, 6, 2, dict(radius=3, topk=36, border="zero", scale=0.5), True),  # MAMP-like: 36 of 98
+    (1, 4, 3, 5, 6, 2, dict(radius=4, topk=80, border="zero", scale=0.5), True),  # the 128-slot list: 80 of 162
     (2, 4, 10, 5, 6, 2, dict(radius=2, scale=0.5, border="zero"), True),  # softmax over all, Cv chunks
 ]
 

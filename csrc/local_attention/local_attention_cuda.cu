@@ -426,6 +426,8 @@ cudaError_t forward_cuda(const CudaProblem& p, float* out, float* stats, float* 
     forward_kernel<8><<<grid, kThreads, 0, stream>>>(p, out, stats, top_logits, top_index);
   } else if (p.topk <= 16) {
     forward_kernel<16><<<grid, kThreads, 0, stream>>>(p, out, stats, top_logits, top_index);
+  } else if (p.topk <= 64) {
+    forward_kernel<64><<<grid, kThreads, 0, stream>>>(p, out, stats, top_logits, top_index);
   } else if (p.topk <= kCudaMaxTopk) {
     forward_kernel<kCudaMaxTopk><<<grid, kThreads, 0, stream>>>(p, out, stats, top_logits, top_index);
   } else {

@@ -14,7 +14,7 @@ namespace vosops {
 namespace local_attention {
 
 // Largest topk the CUDA kernels keep per thread (the glue rejects larger ones with a clear error).
-constexpr int64_t kCudaMaxTopk = 64;
+constexpr int64_t kCudaMaxTopk = 128;
 
 struct CudaProblem {
   int64_t B, N, C, Cv, H, W;

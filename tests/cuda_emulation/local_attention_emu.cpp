@@ -49,6 +49,8 @@ extern "C" int emu_forward(const int64_t* sizes, float scale, int64_t topk, int 
       forward_kernel<8>(p, out, stats, top_logits, top_index);
     } else if (topk <= 16) {
       forward_kernel<16>(p, out, stats, top_logits, top_index);
+    } else if (topk <= 64) {
+      forward_kernel<64>(p, out, stats, top_logits, top_index);
     } else {
       forward_kernel<kCudaMaxTopk>(p, out, stats, top_logits, top_index);
     }

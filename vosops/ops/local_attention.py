@@ -26,11 +26,11 @@ NORMALIZE = ("softmax", "threshold")
 # Backends that implement each public op here.
 ATTENTION_BACKENDS = ("reference", "cpu", "cuda", "triton")
 AFFINITY_BACKENDS = ("reference", "cpu", "cuda", "triton")  # local_affinity and local_aggregate
-CUDA_MAX_TOPK = 64  # the CUDA kernel keeps its top-k list in registers (csrc/local_attention, kCudaMaxTopk)
+CUDA_MAX_TOPK = 128  # the CUDA kernel keeps its top-k list in registers (csrc/local_attention, kCudaMaxTopk)
 
 
 def _auto_candidates(dtype: torch.dtype, topk) -> tuple[str, ...]:
-    """The backends "auto" may pick for this call: float64 runs on reference/cpu only, topk > 64 not on cuda.
+    """The backends "auto" may pick for this call: float64 runs on reference/cpu only, topk > 128 not on cuda.
     An explicitly requested backend is not filtered; it raises its own clear error instead."""
     names = ATTENTION_BACKENDS
     if dtype == torch.float64:
