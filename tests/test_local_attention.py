@@ -520,7 +520,8 @@ def test_auto_backend_choice():
     from vosops.ops.local_attention import _auto_candidates
 
     assert _auto_candidates(torch.float32, None) == ("reference", "cpu", "cuda", "triton")
-    assert "cuda" not in _auto_candidates(torch.float32, 65) and "triton" in _auto_candidates(torch.float32, 65)
+    assert "cuda" in _auto_candidates(torch.float32, 128)
+    assert "cuda" not in _auto_candidates(torch.float32, 129) and "triton" in _auto_candidates(torch.float32, 129)
     assert _auto_candidates(torch.float64, 5) == ("reference", "cpu")
     # on CPU tensors auto takes the C++ kernel when it is built, and it agrees with an explicit call
     q, k, v = torch.randn(1, 3, 4, 5), torch.randn(1, 2, 3, 4, 5), torch.randn(1, 2, 2, 4, 5)
