@@ -6,16 +6,16 @@ in-window positions per reference, from a small (dy, dx) table, so square and ci
 the backward's recomputation see bit-identical scores.
 
 Selection (topk): each (score, index) is packed into one int64 key that orders by score descending, then index
-ascending (the float's bits made monotone in the high word, ~index in the low word). A running list of the KP
-largest keys, kept in descending order, is merged with each chunk (tl.topk when compiled, a rank merge under the
-interpreter); the k-th key then defines the kept set exactly: `key >= kth` for top-k (exactly k candidates, ties
+ascending (the float's bits made monotone in the high word, ~index in the low word). A running list of the k
+largest keys takes each chunk's entrants by insertion rounds (_select.insert_entrants) and is sorted once after
+the sweep; the k-th key then defines the kept set exactly: `key >= kth` for top-k (exactly k candidates, ties
 to the lower index), `key >= kth with its index bits cleared` for threshold (every score >= the k-th score).
 Softmax over all candidates keeps everything.
 
 With top-k softmax the list is the kept set: one softmax over its scores and a gather of its values end the
 forward. Otherwise forward pass 2 sweeps the window again, folding the kept scores into an online softmax (running
 max, sum, Cv accumulator; threshold keeps ties, so its kept set can outgrow the list). The N*P-wide
-affinity never exists; per query only the KP-long key list and the saved (log-sum-exp, kth key) remain.
+affinity never exists; per query only the k-long key list and the saved (log-sum-exp, kth key) remain.
 Backward (flash-style): p = exp(s - lse) on the kept set, ds = p * (g.v - g.out); dq per query in the program,
 dk and dv scattered into fp32 channels-last buffers with atomics, or, for softmax over every candidate without
 offsets (MAMP training), gathered per key by a second kernel that visits the queries whose windows hold the key. Inputs are read through channels-last views
@@ -37,9 +37,10 @@ import triton.language as tl
 
 from .. import _alloc
 from ..reference.local_attention import round_offsets, window_columns
+from ._select import MAXKEY, insert_entrants
 
 # Below every real key (a -inf score packs to about -9.19e18).
-_NO_KEY = -9223000000000000000
+_NO_KEY = tl.constexpr(-9223000000000000000)
 _MODES = {"all": 0, "topk": 1, "threshold": 2}
 
 
@@ -81,32 +82,6 @@ def _pack(s, cid):
 def _unpack_score(key):
     hi = (key >> 32).to(tl.int32)
     return tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
-
-
-def _sort_merge() -> bool:
-    """Compiled: merge with tl.topk (a bitonic network). Under the interpreter, whose tl.topk is very slow, with the
-    rank merge below; VOSOPS_TRITON_SORT=1 forces tl.topk there too (tests run both)."""
-    return os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("VOSOPS_TRITON_SORT") == "1"
-
-
-@triton.jit
-def _merge_topk(run, key, BQ: tl.constexpr, KP: tl.constexpr, SORT: tl.constexpr):
-    """The KP largest of run (BQ, KP) and key (BQ, KP), in descending order (keys are distinct but for the padding,
-    whose copies are equal, so both ways give the same list). SORT: tl.topk. Else each element's rank is the number
-    of elements above it (equal keys ranked by position) and slot r takes rank r: only compares and sums, but
-    (BQ, 2KP, 2KP) of them, which is cheap under the interpreter and far too large for a GPU's registers."""
-    comb = tl.reshape(tl.join(run, key), (BQ, 2 * KP))
-    if SORT:
-        merged = tl.topk(comb, KP, dim=1)
-    else:
-        pos = tl.arange(0, 2 * KP)
-        a = comb[:, :, None]
-        o = comb[:, None, :]
-        beats = (o > a) | ((o == a) & (pos[None, None, :] < pos[None, :, None]))
-        rank = tl.sum(beats.to(tl.int32), axis=2)
-        slot = tl.arange(0, KP)
-        merged = tl.sum(tl.where(rank[:, :, None] == slot[None, None, :], a, 0), axis=1)
-    return merged
 
 
 @triton.jit
@@ -163,16 +138,15 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, out_ptr, lse_ptr, thr
                     B, C, CV, H, W, N, T, DIL, P, D, RADIUS, TOPK, scale,
                     sqb, sqc, sqh, sqw, skb, skn, skc, skh, skw, svb, svn, svc, svh, svw,
                     HAS_OFF: tl.constexpr, ZERO_BORDER: tl.constexpr, MODE: tl.constexpr, RET: tl.constexpr,
-                    BQ: tl.constexpr, KP: tl.constexpr, CB: tl.constexpr, CVP: tl.constexpr, SORT: tl.constexpr,
-                    IDX: tl.constexpr):
+                    BQ: tl.constexpr, KP: tl.constexpr, CB: tl.constexpr, CVP: tl.constexpr, IDX: tl.constexpr):
     pix, pm, j, i, b = _queries(BQ, B, H, W, IDX)
     NT = N * T
     qbase = b * sqb + i * sqh + j * sqw
     col = tl.arange(0, KP).to(IDX)
-    thr = tl.full((BQ,), -9223000000000000000, tl.int64)
+    thr = tl.full((BQ,), _NO_KEY, tl.int64)
     if MODE != 0:
-        # pass 1: running list of the KP largest keys
-        run = tl.full((BQ, KP), -9223000000000000000, tl.int64)
+        # pass 1: running list of the TOPK largest keys (unsorted; sorted once after the sweep)
+        run = tl.where(col[None, :] < TOPK, tl.full((BQ, KP), _NO_KEY, tl.int64), MAXKEY)
         for c0 in range(0, NT, KP):
             cid = c0 + col
             n, y, x, inside, cvalid, t = _chunk_positions(off_ptr, tab_ptr, cid, b, i, j, NT, T, N, H, W, DIL,
@@ -181,11 +155,9 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, out_ptr, lse_ptr, thr
             kpix = b[:, None] * skb + n[None, :] * skn + y * skh + x * skw
             s = _chunk_scores(q_ptr, k_ptr, qbase, kpix, lm, C, sqc, skc, scale, ZERO_BORDER, BQ, KP, CB,
                               inside, cvalid, IDX)
-            key = tl.where(cvalid[None, :], _pack(s, cid[None, :]), -9223000000000000000)
-            # exact early-out: once the list is full most chunks hold no key above its last (KP-th) entry
-            last = tl.sum(tl.where(col[None, :] == KP - 1, run, 0), axis=1)
-            if tl.max((key > last[:, None]).to(tl.int32)) > 0:
-                run = _merge_topk(run, key, BQ, KP, SORT)
+            key = tl.where(cvalid[None, :], _pack(s, cid[None, :]), _NO_KEY)
+            run = insert_entrants(run, key, col, _NO_KEY)
+        run = tl.sort(tl.where(col[None, :] < TOPK, run, _NO_KEY), dim=1, descending=True)
         kth = tl.sum(tl.where(col[None, :] == TOPK - 1, run, 0), axis=1)
         if MODE == 1:
             thr = kth
@@ -210,7 +182,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, out_ptr, lse_ptr, thr
     if MODE == 1:
         # top-k softmax: the kept set is the list itself (its first TOPK entries, scores in the keys), so one
         # softmax over it and a gather of its values replace a second sweep over the window
-        keep = (col[None, :] < TOPK) & (run != -9223000000000000000) & pm[:, None]
+        keep = (col[None, :] < TOPK) & (run != _NO_KEY) & pm[:, None]
         s = tl.where(keep, _unpack_score(run), float("-inf"))
         rc = tl.where(keep, 4294967295 - (run & 4294967295), 0).to(IDX)
         rn = rc // T
@@ -486,7 +458,7 @@ def local_attention_triton(
         B, mt["C"], mt["CV"], H, W, mt["N"], tab.shape[0], dilation, mt["P"], mt["D"], radius, topk, scale,
         *q.stride(), *k.stride(), *v.stride(),
         HAS_OFF=has_off, ZERO_BORDER=border == "zero", MODE=mt["mode"], RET=bool(K),
-        BQ=bq, KP=mt["KP"], CB=cb, CVP=mt["CVP"], SORT=_sort_merge(), IDX=_index_type(q, k, v, off, out, logits, index),
+        BQ=bq, KP=mt["KP"], CB=cb, CVP=mt["CVP"], IDX=_index_type(q, k, v, off, out, logits, index),
         enable_fp_fusion=False, num_warps=LOCAL_ATTENTION_CONFIG["num_warps"],
         num_stages=LOCAL_ATTENTION_CONFIG["num_stages"],
     )

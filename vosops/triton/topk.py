@@ -3,9 +3,9 @@
 Forward, one program per (block of queries, batch*head): the dense keys [0, dense) go through the usual online
 softmax (tl.dot tiles); the sparse keys are swept tile by tile keeping each row's best `kk` candidates as packed
 int64 keys (orderable logit bits << 32 | inverted index, so "larger key" = larger logit, ties to the lower
-index), each tile merged by rounds of "largest entrant replaces the list's minimum" (_insert_entrants); after the
-sweep the list is sorted and folded into the same softmax, and its values gathered. Saved for backward: the
-log-sum-exp per query and the kept sparse indices (no M x L tensor).
+index), each tile merged by rounds of "largest entrant replaces the list's minimum" (_select.insert_entrants);
+after the sweep the list is sorted and folded into the same softmax, and its values gathered. Saved for backward:
+the log-sum-exp per query and the kept sparse indices (no M x L tensor).
 Backward recomputes the dense scores tile by tile and the sparse ones from the saved indices; dk and dv are
 scattered with fp32 atomics. Accumulation is fp32; the backend takes float32 and float16 (and bfloat16 on GPU).
 """
@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from ._select import MAXKEY, insert_entrants
 from ..ops.topk import attention_autograd_rules, attention_fake, global_topk_fake, gt_backward, gt_setup, kept_sparse
 
 # Below every packed key: an empty slot. A tl.constexpr, as compiled kernels may read no other kind of global.
@@ -47,30 +48,6 @@ def _unpack(key):
     hi = (key >> 32).to(tl.int32)
     bits = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF)
     return bits.to(tl.float32, bitcast=True), 4294967295 - (key & 4294967295)
-
-
-# Above every packed key: a slot that is never evicted (the running lists are KPAD wide but keep KK).
-_MAXKEY = tl.constexpr(2**63 - 1)
-
-
-@triton.jit
-def _insert_entrants(best, keys, col):
-    """Merge a tile's packed keys (BLOCK_M, BLOCK_N) into each row's running list `best` (BLOCK_M, KPAD), kept
-    unsorted: its minimum is the row's KK-th best (slots past KK hold _MAXKEY, empty slots _SENTINEL). Each round
-    moves every row's largest entrant into its list's minimum slot; a tile needs as many rounds as the most keys
-    any row admits (at most KK, and few once the lists fill), far cheaper than sorting the tile."""
-    kth = tl.min(best, axis=1)
-    cand = tl.where(keys > kth[:, None], keys, _SENTINEL)
-    top = tl.max(cand, axis=1)
-    while tl.max((top > kth).to(tl.int32)) > 0:
-        enter = top > kth
-        slot = tl.argmin(best, axis=1)
-        best = tl.where(enter[:, None] & (col[None, :] == slot[:, None]), top[:, None], best)
-        kth = tl.min(best, axis=1)
-        # packed keys are unique per key index, so `!= top` removes exactly the key just placed (or refused)
-        cand = tl.where((cand != top[:, None]) & (cand > kth[:, None]), cand, _SENTINEL)
-        top = tl.max(cand, axis=1)
-    return best
 
 
 @triton.jit
@@ -113,7 +90,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, p_ptr,
         m_i = m_new
     if SPARSE:
         col = tl.arange(0, BLOCK_N)
-        best = tl.where(col[None, :] < KK, tl.full((BLOCK_M, BLOCK_N), _SENTINEL, tl.int64), _MAXKEY)
+        best = tl.where(col[None, :] < KK, tl.full((BLOCK_M, BLOCK_N), _SENTINEL, tl.int64), MAXKEY)
         for start in range(DENSE, L, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < L
@@ -121,7 +98,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, p_ptr,
                          mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
             s = _dot(q, tl.trans(kt), IEEE) * scale
             keys = tl.where(n_ok[None, :] & (s > float("-inf")), _pack(s, offs_n[None, :]), _SENTINEL)
-            best = _insert_entrants(best, keys, col)
+            best = insert_entrants(best, keys, col, _SENTINEL)
         best = tl.sort(tl.where(col[None, :] < KK, best, _SENTINEL), dim=1, descending=True)  # best-first
         sv, si = _unpack(best)
         keep = (col[None, :] < KK) & (best != _SENTINEL)
@@ -340,7 +317,7 @@ def _global_topk_split_kernel(q_ptr, k_ptr, mask_ptr, part_ptr, sqb, sqm, sqc, s
     col = tl.arange(0, KPAD)
     m_ok = offs_m < M
     q_rows = q_ptr + b * sqb + offs_m[:, None].to(tl.int64) * sqm
-    best = tl.where(col[None, :] < TOPK, tl.full((BLOCK_M, KPAD), _SENTINEL, tl.int64), _MAXKEY)
+    best = tl.where(col[None, :] < TOPK, tl.full((BLOCK_M, KPAD), _SENTINEL, tl.int64), MAXKEY)
     lo = sp * CHUNK
     hi = tl.minimum(lo + CHUNK, L)
     for start in range(lo, hi, BLOCK_N):
@@ -358,7 +335,7 @@ def _global_topk_split_kernel(q_ptr, k_ptr, mask_ptr, part_ptr, sqb, sqm, sqc, s
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + b * L + offs_n, mask=n_ok, other=0) != 0)
         keys = tl.where(valid[None, :] & (s > float("-inf")), _pack(s, offs_n[None, :]), _SENTINEL)  # NaN fails too
-        best = _insert_entrants(best, keys, col)
+        best = insert_entrants(best, keys, col, _SENTINEL)
     best = tl.where(col[None, :] < TOPK, best, _SENTINEL)
     row = (b * M + offs_m).to(tl.int64) * SPLIT + sp
     tl.store(part_ptr + row[:, None] * KPAD + col[None, :], best, mask=m_ok[:, None])
