@@ -352,6 +352,19 @@ def test_native_update_matches_reference_update(dtype):
     assert (got[0][2] < 100).all(), "every empty cluster took a point"
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_native_update_cuda_equals_cpu(dtype):
+    """The CUDA kernel against its CPU twin on the same arguments: same centres bit for bit, same flags."""
+    if not vosops._native.has_kernel("kmeans_update", "CUDA"):
+        pytest.skip("CUDA kernels not built")
+    args = update_case(dtype, seed=7)
+    exp = torch.ops.vosops.kmeans_update(*args)
+    got = torch.ops.vosops.kmeans_update(*(a.cuda() for a in args))
+    for g, e in zip(got, exp):
+        torch.testing.assert_close(g.cpu(), e, atol=0, rtol=0)
+
+
 def test_native_update_checks_its_arguments():
     if vosops._backends.why_unusable("cpu", "kmeans_step", "cpu"):
         pytest.skip("native kernels not built")
