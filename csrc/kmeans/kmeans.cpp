@@ -401,6 +401,26 @@ void relocate_empty(const T* x, int64_t len, int64_t D, int64_t K, const int64_t
   }
 }
 
+// The rest of one problem's Lloyd iteration after the step: relocation of empty clusters, then centre = mean (kept
+// when the cluster is empty) in place. Returns the squared centre shift summed over the centres.
+template <typename T>
+T relocate_and_update(const T* x, int64_t len, int64_t D, int64_t K, const int64_t* labels, const T* mindist,
+                      T* sums, int64_t* counts, T* c) {
+  if (std::find(counts, counts + K, int64_t(0)) != counts + K)
+    relocate_empty(x, len, D, K, labels, mindist, sums, counts);
+  T shift = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (counts[k] == 0) continue;  // empty: the centre stays
+    const T n = static_cast<T>(counts[k]);
+    for (int64_t d = 0; d < D; ++d) {
+      const T v = sums[k * D + d] / n;
+      shift += (v - c[k * D + d]) * (v - c[k * D + d]);
+      c[k * D + d] = v;
+    }
+  }
+  return shift;
+}
+
 // Lloyd iterations for a set of problems, each exactly as the reference's lloyd: step (labels, sums, counts),
 // relocation of empty clusters, centre = mean (kept when the cluster is empty), stop when no label changed or the
 // squared centre shift summed over centres is <= tol[b], at most `iters` iterations; then the final assignment to
@@ -468,19 +488,8 @@ void lloyd(const T* x, const int64_t* lengths, int64_t N, int64_t D, int64_t K, 
       for (int64_t ch = 0; ch < nchunk; ++ch) any_changed |= changed[j * maxchunk + ch] != 0;
       reduce_chunks(psum.data() + j * maxchunk * K * D, pcount.data() + j * maxchunk * K, nchunk, K, D, sums.data(),
                     counts.data());
-      if (std::find(counts.begin(), counts.end(), int64_t(0)) != counts.end())
-        relocate_empty(x + b * N * D, len, D, K, labels + b * N, mindist + b * N, sums.data(), counts.data());
-      T* c = centers + b * K * D;
-      T shift = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        if (counts[k] == 0) continue;  // empty: the centre stays
-        const T n = static_cast<T>(counts[k]);
-        for (int64_t d = 0; d < D; ++d) {
-          const T v = sums[k * D + d] / n;
-          shift += (v - c[k * D + d]) * (v - c[k * D + d]);
-          c[k * D + d] = v;
-        }
-      }
+      const T shift = relocate_and_update(x + b * N * D, len, D, K, labels + b * N, mindist + b * N, sums.data(),
+                                          counts.data(), centers + b * K * D);
       n_iter[b] += 1;
       if (any_changed && !(shift <= tol[b])) still.push_back(j);
     }
@@ -654,22 +663,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_update_cpu(
       n_iter_out.data_ptr<int64_t>()[b] = n_iter.const_data_ptr<int64_t>()[b] + (on ? 1 : 0);
       if (!on) continue;
       const int64_t len = std::min(std::max(lengths.const_data_ptr<int64_t>()[b], int64_t(0)), N);
-      int64_t* cb = cnt + b * K;
-      scalar_t* sb = sp + b * K * D;
-      if (std::find(cb, cb + K, int64_t(0)) != cb + K)
-        relocate_empty(xp + b * N * D, len, D, K, labels.const_data_ptr<int64_t>() + b * N,
-                       mindist.const_data_ptr<scalar_t>() + b * N, sb, cb);
-      scalar_t* c = cp + b * K * D;
-      scalar_t shift = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        if (cb[k] == 0) continue;
-        const scalar_t n = static_cast<scalar_t>(cb[k]);
-        for (int64_t d = 0; d < D; ++d) {
-          const scalar_t v = sb[k * D + d] / n;
-          shift += (v - c[k * D + d]) * (v - c[k * D + d]);
-          c[k * D + d] = v;
-        }
-      }
+      const scalar_t shift = relocate_and_update(xp + b * N * D, len, D, K, labels.const_data_ptr<int64_t>() + b * N,
+                                                 mindist.const_data_ptr<scalar_t>() + b * N, sp + b * K * D,
+                                                 cnt + b * K, cp + b * K * D);
       const bool converged = labels_equal.const_data_ptr<bool>()[b] || shift <= tol.const_data_ptr<scalar_t>()[b];
       active_out.data_ptr<bool>()[b] = !converged;
     }
