@@ -7,8 +7,9 @@
 // Forward: a pass over the N*Q candidates keeps a running top-k (a sorted list spread over the team's registers:
 // later candidates enter only when strictly larger, so ties go to the lower index) or the running maximum; a second
 // pass (softmax over all / threshold) or the list (top-k) accumulates the max-subtracted exponentials and the values,
-// the lanes splitting the Cv value channels. Backward recomputes the kept scores with the saved log-sum-exp / threshold /
-// top-k indices: dq in the team's own row, dk and dv scattered with fp32 atomics, lanes splitting the channels.
+// the lanes splitting the Cv value channels. Backward recomputes the kept scores with the saved log-sum-exp /
+// threshold / top-k indices: dq in the team's own row, dk and dv scattered with fp32 atomics, lanes splitting the
+// channels.
 #include <cmath>
 #include <cstdint>
 
