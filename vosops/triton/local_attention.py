@@ -21,9 +21,10 @@ dk and dv scattered into fp32 channels-last buffers with atomics, or, for softma
 offsets (MAMP training), gathered per key by a second kernel that visits the queries whose windows hold the key.
 Inputs are read through channels-last views (copied once per call when they are not), so a candidate's channel
 block is one contiguous load. Gradients of the returned top-k logits add to ds. Element offsets are int32 when
-every tensor spans under 2^31 elements, else int64. Offsets are rounded (half away from zero) once on the host with the reference's rule. The kernels are launched
-with enable_fp_fusion=False: no FMA contraction, so every pass rounds a score identically and the kept set of the
-selection pass is exactly the one the aggregation and the backward recompute.
+every tensor spans under 2^31 elements, else int64. Offsets are rounded (half away from zero) once on the host
+with the reference's rule. The kernels are launched with enable_fp_fusion=False: no FMA contraction, so every pass
+rounds a score identically and the kept set of the selection pass is exactly the one the aggregation and the
+backward recompute.
 Accumulation is fp32; the triton backend takes float32, float16 and bfloat16 (bfloat16 on GPU only).
 """
 
