@@ -478,6 +478,25 @@ def test_topk_attention_backend_matches_reference(backend, device, layout):
             )
 
 
+@pytest.mark.parametrize("backend,device", [p for p in ATT_BACKENDS if p.values[0] == "triton"])
+def test_triton_backward_loops_over_blocks(backend, device, monkeypatch):
+    """The Triton backward's loops, with blocks shrunk so small shapes take several of each: the key-major dense
+    kernel sums over several query blocks and is launched for several key blocks (the last partial), and the sparse
+    keys' programs walk more kept queries than one row block. No gradient element may be left unwritten."""
+    from vosops.triton import topk as ttk
+
+    monkeypatch.setitem(ttk.TOPK_ATTENTION_CONFIG, "kv_block_m", 16)
+    monkeypatch.setitem(ttk.TOPK_ATTENTION_CONFIG, "kv_block_n", 16)
+    monkeypatch.setitem(ttk.TOPK_ATTENTION_CONFIG, "sparse_block_r", 16)
+    q, k, v = attention_inputs(1, 2, 45, 120, 16, 8, device)
+    k[:, :, 60:63] = 3  # three sparse keys that every query keeps: 45 rows for one key program
+    testing.check_against_reference(
+        lambda q, k, v: vosops.topk_attention(q, k, v, topk=30, scale=0.25, dense_keys=40, backend=backend),
+        lambda q, k, v: reference.topk_attention(q, k, v, topk=30, scale=0.25, dense_keys=40),
+        {"q": q, "k": k, "v": v}, dtype=torch.float32, grad_inputs=("q", "k", "v"),
+    )
+
+
 @pytest.mark.parametrize("backend,device", [p for p in ATT_BACKENDS if p.values[0] == "cpu"])
 @pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
 def test_cpu_backward_tiles_and_wide_rows(backend, device, layout):

@@ -6,8 +6,11 @@ int64 keys (orderable logit bits << 32 | inverted index, so "larger key" = large
 index), each tile merged by rounds of "largest entrant replaces the list's minimum" (_select.insert_entrants);
 after the sweep the list is sorted and folded into the same softmax, and its values gathered. Saved for backward:
 the log-sum-exp per query and the kept sparse indices (no M x L tensor).
-Backward recomputes the dense scores tile by tile and the sparse ones from the saved indices; dk and dv are
-scattered with fp32 atomics. Accumulation is fp32; the backend takes float32 and float16 (and bfloat16 on GPU).
+Backward, without atomics (so deterministic): a query-major kernel recomputes the dense scores tile by tile and
+the sparse ones from the saved indices for dq; a key-major kernel gives the dense keys' dk, dv (flash-attention 2
+style, each key block summing over every query block in registers); the kept pairs, grouped by key on the device
+(a stable sort of the saved indices), give each sparse key's dk, dv in one program that gathers its queries.
+Accumulation is fp32; the backend takes float32 and float16 (and bfloat16 on GPU).
 """
 
 from __future__ import annotations
@@ -135,11 +138,13 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, p_ptr,
 
 
 @triton.jit
-def _bwd_kernel(g_ptr, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, dq_ptr, dk_ptr, dv_ptr,
-                sgb, sgh, sgm, sgd, sqb, sqh, sqm, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
-                H, M, L, D, DV, DENSE, KK, scale,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                SPARSE: tl.constexpr, IEEE: tl.constexpr):
+def _bwd_dq_kernel(g_ptr, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, dq_ptr, di_ptr,
+                   sgb, sgh, sgm, sgd, sqb, sqh, sqm, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+                   H, M, L, D, DV, DENSE, KK, scale,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   SPARSE: tl.constexpr, IEEE: tl.constexpr):
+    """Query-major: dq of a block of queries, from the dense keys by tiles and the kept sparse keys by gathers.
+    Also writes di = dO . O per query for the key-major kernels."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -159,9 +164,9 @@ def _bwd_kernel(g_ptr, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, dq_ptr, dk_
     lse = tl.load(lse_ptr + row, mask=m_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # nothing kept: every P is 0
     di = tl.sum(g.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(di_ptr + row, di, mask=m_ok)
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
-    acc_base = bh * L  # dk, dv accumulators are contiguous fp32 (B*H, L, D|DV)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start in range(0, DENSE, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -175,11 +180,6 @@ def _bwd_kernel(g_ptr, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, dq_ptr, dk_
         dp = _dot(g, tl.trans(vt), IEEE)
         ds = p * (dp - di[:, None])
         dq += _dot(ds.to(kt.dtype), kt, IEEE) * scale
-        dv_t = _dot(tl.trans(p.to(g.dtype)), g, IEEE)
-        dk_t = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale
-        rows_n = (acc_base + offs_n).to(tl.int64)
-        tl.atomic_add(dv_ptr + rows_n[:, None] * DV + offs_dv[None, :], dv_t, mask=n_ok[:, None] & dv_ok[None, :])
-        tl.atomic_add(dk_ptr + rows_n[:, None] * D + offs_d[None, :], dk_t, mask=n_ok[:, None] & d_ok[None, :])
     if SPARSE:
         # one kept column at a time: (BLOCK_M, BLOCK_D) gathers, so registers do not grow with topk
         qf = q.to(tl.float32)
@@ -195,19 +195,128 @@ def _bwd_kernel(g_ptr, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, dq_ptr, dk_
             s = tl.sum(qf * kg, 1) * scale
             p = tl.where(okj, tl.exp(s - lse), 0.0)
             dp = tl.sum(gf * vg, 1)
-            ds = p * (dp - di)
-            dq += ds[:, None] * kg * scale
-            rows_k = (acc_base + safe).to(tl.int64)
-            tl.atomic_add(dk_ptr + rows_k[:, None] * D + offs_d[None, :], ds[:, None] * qf * scale,
-                          mask=okj[:, None] & d_ok[None, :])
-            tl.atomic_add(dv_ptr + rows_k[:, None] * DV + offs_dv[None, :], p[:, None] * gf,
-                          mask=okj[:, None] & dv_ok[None, :])
+            dq += (p * (dp - di))[:, None] * kg * scale
     tl.store(dq_ptr + row[:, None] * D + offs_d[None, :], dq, mask=m_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _bwd_dense_kv_kernel(g_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, di_ptr, dk_ptr, dv_ptr,
+                         sgb, sgh, sgm, sgd, sqb, sqh, sqm, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+                         H, M, L, D, DV, DENSE, scale,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
+    """Key-major (flash-attention 2 style): dk, dv of a block of dense keys, summed over every query block in
+    registers and stored once: no atomics, and a fixed summation order."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < DENSE
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+    kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None].to(tl.int64) * skl + offs_d[None, :] * skd,
+                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    vt = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None].to(tl.int64) * svl + offs_dv[None, :] * svd,
+                 mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+    q_base = q_ptr + b * sqb + h * sqh
+    g_base = g_ptr + b * sgb + h * sgh
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
+    # Scores are formed transposed, (keys, queries), from q and dO loaded both ways: the products then need no
+    # transpose of a computed tile (which made the fp32 FMA path spill kilobytes).
+    for start in range(0, M, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        row = (bh * M + offs_m).to(tl.int64)
+        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        qT = tl.load(q_base + offs_m[None, :].to(tl.int64) * sqm + offs_d[:, None] * sqd,
+                     mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+        g = tl.load(g_base + offs_m[:, None].to(tl.int64) * sgm + offs_dv[None, :] * sgd,
+                    mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+        gT = tl.load(g_base + offs_m[None, :].to(tl.int64) * sgm + offs_dv[:, None] * sgd,
+                     mask=m_ok[None, :] & dv_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + row, mask=m_ok, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # nothing kept: every P is 0
+        di = tl.load(di_ptr + row, mask=m_ok, other=0.0)
+        sT = _dot(kt, qT, IEEE) * scale
+        pT = tl.where(n_ok[:, None] & m_ok[None, :], tl.exp(sT - lse[None, :]), 0.0)
+        dpT = _dot(vt, gT, IEEE)
+        dsT = pT * (dpT - di[None, :])
+        dv += _dot(pT.to(g.dtype), g, IEEE)
+        dk += _dot(dsT.to(q.dtype), q, IEEE)
+    rows_n = (bh * L + offs_n).to(tl.int64)  # dk, dv are contiguous fp32 (B*H, L, D|DV)
+    tl.store(dk_ptr + rows_n[:, None] * D + offs_d[None, :], dk * scale, mask=n_ok[:, None] & d_ok[None, :])
+    tl.store(dv_ptr + rows_n[:, None] * DV + offs_dv[None, :], dv, mask=n_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _bwd_sparse_kv_kernel(g_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, di_ptr, rows_ptr, starts_ptr, dk_ptr, dv_ptr,
+                          sgb, sgh, sgm, sgd, sqb, sqh, sqm, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+                          H, M, L, D, DV, DENSE, NPAIRS, scale,
+                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Key-major over the sparse keys: one key per program walks the queries that kept it (rows_ptr, grouped by
+    key, starts_ptr[key - DENSE] .. starts_ptr[key - DENSE + 1]), gathering their q and dO rows. No atomics."""
+    key = DENSE + tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+    kj = tl.load(k_ptr + b * skb + h * skh + key.to(tl.int64) * skl + offs_d * skd, mask=d_ok, other=0.0)
+    vj = tl.load(v_ptr + b * svb + h * svh + key.to(tl.int64) * svl + offs_dv * svd, mask=dv_ok, other=0.0)
+    kj = kj.to(tl.float32)
+    vj = vj.to(tl.float32)
+    q_base = q_ptr + b * sqb + h * sqh
+    g_base = g_ptr + b * sgb + h * sgh
+    first = tl.load(starts_ptr + bh * (L - DENSE + 1) + (key - DENSE))
+    last = tl.load(starts_ptr + bh * (L - DENSE + 1) + (key - DENSE) + 1)
+    dk = tl.zeros((BLOCK_D,), tl.float32)
+    dv = tl.zeros((BLOCK_DV,), tl.float32)
+    for r0 in range(first, last, BLOCK_R):
+        r_ok = r0 + offs_r < last
+        i = tl.load(rows_ptr + bh * NPAIRS + r0 + offs_r, mask=r_ok, other=0).to(tl.int64)
+        qi = tl.load(q_base + i[:, None] * sqm + offs_d[None, :] * sqd, mask=r_ok[:, None] & d_ok[None, :],
+                     other=0.0).to(tl.float32)
+        gi = tl.load(g_base + i[:, None] * sgm + offs_dv[None, :] * sgd, mask=r_ok[:, None] & dv_ok[None, :],
+                     other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + bh * M + i, mask=r_ok, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        di = tl.load(di_ptr + bh * M + i, mask=r_ok, other=0.0)
+        s = tl.sum(qi * kj[None, :], 1) * scale
+        p = tl.where(r_ok, tl.exp(s - lse), 0.0)
+        ds = p * (tl.sum(gi * vj[None, :], 1) - di)
+        dk += tl.sum(ds[:, None] * qi, 0)
+        dv += tl.sum(p[:, None] * gi, 0)
+    rows_k = bh * L + key.to(tl.int64)
+    tl.store(dk_ptr + rows_k * D + offs_d, dk * scale, mask=d_ok)
+    tl.store(dv_ptr + rows_k * DV + offs_dv, dv, mask=dv_ok)
+
+
+def _queries_by_key(index: torch.Tensor, dense: int, L: int):
+    """The kept (query, key) pairs grouped by key, without leaving the device: per batch x head, the query numbers
+    in key order (ascending query within a key) and each sparse key's [start, end) into them. Empty slots (-1)
+    sort first and fall before every sparse key's range."""
+    B, H, M, kk = index.shape
+    flat = index.reshape(B * H, M * kk)
+    keys, order = torch.sort(flat, dim=1, stable=True)
+    rows = torch.div(order, kk, rounding_mode="floor").to(torch.int32)
+    bounds = torch.arange(dense, L + 1, device=index.device, dtype=index.dtype).expand(B * H, -1).contiguous()
+    starts = torch.searchsorted(keys, bounds).to(torch.int32)
+    return rows, starts
+
+
 # Launch parameters of topk_attention's kernels (forward and backward); benchmarks/tune_triton.py sweeps them.
+# bwd_*: the query-major dq kernel; kv_*: the key-major dense dk/dv kernel; sparse_*: the per-key sparse one.
 TOPK_ATTENTION_CONFIG = {"block_m": 16, "num_warps": 8, "num_stages": 3, "bwd_block_m": 16, "bwd_block_n": 32,
-                         "bwd_num_warps": 4}
+                         "bwd_num_warps": 4, "kv_block_m": 32, "kv_block_n": 64, "kv_num_warps": 8,
+                         "sparse_block_r": 32, "sparse_num_warps": 4}
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -266,21 +375,38 @@ def topk_attention_triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: t
     L, DV = k.shape[2], v.shape[3]
     kk = index.shape[3]
     dense = L if kk == 0 else dense_keys
+    # Every row of dq, dk and dv is written exactly once: dk/dv rows [0, dense) by the dense kernel, the rest by
+    # the sparse one (a key no query kept writes zeros there).
     dq = _alloc.empty(B, H, M, D, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device)
-    dv = torch.zeros(B, H, L, DV, dtype=torch.float32, device=q.device)
+    dk = _alloc.empty(B, H, L, D, dtype=torch.float32, device=q.device)
+    dv = _alloc.empty(B, H, L, DV, dtype=torch.float32, device=q.device)
+    di = torch.empty(B, H, M, dtype=torch.float32, device=q.device)
     out = out.contiguous()
     lse = lse.contiguous()
     index = index.contiguous()
     cfg = TOPK_ATTENTION_CONFIG
-    block_m = cfg["bwd_block_m"]
-    _bwd_kernel[(triton.cdiv(M, block_m), B * H)](
-        grad_out, q, k, v, out, lse, index if kk else lse, dq, dk, dv,
-        *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(),
+    strides = (*grad_out.stride(), *q.stride(), *k.stride(), *v.stride())
+    ieee = q.dtype == torch.float32
+    block_d, block_dv = _pow2(D), _pow2(DV)
+    _bwd_dq_kernel[(triton.cdiv(M, cfg["bwd_block_m"]), B * H)](
+        grad_out, q, k, v, out, lse, index if kk else lse, dq, di, *strides,
         H, M, L, D, DV, dense, kk, float(scale),
-        BLOCK_M=block_m, BLOCK_N=cfg["bwd_block_n"], BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
-        SPARSE=kk > 0, IEEE=q.dtype == torch.float32, num_warps=cfg["bwd_num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_M=cfg["bwd_block_m"], BLOCK_N=cfg["bwd_block_n"], BLOCK_D=block_d, BLOCK_DV=block_dv,
+        SPARSE=kk > 0, IEEE=ieee, num_warps=cfg["bwd_num_warps"], num_stages=cfg["num_stages"],
     )
+    if dense > 0:
+        _bwd_dense_kv_kernel[(triton.cdiv(dense, cfg["kv_block_n"]), B * H)](
+            grad_out, q, k, v, lse, di, dk, dv, *strides, H, M, L, D, DV, dense, float(scale),
+            BLOCK_M=cfg["kv_block_m"], BLOCK_N=cfg["kv_block_n"], BLOCK_D=block_d, BLOCK_DV=block_dv, IEEE=ieee,
+            num_warps=cfg["kv_num_warps"], num_stages=cfg["num_stages"],
+        )
+    if L > dense:
+        rows, starts = _queries_by_key(index, dense, L)
+        _bwd_sparse_kv_kernel[(L - dense, B * H)](
+            grad_out, q, k, v, lse, di, rows, starts, dk, dv, *strides, H, M, L, D, DV, dense, M * kk,
+            float(scale), BLOCK_R=cfg["sparse_block_r"], BLOCK_D=block_d, BLOCK_DV=block_dv,
+            num_warps=cfg["sparse_num_warps"],
+        )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
