@@ -4,8 +4,9 @@ Forward, one program per (block of queries, batch*head): the dense keys [0, dens
 softmax (tl.dot tiles); the sparse keys are swept tile by tile keeping each row's best `kk` candidates as packed
 int64 keys (orderable logit bits << 32 | inverted index, so "larger key" = larger logit, ties to the lower
 index), each tile merged by rounds of "largest entrant replaces the list's minimum" (_select.insert_entrants);
-after the sweep the list is sorted and folded into the same softmax, and its values gathered. Saved for backward:
-the log-sum-exp per query and the kept sparse indices (no M x L tensor).
+after the sweep the list is sorted (the saved indices), and a second sweep recomputes each tile and folds the keys
+at or above the row's kk-th best into the same online softmax, with a tile product for their values. Saved for
+backward: the log-sum-exp per query and the kept sparse indices (no M x L tensor).
 Backward, without atomics (so deterministic): a query-major kernel recomputes the dense scores tile by tile and
 the sparse ones from the saved indices for dq; a key-major kernel gives the dense keys' dk, dv (flash-attention 2
 style, each key block summing over every query block in registers); the kept pairs, grouped by key on the device
@@ -54,7 +55,16 @@ def _unpack(key):
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, p_ptr,
+def _sparse_tile(q, kt, offs_n, n_ok, scale, IEEE: tl.constexpr):
+    """A sparse key tile's logits and packed keys (_SENTINEL where invalid). Both forward sweeps call this, so a
+    key's logit comes out bit-identical in each."""
+    s = _dot(q, tl.trans(kt), IEEE) * scale
+    keys = tl.where(n_ok[None, :] & (s > float("-inf")), _pack(s, offs_n[None, :]), _SENTINEL)
+    return s, keys
+
+
+@triton.jit
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr,
                 sqb, sqh, sqm, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                 H, M, L, D, DV, DENSE, KK, scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -99,35 +109,38 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, p_ptr,
             n_ok = offs_n < L
             kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * skl + offs_d[None, :] * skd,
                          mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            s = _dot(q, tl.trans(kt), IEEE) * scale
-            keys = tl.where(n_ok[None, :] & (s > float("-inf")), _pack(s, offs_n[None, :]), _SENTINEL)
+            s, keys = _sparse_tile(q, kt, offs_n, n_ok, scale, IEEE)
             best = insert_entrants(best, keys, col, _SENTINEL)
+        # The row's kk-th best key (its list's minimum; _SENTINEL while fewer than kk keys are valid): a key is
+        # kept exactly when it is >= this one.
+        kth = tl.min(best, 1)
         best = tl.sort(tl.where(col[None, :] < KK, best, _SENTINEL), dim=1, descending=True)  # best-first
         sv, si = _unpack(best)
         keep = (col[None, :] < KK) & (best != _SENTINEL)
-        sv = tl.where(keep, sv, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sv, 1))
+        m_new = tl.maximum(m_i, tl.max(tl.where(keep, sv, float("-inf")), 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
-        p = tl.where(keep, tl.exp(sv - m_safe[:, None]), 0.0)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha
+        acc = acc * alpha[:, None]
         m_i = m_new
         row = (bh * M + offs_m).to(tl.int64)
-        kept_mask = m_ok[:, None] & (col[None, :] < KK)
-        tl.store(idx_ptr + row[:, None] * KK + col[None, :], tl.where(keep, si, -1), mask=kept_mask)
-        tl.store(p_ptr + row[:, None] * KK + col[None, :], p, mask=kept_mask)
-        # The values are gathered one kept column at a time, each column's index and weight read back from memory
-        # this program has just written (a barrier makes those writes visible across its threads): a 3-D
-        # (BLOCK_M, BLOCK_N, BLOCK_DV) gather would not fit in registers at BLOCK_N = 128.
-        tl.debug_barrier()
-        acc = acc * alpha[:, None]
-        for j in range(0, KK):
-            ij = tl.load(idx_ptr + row * KK + j, mask=m_ok, other=-1)
-            pj = tl.load(p_ptr + row * KK + j, mask=m_ok, other=0.0)
-            okj = ij >= 0
-            vrow = tl.load(v_base + tl.where(okj, ij, 0)[:, None] * svl + offs_dv[None, :] * svd,
-                           mask=okj[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
-            acc += pj[:, None] * vrow
+        tl.store(idx_ptr + row[:, None] * KK + col[None, :], tl.where(keep, si, -1),
+                 mask=m_ok[:, None] & (col[None, :] < KK))
+        # The kept keys' softmax terms and values: a second sweep recomputes each tile's keys with the same code
+        # (so the same bits) and multiplies the kept ones' weights into the value tile. Coalesced tile loads and
+        # a tensor-core product instead of kk dependent gathers of single value rows.
+        for start in range(DENSE, L, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < L
+            kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * skl + offs_d[None, :] * skd,
+                         mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * svl + offs_dv[None, :] * svd,
+                         mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            s, keys = _sparse_tile(q, kt, offs_n, n_ok, scale, IEEE)
+            kept = (keys >= kth[:, None]) & (keys != _SENTINEL)
+            p = tl.where(kept, tl.exp(s - m_safe[:, None]), 0.0)
+            l_i += tl.sum(p, 1)
+            acc += _dot(p.to(vt.dtype), vt, IEEE)
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     row = (bh * M + offs_m).to(tl.int64)
@@ -350,12 +363,11 @@ def topk_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top
     out = _alloc.empty(B, H, M, DV, dtype=q.dtype, device=q.device)
     lse = _alloc.empty(B, H, M, dtype=torch.float32, device=q.device)
     index = _alloc.empty(B, H, M, kk, dtype=torch.int64, device=q.device)
-    weights = torch.empty(B, H, M, kk, dtype=torch.float32, device=q.device)  # scratch: kept softmax numerators
     cfg = TOPK_ATTENTION_CONFIG
     block_m = cfg["block_m"]
     block_n = _pow2(kk) if kk else 32
     _fwd_kernel[(triton.cdiv(M, block_m), B * H)](
-        q, k, v, out, lse, index if kk else lse, weights if kk else lse, *q.stride(), *k.stride(), *v.stride(),
+        q, k, v, out, lse, index if kk else lse, *q.stride(), *k.stride(), *v.stride(),
         H, M, L, D, DV, dense, kk, float(scale),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE=kk > 0,
         IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
