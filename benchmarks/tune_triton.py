@@ -98,7 +98,8 @@ def _local_attention_tunable():
 def _topk_attention_tunable():
     return _bench_case_tunable(
         "topk", "vosops.triton.topk", "TOPK_ATTENTION_CONFIG",
-        {"block_m": [16, 32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3], "bwd_block_m": [16, 32, 64],
+        {"block_m": [16, 32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3],
+         "sort_min": [0, 2, 8, 32, 1 << 20], "bwd_block_m": [16, 32, 64],
          "bwd_block_n": [16, 32, 64], "bwd_num_warps": [2, 4, 8], "kv_block_m": [16, 32, 64],
          "kv_block_n": [32, 64, 128], "kv_num_warps": [4, 8], "sparse_block_r": [16, 32, 64],
          "sparse_num_warps": [2, 4, 8]},

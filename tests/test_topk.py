@@ -479,6 +479,23 @@ def test_topk_attention_backend_matches_reference(backend, device, layout):
 
 
 @pytest.mark.parametrize("backend,device", [p for p in ATT_BACKENDS if p.values[0] == "triton"])
+@pytest.mark.parametrize("sort_min", [0, 8, 1 << 20])
+def test_triton_forward_tile_merges(backend, device, sort_min, monkeypatch):
+    """The forward merges a sparse tile into the running top-k by one sort (sort_min=0: whenever a key enters), by
+    insertion rounds (1 << 20: always), or by whichever the tile's entrant count picks; each must keep exactly the
+    reference's set, ties included, over many tiles."""
+    from vosops.triton import topk as ttk
+
+    monkeypatch.setitem(ttk.TOPK_ATTENTION_CONFIG, "sort_min", sort_min)
+    q, k, v = attention_inputs(1, 2, 20, 200, 16, 8, device)
+    testing.check_against_reference(
+        lambda q, k, v: vosops.topk_attention(q, k, v, topk=30, scale=0.25, dense_keys=40, backend=backend),
+        lambda q, k, v: reference.topk_attention(q, k, v, topk=30, scale=0.25, dense_keys=40),
+        {"q": q, "k": k, "v": v}, dtype=torch.float32,
+    )
+
+
+@pytest.mark.parametrize("backend,device", [p for p in ATT_BACKENDS if p.values[0] == "triton"])
 def test_triton_backward_loops_over_blocks(backend, device, monkeypatch):
     """The Triton backward's loops, with blocks shrunk so small shapes take several of each: the key-major dense
     kernel sums over several query blocks and is launched for several key blocks (the last partial), and the sparse

@@ -29,3 +29,22 @@ def insert_entrants(best, keys, col, EMPTY: tl.constexpr):
         cand = tl.where((cand != top[:, None]) & (cand > kth[:, None]), cand, EMPTY)
         top = tl.max(cand, axis=1)
     return best
+
+
+@triton.jit
+def merge_tile(best, keys, col, KK, EMPTY: tl.constexpr, SORT_MIN: tl.constexpr):
+    """insert_entrants for a tile as wide as the list, choosing per tile: when some row admits SORT_MIN keys or
+    more, one sort of (list + tile) per row replaces that many insertion rounds (an empty list's first tile,
+    say); otherwise the rounds. SORT_MIN is a launch parameter, tuned per GPU (0: sort whenever a key enters)."""
+    BM: tl.constexpr = best.shape[0]
+    BN: tl.constexpr = best.shape[1]
+    kth = tl.min(best, axis=1)
+    entrants = tl.max(tl.sum((keys > kth[:, None]).to(tl.int32), axis=1))
+    if entrants >= tl.maximum(SORT_MIN, 1):
+        both = tl.reshape(tl.join(tl.where(col[None, :] < KK, best, EMPTY), keys), (BM, 2 * BN))
+        both = tl.sort(both, dim=1, descending=True)
+        top, _ = tl.split(tl.permute(tl.reshape(both, (BM, 2, BN)), (0, 2, 1)))  # the first BN of each row
+        best = tl.where(col[None, :] < KK, top, MAXKEY)
+    elif entrants > 0:
+        best = insert_entrants(best, keys, col, EMPTY)
+    return best

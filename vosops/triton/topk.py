@@ -3,10 +3,11 @@
 Forward, one program per (block of queries, batch*head): the dense keys [0, dense) go through the usual online
 softmax (tl.dot tiles); the sparse keys are swept tile by tile keeping each row's best `kk` candidates as packed
 int64 keys (orderable logit bits << 32 | inverted index, so "larger key" = larger logit, ties to the lower
-index), each tile merged by rounds of "largest entrant replaces the list's minimum" (_select.insert_entrants);
-after the sweep the list is sorted (the saved indices), and a second sweep recomputes each tile and folds the keys
-at or above the row's kk-th best into the same online softmax, with a tile product for their values. Saved for
-backward: the log-sum-exp per query and the kept sparse indices (no M x L tensor).
+index), each tile merged by rounds of "largest entrant replaces the list's minimum", or by one sort of list and
+tile when the tile brings many entrants (_select.merge_tile). After the sweep the list is sorted (the saved
+indices), and a second sweep recomputes each tile and folds the keys at or above the row's kk-th best into the
+same online softmax, with a tile product for their values. Saved for backward: the log-sum-exp per query and the
+kept sparse indices (no M x L tensor).
 Backward, without atomics (so deterministic): a query-major kernel recomputes the dense scores tile by tile and
 the sparse ones from the saved indices for dq; a key-major kernel gives the dense keys' dk, dv (flash-attention 2
 style, each key block summing over every query block in registers); the kept pairs, grouped by key on the device
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ._select import MAXKEY, insert_entrants
+from ._select import MAXKEY, insert_entrants, merge_tile
 from ..ops.topk import attention_autograd_rules, attention_fake, global_topk_fake, gt_backward, gt_setup, kept_sparse
 
 # Below every packed key: an empty slot. A tl.constexpr, as compiled kernels may read no other kind of global.
@@ -68,7 +69,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr,
                 sqb, sqh, sqm, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                 H, M, L, D, DV, DENSE, KK, scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                SPARSE: tl.constexpr, IEEE: tl.constexpr):
+                SPARSE: tl.constexpr, IEEE: tl.constexpr, SORT_MIN: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -110,7 +111,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr,
             kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * skl + offs_d[None, :] * skd,
                          mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
             s, keys = _sparse_tile(q, kt, offs_n, n_ok, scale, IEEE)
-            best = insert_entrants(best, keys, col, _SENTINEL)
+            best = merge_tile(best, keys, col, KK, _SENTINEL, SORT_MIN)
         # The row's kk-th best key (its list's minimum; _SENTINEL while fewer than kk keys are valid): a key is
         # kept exactly when it is >= this one.
         kth = tl.min(best, 1)
@@ -327,8 +328,10 @@ def _queries_by_key(index: torch.Tensor, dense: int, L: int):
 
 # Launch parameters of topk_attention's kernels (forward and backward); benchmarks/tune_triton.py sweeps them.
 # bwd_*: the query-major dq kernel; kv_*: the key-major dense dk/dv kernel; sparse_*: the per-key sparse one.
-TOPK_ATTENTION_CONFIG = {"block_m": 16, "num_warps": 8, "num_stages": 3, "bwd_block_m": 16, "bwd_block_n": 32,
-                         "bwd_num_warps": 4, "kv_block_m": 32, "kv_block_n": 64, "kv_num_warps": 8,
+# sort_min: a sparse tile that some row admits this many keys of is merged by a sort instead of insertion rounds.
+TOPK_ATTENTION_CONFIG = {"block_m": 16, "num_warps": 8, "num_stages": 3, "sort_min": 8,
+                         "bwd_block_m": 16, "bwd_block_n": 32, "bwd_num_warps": 4,
+                         "kv_block_m": 32, "kv_block_n": 64, "kv_num_warps": 8,
                          "sparse_block_r": 32, "sparse_num_warps": 4}
 
 
@@ -370,7 +373,8 @@ def topk_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top
         q, k, v, out, lse, index if kk else lse, *q.stride(), *k.stride(), *v.stride(),
         H, M, L, D, DV, dense, kk, float(scale),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE=kk > 0,
-        IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        IEEE=q.dtype == torch.float32, SORT_MIN=cfg["sort_min"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out, lse, index
 
