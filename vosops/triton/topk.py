@@ -322,7 +322,7 @@ def _queries_by_key(index: torch.Tensor, dense: int, L: int):
     keys, order = torch.sort(flat, dim=1, stable=True)
     rows = torch.div(order, kk, rounding_mode="floor").to(torch.int32)
     bounds = torch.arange(dense, L + 1, device=index.device, dtype=index.dtype).expand(B * H, -1).contiguous()
-    starts = torch.searchsorted(keys, bounds).to(torch.int32)
+    starts = torch.searchsorted(keys, bounds)  # int64: positions run to M * kk, which may pass 2^31
     return rows, starts
 
 
