@@ -91,8 +91,18 @@ def _local_attention_tunable():
     return _bench_case_tunable(
         "local_attention", "vosops.triton.local_attention", "LOCAL_ATTENTION_CONFIG",
         {"tile_elements": [1024, 2048, 4096, 8192], "max_bq": [4, 8, 16, 32, 64], "num_warps": [1, 2, 4, 8],
-         "num_stages": [1, 2, 3]},
+         "num_stages": [1, 2, 3], "tiled": [True, False]},
         ("mamp-480p", "crw-480p", "mamp-train"), ("fwd", "fwd+bwd"))
+
+
+def _local_attention_tiles_tunable():
+    """The query-tile kernels (LOCAL_ATTENTION_CONFIG["tiled"], the default); tile_h * tile_w < 16 is refused by
+    the wrapper and reported as an error row."""
+    return _bench_case_tunable(
+        "local_attention", "vosops.triton.local_attention_tiled", "TILED_CONFIG",
+        {"tile_h": [2, 4, 8, 16], "tile_w": [4, 8, 16, 32], "block_k": [32, 64, 128], "block_c": [16, 32, 64],
+         "num_warps": [4, 8], "num_stages": [1, 2, 3]},
+        ("mamp-480p", "crw-480p", "ino-480p", "mamp-train"), ("fwd", "fwd+bwd"))
 
 
 def _topk_attention_tunable():
@@ -107,7 +117,7 @@ def _topk_attention_tunable():
 
 
 TUNABLES = {"global_topk": _global_topk_tunable, "local_attention": _local_attention_tunable,
-            "topk_attention": _topk_attention_tunable}
+            "local_attention_tiles": _local_attention_tiles_tunable, "topk_attention": _topk_attention_tunable}
 
 
 def _sync(device: str) -> None:

@@ -617,3 +617,68 @@ def test_triton_int64_offsets_match(monkeypatch):
         results.append((out, lg, idx, *grads))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# --- the two Triton kernel families: query tiles (default) and one program per query block ---------------------
+
+_TRITON_CPU = pytest.mark.skipif(_backends.why_unusable("triton", "local_attention", "cpu") is not None,
+                                 reason="triton not usable on CPU here")
+
+
+@_TRITON_CPU
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_triton_per_query_kernels_match_reference(monkeypatch, case):
+    """LOCAL_ATTENTION_CONFIG["tiled"] = False: the per-query kernels (kept as the tunable alternative), forward
+    and backward, against the reference."""
+    from vosops.triton import local_attention as tla
+
+    monkeypatch.setitem(tla.LOCAL_ATTENTION_CONFIG, "tiled", False)
+    B, C, Cv, H, W, N, kw = CASES[case]
+    inputs, kw = make_inputs(B, C, Cv, H, W, N, kw, "cpu", seed=case)
+    ret = kw.get("topk") is not None
+    testing.check_against_reference(
+        lambda **t: vosops.local_attention(**t, **kw, return_topk=ret, backend="triton"),
+        lambda **t: vosops.local_attention(**t, **kw, return_topk=ret, backend="reference"),
+        inputs, dtype=torch.float32, grad_inputs=("q", "k", "v"))
+
+
+TILE_CASES = [
+    # (B, C, Cv, H, W, N, kwargs): frames several tiles wide and high, halos of many chunks
+    (2, 5, 3, 9, 11, 2, dict(radius=2, topk=6, border="zero", scale=0.5)),
+    (1, 20, 2, 8, 9, 2, dict(radius=2, dilation=2, window="circle", topk=7, normalize="threshold",
+                              offsets=True, border="mask")),
+    (1, 3, 4, 7, 13, 3, dict(radius=2, offsets=True, border="zero")),
+    (1, 4, 17, 6, 10, 1, dict(radius=1, dilation=3, topk=5, offsets=True, border="zero")),  # Cv > 16
+]
+
+
+@_TRITON_CPU
+@pytest.mark.parametrize("case", range(len(TILE_CASES)))
+def test_triton_tiles_and_chunks(monkeypatch, case):
+    """Small query tiles (4 x 4) and halo chunks (16 positions): many tiles per frame, partial tiles at the
+    right and bottom edges, many chunks per reference, channels over several blocks (C = 20 > 16), offsets that
+    spread a tile's windows; forward, backward and the returned top-k (and its gradient) against the reference."""
+    from vosops.triton import local_attention_tiled as tiled
+
+    monkeypatch.setitem(tiled.TILED_CONFIG, "tile_h", 4)
+    monkeypatch.setitem(tiled.TILED_CONFIG, "tile_w", 4)
+    monkeypatch.setitem(tiled.TILED_CONFIG, "interpret_block_k", 16)
+    monkeypatch.setitem(tiled.TILED_CONFIG, "block_c", 16)
+    B, C, Cv, H, W, N, kw = TILE_CASES[case]
+    inputs, kw = make_inputs(B, C, Cv, H, W, N, kw, "cpu", seed=40 + case)
+    if "offsets" in inputs:  # spread, none far out of frame (those make every box frame-sized: slow when interpreted)
+        inputs["offsets"] = rand_offsets(B, N, H, W, far=0.0)
+    ret = kw.get("topk") is not None
+    testing.check_against_reference(
+        lambda **t: vosops.local_attention(**t, **kw, return_topk=ret, backend="triton"),
+        lambda **t: vosops.local_attention(**t, **kw, return_topk=ret, backend="reference"),
+        inputs, dtype=torch.float32, grad_inputs=("q", "k", "v"))
+
+
+@_TRITON_CPU
+def test_triton_tile_config_is_checked(monkeypatch):
+    from vosops.triton import local_attention_tiled as tiled
+
+    monkeypatch.setitem(tiled.TILED_CONFIG, "tile_w", 3)
+    with pytest.raises(ValueError, match="TILED_CONFIG"):
+        tiled.tiles(8, 3)

@@ -1,5 +1,10 @@
 """local_attention in Triton: softmax over all candidates, top-k softmax and the threshold rule; forward and backward.
 
+Two kernel families share this file's custom ops: the query-tile kernels of local_attention_tiled.py (the default,
+LOCAL_ATTENTION_CONFIG["tiled"]: a tile of queries scores its windows' bounding box by matrix products) and the
+per-query kernels below (a block of queries, each gathering its own candidates), which the rest of this docstring
+describes; the selection and softmax rules are the same in both (_local_window.py).
+
 Candidates are visited in chunks of KP (a power of two >= topk) of the packed candidate axis c = n*T + t (T
 in-window positions per reference, from a small (dy, dx) table, so square and circle windows share the kernels).
 `_chunk_scores` computes a chunk's scores for a block of queries; every pass uses it, so the forward's selection and
@@ -37,18 +42,22 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from . import local_attention_tiled as _tiled
 from ..reference.local_attention import round_offsets, window_columns
+from ._local_window import NO_KEY as _NO_KEY
+from ._local_window import kept_list_softmax, store_kept_list
+from ._local_window import pack as _pack
+from ._local_window import unpack_score as _unpack_score
 from ._select import MAXKEY, insert_entrants
 
-# Below every real key (a -inf score packs to about -9.19e18).
-_NO_KEY = tl.constexpr(-9223000000000000000)
 _MODES = {"all": 0, "topk": 1, "threshold": 2}
 
 
 # Launch parameters of the compiled kernels (the interpreter ignores them). tile_elements: elements of one (queries,
 # candidates, channels) tile a program keeps in registers (32 a thread at 4 warps; each also needs a 64-bit address
 # while it is gathered); max_bq: queries per program at most. benchmarks/tune_triton.py sweeps them on a GPU.
-LOCAL_ATTENTION_CONFIG = {"tile_elements": 4096, "max_bq": 16, "num_warps": 4, "num_stages": 3}
+# tiled: use the query-tile kernels (local_attention_tiled.py, their own TILED_CONFIG) instead of these.
+LOCAL_ATTENTION_CONFIG = {"tile_elements": 4096, "max_bq": 16, "num_warps": 4, "num_stages": 3, "tiled": True}
 
 
 def _pow2_floor(n: int) -> int:
@@ -69,20 +78,6 @@ def _tiles(queries: int, mt: dict) -> tuple[int, int]:
     bq = max(1, min(max_bq, _pow2_floor(2 * tile // (kp * cvp))))
     cb = max(2, min(32, triton.next_power_of_2(mt["C"]), _pow2_floor(tile // (bq * kp))))
     return bq, cb
-
-
-@triton.jit
-def _pack(s, cid):
-    """int64 key ordering by score descending, then candidate index ascending (-0.0 counts as +0.0)."""
-    bits = (s + 0.0).to(tl.int32, bitcast=True)
-    mono = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    return (mono.to(tl.int64) << 32) | (4294967295 - cid.to(tl.int64))
-
-
-@triton.jit
-def _unpack_score(key):
-    hi = (key >> 32).to(tl.int32)
-    return tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -165,44 +160,17 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, out_ptr, lse_ptr, thr
         else:
             thr = kth & -4294967296  # clear the index bits: every score >= the k-th score
         if RET:
-            rc = 4294967295 - (run & 4294967295)
-            rn = rc // T
-            rt = rc % T
-            dy = tl.load(tab_ptr + 2 * rt, mask=pm[:, None], other=0).to(tl.int64)
-            dx = tl.load(tab_ptr + 2 * rt + 1, mask=pm[:, None], other=0).to(tl.int64)
-            full = rn * P + (dy + RADIUS) * D + (dx + RADIUS)
-            o = pix[:, None] * TOPK + col[None, :]
-            om = pm[:, None] & (col[None, :] < TOPK)
-            tl.store(lg_ptr + o, _unpack_score(run).to(lg_ptr.dtype.element_ty), mask=om)
-            tl.store(idx_ptr + o, full, mask=om)
+            store_kept_list(run, col, pix, pm, tab_ptr, lg_ptr, idx_ptr, T, P, D, RADIUS, TOPK)
     cv = tl.arange(0, CVP).to(IDX)
     cvm = cv < CV
     m = tl.full((BQ,), float("-inf"), tl.float32)
     l = tl.zeros((BQ,), tl.float32)
     acc = tl.zeros((BQ, CVP), tl.float32)
     if MODE == 1:
-        # top-k softmax: the kept set is the list itself (its first TOPK entries, scores in the keys), so one
-        # softmax over it and a gather of its values replace a second sweep over the window
-        keep = (col[None, :] < TOPK) & (run != _NO_KEY) & pm[:, None]
-        s = tl.where(keep, _unpack_score(run), float("-inf"))
-        rc = tl.where(keep, 4294967295 - (run & 4294967295), 0).to(IDX)
-        rn = rc // T
-        rt = rc % T
-        y = i[:, None] + tl.load(tab_ptr + 2 * rt, mask=keep, other=0).to(IDX) * DIL
-        x = j[:, None] + tl.load(tab_ptr + 2 * rt + 1, mask=keep, other=0).to(IDX) * DIL
-        if HAS_OFF:
-            o = ((b[:, None] * N + rn) * 2) * H * W + (i * W + j)[:, None]
-            x += tl.load(off_ptr + o, mask=keep, other=0).to(IDX)
-            y += tl.load(off_ptr + o + H * W, mask=keep, other=0).to(IDX)
-        lm = keep & (y >= 0) & (y < H) & (x >= 0) & (x < W)  # out of frame (zero border): value 0
-        m = tl.max(s, axis=1)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        p = tl.exp(s - m_safe[:, None])
-        vp = v_ptr + (b[:, None] * svb + rn * svn + tl.where(lm, y, 0) * svh + tl.where(lm, x, 0) * svw)
-        for c in range(0, CV):  # one value channel at a time: a (BQ, KP, CVP) gather would spill at KP = 64
-            vc = tl.load(vp + c * svc, mask=lm, other=0.0).to(tl.float32)
-            acc += tl.where(cv[None, :] == c, tl.sum(p * vc, axis=1)[:, None], 0.0)
-        l = tl.sum(p, axis=1)
+        # top-k softmax: the kept set is the list itself, so one softmax over it and a gather of its values replace
+        # a second sweep over the window
+        acc, l, m = kept_list_softmax(run, col, b[:, None], i, j, pm, off_ptr, tab_ptr, v_ptr, N, T, H, W, DIL, CV,
+                                      TOPK, svb, svn, svc, svh, svw, HAS_OFF, CVP, IDX)
     # pass 2 (softmax over every candidate, or threshold with its ties): online softmax over a second sweep
     if MODE != 1:
         for c0 in range(0, NT, KP):
@@ -419,6 +387,23 @@ def _table(radius: int, window: str, device) -> torch.Tensor:
     return _TABLES[key]
 
 
+def _inverse_table(radius: int, window: str, device) -> torch.Tensor:
+    """(P,) int32: the window entry t of column p = (dy+r)*D + (dx+r), -1 outside the window (circles), cached."""
+    key = ("inverse", radius, window, str(device))
+    if key not in _TABLES:
+        inv = [-1] * (2 * radius + 1) ** 2
+        for t, p in enumerate(window_columns(radius, window)):
+            inv[p] = t
+        _TABLES[key] = torch.tensor(inv, dtype=torch.int32, device=device)
+    return _TABLES[key]
+
+
+def _tile_args(q, radius, window, mt) -> dict:
+    """Constexprs and the inverse window table of the query-tile kernels."""
+    return dict(inv=_inverse_table(radius, window, q.device), SQUARE=window == "square",
+                PREC="ieee" if q.dtype == torch.float32 else "tf32", **_tiled.tiles(mt["C"], mt["CV"]))
+
+
 def _rounded(offsets, radius, dilation, like):
     if offsets is None:
         return like.new_zeros(1, dtype=torch.int32), False
@@ -453,13 +438,25 @@ def local_attention_triton(
     thr = _alloc.empty(B, H, W, dtype=torch.int64, device=q.device)
     logits = _alloc.empty(B, H, W, K, dtype=q.dtype, device=q.device)
     index = _alloc.empty(B, H, W, K, dtype=torch.int64, device=q.device)
+    idx_type = _index_type(q, k, v, off, out, logits, index)
+    if LOCAL_ATTENTION_CONFIG["tiled"]:
+        ta = _tile_args(q, radius, window, mt)
+        inv = ta.pop("inv")
+        _tiled.forward_kernel[_tiled.grid(B, H, W, ta)](
+            q, k, v, off, tab, inv, out, lse, thr, logits, index,
+            B, mt["C"], mt["CV"], H, W, mt["N"], tab.shape[0], dilation, mt["P"], mt["D"], radius, topk, scale,
+            *q.stride(), *k.stride(), *v.stride(),
+            HAS_OFF=has_off, ZERO_BORDER=border == "zero", MODE=mt["mode"], RET=bool(K), KP=mt["KP"], IDX=idx_type,
+            enable_fp_fusion=False, **ta, **_tiled.launch_options(),
+        )
+        return out, lse, thr, logits, index
     bq, cb = _tiles(B * H * W, mt)
     _forward_kernel[(triton.cdiv(B * H * W, bq),)](
         q, k, v, off, tab, out, lse, thr, logits, index,
         B, mt["C"], mt["CV"], H, W, mt["N"], tab.shape[0], dilation, mt["P"], mt["D"], radius, topk, scale,
         *q.stride(), *k.stride(), *v.stride(),
         HAS_OFF=has_off, ZERO_BORDER=border == "zero", MODE=mt["mode"], RET=bool(K),
-        BQ=bq, KP=mt["KP"], CB=cb, CVP=mt["CVP"], IDX=_index_type(q, k, v, off, out, logits, index),
+        BQ=bq, KP=mt["KP"], CB=cb, CVP=mt["CVP"], IDX=idx_type,
         enable_fp_fusion=False, num_warps=LOCAL_ATTENTION_CONFIG["num_warps"],
         num_stages=LOCAL_ATTENTION_CONFIG["num_stages"],
     )
@@ -500,7 +497,21 @@ def local_attention_triton_backward(
                   num_stages=LOCAL_ATTENTION_CONFIG["num_stages"])
     # Softmax over every candidate without offsets: dk, dv gathered per key (no atomics); else scattered per query.
     gather_kv = mt["mode"] == 0 and not has_off and not has_glg and (need_k or need_v)
-    if need_q or ((need_k or need_v) and not gather_kv):
+    if LOCAL_ATTENTION_CONFIG["tiled"] and (need_q or ((need_k or need_v) and not gather_kv)):
+        # the forward's scores, recomputed by the same tile code: the kept set is the forward's exactly
+        ta = _tile_args(q, radius, window, mt)
+        inv = ta.pop("inv")
+        _tiled.backward_kernel[_tiled.grid(B, H, W, ta)](
+            grad_out, grad_logits.contiguous() if has_glg else dummy, index.contiguous() if has_glg else dummy,
+            q, k, v, off, inv, lse, thr, delta,
+            dq if need_q else dummy, dk if need_k else dummy, dv if need_v else dummy,
+            B, C, CV, H, W, N, tab.shape[0], dilation, mt["P"], mt["D"], radius, topk, scale,
+            *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(),
+            HAS_OFF=has_off, ZERO_BORDER=border == "zero", MODE=mt["mode"], HAS_GLG=has_glg,
+            NEED_Q=need_q, NEED_K=need_k and not gather_kv, NEED_V=need_v and not gather_kv, IDX=idx_type,
+            enable_fp_fusion=False, **ta, **_tiled.launch_options(),
+        )
+    elif need_q or ((need_k or need_v) and not gather_kv):
         _backward_kernel[(triton.cdiv(B * H * W, bq),)](
             grad_out, grad_logits.contiguous() if has_glg else dummy, index.contiguous() if has_glg else dummy,
             q, k, v, off, tab, lse, thr, delta,

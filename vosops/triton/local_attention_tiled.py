@@ -1,0 +1,283 @@
+"""local_attention in Triton, query-tile form: the scores of a tile of queries against the keys of their windows are
+matrix products (`tl.dot`), not one gathered dot product per (query, candidate).
+
+A program owns a TH x TW tile of query pixels of one frame. For each reference n it walks the bounding box of the
+tile's windows (the "halo": (TH + 2rd) x (TW + 2rd) positions without offsets, larger where the tile's offsets
+spread) in chunks of KW positions; a chunk's keys are loaded once, as a (KW, C) block, for every query of the tile,
+and S = Q K^T gives the (TH*TW, KW) scores. Each (query, position) pair is then mapped back to the query's window:
+(dy, dx) = (position - centre) / dilation, a candidate when it is on the dilation grid, inside the radius and (circle
+windows) in the window table, with the candidate index n*T + t of the per-query kernels. From there the selection
+(packed keys, running list, insertion rounds), the kept-set rules and the online softmax are those of
+local_attention.py, so both kernel families return the same results up to the order of the score sums.
+
+Compared with the per-query kernels, a key is read once per tile instead of once per query whose window holds it
+(the halo at r=12 and a 4 x 8 tile: 896 positions shared by 32 queries, against 32 x 625 gathers), and the dot
+products run as block matrix products (fp32: input_precision="ieee", exact fp32 products, no TF32; fp16/bf16:
+tensor cores with fp32 accumulation). The price is the halo positions outside a query's window, scored and
+discarded: ~1.4x at r=12, less at larger radii, more when offsets spread the windows apart (random offsets in
+[-16, 16], the mamp-480p benchmark, make the box about 60 x 64 for a 4 x 8 tile).
+
+The backward recomputes each chunk's scores with the same function and tile shapes, so the kept set it derives
+(key >= the saved k-th key) is the forward's bit for bit; dq is accumulated per tile (its rows are the program's
+own), dk and dv are the tile's (KW, C) products added into fp32 buffers with atomics, one per (halo position,
+channel) per tile rather than per (query, candidate, channel).
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+from ._local_window import NO_KEY, kept_list_softmax, pack, store_kept_list
+from ._select import MAXKEY, insert_entrants
+
+# Launch parameters of the query-tile kernels: the tile of queries (tile_h * tile_w >= 16, a power of two), the
+# halo positions per chunk, the channel block of the score products. benchmarks/tune_triton.py sweeps them.
+# interpret_block_k: the chunk under TRITON_INTERPRET=1, where a program's cost is its number of numpy calls.
+TILED_CONFIG = {"tile_h": 4, "tile_w": 8, "block_k": 64, "block_c": 32, "num_warps": 8, "num_stages": 2,
+                "interpret_block_k": 256}
+
+
+def tiles(C: int, CV: int) -> dict:
+    """Constexprs of the tile kernels for C key channels and CV value channels."""
+    cfg = TILED_CONFIG
+    th, tw, kw = cfg["tile_h"], cfg["tile_w"], cfg["block_k"]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        kw = cfg["interpret_block_k"]
+    if th * tw < 16 or th * tw & (th * tw - 1) or kw < 16 or kw & (kw - 1):
+        raise ValueError(f"local_attention: TILED_CONFIG needs tile_h * tile_w and block_k powers of two >= 16, "
+                         f"got {cfg}")
+    return dict(TH=th, TW=tw, KW=kw, CB=max(16, min(cfg["block_c"], triton.next_power_of_2(C))),
+                CVQ=max(16, triton.next_power_of_2(CV)))
+
+
+def grid(B: int, H: int, W: int, t: dict) -> tuple[int]:
+    return (B * triton.cdiv(H, t["TH"]) * triton.cdiv(W, t["TW"]),)
+
+
+def launch_options() -> dict:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return {}
+    return dict(num_warps=TILED_CONFIG["num_warps"], num_stages=TILED_CONFIG["num_stages"])
+
+
+@triton.jit
+def _tile_queries(B, H, W, TH: tl.constexpr, TW: tl.constexpr, IDX: tl.constexpr):
+    """This program's TH x TW queries: flat pixel index (BQ,), in-frame mask, column, row, and the batch index
+    (one scalar: a tile never spans two frames)."""
+    tiles_x = tl.cdiv(W, TW)
+    tiles_y = tl.cdiv(H, TH)
+    pid = tl.program_id(0).to(IDX)
+    b = pid // (tiles_x * tiles_y)
+    rest = pid % (tiles_x * tiles_y)
+    a = tl.arange(0, TH * TW).to(IDX)
+    i = (rest // tiles_x) * TH + a // TW
+    j = (rest % tiles_x) * TW + a % TW
+    pm = (i < H) & (j < W)
+    i = tl.where(pm, i, 0)
+    j = tl.where(pm, j, 0)
+    return (b * H + i) * W + j, pm, j, i, b
+
+
+@triton.jit
+def _window_box(off_ptr, b, n, i, j, pm, N, H, W, RD, HAS_OFF: tl.constexpr, IDX: tl.constexpr):
+    """Window centres (BQ,) of the tile's queries in reference n (pixel + rounded offset) and the bounding box of
+    their windows: top row, left column, rows, columns. Offsets are clamped on the host (round_offsets), so the box
+    is bounded even when an offset points far out of the frame."""
+    if HAS_OFF:
+        o = ((b * N + n) * 2) * H * W + i * W + j
+        cx = j + tl.load(off_ptr + o, mask=pm, other=0).to(IDX)
+        cy = i + tl.load(off_ptr + o + H * W, mask=pm, other=0).to(IDX)
+    else:
+        cx = j
+        cy = i
+    y0 = tl.min(tl.where(pm, cy, 1 << 30)) - RD
+    x0 = tl.min(tl.where(pm, cx, 1 << 30)) - RD
+    rows = tl.max(tl.where(pm, cy, -(1 << 30))) + RD - y0 + 1
+    cols = tl.max(tl.where(pm, cx, -(1 << 30))) + RD - x0 + 1
+    return cy, cx, y0, x0, rows, cols
+
+
+@triton.jit
+def _halo_scores(q_ptr, k_ptr, inv_ptr, qbase, pm, cy, cx, b, n, y0, x0, cols, npos, h0, C, H, W, T, DIL, RADIUS,
+                 D, scale, sqc, skb, skn, skc, skh, skw, ZERO_BORDER: tl.constexpr, SQUARE: tl.constexpr,
+                 KW: tl.constexpr, CB: tl.constexpr, PREC: tl.constexpr, IDX: tl.constexpr):
+    """Scores (BQ, KW) of the tile's queries against halo positions [h0, h0 + KW) of reference n, with the
+    candidate mask, the candidate index n*T + t, the window column p = (dy+r)*D + (dx+r), the positions' in-frame
+    mask (KW,) and their rows and columns. Non-candidates score -inf; out-of-frame candidates 0 (zero border) or
+    -inf. Every pass (forward selection, forward aggregation, backward) calls this with the same tile shapes:
+    the scores are bit-identical across them."""
+    hp = h0 + tl.arange(0, KW).to(IDX)
+    hvalid = hp < npos
+    hy = y0 + hp // cols
+    hx = x0 + hp % cols
+    inside = hvalid & (hy >= 0) & (hy < H) & (hx >= 0) & (hx < W)
+    kaddr = b * skb + n * skn + tl.where(inside, hy, 0) * skh + tl.where(inside, hx, 0) * skw
+    s = tl.zeros((qbase.shape[0], KW), tl.float32)
+    for c0 in range(0, C, CB):
+        c = c0 + tl.arange(0, CB).to(IDX)
+        cm = c < C
+        qv = tl.load(q_ptr + qbase[:, None] + c[None, :] * sqc, mask=pm[:, None] & cm[None, :], other=0.0)
+        kv = tl.load(k_ptr + kaddr[:, None] + c[None, :] * skc, mask=inside[:, None] & cm[None, :], other=0.0)
+        s = tl.dot(qv, tl.trans(kv), acc=s, input_precision=PREC)
+    s = s * scale
+    dy = hy[None, :] - cy[:, None]
+    dx = hx[None, :] - cx[:, None]
+    # divisibility first: then // is exact whatever the rounding convention of negative quotients
+    on_grid = (dy % DIL == 0) & (dx % DIL == 0)
+    dy = dy // DIL
+    dx = dx // DIL
+    inwin = (on_grid & (dy >= -RADIUS) & (dy <= RADIUS) & (dx >= -RADIUS) & (dx <= RADIUS)
+             & pm[:, None] & hvalid[None, :])
+    p = tl.where(inwin, (dy + RADIUS) * D + (dx + RADIUS), 0)
+    if SQUARE:
+        t = p
+        cand = inwin
+    else:  # circle: the window table's inverse, -1 outside the circle
+        t = tl.load(inv_ptr + p, mask=inwin, other=-1).to(IDX)
+        cand = inwin & (t >= 0)
+    if ZERO_BORDER:
+        s = tl.where(inside[None, :], s, 0.0)
+    else:
+        s = tl.where(inside[None, :], s, float("-inf"))
+    s = tl.where(cand, s, float("-inf"))
+    cid = n * T + tl.where(cand, t, 0)
+    return s, cand, cid, p, inside, hy, hx
+
+
+@triton.jit
+def forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, inv_ptr, out_ptr, lse_ptr, thr_ptr, lg_ptr, idx_ptr,
+                   B, C, CV, H, W, N, T, DIL, P, D, RADIUS, TOPK, scale,
+                   sqb, sqc, sqh, sqw, skb, skn, skc, skh, skw, svb, svn, svc, svh, svw,
+                   HAS_OFF: tl.constexpr, ZERO_BORDER: tl.constexpr, MODE: tl.constexpr, RET: tl.constexpr,
+                   SQUARE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KW: tl.constexpr, KP: tl.constexpr,
+                   CB: tl.constexpr, CVQ: tl.constexpr, PREC: tl.constexpr, IDX: tl.constexpr):
+    """Outputs as local_attention.py's _forward_kernel (out, lse, k-th key, optional kept list)."""
+    BQ: tl.constexpr = TH * TW
+    pix, pm, j, i, b = _tile_queries(B, H, W, TH, TW, IDX)
+    qbase = b * sqb + i * sqh + j * sqw
+    col = tl.arange(0, KP).to(IDX)
+    RD = RADIUS * DIL
+    thr = tl.full((BQ,), NO_KEY, tl.int64)
+    if MODE != 0:
+        # pass 1: running list of the TOPK largest keys (unsorted; sorted once after the sweep)
+        run = tl.where(col[None, :] < TOPK, tl.full((BQ, KP), NO_KEY, tl.int64), MAXKEY)
+        for n in range(0, N):
+            cy, cx, y0, x0, rows, cols = _window_box(off_ptr, b, n, i, j, pm, N, H, W, RD, HAS_OFF, IDX)
+            for h0 in range(0, rows * cols, KW):
+                s, cand, cid, _p, _in, _y, _x = _halo_scores(
+                    q_ptr, k_ptr, inv_ptr, qbase, pm, cy, cx, b, n, y0, x0, cols, rows * cols, h0, C, H, W, T, DIL,
+                    RADIUS, D, scale, sqc, skb, skn, skc, skh, skw, ZERO_BORDER, SQUARE, KW, CB, PREC, IDX)
+                run = insert_entrants(run, tl.where(cand, pack(s, cid), NO_KEY), col, NO_KEY)
+        run = tl.sort(tl.where(col[None, :] < TOPK, run, NO_KEY), dim=1, descending=True)
+        kth = tl.sum(tl.where(col[None, :] == TOPK - 1, run, 0), axis=1)
+        if MODE == 1:
+            thr = kth
+        else:
+            thr = kth & -4294967296  # clear the index bits: every score >= the k-th score
+        if RET:
+            store_kept_list(run, col, pix, pm, tab_ptr, lg_ptr, idx_ptr, T, P, D, RADIUS, TOPK)
+    cv = tl.arange(0, CVQ).to(IDX)
+    cvm = cv < CV
+    m = tl.full((BQ,), float("-inf"), tl.float32)
+    l = tl.zeros((BQ,), tl.float32)
+    acc = tl.zeros((BQ, CVQ), tl.float32)
+    if MODE == 1:
+        acc, l, m = kept_list_softmax(run, col, b, i, j, pm, off_ptr, tab_ptr, v_ptr, N, T, H, W, DIL, CV, TOPK,
+                                      svb, svn, svc, svh, svw, HAS_OFF, CVQ, IDX)
+    else:
+        # softmax over every candidate, or threshold with its ties: online softmax over a second sweep, the
+        # values of a chunk summed by one (BQ, KW) x (KW, CVQ) product
+        for n in range(0, N):
+            cy, cx, y0, x0, rows, cols = _window_box(off_ptr, b, n, i, j, pm, N, H, W, RD, HAS_OFF, IDX)
+            for h0 in range(0, rows * cols, KW):
+                s, cand, cid, _p, inside, hy, hx = _halo_scores(
+                    q_ptr, k_ptr, inv_ptr, qbase, pm, cy, cx, b, n, y0, x0, cols, rows * cols, h0, C, H, W, T, DIL,
+                    RADIUS, D, scale, sqc, skb, skn, skc, skh, skw, ZERO_BORDER, SQUARE, KW, CB, PREC, IDX)
+                if MODE != 0:
+                    s = tl.where(cand & (pack(s, cid) >= thr[:, None]), s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing kept yet: avoid -inf - -inf
+                alpha = tl.exp(m - m_safe)
+                p = tl.exp(s - m_safe[:, None])
+                vaddr = b * svb + n * svn + tl.where(inside, hy, 0) * svh + tl.where(inside, hx, 0) * svw
+                vt = tl.load(v_ptr + vaddr[:, None] + cv[None, :] * svc, mask=inside[:, None] & cvm[None, :],
+                             other=0.0).to(tl.float32)
+                acc = tl.dot(p, vt, acc=acc * alpha[:, None], input_precision="ieee")
+                l = l * alpha + tl.sum(p, axis=1)
+                m = m_new
+    has = l > 0.0
+    out = acc / tl.where(has, l, 1.0)[:, None]
+    ob = b * CV * H * W + i * W + j
+    tl.store(out_ptr + ob[:, None] + cv[None, :] * H * W, out.to(out_ptr.dtype.element_ty),
+             mask=pm[:, None] & cvm[None, :])
+    # No kept candidate: lse = 0 makes every recomputed p = exp(-inf - 0) = 0 in the backward.
+    tl.store(lse_ptr + pix, tl.where(has, m + tl.log(tl.where(has, l, 1.0)), 0.0), mask=pm)
+    tl.store(thr_ptr + pix, thr, mask=pm)
+
+
+@triton.jit
+def backward_kernel(g_ptr, glg_ptr, idx_ptr, q_ptr, k_ptr, v_ptr, off_ptr, inv_ptr, lse_ptr, thr_ptr, dlt_ptr,
+                    dq_ptr, dk_ptr, dv_ptr,
+                    B, C, CV, H, W, N, T, DIL, P, D, RADIUS, TOPK, scale,
+                    sgb, sgc, sgh, sgw, sqb, sqc, sqh, sqw, skb, skn, skc, skh, skw, svb, svn, svc, svh, svw,
+                    HAS_OFF: tl.constexpr, ZERO_BORDER: tl.constexpr, MODE: tl.constexpr, HAS_GLG: tl.constexpr,
+                    NEED_Q: tl.constexpr, NEED_K: tl.constexpr, NEED_V: tl.constexpr, SQUARE: tl.constexpr,
+                    TH: tl.constexpr, TW: tl.constexpr, KW: tl.constexpr, CB: tl.constexpr, CVQ: tl.constexpr,
+                    PREC: tl.constexpr, IDX: tl.constexpr):
+    """p = exp(s - lse) on the kept set, ds = p * (g.v - g.out) (+ the returned logits' gradient); dq into the
+    program's own fp32 rows (B, H, W, C), dk and dv added with atomics into fp32 (B, N, H, W, C|Cv)."""
+    pix, pm, j, i, b = _tile_queries(B, H, W, TH, TW, IDX)
+    qbase = b * sqb + i * sqh + j * sqw
+    RD = RADIUS * DIL
+    cv = tl.arange(0, CVQ).to(IDX)
+    cvm = cv < CV
+    g = tl.load(g_ptr + (b * sgb + i * sgh + j * sgw)[:, None] + cv[None, :] * sgc,
+                mask=pm[:, None] & cvm[None, :], other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + pix, mask=pm, other=0.0)
+    thr = tl.load(thr_ptr + pix, mask=pm, other=0)
+    delta = tl.load(dlt_ptr + pix, mask=pm, other=0.0)  # sum_c g * out: the softmax backward's row term
+    for n in range(0, N):
+        cy, cx, y0, x0, rows, cols = _window_box(off_ptr, b, n, i, j, pm, N, H, W, RD, HAS_OFF, IDX)
+        for h0 in range(0, rows * cols, KW):
+            s, cand, cid, wp, inside, hy, hx = _halo_scores(
+                q_ptr, k_ptr, inv_ptr, qbase, pm, cy, cx, b, n, y0, x0, cols, rows * cols, h0, C, H, W, T, DIL,
+                RADIUS, D, scale, sqc, skb, skn, skc, skh, skw, ZERO_BORDER, SQUARE, KW, CB, PREC, IDX)
+            kept = cand
+            if MODE != 0:
+                kept = kept & (pack(s, cid) >= thr[:, None])
+            p = tl.where(kept, tl.exp(s - lse[:, None]), 0.0)
+            yy = tl.where(inside, hy, 0)
+            xx = tl.where(inside, hx, 0)
+            vt = tl.load(v_ptr + (b * svb + n * svn + yy * svh + xx * svw)[:, None] + cv[None, :] * svc,
+                         mask=inside[:, None] & cvm[None, :], other=0.0).to(tl.float32)
+            ds = p * (tl.dot(g, tl.trans(vt), input_precision="ieee") - delta[:, None])
+            if HAS_GLG:
+                # gradient of the returned top-k logits: each saved index adds its gradient to its candidate
+                full = n * P + wp
+                for jj in range(0, TOPK):
+                    top_idx = tl.load(idx_ptr + pix * TOPK + jj, mask=pm, other=-1)
+                    top_g = tl.load(glg_ptr + pix * TOPK + jj, mask=pm, other=0.0).to(tl.float32)
+                    ds += tl.where(cand & (full == top_idx[:, None]), top_g[:, None], 0.0)
+            ds = tl.where(cand & inside[None, :], ds, 0.0) * scale  # out-of-frame scores are constants
+            pos = ((b * N + n) * H + yy) * W + xx  # fp32 channels-last accumulators (B, N, H, W, C|Cv)
+            if NEED_V:
+                tl.atomic_add(dv_ptr + (pos * CV)[:, None] + cv[None, :],
+                              tl.dot(tl.trans(p), g, input_precision="ieee"), mask=inside[:, None] & cvm[None, :])
+            for c0 in range(0, C, CB):
+                c = c0 + tl.arange(0, CB).to(IDX)
+                cm = c < C
+                if NEED_Q:
+                    kv = tl.load(k_ptr + (b * skb + n * skn + yy * skh + xx * skw)[:, None] + c[None, :] * skc,
+                                 mask=inside[:, None] & cm[None, :], other=0.0).to(tl.float32)
+                    qa = dq_ptr + (pix * C)[:, None] + c[None, :]
+                    qm = pm[:, None] & cm[None, :]
+                    tl.store(qa, tl.load(qa, mask=qm, other=0.0) + tl.dot(ds, kv, input_precision="ieee"), mask=qm)
+                if NEED_K:
+                    qv = tl.load(q_ptr + qbase[:, None] + c[None, :] * sqc, mask=pm[:, None] & cm[None, :],
+                                 other=0.0).to(tl.float32)
+                    tl.atomic_add(dk_ptr + (pos * C)[:, None] + c[None, :],
+                                  tl.dot(tl.trans(ds), qv, input_precision="ieee"),
+                                  mask=inside[:, None] & cm[None, :])
