@@ -653,13 +653,16 @@ TILE_CASES = [
 
 
 @_TRITON_CPU
-@pytest.mark.parametrize("case", range(len(TILE_CASES)))
-def test_triton_tiles_and_chunks(monkeypatch, case):
+@pytest.mark.parametrize("case,sort_min", [(c, 8) for c in range(len(TILE_CASES))] + [(3, 0), (3, 1 << 20)])
+def test_triton_tiles_and_chunks(monkeypatch, case, sort_min):
     """Small query tiles (4 x 4) and halo chunks (16 positions): many tiles per frame, partial tiles at the
     right and bottom edges, many chunks per reference, channels over several blocks (C = 20 > 16), offsets that
-    spread a tile's windows; forward, backward and the returned top-k (and its gradient) against the reference."""
+    spread a tile's windows; forward, backward and the returned top-k (and its gradient) against the reference.
+    Chunks as wide as the top-k list merge by sort or by insertion rounds (sort_min 0: always sorted, 1 << 20:
+    always rounds)."""
     from vosops.triton import local_attention_tiled as tiled
 
+    monkeypatch.setitem(tiled.TILED_CONFIG, "sort_min", sort_min)
     monkeypatch.setitem(tiled.TILED_CONFIG, "tile_h", 4)
     monkeypatch.setitem(tiled.TILED_CONFIG, "tile_w", 4)
     monkeypatch.setitem(tiled.TILED_CONFIG, "interpret_block_k", 16)

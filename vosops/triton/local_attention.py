@@ -446,7 +446,8 @@ def local_attention_triton(
             q, k, v, off, tab, inv, out, lse, thr, logits, index,
             B, mt["C"], mt["CV"], H, W, mt["N"], tab.shape[0], dilation, mt["P"], mt["D"], radius, topk, scale,
             *q.stride(), *k.stride(), *v.stride(),
-            HAS_OFF=has_off, ZERO_BORDER=border == "zero", MODE=mt["mode"], RET=bool(K), KP=mt["KP"], IDX=idx_type,
+            HAS_OFF=has_off, ZERO_BORDER=border == "zero", MODE=mt["mode"], RET=bool(K), KP=mt["KP"],
+            SORT_MIN=_tiled.TILED_CONFIG["sort_min"], IDX=idx_type,
             enable_fp_fusion=False, **ta, **_tiled.launch_options(),
         )
         return out, lse, thr, logits, index

@@ -31,13 +31,14 @@ import triton
 import triton.language as tl
 
 from ._local_window import NO_KEY, kept_list_softmax, pack, store_kept_list
-from ._select import MAXKEY, insert_entrants
+from ._select import MAXKEY, insert_entrants, merge_tile
 
 # Launch parameters of the query-tile kernels: the tile of queries (tile_h * tile_w >= 16, a power of two), the
 # halo positions per chunk, the channel block of the score products. benchmarks/tune_triton.py sweeps them.
 # interpret_block_k: the chunk under TRITON_INTERPRET=1, where a program's cost is its number of numpy calls.
+# sort_min: see _select.merge_tile (used when the chunk is as wide as the top-k list).
 TILED_CONFIG = {"tile_h": 4, "tile_w": 8, "block_k": 64, "block_c": 32, "num_warps": 8, "num_stages": 2,
-                "interpret_block_k": 256}
+                "sort_min": 8, "interpret_block_k": 256}
 
 
 def tiles(C: int, CV: int) -> dict:
@@ -153,7 +154,8 @@ def forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, inv_ptr, out_ptr, lse_
                    sqb, sqc, sqh, sqw, skb, skn, skc, skh, skw, svb, svn, svc, svh, svw,
                    HAS_OFF: tl.constexpr, ZERO_BORDER: tl.constexpr, MODE: tl.constexpr, RET: tl.constexpr,
                    SQUARE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KW: tl.constexpr, KP: tl.constexpr,
-                   CB: tl.constexpr, CVQ: tl.constexpr, PREC: tl.constexpr, IDX: tl.constexpr):
+                   CB: tl.constexpr, CVQ: tl.constexpr, PREC: tl.constexpr, SORT_MIN: tl.constexpr,
+                   IDX: tl.constexpr):
     """Outputs as local_attention.py's _forward_kernel (out, lse, k-th key, optional kept list)."""
     BQ: tl.constexpr = TH * TW
     pix, pm, j, i, b = _tile_queries(B, H, W, TH, TW, IDX)
@@ -170,7 +172,11 @@ def forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, inv_ptr, out_ptr, lse_
                 s, cand, cid, _p, _in, _y, _x = _halo_scores(
                     q_ptr, k_ptr, inv_ptr, qbase, pm, cy, cx, b, n, y0, x0, cols, rows * cols, h0, C, H, W, T, DIL,
                     RADIUS, D, scale, sqc, skb, skn, skc, skh, skw, ZERO_BORDER, SQUARE, KW, CB, PREC, IDX)
-                run = insert_entrants(run, tl.where(cand, pack(s, cid), NO_KEY), col, NO_KEY)
+                keys = tl.where(cand, pack(s, cid), NO_KEY)
+                if KP == KW:  # a chunk with many entrants (a list's first chunks) merges by one sort
+                    run = merge_tile(run, keys, col, TOPK, NO_KEY, SORT_MIN)
+                else:
+                    run = insert_entrants(run, keys, col, NO_KEY)
         run = tl.sort(tl.where(col[None, :] < TOPK, run, NO_KEY), dim=1, descending=True)
         kth = tl.sum(tl.where(col[None, :] == TOPK - 1, run, 0), axis=1)
         if MODE == 1:
