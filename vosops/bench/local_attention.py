@@ -10,6 +10,10 @@ rounded offsets, F.unfold of the zero-padded frame, then torch.cat over referenc
 softmax, torch.gather of the values), and the reference (vosops.reference, row-chunked). The glue is the
 baseline speed-ups are measured against.
 
+mamp-480p-smooth: mamp-480p with smooth offsets (a random field in [-16, 16] on a 16-pixel grid, bilinearly
+upsampled, as optical flow is): the windows of neighbouring queries move together, which mamp-480p's independent
+per-pixel offsets rule out; the query-tile Triton kernels are built for this case.
+
 mamp-train-masked: mamp-train with border="mask", the single-reference, no-top-k case FlexAttention can express
 (a neighbourhood block mask; out-of-frame keys simply absent). There the baseline is compiled FlexAttention.
 """
@@ -35,6 +39,7 @@ FULL = {
     "crw-480p": (1, 128, 7, 60, 107, 20, dict(radius=12, topk=10, window="circle", scale=20.0), False, True),
     "mamp-train": (24, 64, 3, 64, 64, 1, dict(radius=6, scale=1 / 8, border="zero"), False, False),
 }
+FULL["mamp-480p-smooth"] = (*FULL["mamp-480p"][:7], "smooth", False)
 # The case FlexAttention can express: one reference, softmax over the whole window, out-of-frame keys excluded.
 FULL["mamp-train-masked"] = (*FULL["mamp-train"][:6], dict(FULL["mamp-train"][6], border="mask"), False, False)
 TRAIN = {"mamp-train", "mamp-train-masked"}
@@ -151,7 +156,11 @@ def _inputs(spec, device, requires_grad=False, seed=0):
     if requires_grad:
         for x in t.values():
             x.requires_grad_()
-    if with_offsets:
+    if with_offsets == "smooth":
+        coarse = torch.randint(-16, 17, (B * N, 2, H // 16 + 2, W // 16 + 2), generator=g).float()
+        flow = F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=True)
+        t["offsets"] = flow.round().view(B, N, 2, H, W).to(device)
+    elif with_offsets:
         t["offsets"] = torch.randint(-16, 17, (B, N, 2, H, W), generator=g).float().to(device)
     return t, dict(kw)
 
