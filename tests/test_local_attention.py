@@ -649,6 +649,9 @@ TILE_CASES = [
                               offsets=True, border="mask")),
     (1, 3, 4, 7, 13, 3, dict(radius=2, offsets=True, border="zero")),
     (1, 4, 17, 6, 10, 1, dict(radius=1, dilation=3, topk=5, offsets=True, border="zero")),  # Cv > 16
+    # softmax over all, no offsets: dk and dv from the key-major tile kernel
+    (2, 20, 3, 9, 11, 2, dict(radius=2, dilation=2, window="circle", border="zero", scale=0.3)),
+    (1, 3, 2, 7, 6, 1, dict(radius=3, border="mask")),
 ]
 
 

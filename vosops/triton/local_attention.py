@@ -523,7 +523,16 @@ def local_attention_triton_backward(
             NEED_Q=need_q, NEED_K=need_k and not gather_kv, NEED_V=need_v and not gather_kv, BQ=bq, KP=mt["KP"],
             CB=cb, CVP=mt["CVP"], IDX=idx_type, **launch,
         )
-    if gather_kv:
+    if gather_kv and LOCAL_ATTENTION_CONFIG["tiled"]:
+        ta = _tile_args(q, radius, window, mt)
+        inv = ta.pop("inv")
+        _tiled.backward_kv_kernel[(B * N * _tiled.grid(1, H, W, ta)[0],)](
+            grad_out, q, k, v, inv, lse, delta, dk if need_k else dummy, dv if need_v else dummy,
+            B, C, CV, H, W, N, tab.shape[0], dilation, mt["D"], radius, scale,
+            *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(),
+            NEED_K=need_k, NEED_V=need_v, IDX=idx_type, enable_fp_fusion=False, **ta, **_tiled.launch_options(),
+        )
+    elif gather_kv:
         _backward_kv_kernel[(triton.cdiv(B * N * H * W, bq),)](
             grad_out, q, k, v, tab, lse, delta, dk if need_k else dummy, dv if need_v else dummy,
             B, C, CV, H, W, N, tab.shape[0], dilation, scale,

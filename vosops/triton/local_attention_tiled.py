@@ -20,7 +20,9 @@ discarded: ~1.4x at r=12, less at larger radii, more when offsets spread the win
 The backward recomputes each chunk's scores with the same function and tile shapes, so the kept set it derives
 (key >= the saved k-th key) is the forward's bit for bit; dq is accumulated per tile (its rows are the program's
 own), dk and dv are the tile's (KW, C) products added into fp32 buffers with atomics, one per (halo position,
-channel) per tile rather than per (query, candidate, channel).
+channel) per tile rather than per (query, candidate, channel). Softmax over every candidate without offsets (MAMP
+training) takes dk and dv from backward_kv_kernel instead: key-major tiles over the box of queries that see them,
+no atomics.
 """
 
 from __future__ import annotations
@@ -287,3 +289,88 @@ def backward_kernel(g_ptr, glg_ptr, idx_ptr, q_ptr, k_ptr, v_ptr, off_ptr, inv_p
                     tl.atomic_add(dk_ptr + (pos * C)[:, None] + c[None, :],
                                   tl.dot(tl.trans(ds), qv, input_precision="ieee"),
                                   mask=inside[:, None] & cm[None, :])
+
+
+@triton.jit
+def backward_kv_kernel(g_ptr, q_ptr, k_ptr, v_ptr, inv_ptr, lse_ptr, dlt_ptr, dk_ptr, dv_ptr,
+                       B, C, CV, H, W, N, T, DIL, D, RADIUS, scale,
+                       sgb, sgc, sgh, sgw, sqb, sqc, sqh, sqw, skb, skn, skc, skh, skw, svb, svn, svc, svh, svw,
+                       NEED_K: tl.constexpr, NEED_V: tl.constexpr, SQUARE: tl.constexpr,
+                       TH: tl.constexpr, TW: tl.constexpr, KW: tl.constexpr, CB: tl.constexpr, CVQ: tl.constexpr,
+                       PREC: tl.constexpr, IDX: tl.constexpr):
+    """dk and dv of softmax over every candidate without offsets, key-major: a program owns a TH x TW tile of key
+    pixels of one (batch, reference) and walks the box of queries whose windows hold them (the tile +- r*d,
+    clipped to the frame) in chunks of KW, scoring S^T = K Q^T by tl.dot; dv += P G, dk += dS Q. Every key row
+    is written by its program only: no atomics, deterministic. (The scores are summed in another order than the
+    forward's: harmless here, where no selection depends on them.)"""
+    tiles_x = tl.cdiv(W, TW)
+    tiles_y = tl.cdiv(H, TH)
+    pid = tl.program_id(0).to(IDX)
+    bn = pid // (tiles_x * tiles_y)  # b * N + n
+    rest = pid % (tiles_x * tiles_y)
+    b = bn // N
+    n = bn % N
+    a = tl.arange(0, TH * TW).to(IDX)
+    ky = (rest // tiles_x) * TH + a // TW
+    kx = (rest % tiles_x) * TW + a % TW
+    km = (ky < H) & (kx < W)
+    ky = tl.where(km, ky, 0)
+    kx = tl.where(km, kx, 0)
+    kbase = b * skb + n * skn + ky * skh + kx * skw
+    RD = RADIUS * DIL
+    y0 = tl.maximum((rest // tiles_x) * TH - RD, 0)
+    x0 = tl.maximum((rest % tiles_x) * TW - RD, 0)
+    rows = tl.minimum((rest // tiles_x) * TH + TH - 1 + RD, H - 1) - y0 + 1
+    cols = tl.minimum((rest % tiles_x) * TW + TW - 1 + RD, W - 1) - x0 + 1
+    cv = tl.arange(0, CVQ).to(IDX)
+    cvm = cv < CV
+    vk = tl.load(v_ptr + (b * svb + n * svn + ky * svh + kx * svw)[:, None] + cv[None, :] * svc,
+                 mask=km[:, None] & cvm[None, :], other=0.0).to(tl.float32)
+    dv_acc = tl.zeros((TH * TW, CVQ), tl.float32)
+    for h0 in range(0, rows * cols, KW):
+        hp = h0 + tl.arange(0, KW).to(IDX)
+        qin = hp < rows * cols
+        qy = tl.where(qin, y0 + hp // cols, 0)
+        qx = tl.where(qin, x0 + hp % cols, 0)
+        qbase = b * sqb + qy * sqh + qx * sqw
+        s = tl.zeros((TH * TW, KW), tl.float32)
+        for c0 in range(0, C, CB):
+            c = c0 + tl.arange(0, CB).to(IDX)
+            cm = c < C
+            kv = tl.load(k_ptr + kbase[:, None] + c[None, :] * skc, mask=km[:, None] & cm[None, :], other=0.0)
+            qv = tl.load(q_ptr + qbase[:, None] + c[None, :] * sqc, mask=qin[:, None] & cm[None, :], other=0.0)
+            s = tl.dot(kv, tl.trans(qv), acc=s, input_precision=PREC)
+        s = s * scale
+        # key = query + DIL * (dy, dx): the key's window entry in the query's window
+        dy = ky[:, None] - qy[None, :]
+        dx = kx[:, None] - qx[None, :]
+        on_grid = (dy % DIL == 0) & (dx % DIL == 0)
+        dy = dy // DIL
+        dx = dx // DIL
+        cand = (on_grid & (dy >= -RADIUS) & (dy <= RADIUS) & (dx >= -RADIUS) & (dx <= RADIUS)
+                & km[:, None] & qin[None, :])
+        if not SQUARE:
+            t = tl.load(inv_ptr + tl.where(cand, (dy + RADIUS) * D + (dx + RADIUS), 0), mask=cand, other=-1)
+            cand = cand & (t >= 0)
+        qpix = (b * H + qy) * W + qx
+        lse = tl.load(lse_ptr + qpix, mask=qin, other=0.0)
+        p = tl.where(cand, tl.exp(s - lse[None, :]), 0.0)
+        gq = tl.load(g_ptr + (b * sgb + qy * sgh + qx * sgw)[:, None] + cv[None, :] * sgc,
+                     mask=qin[:, None] & cvm[None, :], other=0.0).to(tl.float32)
+        if NEED_V:
+            dv_acc = tl.dot(p, gq, acc=dv_acc, input_precision="ieee")
+        if NEED_K:
+            delta = tl.load(dlt_ptr + qpix, mask=qin, other=0.0)
+            ds = p * (tl.dot(vk, tl.trans(gq), input_precision="ieee") - delta[None, :]) * scale
+            for c0 in range(0, C, CB):
+                c = c0 + tl.arange(0, CB).to(IDX)
+                cm = c < C
+                qv = tl.load(q_ptr + qbase[:, None] + c[None, :] * sqc, mask=qin[:, None] & cm[None, :],
+                             other=0.0).to(tl.float32)
+                ka = dk_ptr + (((bn * H + ky) * W + kx) * C)[:, None] + c[None, :]  # this program's rows
+                kmask = km[:, None] & cm[None, :]
+                tl.store(ka, tl.load(ka, mask=kmask, other=0.0) + tl.dot(ds, qv, input_precision="ieee"),
+                         mask=kmask)
+    if NEED_V:
+        tl.store(dv_ptr + (((bn * H + ky) * W + kx) * CV)[:, None] + cv[None, :], dv_acc,
+                 mask=km[:, None] & cvm[None, :])
