@@ -101,7 +101,8 @@ def _local_attention_tiles_tunable():
     return _bench_case_tunable(
         "local_attention", "vosops.triton.local_attention_tiled", "TILED_CONFIG",
         {"tile_h": [2, 4, 8, 16], "tile_w": [4, 8, 16, 32], "block_k": [32, 64, 128], "block_c": [16, 32, 64],
-         "num_warps": [4, 8], "num_stages": [1, 2, 3], "sort_min": [0, 2, 8, 32, 1 << 20]},
+         "num_warps": [4, 8], "num_stages": [1, 2, 3], "sort_min": [0, 2, 8, 32, 1 << 20],
+         "channels_last": [False, True]},
         ("mamp-480p", "crw-480p", "ino-480p", "mamp-train"), ("fwd", "fwd+bwd"))
 
 

@@ -682,6 +682,25 @@ def test_triton_tiles_and_chunks(monkeypatch, case, sort_min):
 
 
 @_TRITON_CPU
+def test_triton_tiles_channels_last_copy(monkeypatch):
+    """TILED_CONFIG["channels_last"]: the tile kernels on channel-fastest copies compute what they compute on the
+    inputs as given (the same sums in the same order: bit-identical), forward and backward."""
+    from vosops.triton import local_attention_tiled as tiled
+
+    inputs, kw = make_inputs(1, 5, 3, 6, 9, 2, dict(radius=2, topk=5, offsets=True, border="zero"), "cpu", seed=7)
+    results = []
+    for copy in (False, True):
+        monkeypatch.setitem(tiled.TILED_CONFIG, "channels_last", copy)
+        t = {n: x.clone().requires_grad_(n != "offsets") for n, x in inputs.items()}
+        out, (lg, idx) = vosops.local_attention(**t, **kw, return_topk=True, backend="triton")
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + lg.sum(),
+                                    (t["q"], t["k"], t["v"]))
+        results.append((out, lg, idx, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@_TRITON_CPU
 def test_triton_tile_config_is_checked(monkeypatch):
     from vosops.triton import local_attention_tiled as tiled
 

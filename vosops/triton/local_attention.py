@@ -367,6 +367,13 @@ def _channels_last(x: torch.Tensor, cdim: int) -> torch.Tensor:
     return x.permute(perm).contiguous().permute(inverse)
 
 
+def _copy_channels_last() -> bool:
+    """The per-query kernels gather one candidate's channels at a time: they want channel-fastest inputs. The tile
+    kernels load (positions, channels) blocks, contiguous along positions in NCHW too, so by default they read the
+    inputs as given (no copy: at mamp-480p k alone is 33 MB); TILED_CONFIG["channels_last"] copies anyway."""
+    return not LOCAL_ATTENTION_CONFIG["tiled"] or _tiled.TILED_CONFIG["channels_last"]
+
+
 def _check(q: torch.Tensor) -> None:
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"local_attention: the triton backend takes float32, float16 or bfloat16, got {q.dtype}")
@@ -429,7 +436,8 @@ def local_attention_triton(
     (B, H, W, 0)."""
     _check(q)
     mt = _meta(q, k, v, radius, window, topk, normalize)
-    q, k, v = _channels_last(q, 1), _channels_last(k, 2), _channels_last(v, 2)
+    if _copy_channels_last():
+        q, k, v = _channels_last(q, 1), _channels_last(k, 2), _channels_last(v, 2)
     B, H, W, K = mt["B"], mt["H"], mt["W"], topk if return_topk else 0
     tab = _table(radius, window, q.device)
     off, has_off = _rounded(offsets, radius, dilation, q)
@@ -483,7 +491,8 @@ def local_attention_triton_backward(
     mt = _meta(q, k, v, radius, window, topk, normalize)
     B, C, CV, H, W, N = mt["B"], mt["C"], mt["CV"], mt["H"], mt["W"], mt["N"]
     dtypes = (q.dtype, k.dtype, v.dtype)
-    q, k, v = _channels_last(q, 1), _channels_last(k, 2), _channels_last(v, 2)
+    if _copy_channels_last():
+        q, k, v = _channels_last(q, 1), _channels_last(k, 2), _channels_last(v, 2)
     tab = _table(radius, window, q.device)
     off, has_off = _rounded(offsets, radius, dilation, q)
     delta = (grad_out.float() * out.float()).sum(1).contiguous()

@@ -38,9 +38,10 @@ from ._select import MAXKEY, insert_entrants, merge_tile
 # Launch parameters of the query-tile kernels: the tile of queries (tile_h * tile_w >= 16, a power of two), the
 # halo positions per chunk, the channel block of the score products. benchmarks/tune_triton.py sweeps them.
 # interpret_block_k: the chunk under TRITON_INTERPRET=1, where a program's cost is its number of numpy calls.
-# sort_min: see _select.merge_tile (used when the chunk is as wide as the top-k list).
+# sort_min: see _select.merge_tile (used when the chunk is as wide as the top-k list). channels_last: copy q, k, v
+# channel-fastest first (local_attention._copy_channels_last).
 TILED_CONFIG = {"tile_h": 4, "tile_w": 8, "block_k": 64, "block_c": 32, "num_warps": 8, "num_stages": 2,
-                "sort_min": 8, "interpret_block_k": 256}
+                "sort_min": 8, "channels_last": False, "interpret_block_k": 256}
 
 
 def tiles(C: int, CV: int) -> dict:
