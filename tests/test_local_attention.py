@@ -397,6 +397,47 @@ def test_backend_large_logits_do_not_overflow(backend, device):
                                    rtol=0.05)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_backward_keeps_the_forwards_top_k(backend, device):
+    """dv of top-k softmax must be exactly the forward's kept set weighted: sum over (query, kept j) of
+    softmax(returned logits)_j * g(query) at the kept candidate's key. The backends recompute the scores in the
+    backward and keep those >= the saved k-th key, so a recomputation that rounds differently from the forward
+    (another summation order, another MMA layout) would drop or add a candidate: an error of about w * g at a
+    key, far above the tolerance. In every dtype a backend takes (fp16 goes through tensor cores on a GPU)."""
+    B, C, Cv, H, W, N, r, topk = 1, 16, 3, 11, 12, 2, 3, 12
+    D, P = 2 * r + 1, (2 * r + 1) ** 2
+    for dtype in [d for d in testing.backend_dtypes(backend, device) if d != torch.float64]:
+        g = torch.Generator().manual_seed(11)
+        q = torch.randn(B, C, H, W, generator=g).to(device, dtype)
+        k = torch.randn(B, N, C, H, W, generator=g).to(device, dtype)
+        v = torch.randn(B, N, Cv, H, W, generator=g).to(device, dtype).requires_grad_()
+        offsets = rand_offsets(B, N, H, W, device=device)
+        out, (lg, idx) = vosops.local_attention(q, k, v, radius=r, scale=0.5, topk=topk, offsets=offsets,
+                                                border="zero", return_topk=True, backend=backend)
+        grad = torch.randn(out.shape, generator=g).to(device, dtype)
+        (dv,) = torch.autograd.grad(out, v, grad)
+        # expected dv from the forward's returned kept set alone (its logits recomputed in float64: the returned
+        # ones are rounded to the input dtype, too coarse in bfloat16)
+        idx, gq = idx.cpu(), grad.double().cpu()
+        oi = round_offsets(offsets.cpu(), r)  # (B, N, 2, H, W)
+        n, p = idx // P, idx % P
+        ii = torch.arange(H).view(1, H, 1, 1)
+        jj = torch.arange(W).view(1, 1, W, 1)
+        bb = torch.zeros_like(n)
+        y = ii + oi[bb, n, 1, ii, jj] + (p // D - r)
+        x = jj + oi[bb, n, 0, ii, jj] + (p % D - r)
+        inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        qd, kd = q.double().cpu(), k.double().cpu()
+        kk = kd[bb, n, :, y.clamp(0, H - 1), x.clamp(0, W - 1)]  # (B, H, W, k, C)
+        logits = 0.5 * (kk * qd.permute(0, 2, 3, 1).unsqueeze(3)).sum(-1) * inside  # zero border: 0 outside
+        w = torch.softmax(logits, dim=-1)
+        want = torch.zeros(B, N, H, W, Cv, dtype=torch.float64)
+        contrib = (w.unsqueeze(-1) * gq.permute(0, 2, 3, 1).unsqueeze(3))[inside]  # (kept in frame, Cv)
+        want.index_put_((bb[inside], n[inside], y[inside], x[inside]), contrib, accumulate=True)
+        tol = dict(atol=2e-3, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(dv.double().cpu(), want.permute(0, 1, 4, 2, 3), **tol, msg=str(dtype))
+
+
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "cpu"])
 def test_cpu_paper_configs_small(backend, device):
     """The paper settings (at small frames) through the C++ kernel, forward and backward, in float64."""
