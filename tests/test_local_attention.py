@@ -651,13 +651,18 @@ def test_triton_int64_offsets_match(monkeypatch):
     results = []
     for force in ("0", "1"):
         monkeypatch.setenv("VOSOPS_TRITON_INT64_INDEX", force)
-        t = {k: v.clone().requires_grad_(k != "offsets") for k, v in inputs.items()}
-        out, (lg, idx) = vosops.local_attention(**t, **kw, return_topk=True, backend="triton")
-        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + lg.sum(),
-                                    (t["q"], t["k"], t["v"]))
-        results.append((out, lg, idx, *grads))
+        results.append(_triton_forward_backward(inputs, kw))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def _triton_forward_backward(inputs, kw):
+    """(out, top logits, top index, dq, dk, dv) of the triton backend, the loss weighting every output."""
+    t = {n: x.clone().requires_grad_(n != "offsets") for n, x in inputs.items()}
+    out, (lg, idx) = vosops.local_attention(**t, **kw, return_topk=True, backend="triton")
+    grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + lg.sum(),
+                                (t["q"], t["k"], t["v"]))
+    return (out, lg, idx, *grads)
 
 
 # --- the two Triton kernel families: query tiles (default) and one program per query block ---------------------
@@ -732,11 +737,7 @@ def test_triton_tiles_channels_last_copy(monkeypatch):
     results = []
     for copy in (False, True):
         monkeypatch.setitem(tiled.TILED_CONFIG, "channels_last", copy)
-        t = {n: x.clone().requires_grad_(n != "offsets") for n, x in inputs.items()}
-        out, (lg, idx) = vosops.local_attention(**t, **kw, return_topk=True, backend="triton")
-        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + lg.sum(),
-                                    (t["q"], t["k"], t["v"]))
-        results.append((out, lg, idx, *grads))
+        results.append(_triton_forward_backward(inputs, kw))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 

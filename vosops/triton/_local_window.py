@@ -69,3 +69,16 @@ def kept_list_softmax(run, col, bb, i, j, pm, off_ptr, tab_ptr, v_ptr, N, T, H, 
         vc = tl.load(vp + c * svc, mask=lm, other=0.0).to(tl.float32)
         acc += tl.where(cv[None, :] == c, tl.sum(p * vc, axis=1)[:, None], 0.0)
     return acc, tl.sum(p, axis=1), m
+
+
+@triton.jit
+def store_rows(acc, l, m, thr, out_ptr, lse_ptr, thr_ptr, b, i, j, pix, pm, cv, CV, H, W):
+    """The forward's outputs for a block of queries: out = acc / l (0 where nothing was kept), the log-sum-exp
+    (0 there: every recomputed p = exp(-inf - 0) = 0 in the backward) and the k-th key. b: scalar or (BQ,)."""
+    has = l > 0.0
+    out = acc / tl.where(has, l, 1.0)[:, None]
+    ob = b * CV * H * W + i * W + j
+    tl.store(out_ptr + ob[:, None] + cv[None, :] * H * W, out.to(out_ptr.dtype.element_ty),
+             mask=pm[:, None] & (cv[None, :] < CV))
+    tl.store(lse_ptr + pix, tl.where(has, m + tl.log(tl.where(has, l, 1.0)), 0.0), mask=pm)
+    tl.store(thr_ptr + pix, thr, mask=pm)

@@ -45,7 +45,7 @@ from .. import _alloc
 from . import local_attention_tiled as _tiled
 from ..reference.local_attention import round_offsets, window_columns
 from ._local_window import NO_KEY as _NO_KEY
-from ._local_window import kept_list_softmax, store_kept_list
+from ._local_window import kept_list_softmax, store_kept_list, store_rows
 from ._local_window import pack as _pack
 from ._local_window import unpack_score as _unpack_score
 from ._select import MAXKEY, insert_entrants
@@ -193,14 +193,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, out_ptr, lse_ptr, thr
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vv, axis=1)
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new
-    has = l > 0.0
-    out = acc / tl.where(has, l, 1.0)[:, None]
-    ob = b * CV * H * W + i * W + j
-    tl.store(out_ptr + ob[:, None] + cv[None, :] * H * W, out.to(out_ptr.dtype.element_ty),
-             mask=pm[:, None] & cvm[None, :])
-    # No kept candidate: lse = 0 makes every recomputed p = exp(-inf - 0) = 0 in the backward.
-    tl.store(lse_ptr + pix, tl.where(has, m + tl.log(tl.where(has, l, 1.0)), 0.0), mask=pm)
-    tl.store(thr_ptr + pix, thr, mask=pm)
+    store_rows(acc, l, m, thr, out_ptr, lse_ptr, thr_ptr, b, i, j, pix, pm, cv, CV, H, W)
 
 
 @triton.jit

@@ -32,7 +32,7 @@ import os
 import triton
 import triton.language as tl
 
-from ._local_window import NO_KEY, kept_list_softmax, pack, store_kept_list
+from ._local_window import NO_KEY, kept_list_softmax, pack, store_kept_list, store_rows
 from ._select import MAXKEY, insert_entrants, merge_tile
 
 # Launch parameters of the query-tile kernels: the tile of queries (tile_h * tile_w >= 16, a power of two), the
@@ -105,6 +105,25 @@ def _window_box(off_ptr, b, n, i, j, pm, N, H, W, RD, HAS_OFF: tl.constexpr, IDX
 
 
 @triton.jit
+def _window_entry(dy, dx, valid, inv_ptr, DIL, RADIUS, D, SQUARE: tl.constexpr):
+    """For key - window centre (dy, dx) in pixels: whether the key is a window entry (valid, on the dilation grid,
+    inside the radius, and for circles in the window table), its column p = (dy+r)*D + (dx+r) (0 if not) and its
+    entry t in the window table."""
+    # divisibility first: then // is exact whatever the rounding convention of negative quotients
+    on_grid = (dy % DIL == 0) & (dx % DIL == 0)
+    dy = dy // DIL
+    dx = dx // DIL
+    inwin = valid & on_grid & (dy >= -RADIUS) & (dy <= RADIUS) & (dx >= -RADIUS) & (dx <= RADIUS)
+    p = tl.where(inwin, (dy + RADIUS) * D + (dx + RADIUS), 0)
+    t = p
+    cand = inwin
+    if not SQUARE:  # circle: the window table's inverse, -1 outside the circle
+        t = tl.load(inv_ptr + p, mask=inwin, other=-1).to(p.dtype)
+        cand = inwin & (t >= 0)
+    return cand, p, t
+
+
+@triton.jit
 def _halo_scores(q_ptr, k_ptr, inv_ptr, qbase, pm, cy, cx, b, n, y0, x0, cols, npos, h0, C, H, W, T, DIL, RADIUS,
                  D, scale, sqc, skb, skn, skc, skh, skw, ZERO_BORDER: tl.constexpr, SQUARE: tl.constexpr,
                  KW: tl.constexpr, CB: tl.constexpr, PREC: tl.constexpr, IDX: tl.constexpr):
@@ -127,21 +146,8 @@ def _halo_scores(q_ptr, k_ptr, inv_ptr, qbase, pm, cy, cx, b, n, y0, x0, cols, n
         kv = tl.load(k_ptr + kaddr[:, None] + c[None, :] * skc, mask=inside[:, None] & cm[None, :], other=0.0)
         s = tl.dot(qv, tl.trans(kv), acc=s, input_precision=PREC)
     s = s * scale
-    dy = hy[None, :] - cy[:, None]
-    dx = hx[None, :] - cx[:, None]
-    # divisibility first: then // is exact whatever the rounding convention of negative quotients
-    on_grid = (dy % DIL == 0) & (dx % DIL == 0)
-    dy = dy // DIL
-    dx = dx // DIL
-    inwin = (on_grid & (dy >= -RADIUS) & (dy <= RADIUS) & (dx >= -RADIUS) & (dx <= RADIUS)
-             & pm[:, None] & hvalid[None, :])
-    p = tl.where(inwin, (dy + RADIUS) * D + (dx + RADIUS), 0)
-    if SQUARE:
-        t = p
-        cand = inwin
-    else:  # circle: the window table's inverse, -1 outside the circle
-        t = tl.load(inv_ptr + p, mask=inwin, other=-1).to(IDX)
-        cand = inwin & (t >= 0)
+    cand, p, t = _window_entry(hy[None, :] - cy[:, None], hx[None, :] - cx[:, None], pm[:, None] & hvalid[None, :],
+                               inv_ptr, DIL, RADIUS, D, SQUARE)
     if ZERO_BORDER:
         s = tl.where(inside[None, :], s, 0.0)
     else:
@@ -217,14 +223,7 @@ def forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, inv_ptr, out_ptr, lse_
                 acc = tl.dot(p, vt, acc=acc * alpha[:, None], input_precision="ieee")
                 l = l * alpha + tl.sum(p, axis=1)
                 m = m_new
-    has = l > 0.0
-    out = acc / tl.where(has, l, 1.0)[:, None]
-    ob = b * CV * H * W + i * W + j
-    tl.store(out_ptr + ob[:, None] + cv[None, :] * H * W, out.to(out_ptr.dtype.element_ty),
-             mask=pm[:, None] & cvm[None, :])
-    # No kept candidate: lse = 0 makes every recomputed p = exp(-inf - 0) = 0 in the backward.
-    tl.store(lse_ptr + pix, tl.where(has, m + tl.log(tl.where(has, l, 1.0)), 0.0), mask=pm)
-    tl.store(thr_ptr + pix, thr, mask=pm)
+    store_rows(acc, l, m, thr, out_ptr, lse_ptr, thr_ptr, b, i, j, pix, pm, cv, CV, H, W)
 
 
 @triton.jit
@@ -342,17 +341,9 @@ def backward_kv_kernel(g_ptr, q_ptr, k_ptr, v_ptr, inv_ptr, lse_ptr, dlt_ptr, dk
             qv = tl.load(q_ptr + qbase[:, None] + c[None, :] * sqc, mask=qin[:, None] & cm[None, :], other=0.0)
             s = tl.dot(kv, tl.trans(qv), acc=s, input_precision=PREC)
         s = s * scale
-        # key = query + DIL * (dy, dx): the key's window entry in the query's window
-        dy = ky[:, None] - qy[None, :]
-        dx = kx[:, None] - qx[None, :]
-        on_grid = (dy % DIL == 0) & (dx % DIL == 0)
-        dy = dy // DIL
-        dx = dx // DIL
-        cand = (on_grid & (dy >= -RADIUS) & (dy <= RADIUS) & (dx >= -RADIUS) & (dx <= RADIUS)
-                & km[:, None] & qin[None, :])
-        if not SQUARE:
-            t = tl.load(inv_ptr + tl.where(cand, (dy + RADIUS) * D + (dx + RADIUS), 0), mask=cand, other=-1)
-            cand = cand & (t >= 0)
+        # key = query + DIL * (dy, dx): the key's entry in the query's window
+        cand, _p, _t = _window_entry(ky[:, None] - qy[None, :], kx[:, None] - qx[None, :], km[:, None] & qin[None, :],
+                                     inv_ptr, DIL, RADIUS, D, SQUARE)
         qpix = (b * H + qy) * W + qx
         lse = tl.load(lse_ptr + qpix, mask=qin, other=0.0)
         p = tl.where(cand, tl.exp(s - lse[None, :]), 0.0)
