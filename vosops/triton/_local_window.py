@@ -82,3 +82,15 @@ def store_rows(acc, l, m, thr, out_ptr, lse_ptr, thr_ptr, b, i, j, pix, pm, cv, 
              mask=pm[:, None] & (cv[None, :] < CV))
     tl.store(lse_ptr + pix, tl.where(has, m + tl.log(tl.where(has, l, 1.0)), 0.0), mask=pm)
     tl.store(thr_ptr + pix, thr, mask=pm)
+
+
+@triton.jit
+def finish_list(run, col, TOPK, THRESHOLD: tl.constexpr):
+    """After the selection sweep: the list sorted (best first; slots past TOPK emptied) and the kept-set bound,
+    `key >= bound`: the k-th key for top-k (exactly TOPK kept, ties to the lower index), the k-th key with its
+    index bits cleared for the threshold rule (every score >= the k-th score)."""
+    run = tl.sort(tl.where(col[None, :] < TOPK, run, NO_KEY), dim=1, descending=True)
+    kth = tl.sum(tl.where(col[None, :] == TOPK - 1, run, 0), axis=1)
+    if THRESHOLD:
+        kth = kth & -4294967296
+    return run, kth

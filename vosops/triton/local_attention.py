@@ -45,7 +45,7 @@ from .. import _alloc
 from . import local_attention_tiled as _tiled
 from ..reference.local_attention import round_offsets, window_columns
 from ._local_window import NO_KEY as _NO_KEY
-from ._local_window import kept_list_softmax, store_kept_list, store_rows
+from ._local_window import finish_list, kept_list_softmax, store_kept_list, store_rows
 from ._local_window import pack as _pack
 from ._local_window import unpack_score as _unpack_score
 from ._select import MAXKEY, insert_entrants
@@ -153,12 +153,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, out_ptr, lse_ptr, thr
                               inside, cvalid, IDX)
             key = tl.where(cvalid[None, :], _pack(s, cid[None, :]), _NO_KEY)
             run = insert_entrants(run, key, col, _NO_KEY)
-        run = tl.sort(tl.where(col[None, :] < TOPK, run, _NO_KEY), dim=1, descending=True)
-        kth = tl.sum(tl.where(col[None, :] == TOPK - 1, run, 0), axis=1)
-        if MODE == 1:
-            thr = kth
-        else:
-            thr = kth & -4294967296  # clear the index bits: every score >= the k-th score
+        run, thr = finish_list(run, col, TOPK, MODE == 2)
         if RET:
             store_kept_list(run, col, pix, pm, tab_ptr, lg_ptr, idx_ptr, T, P, D, RADIUS, TOPK)
     cv = tl.arange(0, CVP).to(IDX)

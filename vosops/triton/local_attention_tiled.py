@@ -32,7 +32,7 @@ import os
 import triton
 import triton.language as tl
 
-from ._local_window import NO_KEY, kept_list_softmax, pack, store_kept_list, store_rows
+from ._local_window import NO_KEY, finish_list, kept_list_softmax, pack, store_kept_list, store_rows
 from ._select import MAXKEY, insert_entrants, merge_tile
 
 # Launch parameters of the query-tile kernels: the tile of queries (tile_h * tile_w >= 16, a power of two), the
@@ -105,6 +105,21 @@ def _window_box(off_ptr, b, n, i, j, pm, N, H, W, RD, HAS_OFF: tl.constexpr, IDX
 
 
 @triton.jit
+def _row_products(a_ptr, abase, am, sac, b_ptr, bbase, bm, sbc, C, CB: tl.constexpr, PREC: tl.constexpr,
+                  IDX: tl.constexpr):
+    """(len(abase), len(bbase)) fp32 dot products over C channels of the rows at a_ptr + abase and b_ptr + bbase
+    (channel strides sac, sbc; masked rows read as 0), CB channels per tl.dot."""
+    s = tl.zeros((abase.shape[0], bbase.shape[0]), tl.float32)
+    for c0 in range(0, C, CB):
+        c = c0 + tl.arange(0, CB).to(IDX)
+        cm = c < C
+        av = tl.load(a_ptr + abase[:, None] + c[None, :] * sac, mask=am[:, None] & cm[None, :], other=0.0)
+        bv = tl.load(b_ptr + bbase[:, None] + c[None, :] * sbc, mask=bm[:, None] & cm[None, :], other=0.0)
+        s = tl.dot(av, tl.trans(bv), acc=s, input_precision=PREC)
+    return s
+
+
+@triton.jit
 def _window_entry(dy, dx, valid, inv_ptr, DIL, RADIUS, D, SQUARE: tl.constexpr):
     """For key - window centre (dy, dx) in pixels: whether the key is a window entry (valid, on the dilation grid,
     inside the radius, and for circles in the window table), its column p = (dy+r)*D + (dx+r) (0 if not) and its
@@ -138,14 +153,7 @@ def _halo_scores(q_ptr, k_ptr, inv_ptr, qbase, pm, cy, cx, b, n, y0, x0, cols, n
     hx = x0 + hp % cols
     inside = hvalid & (hy >= 0) & (hy < H) & (hx >= 0) & (hx < W)
     kaddr = b * skb + n * skn + tl.where(inside, hy, 0) * skh + tl.where(inside, hx, 0) * skw
-    s = tl.zeros((qbase.shape[0], KW), tl.float32)
-    for c0 in range(0, C, CB):
-        c = c0 + tl.arange(0, CB).to(IDX)
-        cm = c < C
-        qv = tl.load(q_ptr + qbase[:, None] + c[None, :] * sqc, mask=pm[:, None] & cm[None, :], other=0.0)
-        kv = tl.load(k_ptr + kaddr[:, None] + c[None, :] * skc, mask=inside[:, None] & cm[None, :], other=0.0)
-        s = tl.dot(qv, tl.trans(kv), acc=s, input_precision=PREC)
-    s = s * scale
+    s = _row_products(q_ptr, qbase, pm, sqc, k_ptr, kaddr, inside, skc, C, CB, PREC, IDX) * scale
     cand, p, t = _window_entry(hy[None, :] - cy[:, None], hx[None, :] - cx[:, None], pm[:, None] & hvalid[None, :],
                                inv_ptr, DIL, RADIUS, D, SQUARE)
     if ZERO_BORDER:
@@ -186,12 +194,7 @@ def forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, inv_ptr, out_ptr, lse_
                     run = merge_tile(run, keys, col, TOPK, NO_KEY, SORT_MIN)
                 else:
                     run = insert_entrants(run, keys, col, NO_KEY)
-        run = tl.sort(tl.where(col[None, :] < TOPK, run, NO_KEY), dim=1, descending=True)
-        kth = tl.sum(tl.where(col[None, :] == TOPK - 1, run, 0), axis=1)
-        if MODE == 1:
-            thr = kth
-        else:
-            thr = kth & -4294967296  # clear the index bits: every score >= the k-th score
+        run, thr = finish_list(run, col, TOPK, MODE == 2)
         if RET:
             store_kept_list(run, col, pix, pm, tab_ptr, lg_ptr, idx_ptr, T, P, D, RADIUS, TOPK)
     cv = tl.arange(0, CVQ).to(IDX)
@@ -333,14 +336,7 @@ def backward_kv_kernel(g_ptr, q_ptr, k_ptr, v_ptr, inv_ptr, lse_ptr, dlt_ptr, dk
         qy = tl.where(qin, y0 + hp // cols, 0)
         qx = tl.where(qin, x0 + hp % cols, 0)
         qbase = b * sqb + qy * sqh + qx * sqw
-        s = tl.zeros((TH * TW, KW), tl.float32)
-        for c0 in range(0, C, CB):
-            c = c0 + tl.arange(0, CB).to(IDX)
-            cm = c < C
-            kv = tl.load(k_ptr + kbase[:, None] + c[None, :] * skc, mask=km[:, None] & cm[None, :], other=0.0)
-            qv = tl.load(q_ptr + qbase[:, None] + c[None, :] * sqc, mask=qin[:, None] & cm[None, :], other=0.0)
-            s = tl.dot(kv, tl.trans(qv), acc=s, input_precision=PREC)
-        s = s * scale
+        s = _row_products(k_ptr, kbase, km, skc, q_ptr, qbase, qin, sqc, C, CB, PREC, IDX) * scale
         # key = query + DIL * (dy, dx): the key's entry in the query's window
         cand, _p, _t = _window_entry(ky[:, None] - qy[None, :], kx[:, None] - qx[None, :], km[:, None] & qin[None, :],
                                      inv_ptr, DIL, RADIUS, D, SQUARE)
