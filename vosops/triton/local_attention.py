@@ -49,6 +49,7 @@ from ._local_window import finish_list, kept_list_softmax, store_kept_list, stor
 from ._local_window import pack as _pack
 from ._local_window import unpack_score as _unpack_score
 from ._select import MAXKEY, insert_entrants
+from ._softmax import online_softmax_step
 
 _MODES = {"all": 0, "topk": 1, "threshold": 2}
 
@@ -178,16 +179,11 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, out_ptr, lse_ptr, thr
                               cvalid, IDX)
             if MODE != 0:
                 s = tl.where(_pack(s, cid[None, :]) >= thr[:, None], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing kept yet: avoid -inf - -inf
-            alpha = tl.exp(m - m_safe)
-            p = tl.exp(s - m_safe[:, None])
+            m, l, alpha, p = online_softmax_step(m, l, s)
             vpix = b[:, None] * svb + n[None, :] * svn + y * svh + x * svw
             vv = tl.load(v_ptr + vpix[:, :, None] + cv[None, None, :] * svc,
                          mask=lm[:, :, None] & cvm[None, None, :], other=0.0).to(tl.float32)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vv, axis=1)
-            l = l * alpha + tl.sum(p, axis=1)
-            m = m_new
     store_rows(acc, l, m, thr, out_ptr, lse_ptr, thr_ptr, b, i, j, pix, pm, cv, CV, H, W)
 
 

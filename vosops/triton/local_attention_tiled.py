@@ -34,6 +34,7 @@ import triton.language as tl
 
 from ._local_window import NO_KEY, finish_list, kept_list_softmax, pack, store_kept_list, store_rows
 from ._select import MAXKEY, insert_entrants, merge_tile
+from ._softmax import online_softmax_step
 
 # Launch parameters of the query-tile kernels: the tile of queries (tile_h * tile_w >= 16, a power of two), the
 # halo positions per chunk, the channel block of the score products. benchmarks/tune_triton.py sweeps them.
@@ -68,20 +69,28 @@ def launch_options() -> dict:
 
 
 @triton.jit
-def _tile_queries(B, H, W, TH: tl.constexpr, TW: tl.constexpr, IDX: tl.constexpr):
-    """This program's TH x TW queries: flat pixel index (BQ,), in-frame mask, column, row, and the batch index
-    (one scalar: a tile never spans two frames)."""
+def _tile(H, W, TH: tl.constexpr, TW: tl.constexpr, IDX: tl.constexpr):
+    """This program's TH x TW tile of an H x W frame, programs ordered frame by frame: the frame index (one
+    scalar: a tile never spans two frames), the tile's pixels' rows and columns (TH * TW,; clamped to 0 outside
+    the frame), their in-frame mask, and the tile's top-left corner."""
     tiles_x = tl.cdiv(W, TW)
     tiles_y = tl.cdiv(H, TH)
     pid = tl.program_id(0).to(IDX)
-    b = pid // (tiles_x * tiles_y)
+    frame = pid // (tiles_x * tiles_y)
     rest = pid % (tiles_x * tiles_y)
+    row0 = (rest // tiles_x) * TH
+    col0 = (rest % tiles_x) * TW
     a = tl.arange(0, TH * TW).to(IDX)
-    i = (rest // tiles_x) * TH + a // TW
-    j = (rest % tiles_x) * TW + a % TW
-    pm = (i < H) & (j < W)
-    i = tl.where(pm, i, 0)
-    j = tl.where(pm, j, 0)
+    i = row0 + a // TW
+    j = col0 + a % TW
+    inside = (i < H) & (j < W)
+    return frame, tl.where(inside, i, 0), tl.where(inside, j, 0), inside, row0, col0
+
+
+@triton.jit
+def _tile_queries(B, H, W, TH: tl.constexpr, TW: tl.constexpr, IDX: tl.constexpr):
+    """This program's TH x TW queries: flat pixel index (BQ,), in-frame mask, column, row, and the batch index."""
+    b, i, j, pm, _, _ = _tile(H, W, TH, TW, IDX)
     return (b * H + i) * W + j, pm, j, i, b
 
 
@@ -216,16 +225,11 @@ def forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, inv_ptr, out_ptr, lse_
                     RADIUS, D, scale, sqc, skb, skn, skc, skh, skw, ZERO_BORDER, SQUARE, KW, CB, PREC, IDX)
                 if MODE != 0:
                     s = tl.where(cand & (pack(s, cid) >= thr[:, None]), s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing kept yet: avoid -inf - -inf
-                alpha = tl.exp(m - m_safe)
-                p = tl.exp(s - m_safe[:, None])
+                m, l, alpha, p = online_softmax_step(m, l, s)
                 vaddr = b * svb + n * svn + tl.where(inside, hy, 0) * svh + tl.where(inside, hx, 0) * svw
                 vt = tl.load(v_ptr + vaddr[:, None] + cv[None, :] * svc, mask=inside[:, None] & cvm[None, :],
                              other=0.0).to(tl.float32)
                 acc = tl.dot(p, vt, acc=acc * alpha[:, None], input_precision="ieee")
-                l = l * alpha + tl.sum(p, axis=1)
-                m = m_new
     store_rows(acc, l, m, thr, out_ptr, lse_ptr, thr_ptr, b, i, j, pix, pm, cv, CV, H, W)
 
 
@@ -306,25 +310,15 @@ def backward_kv_kernel(g_ptr, q_ptr, k_ptr, v_ptr, inv_ptr, lse_ptr, dlt_ptr, dk
     clipped to the frame) in chunks of KW, scoring S^T = K Q^T by tl.dot; dv += P G, dk += dS Q. Every key row
     is written by its program only: no atomics, deterministic. (The scores are summed in another order than the
     forward's: harmless here, where no selection depends on them.)"""
-    tiles_x = tl.cdiv(W, TW)
-    tiles_y = tl.cdiv(H, TH)
-    pid = tl.program_id(0).to(IDX)
-    bn = pid // (tiles_x * tiles_y)  # b * N + n
-    rest = pid % (tiles_x * tiles_y)
+    bn, ky, kx, km, ty, tx = _tile(H, W, TH, TW, IDX)  # frame bn = b * N + n
     b = bn // N
     n = bn % N
-    a = tl.arange(0, TH * TW).to(IDX)
-    ky = (rest // tiles_x) * TH + a // TW
-    kx = (rest % tiles_x) * TW + a % TW
-    km = (ky < H) & (kx < W)
-    ky = tl.where(km, ky, 0)
-    kx = tl.where(km, kx, 0)
     kbase = b * skb + n * skn + ky * skh + kx * skw
     RD = RADIUS * DIL
-    y0 = tl.maximum((rest // tiles_x) * TH - RD, 0)
-    x0 = tl.maximum((rest % tiles_x) * TW - RD, 0)
-    rows = tl.minimum((rest // tiles_x) * TH + TH - 1 + RD, H - 1) - y0 + 1
-    cols = tl.minimum((rest % tiles_x) * TW + TW - 1 + RD, W - 1) - x0 + 1
+    y0 = tl.maximum(ty - RD, 0)
+    x0 = tl.maximum(tx - RD, 0)
+    rows = tl.minimum(ty + TH - 1 + RD, H - 1) - y0 + 1
+    cols = tl.minimum(tx + TW - 1 + RD, W - 1) - x0 + 1
     cv = tl.arange(0, CVQ).to(IDX)
     cvm = cv < CV
     vk = tl.load(v_ptr + (b * svb + n * svn + ky * svh + kx * svw)[:, None] + cv[None, :] * svc,

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from .. import _alloc
 from ._select import MAXKEY, insert_entrants, merge_tile
+from ._softmax import online_softmax_step
 from ..ops.topk import attention_autograd_rules, attention_fake, global_topk_fake, gt_backward, gt_setup, kept_sparse
 
 # Below every packed key: an empty slot. A tl.constexpr, as compiled kernels may read no other kind of global.
@@ -95,13 +96,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr,
                      mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         s = _dot(q, tl.trans(kt), IEEE) * scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i, l_i, alpha, p = online_softmax_step(m_i, l_i, s)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE)
-        m_i = m_new
     if SPARSE:
         col = tl.arange(0, BLOCK_N)
         best = tl.where(col[None, :] < KK, tl.full((BLOCK_M, BLOCK_N), _SENTINEL, tl.int64), MAXKEY)
