@@ -88,7 +88,7 @@ def _tile(H, W, TH: tl.constexpr, TW: tl.constexpr, IDX: tl.constexpr):
 
 
 @triton.jit
-def _tile_queries(B, H, W, TH: tl.constexpr, TW: tl.constexpr, IDX: tl.constexpr):
+def _tile_queries(H, W, TH: tl.constexpr, TW: tl.constexpr, IDX: tl.constexpr):
     """This program's TH x TW queries: flat pixel index (BQ,), in-frame mask, column, row, and the batch index."""
     b, i, j, pm, _, _ = _tile(H, W, TH, TW, IDX)
     return (b * H + i) * W + j, pm, j, i, b
@@ -184,7 +184,7 @@ def forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, inv_ptr, out_ptr, lse_
                    IDX: tl.constexpr):
     """Outputs as local_attention.py's _forward_kernel (out, lse, k-th key, optional kept list)."""
     BQ: tl.constexpr = TH * TW
-    pix, pm, j, i, b = _tile_queries(B, H, W, TH, TW, IDX)
+    pix, pm, j, i, b = _tile_queries(H, W, TH, TW, IDX)
     qbase = b * sqb + i * sqh + j * sqw
     col = tl.arange(0, KP).to(IDX)
     RD = RADIUS * DIL
@@ -244,7 +244,7 @@ def backward_kernel(g_ptr, glg_ptr, idx_ptr, q_ptr, k_ptr, v_ptr, off_ptr, inv_p
                     PREC: tl.constexpr, IDX: tl.constexpr):
     """p = exp(s - lse) on the kept set, ds = p * (g.v - g.out) (+ the returned logits' gradient); dq into the
     program's own fp32 rows (B, H, W, C), dk and dv added with atomics into fp32 (B, N, H, W, C|Cv)."""
-    pix, pm, j, i, b = _tile_queries(B, H, W, TH, TW, IDX)
+    pix, pm, j, i, b = _tile_queries(H, W, TH, TW, IDX)
     qbase = b * sqb + i * sqh + j * sqw
     RD = RADIUS * DIL
     cv = tl.arange(0, CVQ).to(IDX)
