@@ -20,7 +20,8 @@
 #   pack-cache / carried-cache   Triton's cache to $OUT/triton-cache.txz / from .gpubuild/triton-cache.txz
 # Settings: TEST_S (test time limit), TEST_ARGS (extra pytest arguments, e.g. -k), WARM_S (each warm-up process),
 # BENCH_OPS, BENCH_CONFIGS (restrict the configurations), BENCH_ARGS (extra `vosops bench` arguments), BENCH_OP_S
-# (each op's timed bench), DEADLINE_S (no bench op starts past it, counted from the script's start).
+# (each op's timed bench), DEADLINE_S (no bench op starts past it, counted from the script's start), BENCH_DIR
+# (where each op's results go before `bench` merges them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/vosops-gpu-out}"
@@ -30,6 +31,7 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 start=$(date +%s)
 step() { echo; echo "=== $* ($(( $(date +%s) - start ))s)"; }
 OPS="${BENCH_OPS:-flow_warp local_attention local_affinity topk kmeans propagate}"
+BENCH_DIR="${BENCH_DIR:-/tmp/vosops-bench}"  # each op's `vosops bench --out`; `bench` merges them into $OUT
 
 # Packages missing from the device image travel as wheels in .whl (fast-pytorch-kmeans: a benchmark baseline).
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -124,16 +126,16 @@ for op in sys.argv[1].split():
         limit=$(( left < ${BENCH_OP_S:-150} ? left : ${BENCH_OP_S:-150} ))
         if [ "$limit" -lt 10 ]; then echo "bench $op skipped: past the deadline"; continue; fi
         step "bench $op (limit ${limit}s)"
-        timeout "$limit" python3 -m vosops bench --device cuda --op "$op" --out "/tmp/vosops-bench/$op" \
+        timeout "$limit" python3 -m vosops bench --device cuda --op "$op" --out "$BENCH_DIR/$op" \
           $cfgs ${BENCH_ARGS:-} >> "$OUT/bench.log" 2>&1 || echo "bench $op exited $?"
         grep -E "FAILED|Error" "$OUT/bench.log" | cut -c1-300 | tail -5
       done
-      python3 - "$OUT" <<'PYEOF'
+      python3 - "$OUT" "$BENCH_DIR" <<'PYEOF'
 import glob, json, os, sys
 from vosops.bench.runner import format_table, plot_speedups
-out = sys.argv[1]
+out, bench_dir = sys.argv[1:3]
 rows, env = [], None
-for path in sorted(glob.glob("/tmp/vosops-bench/*/results.json")):
+for path in sorted(glob.glob(os.path.join(bench_dir, "*", "results.json"))):
     d = json.load(open(path))
     env = env or d["environment"]
     rows += d["results"]
