@@ -611,6 +611,23 @@ def test_native_op_checks_its_arguments_too():
         op(Q, K, V, torch.zeros(1, 2, 2, 4, 4), 1, 1, 1.0, 0, "softmax", "square", "mask", False)
 
 
+@pytest.mark.parametrize("bad", [-1, 2 * 25, 10**12, 0])  # 0 = column (dy, dx) = (-2, -2): not in the circle
+def test_native_backward_rejects_indices_the_forward_cannot_make(bad):
+    """The CPU kernel looks candidates up by the saved top-k index: one passed directly to the backward op
+    that is out of [0, N*P) or names an out-of-window column raises (it used to read out of bounds)."""
+    if vosops._backends.why_unusable("cpu", "local_attention", "cpu") is not None:
+        pytest.skip("no native CPU kernel for local_attention in this build")
+    args = (None, 2, 1, 1.0, 3, "softmax", "circle", "mask")
+    out, stats, _, index = torch.ops.vosops.local_attention(Q, K, V, *args, True)
+    grad = torch.randn_like(out)
+    torch.ops.vosops.local_attention_backward(grad, None, Q, K, V, None, stats, index, *args[1:], True, True, True)
+    index = index.clone()
+    index[0, 2, 3, 1] = bad
+    with pytest.raises(ValueError, match=f"topk_index must hold the forward's candidate indices.*found {bad}"):
+        torch.ops.vosops.local_attention_backward(grad, None, Q, K, V, None, stats, index, *args[1:], True, True,
+                                                  True)
+
+
 # --- the Triton kernels as compiled for a GPU: every launch the ops make is compiled to a cubin by
 # tests/triton_aot.py (run by CI); here, what can be checked without compiling.
 

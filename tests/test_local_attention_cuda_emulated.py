@@ -22,7 +22,7 @@ def _cl(t):
     return (t.permute(0, 2, 3, 1) if t.dim() == 4 else t.permute(0, 1, 3, 4, 2)).float().contiguous()
 
 
-def run_emulated(emu, q, k, v, offsets, kw, grad_out, grad_logits):
+def run_emulated(emu, q, k, v, offsets, kw, grad_out, grad_logits, edit_index=None):
     B, N, C, H, W = k.shape
     Cv = v.shape[2]
     r, d = kw["radius"], kw.get("dilation", 1)
@@ -39,6 +39,8 @@ def run_emulated(emu, q, k, v, offsets, kw, grad_out, grad_logits):
     tl = torch.full((B, H, W, max(K, 1)), float("nan"))
     ti = torch.full((B, H, W, max(K, 1)), -7777, dtype=torch.int64)
     assert emu.emu_forward(*common, ptr(out), ptr(stats), ptr(tl), ptr(ti)) == 0
+    if edit_index is not None:  # what the backward is handed instead of the forward's indices
+        ti = edit_index(ti.clone())
     dq, dk, dv = torch.zeros(B, H, W, C), torch.zeros(B, N, H, W, C), torch.zeros(B, N, H, W, Cv)
     g = _cl(grad_out)
     gl = grad_logits.float().contiguous() if grad_logits is not None else None
@@ -121,3 +123,35 @@ def test_emulated_cuda_ties_and_no_valid_candidate(emu):
         assert not out[0, :, 1, 2].any() and not grads[0][0, :, 1, 2].any()
         (want,) = torch.autograd.grad((ref * grad_out).sum(), (qr,))
         testing.assert_close(grads[0], want, torch.float32, f"grad of q {kw}", grad=True)
+
+
+def test_emulated_cuda_backward_skips_indices_the_forward_cannot_make(emu):
+    """The CUDA backward cannot check a directly passed topk_index without a host sync (the CPU glue raises): it
+    skips entries outside [0, N*P) or naming an out-of-circle column, never reading through them. A query whose
+    whole list is bad gets a zero dq row; every other query's dq is the one of the forward's own indices."""
+    g = torch.Generator().manual_seed(11)
+    B, C, Cv, H, W, N = 1, 4, 3, 5, 6, 2
+    kw = dict(radius=2, topk=6, window="circle")
+    q, k, v = torch.randn(B, C, H, W, generator=g), torch.randn(B, N, C, H, W, generator=g), \
+        torch.randn(B, N, Cv, H, W, generator=g)
+    offsets = rand_offsets(B, N, H, W, g)
+    grad_out, grad_logits = torch.randn(B, Cv, H, W, generator=g), torch.randn(B, H, W, 6, generator=g)
+    P = 25
+    out_of_circle = 0  # column (dy, dx) = (-2, -2): outside the radius-2 circle
+    assert out_of_circle not in window_columns(2, "circle")
+    bad_rows = {(1, 1): -7, (2, 3): N * P, (4, 5): 10**12, (3, 0): P + out_of_circle}
+
+    def corrupt(ti):
+        for (i, j), bad in bad_rows.items():
+            ti[0, i, j, :] = bad
+        return ti
+
+    _, _, _, clean = run_emulated(emu, q, k, v, offsets, kw, grad_out, grad_logits)
+    _, _, _, skipped = run_emulated(emu, q, k, v, offsets, kw, grad_out, grad_logits, edit_index=corrupt)
+    assert all(torch.isfinite(t).all() for t in skipped)
+    rows = torch.zeros(H, W, dtype=torch.bool)
+    for i, j in bad_rows:
+        rows[i, j] = True
+    assert not skipped[0][0, :, rows].any()
+    assert torch.equal(skipped[0][0, :, ~rows], clean[0][0, :, ~rows])
+    assert clean[0][0, :, rows].abs().sum() > 0  # the corrupted queries did have a gradient

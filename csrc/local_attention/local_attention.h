@@ -103,6 +103,22 @@ inline at::Tensor rounded_offsets_cpu(const at::Tensor& offsets, const Config& c
   return r;
 }
 
+// A saved top-k index is n*P + p with n < N and p an in-window column; the CPU kernel looks candidates up by it,
+// so a bad one raises here. On a GPU the check would synchronise with the host: the CUDA kernel skips bad entries.
+inline void check_topk_index_range(const Config& c, const at::Tensor& topk_index) {
+  if (c.topk == 0 || topk_index.numel() == 0 || !topk_index.is_cpu()) return;
+  at::Tensor in_window = at::zeros({c.P}, topk_index.options().dtype(at::kBool));
+  for (const int32_t col : c.cols) in_window[col] = true;
+  const at::Tensor bad = (topk_index < 0)
+                             .logical_or_(topk_index >= c.N * c.P)
+                             .logical_or_(in_window.index({topk_index.remainder(c.P)}).logical_not_());
+  if (bad.any().item<bool>()) {
+    TORCH_CHECK_VALUE(false, "local_attention_backward: topk_index must hold the forward's candidate indices n*P + p ",
+                      "(n < N = ", c.N, ", p an in-window column of P = ", c.P, "), found ",
+                      topk_index.masked_select(bad)[0].item<int64_t>());
+  }
+}
+
 // The backward's saved tensors must be the forward's; returns whether a gradient of the returned top-k logits flows.
 inline bool check_backward_inputs(const Config& c, const at::Tensor& grad_out,
                                   const std::optional<at::Tensor>& grad_topk_logits, const at::Tensor& stats,
@@ -115,6 +131,7 @@ inline bool check_backward_inputs(const Config& c, const at::Tensor& grad_out,
   TORCH_CHECK_VALUE(topk_index.sizes() == at::IntArrayRef({c.B, c.H, c.W, c.topk}) &&
                         topk_index.scalar_type() == at::kLong,
                     "local_attention_backward: topk_index must be the forward's (B, H, W, topk) int64 indices");
+  check_topk_index_range(c, topk_index);
   const bool with_gl = grad_topk_logits.has_value() && grad_topk_logits->defined() && c.topk > 0;
   if (with_gl) {
     TORCH_CHECK_VALUE(grad_topk_logits->sizes() == topk_index.sizes(),

@@ -310,6 +310,14 @@ __device__ __forceinline__ int64_t column_position(const CudaProblem& p, int64_t
   return lo;
 }
 
+// The in-window column position of a saved top-k index n*P + p, or -1 for an index the forward cannot have made
+// (n outside [0, N), p not an in-window column): the CPU glue raises for those, here they are skipped, never read.
+__device__ __forceinline__ int64_t saved_column(const CudaProblem& p, int64_t full) {
+  if (full < 0 || full >= p.N * p.P) return -1;
+  const int64_t t = column_position(p, full % p.P);
+  return p.cols[t] == full % p.P ? t : -1;
+}
+
 // Per candidate of the backward: dp = <g, v_c> (0 out of frame), lanes splitting the Cv channels; the same value
 // in every lane of the team, which calls it together.
 __device__ __forceinline__ float team_value_dot(const CudaProblem& p, const float* __restrict__ gv, int64_t b,
@@ -363,7 +371,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const CudaProblem p,
     if (list_mode) {
       for (int64_t e = 0; e < K; ++e) {
         const int64_t full = top_index[qi * K + e], n = full / p.P;
-        const int64_t t = column_position(p, full % p.P);
+        const int64_t t = saved_column(p, full);
+        if (t < 0) continue;
         const int64_t pos = key_pos(p, b, n, t, i, j);
         const float s = team_score(p, qrow, b, n, pos, g);
         const float dp = team_value_dot(p, gv, b, n, pos, g);
@@ -371,7 +380,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const CudaProblem p,
       }
       for (int64_t e = 0; e < K; ++e) {
         const int64_t full = top_index[qi * K + e], n = full / p.P;
-        const int64_t t = column_position(p, full % p.P);
+        const int64_t t = saved_column(p, full);
+        if (t < 0) continue;
         const int64_t pos = key_pos(p, b, n, t, i, j);
         const float s = team_score(p, qrow, b, n, pos, g);
         if (!(s > -INFINITY)) continue;
