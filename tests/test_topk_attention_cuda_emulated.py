@@ -99,3 +99,37 @@ def test_topk_attention_kernels(emu, dtype, case):
     gtol = 10 * tol if dtype in (torch.float32, torch.float64) else 4 * tol
     for got, ref in zip((dq, dk, dv), want_grads):
         torch.testing.assert_close(got.double(), ref, atol=gtol, rtol=gtol)
+
+
+def test_topk_attention_backward_treats_impossible_indices_as_empty_slots(emu):
+    """The CUDA backward cannot check a directly passed index without a host sync (the CPU op raises): an entry
+    outside the sparse keys [dense_keys, L) is skipped like an empty slot (-1), never read through."""
+    B, H, M, L, D, Dv, kk, dense = 1, 2, 9, 300, 8, 5, 7, 9
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(B, H, M, D, generator=g, dtype=torch.float64), torch.randn(B, H, L, D, generator=g,
+                                                                                  dtype=torch.float64)
+    v = torch.randn(B, H, L, Dv, generator=g, dtype=torch.float64)
+    out, lse = torch.empty(B, H, M, Dv, dtype=torch.float64), torch.empty(B, H, M, dtype=torch.float64)
+    index = torch.empty(B, H, M, kk, dtype=torch.int64)
+    args = (ctypes.c_int64(dense), ctypes.c_int64(kk), ctypes.c_double(D ** -0.5))
+    assert emu.emu_attention_forward(dtype_code(torch.float64), ptr(q), ptr(_shape(q)), ptr(k), ptr(_shape(k)),
+                                     ptr(v), ptr(_shape(v)), *args, ptr(out), ptr(lse), ptr(index)) == 0
+    grad = torch.randn(B, H, M, Dv, generator=g, dtype=torch.float64)
+
+    def backward(idx):
+        dq = torch.full((B, H, M, D), float("nan"), dtype=torch.float64)
+        dk, dv = torch.zeros(B, H, L, D, dtype=torch.float64), torch.zeros(B, H, L, Dv, dtype=torch.float64)
+        assert emu.emu_attention_backward(dtype_code(torch.float64), ptr(grad), ptr(_shape(grad)), ptr(q),
+                                          ptr(_shape(q)), ptr(k), ptr(_shape(k)), ptr(v), ptr(_shape(v)), ptr(out),
+                                          ptr(lse), ptr(idx), *args, ptr(dq), ptr(dk), ptr(dv)) == 0
+        return dq, dk, dv
+
+    bad = [(0, 1, 0, L), (0, 0, 3, 10**12), (0, 1, 8, dense - 1), (0, 0, 5, -9)]
+    corrupted, emptied = index.clone(), index.clone()
+    for b, h, m, value in bad:
+        corrupted[b, h, m, 2] = value
+        emptied[b, h, m, 2] = -1
+    got, want, clean = backward(corrupted), backward(emptied), backward(index)
+    for name, x, y, z in zip(("dq", "dk", "dv"), got, want, clean):
+        torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-12, msg=name)
+        assert not torch.allclose(y, z), name  # the emptied slots did carry gradient

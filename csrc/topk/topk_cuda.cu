@@ -369,7 +369,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_kernel(
   for (int64_t e = threadIdx.x; e < qt * kk; e += kThreads) {  // sparse pairs (query r, kept key j)
     const int64_t r = e / kk;
     const int64_t key = index[(bh * M + m0 + r) * kk + e % kk];
-    if (key < 0 || lrow[r] == neg_inf<acc_t>()) continue;
+    // An empty slot (-1), or a key outside the sparse keys that only a directly passed index can hold (the CPU op
+    // raises; here a check would synchronise with the host): skipped, never read through.
+    if (key < dense || key >= L || lrow[r] == neg_inf<acc_t>()) continue;
     const T* kr = kb + key * ks.stride[2];
     const T* vr = vb + key * vs.stride[2];
     acc_t sc = 0, dp = 0;
