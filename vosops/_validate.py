@@ -33,3 +33,18 @@ def same_device_dtype(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...])
 def choice(name: str, value, options: tuple) -> None:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+def matches(name: str, t, shape, like: torch.Tensor, *, dtype: torch.dtype | None = None, what: str = "") -> None:
+    """`t` must be a tensor of exactly `shape` on `like`'s device (and of `dtype` when given): the checks of a
+    backward op's gradient and saved tensors, which must be the forward's."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must be {what}{tuple(shape)}, got shape {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but must be on {like.device}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if dtype is None and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")

@@ -20,7 +20,11 @@ inline void check_float(const char* op, const char* name, const at::Tensor& t) {
 
 inline void check_geometry(const char* op, int64_t radius, int64_t dilation) {
   TORCH_CHECK_VALUE(radius >= 0, op, ": radius must be >= 0, got ", radius);
+  TORCH_CHECK_VALUE(radius <= local_attention::kMaxRadius, op, ": radius must be <= ", local_attention::kMaxRadius,
+                    ", got ", radius);
   TORCH_CHECK_VALUE(dilation >= 1, op, ": dilation must be >= 1, got ", dilation);
+  TORCH_CHECK_VALUE(dilation <= local_attention::kMaxDilation, op, ": dilation must be <= ",
+                    local_attention::kMaxDilation, ", got ", dilation);
 }
 
 inline void check_offsets(const char* op, const std::optional<at::Tensor>& offsets, const at::Tensor& like, int64_t N) {

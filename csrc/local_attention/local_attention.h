@@ -51,7 +51,10 @@ inline Config make_config(const at::Tensor& q, const at::Tensor& k, const at::Te
     TORCH_CHECK_VALUE(o.device() == q.device(), "local_attention: offsets must be on the same device as q");
   }
   TORCH_CHECK_VALUE(radius >= 0, "local_attention: radius must be >= 0, got ", radius);
+  TORCH_CHECK_VALUE(radius <= kMaxRadius, "local_attention: radius must be <= ", kMaxRadius, ", got ", radius);
   TORCH_CHECK_VALUE(dilation >= 1, "local_attention: dilation must be >= 1, got ", dilation);
+  TORCH_CHECK_VALUE(dilation <= kMaxDilation, "local_attention: dilation must be <= ", kMaxDilation, ", got ",
+                    dilation);
   Config c;
   c.B = q.size(0);
   c.C = q.size(1);

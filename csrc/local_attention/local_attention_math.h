@@ -10,6 +10,11 @@ namespace local_attention {
 
 enum class Normalize : int { Softmax = 0, Threshold = 1 };
 
+// Bounds of the window geometry (vosops/ops/local_attention.py checks the same): every backend enumerates the
+// (2r+1)^2 window columns, and offset_limit below must stay in int32.
+constexpr int64_t kMaxRadius = 1023;
+constexpr int64_t kMaxDilation = 1023;
+
 // Offsets beyond +-L put every candidate out of frame; clamping there keeps them in int32.
 VOSOPS_HD int64_t offset_limit(int64_t H, int64_t W, int64_t radius, int64_t dilation) {
   return H + W + dilation * radius + 1;

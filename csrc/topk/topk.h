@@ -5,6 +5,7 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace vosops {
 namespace topk {
@@ -47,11 +48,16 @@ inline void check_attention_backward(const at::Tensor& grad_out, const at::Tenso
                                      const at::Tensor& index) {
   check_attention_inputs(q, k, v);
   const int64_t M = q.size(2);
-  TORCH_CHECK_VALUE(grad_out.sizes() == out.sizes() && out.dim() == 4 && out.size(3) == v.size(3) && out.size(2) == M,
-                    "topk_attention_backward: grad_out and out must be (B, H, M, Dv), got ", grad_out.sizes(), " and ",
-                    out.sizes());
-  TORCH_CHECK_VALUE(index.dim() == 4 && index.size(2) == M && lse.numel() == q.size(0) * q.size(1) * M,
-                    "topk_attention_backward: index/lse do not match the inputs");
+  const std::vector<int64_t> rows{q.size(0), q.size(1), M, v.size(3)};
+  TORCH_CHECK_VALUE(grad_out.sizes() == rows && out.sizes() == rows, "topk_attention_backward: grad_out and out must be ",
+                    "(B, H, M, Dv) = ", at::IntArrayRef(rows), ", got ", grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({q.size(0), q.size(1), M}),
+                    "topk_attention_backward: lse must be the forward's (B, H, M) = ", q.sizes().slice(0, 3),
+                    ", got ", lse.sizes());
+  TORCH_CHECK_VALUE(index.dim() == 4 && index.size(0) == q.size(0) && index.size(1) == q.size(1) &&
+                        index.size(2) == M && index.size(3) <= k.size(2),
+                    "topk_attention_backward: index must be the forward's (B, H, M, kept) with B, H, M = ",
+                    q.sizes().slice(0, 3), " and kept <= L, got ", index.sizes());
 }
 
 // Dense keys [0, dense) and how many sparse keys each query keeps; topk >= L - dense_keys keeps all keys densely.

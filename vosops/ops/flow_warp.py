@@ -31,6 +31,23 @@ def flow_warp(
     With `return_valid=True` also returns the (B, 1, H, W) bool mask of pixels whose sampling point lies inside the
     frame ([0, W-1] x [0, H-1], the rounded point for nearest), the validity mask MAMP uses.
     """
+    check_args(x, flow, mode, padding_mode)
+    chosen = _backends.select("flow_warp", x.device, backend)
+    if chosen == "reference":
+        out = _reference.flow_warp(x, flow, mode, padding_mode)
+    elif chosen == "triton":
+        from ..triton import flow_warp as _triton_flow_warp
+
+        out = _triton_flow_warp.flow_warp(x, flow, mode, padding_mode)
+    else:
+        out = torch.ops.vosops.flow_warp(x, flow, mode, padding_mode)
+    if return_valid:
+        return out, _reference.flow_warp_valid(flow, mode, padding_mode)
+    return out
+
+
+def check_args(x, flow, mode, padding_mode) -> None:
+    """The arguments of flow_warp (and of its Triton op, which may be called directly)."""
     _validate.tensor("x", x, dim=4)
     _validate.tensor("flow", flow, dim=4)
     if flow.shape[1] != 2:
@@ -44,18 +61,10 @@ def flow_warp(
     _validate.choice("mode", mode, MODES)
     _validate.choice("padding_mode", padding_mode, PADDINGS)
 
-    chosen = _backends.select("flow_warp", x.device, backend)
-    if chosen == "reference":
-        out = _reference.flow_warp(x, flow, mode, padding_mode)
-    elif chosen == "triton":
-        from ..triton import flow_warp as _triton_flow_warp
 
-        out = _triton_flow_warp.flow_warp(x, flow, mode, padding_mode)
-    else:
-        out = torch.ops.vosops.flow_warp(x, flow, mode, padding_mode)
-    if return_valid:
-        return out, _reference.flow_warp_valid(flow, mode, padding_mode)
-    return out
+def check_backward_args(grad_out, x, flow, mode, padding_mode) -> None:
+    check_args(x, flow, mode, padding_mode)
+    _validate.matches("grad_out", grad_out, x.shape, x, what="(B, C, H, W) like x = ")
 
 
 def autograd_rules(backward_op):

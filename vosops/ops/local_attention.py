@@ -7,6 +7,7 @@ n*P + (dy+r)(2r+1) + (dx+r) with P = (2r+1)^2 (the F.unfold / correlation-sample
 the candidates with dy^2 + dx^2 < r^2 (strict). border="mask": out-of-frame candidates are excluded; "zero": they
 score exactly 0 and carry a zero value (so they can win a top-k slot when in-frame scores are negative). A
 non-finite offset puts all candidates of that reference out of frame. Offsets are not differentiated.
+radius is at most 1023 and dilation at most 1023 (MAX_RADIUS, MAX_DILATION).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ NORMALIZE = ("softmax", "threshold")
 ATTENTION_BACKENDS = ("reference", "cpu", "cuda", "triton")
 AFFINITY_BACKENDS = ("reference", "cpu", "cuda", "triton")  # local_affinity and local_aggregate
 CUDA_MAX_TOPK = 128  # the CUDA kernel keeps its top-k list in registers (csrc/local_attention, kCudaMaxTopk)
+# Every backend enumerates the window's columns, and the kernels bound rounded offsets by H + W + dilation*radius in
+# int32: far beyond any useful window (csrc/local_attention/local_attention_math.h, kMaxRadius, kMaxDilation).
+MAX_RADIUS = 1023
+MAX_DILATION = 1023
 
 
 def _auto_candidates(dtype: torch.dtype, topk) -> tuple[str, ...]:
@@ -49,12 +54,19 @@ def _unfused_backend(op: str, device: torch.device, dtype: torch.dtype, backend:
     return _backends.select(op, device, backend, supported=supported)
 
 
-def _check_int(name: str, value, low: int) -> int:
+def _check_int(name: str, value, low: int, high: int | None = None, why: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}{why}, got {value}")
     return value
+
+
+def _check_geometry(radius, dilation) -> None:
+    _check_int("radius", radius, 0, MAX_RADIUS, " (a window of (2*radius+1)^2 candidates per reference)")
+    _check_int("dilation", dilation, 1, MAX_DILATION, " (keeps the rounded offsets' bound in int32)")
 
 
 def _check_scale(scale) -> float:
@@ -103,6 +115,78 @@ def candidate_count(radius: int, window: str, N: int = 1) -> int:
     return N * len(window_columns(radius, window))
 
 
+# --- the checks of each op's arguments, shared by the public functions and the Triton ops (which a user may call
+# directly as torch.ops.vosops.*_triton, and which must then raise, not read out of bounds); the native ops check
+# the same in C++.
+
+def _check_window(radius, dilation, window) -> None:
+    _check_geometry(radius, dilation)
+    _validate.choice("window", window, WINDOWS)
+    if candidate_count(radius, window) == 0:
+        raise ValueError(f"window='circle' with radius {radius} has no candidates (dy^2 + dx^2 < r^2); use radius >= 1")
+
+
+def check_affinity_args(q, k, offsets, radius, dilation, window, scale, border) -> float:
+    """Returns the scale as a float."""
+    _check_qk(q, k)
+    _check_window(radius, dilation, window)
+    _validate.choice("border", border, BORDERS)
+    scale = _check_scale(scale)
+    _check_offsets(offsets, q, k.shape[1])
+    return scale
+
+
+def check_affinity_backward_args(grad, q, k, offsets, radius, dilation, window, scale) -> None:
+    check_affinity_args(q, k, offsets, radius, dilation, window, scale, "mask")  # the border is not an argument
+    B, N, _, H, W = k.shape
+    _validate.matches("grad", grad, (B, N, (2 * radius + 1) ** 2, H, W), q, what="the affinity's (B, N, P, H, W) = ")
+
+
+def check_aggregate_args(weights, v, offsets, radius, dilation) -> None:
+    _validate.tensor("weights", weights, dim=5)
+    _check_geometry(radius, dilation)
+    B, N, P, H, W = weights.shape
+    if N == 0:
+        raise ValueError(f"weights must hold at least one reference frame (N >= 1), got shape {tuple(weights.shape)}")
+    if P != (2 * radius + 1) ** 2:
+        raise ValueError(f"weights must be (B, N, P, H, W) with P = (2*radius+1)^2 = {(2 * radius + 1) ** 2}, "
+                         f"got shape {tuple(weights.shape)}")
+    _check_v(v, weights, N)
+    _validate.same_device_dtype(("weights", "v"), (weights, v))
+    _validate.non_empty("weights", weights)
+    _check_offsets(offsets, weights, N)
+
+
+def check_aggregate_backward_args(grad_out, weights, v, offsets, radius, dilation) -> None:
+    check_aggregate_args(weights, v, offsets, radius, dilation)
+    B, N, Cv, H, W = v.shape
+    _validate.matches("grad_out", grad_out, (B, Cv, H, W), v, what="the output's (B, Cv, H, W) = ")
+
+
+def check_attention_args(q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border,
+                         return_topk) -> float:
+    """topk None: every candidate. Returns the scale as a float."""
+    _check_qk(q, k)
+    N = k.shape[1]
+    _check_v(v, q, N)
+    _validate.same_device_dtype(("q", "v"), (q, v))
+    _check_window(radius, dilation, window)
+    _validate.choice("normalize", normalize, NORMALIZE)
+    _validate.choice("border", border, BORDERS)
+    scale = _check_scale(scale)
+    _check_offsets(offsets, q, N)
+    count = candidate_count(radius, window, N)
+    if topk is not None:
+        _check_int("topk", topk, 1)
+        if topk > count:
+            raise ValueError(f"topk must be <= the number of candidates ({count} = N * window size), got {topk}")
+    if normalize == "threshold" and topk is None:
+        raise ValueError("normalize='threshold' needs topk (keep every logit >= the topk-th largest)")
+    if return_topk and topk is None:
+        raise ValueError("return_topk=True needs topk")
+    return scale
+
+
 def local_affinity(q, k, *, radius, dilation=1, window="square", offsets=None, scale=1.0, border="mask",
                    backend: str | None = None):
     """Logits scale * <q[:, :, i, j], k[:, n] at candidate p> as (B, N, P, H, W).
@@ -111,15 +195,7 @@ def local_affinity(q, k, *, radius, dilation=1, window="square", offsets=None, s
     out-of-frame candidates are exactly 0. Materialises the full (B, N, P, H, W) affinity (use local_attention to
     avoid that). Differentiable w.r.t. q and k; the -inf and border-zero candidates are constants (zero gradient);
     offsets are not differentiated. cpu/cuda/triton accumulate in fp32 (fp64 for fp64 inputs on cpu)."""
-    _check_qk(q, k)
-    _check_int("radius", radius, 0)
-    _check_int("dilation", dilation, 1)
-    _validate.choice("window", window, WINDOWS)
-    _validate.choice("border", border, BORDERS)
-    scale = _check_scale(scale)
-    _check_offsets(offsets, q, k.shape[1])
-    if candidate_count(radius, window) == 0:
-        raise ValueError(f"window='circle' with radius {radius} has no candidates (dy^2 + dx^2 < r^2); use radius >= 1")
+    scale = check_affinity_args(q, k, offsets, radius, dilation, window, scale, border)
     chosen = _unfused_backend("local_affinity", q.device, q.dtype, backend)
     if chosen == "reference":
         return _ref_affinity(q, k, radius, dilation, window, offsets, scale, border)
@@ -137,19 +213,7 @@ def local_aggregate(weights, v, *, radius, dilation=1, offsets=None, backend: st
     Differentiable w.r.t. weights (zero gradient at out-of-frame candidates) and v; offsets are not
     differentiated. The cpu/cuda/triton kernels skip out-of-frame candidates, so a non-finite weight there does not
     propagate (the reference multiplies it by a zero value: inf * 0 = NaN); finite weights give the same results."""
-    _validate.tensor("weights", weights, dim=5)
-    _check_int("radius", radius, 0)
-    _check_int("dilation", dilation, 1)
-    B, N, P, H, W = weights.shape
-    if N == 0:
-        raise ValueError(f"weights must hold at least one reference frame (N >= 1), got shape {tuple(weights.shape)}")
-    if P != (2 * radius + 1) ** 2:
-        raise ValueError(f"weights must be (B, N, P, H, W) with P = (2*radius+1)^2 = {(2 * radius + 1) ** 2}, "
-                         f"got shape {tuple(weights.shape)}")
-    _check_v(v, weights, N)
-    _validate.same_device_dtype(("weights", "v"), (weights, v))
-    _validate.non_empty("weights", weights)
-    _check_offsets(offsets, weights, N)
+    check_aggregate_args(weights, v, offsets, radius, dilation)
     chosen = _unfused_backend("local_aggregate", v.device, v.dtype, backend)
     if chosen == "reference":
         return _ref_aggregate(weights, v, radius, dilation, offsets)
@@ -177,29 +241,8 @@ def local_attention(q, k, v, *, radius, scale=1.0, topk=None, normalize="softmax
     merging with a global memory. With threshold, these are the first topk of the kept set. Excluded candidates
     that fill a short list have logit -inf.
     """
-    _check_qk(q, k)
-    N = k.shape[1]
-    _check_v(v, q, N)
-    _validate.same_device_dtype(("q", "v"), (q, v))
-    _check_int("radius", radius, 0)
-    _check_int("dilation", dilation, 1)
-    _validate.choice("normalize", normalize, NORMALIZE)
-    _validate.choice("window", window, WINDOWS)
-    _validate.choice("border", border, BORDERS)
-    scale = _check_scale(scale)
-    _check_offsets(offsets, q, N)
-    count = candidate_count(radius, window, N)
-    if count == 0:
-        raise ValueError(f"window='circle' with radius {radius} has no candidates (dy^2 + dx^2 < r^2); use radius >= 1")
-    if topk is not None:
-        _check_int("topk", topk, 1)
-        if topk > count:
-            raise ValueError(f"topk must be <= the number of candidates ({count} = N * window size), got {topk}")
-    if normalize == "threshold" and topk is None:
-        raise ValueError("normalize='threshold' needs topk (keep every logit >= the topk-th largest)")
-    if return_topk and topk is None:
-        raise ValueError("return_topk=True needs topk")
-
+    scale = check_attention_args(q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border,
+                                 return_topk)
     auto = (backend if backend is not None else _backends.current_backend()) == "auto"
     supported = _auto_candidates(q.dtype, topk) if auto else ATTENTION_BACKENDS
     chosen = _backends.select("local_attention", q.device, backend, supported=supported)

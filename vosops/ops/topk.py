@@ -48,6 +48,31 @@ def _index_tensor(name: str, t, shape) -> None:
 
 # --- global_topk ------------------------------------------------------------------------------------------------
 
+# The checks of each op's arguments are shared by the public functions and the Triton ops (which a user may call
+# directly as torch.ops.vosops.*_triton, and which must then raise, not read out of bounds); the native ops check
+# the same in C++.
+
+def check_global_topk_args(q, k, topk, scale, key_mask) -> float:
+    """Returns the scale as a float."""
+    _validate.tensor("q", q, dim=3)
+    _validate.tensor("k", k, dim=3)
+    _validate.same_device_dtype(("q", "k"), (q, k))
+    if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)} must be (B, L, C) with q's B and C, q is {tuple(q.shape)}")
+    _validate.non_empty("q", q)
+    _validate.non_empty("k", k)
+    _int("topk", topk, 1, k.shape[1], " (1 <= topk <= L, the number of keys)")
+    scale = _scale(scale)
+    if key_mask is not None:
+        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
+            raise TypeError(f"key_mask must be a bool tensor, got {getattr(key_mask, 'dtype', type(key_mask))}")
+        if tuple(key_mask.shape) != (k.shape[0], k.shape[1]):
+            raise ValueError(f"key_mask must be (B, L) = {(k.shape[0], k.shape[1])}, got {tuple(key_mask.shape)}")
+        if key_mask.device != k.device:
+            raise ValueError(f"key_mask is on {key_mask.device} but k is on {k.device}; they must match")
+    return scale
+
+
 def global_topk(q: torch.Tensor, k: torch.Tensor, *, topk: int, scale: float = 1.0,
                 key_mask: torch.Tensor | None = None, backend: str | None = None):
     """The `topk` largest logits scale * q·k of each query over all keys, without the (M x L) affinity.
@@ -58,22 +83,7 @@ def global_topk(q: torch.Tensor, k: torch.Tensor, *, topk: int, scale: float = 1
     fewer than `topk` valid keys the remaining slots hold index -1 and logit -inf (topk_aggregate ignores them).
     Differentiable w.r.t. q and k through the returned logits. Memory O(B·M·topk) plus per-thread key tiles.
     """
-    _validate.tensor("q", q, dim=3)
-    _validate.tensor("k", k, dim=3)
-    _validate.same_device_dtype(("q", "k"), (q, k))
-    if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
-        raise ValueError(f"k {tuple(k.shape)} must be (B, L, C) with q's B and C, q is {tuple(q.shape)}")
-    _validate.non_empty("q", q)
-    _validate.non_empty("k", k)
-    topk = _int("topk", topk, 1, k.shape[1], " (1 <= topk <= L, the number of keys)")
-    scale = _scale(scale)
-    if key_mask is not None:
-        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
-            raise TypeError(f"key_mask must be a bool tensor, got {getattr(key_mask, 'dtype', type(key_mask))}")
-        if tuple(key_mask.shape) != (k.shape[0], k.shape[1]):
-            raise ValueError(f"key_mask must be (B, L) = {(k.shape[0], k.shape[1])}, got {tuple(key_mask.shape)}")
-        if key_mask.device != k.device:
-            raise ValueError(f"key_mask is on {key_mask.device} but k is on {k.device}; they must match")
+    scale = check_global_topk_args(q, k, topk, scale, key_mask)
     chosen = _backends.select("global_topk", q.device, backend, GLOBAL_TOPK_BACKENDS)
     if chosen == "reference":
         return _ref.global_topk(q, k, topk=topk, scale=scale, key_mask=key_mask)
@@ -85,6 +95,19 @@ def global_topk(q: torch.Tensor, k: torch.Tensor, *, topk: int, scale: float = 1
 
 
 # --- merge_topk --------------------------------------------------------------------------------------------------
+
+def _check_candidates(name: str, logits, index) -> None:
+    _validate.tensor(f"{name} logits", logits, dim=3)
+    _index_tensor(f"{name} index", index, logits.shape)
+    if index.device != logits.device:
+        raise ValueError(f"{name} index is on {index.device} but its logits on {logits.device}")
+
+
+def check_merge_args(logits, index, topk) -> None:
+    """The merge op's arguments: the candidate lists already concatenated, (B, M, N) each."""
+    _check_candidates("candidates", logits, index)
+    _int("topk", topk, 1, logits.shape[2], " (at most the total number of candidates)")
+
 
 def merge_topk(candidates, topk: int, *, backend: str | None = None):
     """Top-`topk` of the union of candidate lists [(logits (B, M, K_i), index (B, M, K_i) int64), ...].
@@ -101,10 +124,7 @@ def merge_topk(candidates, topk: int, *, backend: str | None = None):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise TypeError(f"candidates[{n}] must be a (logits, index) pair, got {type(pair).__name__}")
         logits, index = pair
-        _validate.tensor(f"candidates[{n}] logits", logits, dim=3)
-        _index_tensor(f"candidates[{n}] index", index, logits.shape)
-        if index.device != logits.device:
-            raise ValueError(f"candidates[{n}] index is on {index.device} but its logits on {logits.device}")
+        _check_candidates(f"candidates[{n}]", logits, index)
         if first is None:
             first = logits
         else:
@@ -130,19 +150,8 @@ def merge_topk(candidates, topk: int, *, backend: str | None = None):
 
 # --- topk_aggregate ----------------------------------------------------------------------------------------------
 
-def topk_aggregate(logits: torch.Tensor, index: torch.Tensor, values: torch.Tensor, *, normalize: str = "softmax",
-                   k: int | None = None, check_index: bool = True, backend: str | None = None) -> torch.Tensor:
-    """Softmax-weighted sum of the candidates' values: out[b, m] = sum_j w[b, m, j] values[b, index[b, m, j]].
-
-    logits (B, M, K), index (B, M, K) int64 in [-1, L), values (B, L, Cv) -> (B, M, Cv).
-    normalize="softmax": max-subtracted softmax over the valid candidates (index >= 0, logit > -inf).
-    normalize="threshold" (DINO/INO): keep the valid candidates >= the k-th largest valid logit, ties kept.
-    A row with no valid candidate outputs 0 with zero gradient. Differentiable w.r.t. logits and values.
-    check_index: raise a ValueError for an index outside [-1, L). On a GPU that check synchronises with the host,
-    so a loop whose indices come from vosops' own top-k ops passes False; unchecked, an out-of-range candidate is
-    dropped like an empty slot (never read), except on CPU tensors with the cpu and triton backends, which always
-    check.
-    """
+def check_aggregate_args(logits, index, values, normalize, k) -> None:
+    """k: None unless normalize is "threshold" (the ops pass 0 for None). The index range is checked apart."""
     _validate.tensor("logits", logits, dim=3)
     _index_tensor("index", index, logits.shape)
     _validate.tensor("values", values, dim=3)
@@ -156,9 +165,31 @@ def topk_aggregate(logits: torch.Tensor, index: torch.Tensor, values: torch.Tens
     if normalize == "threshold":
         if k is None:
             raise ValueError("k is required with normalize='threshold' (keep logits >= the k-th largest)")
-        k = _int("k", k, 1)
+        _int("k", k, 1)
     elif k is not None:
         raise ValueError(f"k is only used with normalize='threshold', got k={k!r} with normalize='softmax'")
+
+
+def check_aggregate_backward_args(grad_out, logits, index, values, normalize, k) -> None:
+    check_aggregate_args(logits, index, values, normalize, k)
+    B, M, _ = logits.shape
+    _validate.matches("grad_out", grad_out, (B, M, values.shape[2]), values, what="the output's (B, M, Cv) = ")
+
+
+def topk_aggregate(logits: torch.Tensor, index: torch.Tensor, values: torch.Tensor, *, normalize: str = "softmax",
+                   k: int | None = None, check_index: bool = True, backend: str | None = None) -> torch.Tensor:
+    """Softmax-weighted sum of the candidates' values: out[b, m] = sum_j w[b, m, j] values[b, index[b, m, j]].
+
+    logits (B, M, K), index (B, M, K) int64 in [-1, L), values (B, L, Cv) -> (B, M, Cv).
+    normalize="softmax": max-subtracted softmax over the valid candidates (index >= 0, logit > -inf).
+    normalize="threshold" (DINO/INO): keep the valid candidates >= the k-th largest valid logit, ties kept.
+    A row with no valid candidate outputs 0 with zero gradient. Differentiable w.r.t. logits and values.
+    check_index: raise a ValueError for an index outside [-1, L). On a GPU that check synchronises with the host,
+    so a loop whose indices come from vosops' own top-k ops passes False; unchecked, an out-of-range candidate is
+    dropped like an empty slot (never read), except on CPU tensors with the cpu and triton backends, which always
+    check.
+    """
+    check_aggregate_args(logits, index, values, normalize, k)
     chosen = _backends.select("topk_aggregate", logits.device, backend, AGGREGATE_BACKENDS)
     # data-dependent, so not traced; on CPU tensors the cpu and triton kernels check it themselves
     if check_index and not torch.compiler.is_compiling() and (chosen == "reference" or index.device.type != "cpu"):
@@ -180,6 +211,45 @@ def _check_index_range(index: torch.Tensor, L: int) -> None:
 
 # --- topk_attention ----------------------------------------------------------------------------------------------
 
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _validate.tensor(name, t, dim=4)
+    _validate.same_device_dtype(("q", "k", "v"), (q, k, v))
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k {tuple(k.shape)} must be (B, H, L, D) with q's B, H and D, q is {tuple(q.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v {tuple(v.shape)} must be (B, H, L, Dv) with k's B, H and L, k is {tuple(k.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _validate.non_empty(name, t)
+
+
+def check_attention_args(q, k, v, topk, scale, dense_keys) -> float:
+    """scale None: 1/sqrt(D). Returns the scale as a float."""
+    _check_qkv(q, k, v)
+    L = k.shape[2]
+    _int("topk", topk, 1, L, " (1 <= topk <= L, the number of keys)")
+    _int("dense_keys", dense_keys, 0, L, " (0 <= dense_keys <= L)")
+    return q.shape[3] ** -0.5 if scale is None else _scale(scale)
+
+
+def check_attention_backward_args(grad_out, q, k, v, out, lse, index, scale, dense_keys) -> None:
+    """The forward's inputs and saved (out, lse, index); index entries outside the sparse keys are the kernels'
+    to skip (a range check would synchronise with the host)."""
+    _check_qkv(q, k, v)
+    B, H, M, _ = q.shape
+    L = k.shape[2]
+    _int("dense_keys", dense_keys, 0, L, " (0 <= dense_keys <= L)")
+    _scale(scale)
+    rows = (B, H, M, v.shape[3])
+    _validate.matches("grad_out", grad_out, rows, q, what="the output's (B, H, M, Dv) = ")
+    _validate.matches("out", out, rows, q, what="the forward's (B, H, M, Dv) = ")
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    _validate.matches("lse", lse, (B, H, M), q, dtype=acc, what="the forward's (B, H, M) = ")
+    kk = index.shape[-1] if isinstance(index, torch.Tensor) and index.dim() == 4 else -1
+    _validate.matches("index", index, (B, H, M, kk if 0 <= kk <= L - dense_keys else L - dense_keys), q,
+                      dtype=torch.int64, what="the forward's (B, H, M, kept) with kept <= L - dense_keys: ")
+
+
 def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: int, scale: float | None = None,
                    dense_keys: int = 0, backend: str | None = None) -> torch.Tensor:
     """Multi-head attention that keeps the first `dense_keys` keys and the `topk` best of the rest.
@@ -190,19 +260,7 @@ def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: i
     set. topk >= L - dense_keys keeps every key (= F.scaled_dot_product_attention). Differentiable w.r.t. q, k
     and v; the native kernels never hold an (M x L) tensor.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _validate.tensor(name, t, dim=4)
-    _validate.same_device_dtype(("q", "k", "v"), (q, k, v))
-    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"k {tuple(k.shape)} must be (B, H, L, D) with q's B, H and D, q is {tuple(q.shape)}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v {tuple(v.shape)} must be (B, H, L, Dv) with k's B, H and L, k is {tuple(k.shape)}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _validate.non_empty(name, t)
-    L = k.shape[2]
-    topk = _int("topk", topk, 1, L, " (1 <= topk <= L, the number of keys)")
-    dense_keys = _int("dense_keys", dense_keys, 0, L, " (0 <= dense_keys <= L)")
-    scale = q.shape[3] ** -0.5 if scale is None else _scale(scale)
+    scale = check_attention_args(q, k, v, topk, scale, dense_keys)
     chosen = _backends.select("topk_attention", q.device, backend, ATTENTION_BACKENDS)
     if chosen == "reference":
         return _ref.topk_attention(q, k, v, topk=topk, scale=scale, dense_keys=dense_keys)

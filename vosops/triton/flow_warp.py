@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from ..ops import flow_warp as _ops
 from ..ops.flow_warp import autograd_rules
 
 _BLOCK = 256
@@ -166,6 +167,7 @@ def _check_dtype(x: torch.Tensor) -> None:
 
 @torch.library.custom_op("vosops::flow_warp_triton", mutates_args=())
 def flow_warp_triton(x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    _ops.check_args(x, flow, mode, padding_mode)
     _check_dtype(x)
     B, C, H, W = x.shape
     out = _alloc.empty(B, C, H, W, dtype=x.dtype, device=x.device)
@@ -186,6 +188,7 @@ def flow_warp_triton_backward(
     grad_out: torch.Tensor, x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str,
     need_x_grad: bool, need_flow_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _ops.check_backward_args(grad_out, x, flow, mode, padding_mode)
     _check_dtype(x)
     B, C, H, W = x.shape
     bilinear = mode == "bilinear"

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from ..ops import local_attention as _ops
 from ..ops._local_affinity_native import (affinity_autograd_rules, aggregate_autograd_rules, fake_affinity,
                                           fake_affinity_backward, fake_aggregate, fake_aggregate_backward)
 from .local_attention import _rounded
@@ -171,6 +172,7 @@ def _scatter(w, a, off, has_off, radius, dilation, circle, scale):
 @torch.library.custom_op("vosops::local_affinity_triton", mutates_args=())
 def local_affinity_triton(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tensor | None, radius: int,
                           dilation: int, window: str, scale: float, border: str) -> torch.Tensor:
+    _ops.check_affinity_args(q, k, offsets, radius, dilation, window, scale, border)
     _check("q", q, "local_affinity")
     B, C, H, W = q.shape
     N, P = k.shape[1], (2 * radius + 1) ** 2
@@ -187,6 +189,8 @@ local_affinity_triton.register_fake(fake_affinity)
 def local_affinity_triton_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                    offsets: torch.Tensor | None, radius: int, dilation: int, window: str,
                                    scale: float, need_q: bool, need_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _ops.check_affinity_backward_args(grad, q, k, offsets, radius, dilation, window, scale)
+    _check("q", q, "local_affinity")
     off, has_off = _rounded(offsets, radius, dilation, q)
     circle = window == "circle"
     gq = gk = None
@@ -208,6 +212,7 @@ local_affinity_triton.register_autograd(_backward, setup_context=_setup)
 @torch.library.custom_op("vosops::local_aggregate_triton", mutates_args=())
 def local_aggregate_triton(weights: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor | None, radius: int,
                            dilation: int) -> torch.Tensor:
+    _ops.check_aggregate_args(weights, v, offsets, radius, dilation)
     _check("weights", weights, "local_aggregate")
     B, N, P, H, W = weights.shape
     off, has_off = _rounded(offsets, radius, dilation, v)
@@ -222,6 +227,8 @@ local_aggregate_triton.register_fake(fake_aggregate)
 def local_aggregate_triton_backward(grad_out: torch.Tensor, weights: torch.Tensor, v: torch.Tensor,
                                     offsets: torch.Tensor | None, radius: int, dilation: int, need_weights: bool,
                                     need_v: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _ops.check_aggregate_backward_args(grad_out, weights, v, offsets, radius, dilation)
+    _check("weights", weights, "local_aggregate")
     off, has_off = _rounded(offsets, radius, dilation, v)
     gw = gv = None
     if need_weights:  # an unscaled affinity of grad_out against v, 0 out of frame (every window column)

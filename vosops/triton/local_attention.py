@@ -42,6 +42,8 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .. import _validate
+from ..ops import local_attention as _ops
 from . import local_attention_tiled as _tiled
 from ..reference.local_attention import round_offsets, window_columns
 from ._local_window import NO_KEY as _NO_KEY
@@ -363,6 +365,25 @@ def _check(q: torch.Tensor) -> None:
         raise TypeError(f"local_attention: the triton backend takes float32, float16 or bfloat16, got {q.dtype}")
 
 
+def _check_backward_args(grad_out, grad_logits, out, lse, thr, index, q, k, v, offsets, radius, dilation, scale,
+                         topk, normalize, window, border) -> None:
+    """The forward's arguments, and the saved tensors as local_attention_triton returns them."""
+    _ops.check_attention_args(q, k, v, offsets, radius, dilation, scale, topk or None, normalize, window, border,
+                              False)
+    _check(q)
+    B, _, H, W = q.shape
+    rows = (B, v.shape[2], H, W)
+    _validate.matches("grad_out", grad_out, rows, q, what="the output's (B, Cv, H, W) = ")
+    _validate.matches("out", out, rows, q, what="the forward's (B, Cv, H, W) = ")
+    _validate.matches("lse", lse, (B, H, W), q, dtype=torch.float32, what="the forward's (B, H, W) = ")
+    _validate.matches("thr", thr, (B, H, W), q, dtype=torch.int64, what="the forward's (B, H, W) = ")
+    kept = index.shape[-1] if isinstance(index, torch.Tensor) and index.dim() == 4 else -1
+    _validate.matches("index", index, (B, H, W, kept if kept in (0, topk) else topk), q, dtype=torch.int64,
+                      what="the forward's (B, H, W, topk or 0) = ")
+    if grad_logits is not None:
+        _validate.matches("grad_logits", grad_logits, index.shape, q, what="the returned logits' (B, H, W, topk) = ")
+
+
 _TABLES: dict = {}
 
 
@@ -418,6 +439,8 @@ def local_attention_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, lse, kth_key, top_logits, top_index); the last two are (B, H, W, topk) with return_topk, else
     (B, H, W, 0)."""
+    _ops.check_attention_args(q, k, v, offsets, radius, dilation, scale, topk or None, normalize, window, border,
+                              return_topk)
     _check(q)
     mt = _meta(q, k, v, radius, window, topk, normalize)
     if _copy_channels_last():
@@ -472,6 +495,8 @@ def local_attention_triton_backward(
     offsets: torch.Tensor | None, radius: int, dilation: int, scale: float, topk: int, normalize: str,
     window: str, border: str, need_q: bool, need_k: bool, need_v: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_backward_args(grad_out, grad_logits, out, lse, thr, index, q, k, v, offsets, radius, dilation, scale,
+                         topk, normalize, window, border)
     mt = _meta(q, k, v, radius, window, topk, normalize)
     B, C, CV, H, W, N = mt["B"], mt["C"], mt["CV"], mt["H"], mt["W"], mt["N"]
     dtypes = (q.dtype, k.dtype, v.dtype)

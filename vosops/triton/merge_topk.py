@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .. import _alloc
 from ..ops import _topk_rules
+from ..ops import topk as _ops
 
 
 @triton.jit
@@ -60,11 +61,10 @@ def _pow2(n: int, lo: int = 4) -> int:
 @torch.library.custom_op("vosops::merge_topk_triton", mutates_args=())
 def merge_topk_triton(logits: torch.Tensor, index: torch.Tensor,
                       topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _ops.check_merge_args(logits, index, topk)
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"merge_topk: the triton backend takes float32, float16 or bfloat16, got {logits.dtype}")
     B, M, N = logits.shape
-    if not 1 <= topk <= N:
-        raise ValueError(f"merge_topk: topk must be in [1, N] = [1, {N}], got {topk}")
     out_l = _alloc.empty(B, M, topk, dtype=logits.dtype, device=logits.device)
     out_i = _alloc.empty(B, M, topk, dtype=torch.int64, device=logits.device)
     out_s = _alloc.empty(B, M, topk, dtype=torch.int64, device=logits.device)

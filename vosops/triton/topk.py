@@ -26,6 +26,7 @@ import triton.language as tl
 from .. import _alloc
 from ._select import MAXKEY, insert_entrants, merge_tile
 from ._softmax import online_softmax_step
+from ..ops import topk as _ops
 from ..ops.topk import attention_autograd_rules, attention_fake, global_topk_fake, gt_backward, gt_setup, kept_sparse
 
 # Below every packed key: an empty slot. A tl.constexpr, as compiled kernels may read no other kind of global.
@@ -196,7 +197,8 @@ def _bwd_dq_kernel(g_ptr, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, dq_ptr, 
         gf = g.to(tl.float32)
         for j in range(0, KK):
             ij = tl.load(idx_ptr + row * KK + j, mask=m_ok, other=-1)
-            okj = ij >= 0
+            # -1: an empty slot; a key outside [DENSE, L) only a directly passed index holds: skipped as empty
+            okj = (ij >= DENSE) & (ij < L)
             safe = tl.where(okj, ij, 0)
             kg = tl.load(k_base + safe[:, None] * skl + offs_d[None, :] * skd,
                          mask=okj[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
@@ -354,6 +356,7 @@ def _split(topk: int, L: int, dense_keys: int):
 @torch.library.custom_op("vosops::topk_attention_triton", mutates_args=())
 def topk_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, scale: float,
                           dense_keys: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _ops.check_attention_args(q, k, v, topk, scale, dense_keys)
     _check_dtype(q)
     B, H, M, D = q.shape
     L, DV = k.shape[2], v.shape[3]
@@ -382,6 +385,7 @@ topk_attention_triton.register_fake(attention_fake)
 def topk_attention_triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                    out: torch.Tensor, lse: torch.Tensor, index: torch.Tensor, scale: float,
                                    dense_keys: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _ops.check_attention_backward_args(grad_out, q, k, v, out, lse, index, scale, dense_keys)
     _check_dtype(q)
     B, H, M, D = q.shape
     L, DV = k.shape[2], v.shape[3]
@@ -532,6 +536,7 @@ def global_topk_plan(B: int, M: int, L: int, topk: int, device: torch.device) ->
 @torch.library.custom_op("vosops::global_topk_triton", mutates_args=())
 def global_topk_triton(q: torch.Tensor, k: torch.Tensor, topk: int, scale: float,
                        key_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    _ops.check_global_topk_args(q, k, topk, scale, key_mask)
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"global_topk: the triton backend takes float32, float16 or bfloat16, got {q.dtype}")
     B, M, C = q.shape

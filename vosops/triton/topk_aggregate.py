@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .. import _alloc
 from ..ops import _topk_rules
+from ..ops import topk as _ops
 
 
 @triton.jit
@@ -112,17 +113,17 @@ def _blocks(K: int, CV: int):
     return bm, bk, bj, bc
 
 
-def _check(logits: torch.Tensor, index: torch.Tensor, values: torch.Tensor, normalize: str, k: int) -> None:
+def _check(logits: torch.Tensor, index: torch.Tensor, values: torch.Tensor, normalize: str, k: int,
+           grad_out: torch.Tensor | None = None) -> None:
+    k_or_none = k if normalize == "threshold" else None  # the op passes 0 for None
+    if grad_out is None:
+        _ops.check_aggregate_args(logits, index, values, normalize, k_or_none)
+    else:
+        _ops.check_aggregate_backward_args(grad_out, logits, index, values, normalize, k_or_none)
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"topk_aggregate: the triton backend takes float32, float16 or bfloat16, got {logits.dtype}")
-    if normalize not in ("softmax", "threshold"):
-        raise ValueError(f"topk_aggregate: normalize must be 'softmax' or 'threshold', got {normalize!r}")
-    if normalize == "threshold" and k < 1:
-        raise ValueError(f"topk_aggregate: k must be >= 1 with 'threshold', got {k}")
     if index.device.type == "cpu":  # as the native op: on a GPU a check would synchronise (the kernels drop
-        from ..ops.topk import _check_index_range  # out-of-range candidates); vosops.topk_aggregate checks there
-
-        _check_index_range(index, values.shape[1])
+        _ops._check_index_range(index, values.shape[1])  # out-of-range candidates); vosops.topk_aggregate checks
 
 
 def _kk(normalize: str, k: int, K: int) -> int:
@@ -154,7 +155,7 @@ topk_aggregate_triton.register_fake(_topk_rules.aggregate_fake)
 def topk_aggregate_triton_backward(grad_out: torch.Tensor, logits: torch.Tensor, index: torch.Tensor,
                                    values: torch.Tensor, normalize: str, k: int, need_logits: bool,
                                    need_values: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(logits, index, values, normalize, k)
+    _check(logits, index, values, normalize, k, grad_out)
     B, M, K = logits.shape
     L, CV = values.shape[1], values.shape[2]
     gl = _alloc.empty(B, M, K, dtype=logits.dtype, device=logits.device) if need_logits \
