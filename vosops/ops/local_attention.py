@@ -12,6 +12,8 @@ radius is at most 1023 and dilation at most 1023 (MAX_RADIUS, MAX_DILATION).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _backends, _native, _validate
@@ -112,7 +114,12 @@ def _check_v(v, like, N: int) -> None:
 
 def candidate_count(radius: int, window: str, N: int = 1) -> int:
     """Number of in-window candidates over N references."""
-    return N * len(window_columns(radius, window))
+    return N * _window_size(radius, window)
+
+
+@functools.lru_cache(maxsize=64)
+def _window_size(radius: int, window: str) -> int:  # every call checks it: enumerate each window once
+    return len(window_columns(radius, window))
 
 
 # --- the checks of each op's arguments, shared by the public functions and the Triton ops (which a user may call
