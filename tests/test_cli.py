@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,3 +56,38 @@ def test_bench_runner_reports_a_failing_case_and_keeps_the_others():
     rows = run_cases([ok, bad], budget_s=0.01, memory=False, log=lines.append)
     assert [r["impl"] for r in rows] == ["baseline"] and rows[0]["speedup"] == 1.0
     assert any("demo/tiny/cpu/float32/fwd/mine: FAILED RuntimeError: CUDA error" in line for line in lines)
+
+
+def test_bench_rounds_interleave_a_groups_cases_so_drift_cancels_in_ratios(monkeypatch):
+    """With rounds > 1 the baseline and the implementation are timed alternately; a machine whose speed changes
+    between rounds (here x1, x3, x1.5) then leaves every per-round ratio, and so the speed-up, at the true 2x."""
+    from vosops.bench import runner
+    from vosops.bench.registry import Case
+
+    # One value per timing call, in call order: the fwd group's two cases in turn, then the bwd group's one case.
+    drift = iter([1.0, 1.0, 3.0, 3.0, 1.5, 1.5] + [1.0, 2.0, 1.0])
+
+    def fake_measure(fn, device, budget_s):
+        ms = fn() * next(drift)
+        return {"ms": ms, "p20_ms": ms, "p80_ms": ms, "reps": 5}
+
+    monkeypatch.setattr(runner, "measure_ms", fake_measure)
+    base = Case("demo", "tiny", "cpu", "baseline", "fwd", lambda: (lambda: 4.0), baseline=True)
+    mine = Case("demo", "tiny", "cpu", "mine", "fwd", lambda: (lambda: 2.0))
+    other = Case("demo", "tiny", "cpu", "mine", "bwd", lambda: (lambda: 1.0))  # another group: no baseline
+    rows = runner.run_cases([base, other, mine], budget_s=0.01, rounds=3, memory=False, log=lambda s: None,
+                            on_row=lambda rows: None)
+    by = {(r["impl"], r["direction"]): r for r in rows}
+    assert by["mine", "fwd"]["round_ms"] == [2.0, 6.0, 3.0] and by["mine", "fwd"]["ms"] == 3.0
+    assert by["baseline", "fwd"]["round_ms"] == [4.0, 12.0, 6.0] and by["baseline", "fwd"]["reps"] == 15
+    assert by["mine", "fwd"]["speedup"] == 2.0 and by["baseline", "fwd"]["speedup"] == 1.0
+    assert by["mine", "bwd"]["round_ms"] == [1.0, 2.0, 1.0] and by["mine", "bwd"]["speedup"] is None
+
+
+def test_bench_rejects_rounds_below_one():
+    from vosops.bench.runner import run_cases
+
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        run_cases([], rounds=0)
+    res = run_cli("bench", "--op", "flow_warp", "--device", "cpu", "--rounds", "0")
+    assert res.returncode == 2 and "--rounds must be at least 1" in res.stdout

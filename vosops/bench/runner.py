@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
 from typing import Iterable
 
@@ -20,37 +21,38 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def run_cases(cases: Iterable[Case], *, budget_s: float = 1.0, memory: bool = True, log=print,
+def run_cases(cases: Iterable[Case], *, budget_s: float = 1.0, rounds: int = 1, memory: bool = True, log=print,
               on_row=None) -> list[dict]:
-    """Time each case; `on_row(rows)` after each finished one (to save partial results: a run stopped by a time
-    limit keeps what it measured)."""
+    """Time each case; `on_row(rows)` after each finished comparison group (to save partial results: a run stopped
+    by a time limit keeps what it measured).
+
+    A comparison group is the cases of one (op, config, device, dtype, direction): the baseline and the
+    implementations compared with it. With `rounds` > 1 a group's cases are timed in turn, `rounds` times over,
+    each for `budget_s` a round; a case's `ms` is the median of its round medians and its speed-up the median of its
+    per-round ratios to the baseline. A machine whose speed drifts over seconds (a shared 2-core VM: 1.5x between
+    runs) then moves both sides of each ratio together instead of skewing it.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     rows = []
-    for case in cases:
-        try:
-            fn = case.setup()
-            t = measure_ms(fn, case.device, budget_s=budget_s)
-        except Exception as exc:  # one broken case must not lose the others' numbers; it is reported, not timed
-            log(f"  {case.name}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            continue
-        row = {
-            "op": case.op, "config": case.config, "device": case.device, "device_name": device_name(case.device),
-            "dtype": case.dtype, "direction": case.direction, "impl": case.impl, "baseline": case.baseline,
-            **t,
-        }
-        if case.flops:
-            row["gflops"] = case.flops / (t["ms"] * 1e6)
-            # the fp32 FMA floor: the case's FLOPs at the device's measured fp32 peak; x_floor = time / floor
-            row["peak_fp32_gflops"] = peak_fp32_gflops(case.device)
-            row["floor_ms"] = case.flops / (row["peak_fp32_gflops"] * 1e6)
-            row["x_floor"] = t["ms"] / row["floor_ms"]
-        if case.bytes:
-            row["gbps"] = case.bytes / (t["ms"] * 1e6)
-        if memory:
-            row["peak_extra_mb"] = peak_extra_bytes(fn, case.device) / 2**20
-        row.update(case.extra)
-        rows.append(row)
-        del fn
-        log(f"  {case.name}: {t['ms']:.3f} ms")
+    for group in _comparison_groups(cases):
+        timed = {}  # case name -> (case, the callable timed, one timing summary per round)
+        for case in group:
+            try:
+                timed[case.name] = (case, case.setup(), [])
+            except Exception as exc:  # one broken case must not lose the others' numbers; it is reported, not timed
+                _log_failure(log, case, exc)
+        for _ in range(rounds):
+            for name, (case, fn, summaries) in list(timed.items()):
+                try:
+                    summaries.append(measure_ms(fn, case.device, budget_s=budget_s))
+                except Exception as exc:
+                    _log_failure(log, case, exc)
+                    del timed[name]
+        for case, fn, summaries in timed.values():
+            rows.append(_row(case, fn, summaries, memory))
+            log(f"  {case.name}: {rows[-1]['ms']:.3f} ms")
+        del timed
         if on_row is not None:
             _add_speedups(rows)
             on_row(rows)
@@ -58,12 +60,55 @@ def run_cases(cases: Iterable[Case], *, budget_s: float = 1.0, memory: bool = Tr
     return rows
 
 
+def _comparison_groups(cases: Iterable[Case]) -> list[list[Case]]:
+    groups: dict[str, list[Case]] = {}
+    for case in cases:
+        groups.setdefault(case.group, []).append(case)
+    return list(groups.values())
+
+
+def _log_failure(log, case: Case, exc: Exception) -> None:
+    log(f"  {case.name}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def _row(case: Case, fn, summaries: list[dict], memory: bool) -> dict:
+    if len(summaries) == 1:
+        t = summaries[0]
+    else:
+        median_of = lambda key: statistics.median(s[key] for s in summaries)  # noqa: E731
+        t = {"ms": median_of("ms"), "p20_ms": median_of("p20_ms"), "p80_ms": median_of("p80_ms"),
+             "reps": sum(s["reps"] for s in summaries), "round_ms": [s["ms"] for s in summaries]}
+    row = {
+        "op": case.op, "config": case.config, "device": case.device, "device_name": device_name(case.device),
+        "dtype": case.dtype, "direction": case.direction, "impl": case.impl, "baseline": case.baseline,
+        **t,
+    }
+    if case.flops:
+        row["gflops"] = case.flops / (t["ms"] * 1e6)
+        # the fp32 FMA floor: the case's FLOPs at the device's measured fp32 peak; x_floor = time / floor
+        row["peak_fp32_gflops"] = peak_fp32_gflops(case.device)
+        row["floor_ms"] = case.flops / (row["peak_fp32_gflops"] * 1e6)
+        row["x_floor"] = t["ms"] / row["floor_ms"]
+    if case.bytes:
+        row["gbps"] = case.bytes / (t["ms"] * 1e6)
+    if memory:
+        row["peak_extra_mb"] = peak_extra_bytes(fn, case.device) / 2**20
+    row.update(case.extra)
+    return row
+
+
 def _add_speedups(rows: list[dict]) -> None:
+    """Speed-up over the group's baseline: the median of per-round ratios where both sides have the same rounds."""
     key = lambda r: (r["op"], r["config"], r["device"], r["dtype"], r["direction"])  # noqa: E731
-    base = {key(r): r["ms"] for r in rows if r["baseline"]}
+    base = {key(r): r for r in rows if r["baseline"]}
     for r in rows:
         b = base.get(key(r))
-        r["speedup"] = b / r["ms"] if b else None
+        if b is None:
+            r["speedup"] = None
+        elif "round_ms" in r and len(r["round_ms"]) == len(b.get("round_ms", ())):
+            r["speedup"] = statistics.median(x / y for x, y in zip(b["round_ms"], r["round_ms"]))
+        else:
+            r["speedup"] = b["ms"] / r["ms"]
 
 
 def format_table(rows: list[dict]) -> str:

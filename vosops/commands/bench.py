@@ -13,7 +13,10 @@ def register(sub) -> None:
     p.add_argument("--config", action="append", help="only these configurations (repeatable)")
     p.add_argument("--impl", action="append", help="only these implementations (repeatable; baseline always kept)")
     p.add_argument("--out", default="bench-out", help="folder for results.json and speedup.png")
-    p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case (default 1)")
+    p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case and round (default 1)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time each comparison group's cases in turn this many times over; speed-ups are the median "
+                        "of per-round ratios (default 1; use 3-5 on a machine whose speed drifts)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--all", action="store_true",
@@ -48,6 +51,9 @@ def run(args) -> int:
         cases = [c for c in cases if not c.slow or args.all]
         print(f"vosops bench: skipping {len(slow)} slow cases (--all runs them): "
               + ", ".join(sorted({f'{c.config}/{c.impl}' for c in slow})))
+    if args.rounds < 1:
+        print(f"vosops bench: --rounds must be at least 1, got {args.rounds}")
+        return 2
     if not cases:
         print("vosops bench: nothing to run for this selection")
         return 2
@@ -55,7 +61,7 @@ def run(args) -> int:
     from vosops.bench.runner import run_cases
 
     json_path = os.path.join(args.out, "results.json")
-    rows = run_cases(cases, budget_s=args.budget, memory=not args.no_memory,
+    rows = run_cases(cases, budget_s=args.budget, rounds=args.rounds, memory=not args.no_memory,
                      on_row=lambda rows: write_json(rows, json_path))
     if not rows:
         print("vosops bench: every case failed")
