@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vosops import cli
@@ -79,6 +80,37 @@ def test_propagate_bad_arguments(tmp_path, capsys):
     assert cli.main(["eval", "--pred", str(tmp_path / "none"), "--gt", str(tmp_path)]) == 2
     assert cli.main(["propagate", str(tmp_path), "--mask", "x.png", "--out", str(tmp_path), "--backend", "gpu"]) == 2
     assert "--backend must be" in capsys.readouterr().err
+
+
+def test_input_errors_are_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """Errors a user's input causes deep in the engine or the IO (a missing video, an unreadable mask, a mask with
+    no object, a backend the machine lacks, a folder that is no dataset) end the command with status 2 and one line
+    naming the command and the cause; VOSOPS_DEBUG=1 gives the traceback instead."""
+    monkeypatch.delenv("VOSOPS_DEBUG", raising=False)
+    frames, gts = synthetic_video(T=3, H=32, W=40, seed=1)
+    _write_video(str(tmp_path / "frames"), frames, ["a", "b", "c"])
+    write_mask(str(tmp_path / "first.png"), gts[0])
+    write_mask(str(tmp_path / "empty.png"), np.zeros_like(gts[0]))
+    (tmp_path / "garbage.png").write_text("not an image")
+    (tmp_path / "no_frames").mkdir()
+    frames_dir, first, out = str(tmp_path / "frames"), str(tmp_path / "first.png"), str(tmp_path / "out")
+    cases = [
+        (["propagate", str(tmp_path / "missing"), "--mask", first, "--out", out], "does not exist"),
+        (["propagate", str(tmp_path / "no_frames"), "--mask", first, "--out", out], "holds no"),
+        (["propagate", frames_dir, "--mask", str(tmp_path / "garbage.png"), "--out", out], "garbage.png"),
+        (["propagate", frames_dir, "--mask", str(tmp_path / "empty.png"), "--out", out], "no object"),
+        (["propagate", "--dataset", str(tmp_path / "no_frames"), "--out", out], "not a DAVIS-layout dataset"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["propagate", frames_dir, "--mask", first, "--out", out, "--device", "cpu", "--backend",
+                       "cuda"], "backend 'cuda' is unavailable"))
+    for argv, needle in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("vosops propagate: ") and needle in err, (argv, err)
+    monkeypatch.setenv("VOSOPS_DEBUG", "1")
+    with pytest.raises(ValueError, match="no object"):
+        cli.main(cases[3][0])
 
 
 def _davis_layout(root, seqs=3, T=4, H=48, W=64):

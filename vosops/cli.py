@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = ["info", "bench", "propagate", "eval", "demo"]
@@ -24,7 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from vosops._backends import BackendUnavailableError
+
+    # What a user's input causes (a missing file, an unreadable image, a mask of the wrong size, a backend this
+    # machine lacks) is one line naming the command and exit status 2, not a traceback; VOSOPS_DEBUG=1 re-raises.
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError, BackendUnavailableError) as exc:
+        if os.environ.get("VOSOPS_DEBUG"):
+            raise
+        print(f"vosops {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
