@@ -1,0 +1,73 @@
+"""Tensors of more than 2^31 elements: the CPU kernels and the reference index them with 64-bit offsets.
+
+The large operands are `torch.empty` allocations of 8 GiB whose pages are never written except for the few rows a
+test sets: Linux maps untouched pages to the zero page, so each test costs seconds and well under 3 GB of memory.
+The rows that must win sit past element 2^31, where an int32 offset would wrap to the start of the tensor (or
+before it) and read a different row.
+"""
+
+import pytest
+import torch
+
+import vosops
+
+BACKENDS = ["reference", "cpu"]
+BEYOND_INT32 = 2**31 + 64 * 1000  # elements: the last 1000 rows of 64 lie past 2^31
+
+
+def _big_empty(*shape):
+    try:
+        return torch.empty(*shape)
+    except RuntimeError as exc:  # address space refused (strict overcommit): not a failure of the op
+        pytest.skip(f"cannot reserve {torch.Size(shape).numel() * 4 / 2**30:.1f} GiB of address space: {exc}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_aggregate_gathers_values_rows_past_2_31(backend):
+    L, C = BEYOND_INT32 // 64, 64
+    values = _big_empty(1, L, C)
+    rows = torch.tensor([L - 1, L - 2, 5, L // 2 + 7])
+    rows_values = torch.randn(4, C)
+    values[0, rows] = rows_values
+    logits = torch.tensor([[[0.5, 1.0, -2.0, 3.0]]])
+    out = vosops.topk_aggregate(logits, rows.view(1, 1, 4), values, backend=backend)
+    expected = (torch.softmax(logits[0, 0].double(), 0)[:, None] * rows_values.double()).sum(0)
+    torch.testing.assert_close(out[0, 0].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_global_topk_finds_keys_past_2_31(backend):
+    C = 64
+    L = BEYOND_INT32 // C
+    keys = _big_empty(1, L, C)  # zero rows except the three below
+    keys[0, L - 1, 3], keys[0, L - 3, 5], keys[0, 1, 3] = 7.0, 9.0, 6.0
+    q = torch.zeros(1, 2, C)
+    q[0, 0, 3] = q[0, 1, 5] = 1.0
+    logits, index = vosops.global_topk(q, keys, topk=2, backend=backend)
+    # Query 1 ties the score 0 of every other key: ties go to the lower key index, key 0.
+    assert index.tolist() == [[[L - 1, 1], [L - 3, 0]]]
+    assert logits.tolist() == [[[7.0, 6.0], [9.0, 0.0]]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_attention_keeps_keys_past_2_31(backend):
+    D = 64
+    L = BEYOND_INT32 // D
+    k, v = _big_empty(1, 1, L, D), torch.zeros(1, 1, L, 4)
+    k[0, 0, L - 1, 3], k[0, 0, L - 3, 5] = 7.0, 9.0
+    v[0, 0, L - 1], v[0, 0, L - 3] = torch.tensor([1.0, 2, 3, 4]), torch.tensor([5.0, 6, 7, 8])
+    q = torch.zeros(1, 1, 2, D)
+    q[0, 0, 0, 3] = q[0, 0, 1, 5] = 1.0
+    out = vosops.topk_attention(q, k, v, topk=1, scale=1.0, backend=backend)  # one key kept: its value
+    assert out.tolist() == [[[[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merge_topk_keeps_memory_indices_past_2_31(backend):
+    """Candidate indices address a memory, not a tensor: 2^40 and beyond pass through unchanged."""
+    big = 2**40
+    first = (torch.tensor([[[3.0, 1.0]]]), torch.tensor([[[big + 5, big + 1]]]))
+    second = (torch.tensor([[[2.0, 4.0]]]), torch.tensor([[[3 * big, 7]]]))
+    logits, index = vosops.merge_topk([first, second], 3, backend=backend)
+    assert logits.tolist() == [[[4.0, 3.0, 2.0]]]
+    assert index.tolist() == [[[7, big + 5, 3 * big]]]
