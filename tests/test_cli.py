@@ -81,6 +81,7 @@ def test_bench_rounds_interleave_a_groups_cases_so_drift_cancels_in_ratios(monke
     assert by["mine", "fwd"]["round_ms"] == [2.0, 6.0, 3.0] and by["mine", "fwd"]["ms"] == 3.0
     assert by["baseline", "fwd"]["round_ms"] == [4.0, 12.0, 6.0] and by["baseline", "fwd"]["reps"] == 15
     assert by["mine", "fwd"]["speedup"] == 2.0 and by["baseline", "fwd"]["speedup"] == 1.0
+    assert by["mine", "fwd"]["round_speedups"] == [2.0, 2.0, 2.0]
     assert by["mine", "bwd"]["round_ms"] == [1.0, 2.0, 1.0] and by["mine", "bwd"]["speedup"] is None
 
 

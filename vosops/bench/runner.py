@@ -106,7 +106,8 @@ def _add_speedups(rows: list[dict]) -> None:
         if b is None:
             r["speedup"] = None
         elif "round_ms" in r and len(r["round_ms"]) == len(b.get("round_ms", ())):
-            r["speedup"] = statistics.median(x / y for x, y in zip(b["round_ms"], r["round_ms"]))
+            r["round_speedups"] = [x / y for x, y in zip(b["round_ms"], r["round_ms"])]
+            r["speedup"] = statistics.median(r["round_speedups"])
         else:
             r["speedup"] = b["ms"] / r["ms"]
 
