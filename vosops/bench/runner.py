@@ -29,8 +29,8 @@ def run_cases(cases: Iterable[Case], *, budget_s: float = 1.0, rounds: int = 1, 
     A comparison group is the cases of one (op, config, device, dtype, direction): the baseline and the
     implementations compared with it. With `rounds` > 1 a group's cases are timed in turn, `rounds` times over,
     each for `budget_s` a round; a case's `ms` is the median of its round medians and its speed-up the median of its
-    per-round ratios to the baseline. A machine whose speed drifts over seconds (a shared 2-core VM: 1.5x between
-    runs) then moves both sides of each ratio together instead of skewing it.
+    per-round ratios to the baseline. A machine whose speed drifts over seconds (a shared 2-core VM: one case's round
+    medians 2.3x apart within one run) then moves both sides of each ratio together instead of skewing it.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
