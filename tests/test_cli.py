@@ -92,3 +92,12 @@ def test_bench_rejects_rounds_below_one():
         run_cases([], rounds=0)
     res = run_cli("bench", "--op", "flow_warp", "--device", "cpu", "--rounds", "0")
     assert res.returncode == 2 and "--rounds must be at least 1" in res.stdout
+
+
+def test_bench_table_shows_the_spread_of_round_ratios_only_with_rounds():
+    from vosops.bench.runner import format_table
+
+    row = dict(op="demo", config="tiny", device="cpu", direction="fwd", impl="mine", ms=2.0, speedup=2.0)
+    assert "rounds" not in format_table([row])
+    table = format_table([dict(row, round_speedups=[3.0, 1.5, 2.0, 2.5, 1.9])])
+    assert table.splitlines()[0].endswith("rounds p20-p80") and table.splitlines()[-1].endswith("1.90-3.00x")

@@ -113,12 +113,14 @@ def _add_speedups(rows: list[dict]) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
+    """One line per row; with rounds, a last column gives the spread of the per-round speed-ups (p20-p80)."""
     name = lambda r: f"{r['op']}/{r['config']}"  # noqa: E731
     w_name = max([len("op/config")] + [len(name(r)) for r in rows]) + 2
     w_impl = max([len("impl")] + [len(r["impl"]) for r in rows]) + 2
     w_dir = max([len("dir")] + [len(r["direction"]) for r in rows]) + 2
+    spread = any("round_speedups" in r for r in rows)
     head = (f"{'op/config':<{w_name}}{'dev':<5}{'dir':<{w_dir}}{'impl':<{w_impl}}{'ms':>10}{'GB/s':>9}"
-            f"{'GFLOP/s':>9}{'x floor':>9}{'speedup':>9}{'peak MB':>9}")
+            f"{'GFLOP/s':>9}{'x floor':>9}{'speedup':>9}{'peak MB':>9}" + (f"{'rounds p20-p80':>17}" if spread else ""))
     lines = [head, "-" * len(head)]
     fmt = lambda v, f: (f.format(v) if v is not None else "-")  # noqa: E731
     for r in rows:
@@ -127,8 +129,17 @@ def format_table(rows: list[dict]) -> str:
             f"{r['ms']:>10.3f}{fmt(r.get('gbps'), '{:.1f}'):>9}{fmt(r.get('gflops'), '{:.1f}'):>9}"
             f"{fmt(r.get('x_floor'), '{:.1f}'):>9}"
             f"{fmt(r.get('speedup'), '{:.2f}x'):>9}{fmt(r.get('peak_extra_mb'), '{:.1f}'):>9}"
+            + (f"{_round_spread(r.get('round_speedups')):>17}" if spread else "")
         )
     return "\n".join(lines)
+
+
+def _round_spread(ratios: list[float] | None) -> str:
+    if not ratios:
+        return "-"
+    ratios = sorted(ratios)
+    q = lambda f: ratios[min(len(ratios) - 1, int(f * len(ratios)))]  # noqa: E731  (as timing._summary)
+    return f"{q(0.2):.2f}-{q(0.8):.2f}x"
 
 
 def environment() -> dict:
