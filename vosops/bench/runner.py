@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 
 from .registry import Case
-from .timing import measure_ms, peak_extra_bytes, peak_fp32_gflops
+from .timing import measure_ms, peak_extra_bytes, peak_fp32_gflops, quantile
 
 
 def device_name(device: str) -> str:
@@ -137,9 +137,7 @@ def format_table(rows: list[dict]) -> str:
 def _round_spread(ratios: list[float] | None) -> str:
     if not ratios:
         return "-"
-    ratios = sorted(ratios)
-    q = lambda f: ratios[min(len(ratios) - 1, int(f * len(ratios)))]  # noqa: E731  (as timing._summary)
-    return f"{q(0.2):.2f}-{q(0.8):.2f}x"
+    return f"{quantile(ratios, 0.2):.2f}-{quantile(ratios, 0.8):.2f}x"
 
 
 def environment() -> dict:

@@ -86,10 +86,15 @@ def peak_fp32_gflops(device: str) -> float:
     return _PEAK_CACHE[device]
 
 
+def quantile(values: list[float], f: float) -> float:
+    """The f-quantile of `values` as the element at index floor(f * n) of the sorted list (no interpolation)."""
+    values = sorted(values)
+    return values[min(len(values) - 1, int(f * len(values)))]
+
+
 def _summary(times: list[float]) -> dict:
-    times = sorted(times)
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    return {"ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "reps": len(times)}
+    return {"ms": statistics.median(times), "p20_ms": quantile(times, 0.2), "p80_ms": quantile(times, 0.8),
+            "reps": len(times)}
 
 
 @contextlib.contextmanager
