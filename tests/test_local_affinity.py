@@ -179,6 +179,27 @@ def _needs_native():
         pytest.skip("no native CPU kernel for local_affinity in this build")
 
 
+@pytest.mark.parametrize("with_offsets", [False, True])
+def test_cpu_reads_channels_last_inputs_in_place(with_offsets):
+    """Wide channels are scored from channels-last views: channels-last q and k (ViT tokens viewed as images) are
+    read where they lie: the call allocates less than one copy of k would take (its output is 1/7 of that)."""
+    _needs_native()
+    from vosops.bench.timing import peak_extra_bytes
+
+    g = torch.Generator().manual_seed(11)
+    B, N, C, H, W = 1, 2, 128, 64, 64
+    k = torch.randn(B, N, H, W, C, generator=g).permute(0, 1, 4, 2, 3)
+    q = torch.randn(B, H, W, C, generator=g).permute(0, 3, 1, 2)
+    off = (torch.rand(B, N, 2, H, W, generator=g) * 6 - 3) if with_offsets else None
+    kw = {"radius": 1, "offsets": off, "scale": 0.5}
+    out_bytes = B * N * 9 * H * W * 4
+    peak = peak_extra_bytes(lambda: vosops.local_affinity(q, k, backend="cpu", **kw), "cpu")
+    assert peak < k.numel() * 4, (peak, out_bytes)
+    expected = vosops.local_affinity(q.double(), k.double(), backend="reference", **kw)
+    torch.testing.assert_close(vosops.local_affinity(q, k, backend="cpu", **kw).double(), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", [0, 1])
 def test_opcheck_native(case):
     _needs_native()

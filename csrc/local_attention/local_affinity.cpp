@@ -196,7 +196,8 @@ inline void dots(const Row& rw, acc_t* acc, const acc_t* acl, const acc_t* xcl, 
 // C = 64 without offsets; the runs stay for the narrow value side, Cv = 3-7, where the dot would be too short).
 constexpr int64_t kDotMinChannels = 16;
 
-// acl / xcl: channels-last copies of a (B, H, W, C) and x (B, N, H, W, C) for rows of short runs, or null.
+// acl / xcl: channels-last copies of a (B, H, W, C) and x (B, N, H, W, C) for rows of short runs, or null;
+// a / x may be null when acl / xcl are given and C >= kDotMinChannels (never read then).
 template <typename acc_t>
 void scores(const Geometry& g, const acc_t* a, const acc_t* x, const acc_t* acl, const acc_t* xcl, int64_t C,
             acc_t scale, acc_t fill, acc_t* out) {
@@ -290,15 +291,19 @@ at::Tensor local_affinity_cpu(const at::Tensor& q, const at::Tensor& k, const st
   const at::ScalarType a = acc_type(q.scalar_type());
   at::Tensor out = new_output({g.B, g.N, g.P, g.H, g.W}, q.options().dtype(a));
   if (out.numel() > 0) {
-    const at::Tensor off = rounded_offsets_cpu(offsets, g), qa = to_acc(q), ka = to_acc(k);
+    const at::Tensor off = rounded_offsets_cpu(offsets, g);
     g.offsets = off.defined() ? off.const_data_ptr<int32_t>() : nullptr;
-    // Channels-last copies for per-query dot products (rows broken by flows; every row when C is wide).
-    const bool cl = off.defined() || q.size(1) >= kDotMinChannels;
-    const at::Tensor qcl = cl ? qa.permute({0, 2, 3, 1}).contiguous() : at::Tensor();
-    const at::Tensor kcl = cl ? ka.permute({0, 1, 3, 4, 2}).contiguous() : at::Tensor();
+    // Channels-last views for per-query dot products (rows broken by flows; every row when C is wide), taken
+    // from the inputs directly: channels-last inputs (ViT tokens viewed as images) are then read in place. The
+    // (B, C, H, W) layout only serves the runs' loop over channels, which `scores` takes for narrow C alone.
+    const bool cl = off.defined() || q.size(1) >= kDotMinChannels, nchw = q.size(1) < kDotMinChannels;
+    const at::Tensor qa = nchw ? to_acc(q) : at::Tensor(), ka = nchw ? to_acc(k) : at::Tensor();
+    const at::Tensor qcl = cl ? q.to(a).permute({0, 2, 3, 1}).contiguous() : at::Tensor();
+    const at::Tensor kcl = cl ? k.to(a).permute({0, 1, 3, 4, 2}).contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(a, "local_affinity_cpu", [&] {
       const scalar_t fill = border == "zero" ? scalar_t(0) : -std::numeric_limits<scalar_t>::infinity();
-      scores<scalar_t>(g, qa.const_data_ptr<scalar_t>(), ka.const_data_ptr<scalar_t>(),
+      scores<scalar_t>(g, nchw ? qa.const_data_ptr<scalar_t>() : nullptr,
+                       nchw ? ka.const_data_ptr<scalar_t>() : nullptr,
                        qcl.defined() ? qcl.const_data_ptr<scalar_t>() : nullptr,
                        kcl.defined() ? kcl.const_data_ptr<scalar_t>() : nullptr, q.size(1),
                        static_cast<scalar_t>(scale), fill, out.data_ptr<scalar_t>());
