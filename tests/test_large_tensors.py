@@ -13,6 +13,14 @@ import vosops
 
 BACKENDS = ["reference", "cpu"]
 BEYOND_INT32 = 2**31 + 64 * 1000  # elements: the last 1000 rows of 64 lie past 2^31
+# The local ops' reference pads or gathers whole key frames (copies of the 8 GiB operand): CPU kernel only.
+LOCAL_C, LOCAL_H, LOCAL_W = 64, 8, 8
+LOCAL_N = BEYOND_INT32 // (LOCAL_C * LOCAL_H * LOCAL_W) + 1  # reference frames: the last ones lie past 2^31
+
+
+def _needs_native_local():
+    if vosops._backends.why_unusable("cpu", "local_attention", "cpu") is not None:
+        pytest.skip("no native CPU kernel for the local ops in this build")
 
 
 def _big_empty(*shape):
@@ -71,3 +79,69 @@ def test_merge_topk_keeps_memory_indices_past_2_31(backend):
     logits, index = vosops.merge_topk([first, second], 3, backend=backend)
     assert logits.tolist() == [[[4.0, 3.0, 2.0]]]
     assert index.tolist() == [[[7, big + 5, 3 * big]]]
+
+
+def test_local_attention_reads_key_frames_past_2_31():
+    """Frames past element 2^31 of k win their queries' top-1. k is channels-last, as the kernel reads it, so the
+    8 GiB operand is not copied."""
+    _needs_native_local()
+    C, H, W, N = LOCAL_C, LOCAL_H, LOCAL_W, LOCAL_N
+    k = _big_empty(1, N, H, W, C).permute(0, 1, 4, 2, 3)
+    u = torch.randn(C, generator=torch.Generator().manual_seed(0))
+    k[0, N - 1, :, 3, 4] = u
+    k[0, N - 3, :, 5, 1] = -u
+    v = torch.zeros(1, N, 2, H, W)
+    v[0, N - 1, :, 3, 4] = torch.tensor([1.0, 2.0])
+    v[0, N - 3, :, 5, 1] = torch.tensor([3.0, 4.0])
+    q = torch.zeros(1, C, H, W)
+    q[0, :, 3, 4], q[0, :, 5, 1] = u, -u
+    out, (logits, index) = vosops.local_attention(q, k, v, radius=0, topk=1, return_topk=True, backend="cpu")
+    assert index[0, 3, 4].tolist() == [N - 1] and index[0, 5, 1].tolist() == [N - 3]
+    assert index[0, 0, 0].tolist() == [0]  # every score 0: the tie goes to the lowest candidate
+    torch.testing.assert_close(logits[0, 3, 4], (u * u).sum().view(1))
+    assert out[0, :, 3, 4].tolist() == [1.0, 2.0] and out[0, :, 5, 1].tolist() == [3.0, 4.0]
+
+
+def test_local_affinity_scores_key_frames_past_2_31():
+    _needs_native_local()
+    C, H, W, N = LOCAL_C, LOCAL_H, LOCAL_W, LOCAL_N
+    k = _big_empty(1, N, H, W, C).permute(0, 1, 4, 2, 3)
+    u = torch.randn(C, generator=torch.Generator().manual_seed(1))
+    k[0, N - 1, :, 3, 4] = u
+    q = torch.zeros(1, C, H, W)
+    q[0, :, 3, 4] = u
+    logits = vosops.local_affinity(q, k, radius=0, backend="cpu")  # (1, N, 1, H, W): 1/64 of k
+    torch.testing.assert_close(logits[0, N - 1, 0, 3, 4], (u * u).sum())
+    assert logits[0, N - 1].count_nonzero() == 1 and logits[0, : N - 1].count_nonzero() == 0
+
+
+def test_local_aggregate_gathers_value_frames_past_2_31():
+    _needs_native_local()
+    Cv, H, W, N = LOCAL_C, LOCAL_H, LOCAL_W, LOCAL_N
+    v = _big_empty(1, N, Cv, H, W)
+    u = torch.randn(Cv, generator=torch.Generator().manual_seed(2))
+    v[0, N - 1, :, 3, 4], v[0, 2, :, 3, 4] = u, 2 * u
+    weights = torch.zeros(1, N, 1, H, W)
+    weights[0, N - 1, 0, 3, 4], weights[0, 2, 0, 3, 4] = 1.0, 0.25
+    out = vosops.local_aggregate(weights, v, radius=0, backend="cpu")
+    torch.testing.assert_close(out[0, :, 3, 4], 1.5 * u)
+    out[0, :, 3, 4] = 0
+    assert out.count_nonzero() == 0
+
+
+def test_kmeans_labels_points_past_2_31():
+    """Two points past element 2^31 form their own cluster (the reference's broadcast distances would not fit)."""
+    if vosops._backends.why_unusable("cpu", "kmeans_step", "cpu") is not None:
+        pytest.skip("no native CPU kernel for kmeans in this build")
+    D = 64
+    N = BEYOND_INT32 // D
+    x = _big_empty(1, N, D)  # zero points except the last two
+    u = torch.randn(D, generator=torch.Generator().manual_seed(3))
+    x[0, N - 2], x[0, N - 1] = u, u
+    init = torch.stack([torch.zeros(D), 0.5 * u])
+    res = vosops.kmeans(x, 2, iters=3, init=init, backend="cpu")
+    assert res.labels[0, N - 2:].tolist() == [1, 1] and res.labels[0, : N - 2].count_nonzero() == 0
+    torch.testing.assert_close(res.centroids[0], torch.stack([torch.zeros(D), u]))
+    assert float(res.inertia[0]) == 0.0
+    labels = vosops.kmeans_predict(x, res.centroids, backend="cpu")
+    assert torch.equal(labels, res.labels)
