@@ -74,3 +74,44 @@ def test_flow_bad_input():
         vflow.estimate_flow(a.astype(np.float32), a)
     with pytest.raises(ValueError, match="flow"):
         vflow.resize_flow(torch.zeros(1, 3, 4, 4), (2, 2))
+    with pytest.raises(ValueError, match="preset"):
+        vflow.estimate_flow(a, a, preset="slow")
+    with pytest.raises(ValueError, match="at least one frame"):
+        vflow.estimate_flow([], [])
+    with pytest.raises(ValueError, match=r"a must be \(B, 3, H, W\)"):
+        vflow.estimate_flow(torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8))
+    with pytest.raises(TypeError, match="uint8 or float"):
+        vflow.estimate_flow(torch.zeros(1, 3, 8, 8, dtype=torch.int32), torch.zeros(1, 3, 8, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"b\[1\] as a numpy array must be \(H, W, 3\) RGB or \(H, W\) gray"):
+        vflow.estimate_flow([a, a], [a, np.zeros((8, 8, 4), np.uint8)])
+    with pytest.raises(TypeError, match="a must be a tensor, a uint8 numpy array or a list"):
+        vflow.estimate_flow("frame.png", a)
+    with pytest.raises(ValueError, match="size must be positive"):
+        vflow.resize_flow(torch.zeros(1, 2, 4, 4), (0, 2))
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        vflow.flow_to_stride(torch.zeros(1, 2, 4, 4), 0)
+    with pytest.raises(ValueError, match="flow must be a"):
+        vflow.clamp_round_flow(np.zeros((1, 2, 4, 4)))
+
+
+def test_every_frame_form_gives_the_same_flow():
+    """RGB and gray, numpy and tensor, uint8 and float in [0, 1], single frames and batches: one flow."""
+    big = _texture(seed=2)
+    a, b = big[4:-4, 4:-4], big[4:-4, 3:-5]
+    expected = vflow.estimate_flow(a, b)
+    ga, gb = (cv2_gray(x) for x in (a, b))
+    ta, tb = (torch.from_numpy(x).permute(2, 0, 1) for x in (a, b))
+    forms = {
+        "gray numpy": (ga, gb),
+        "(3, H, W) uint8 tensors": (ta, tb),
+        "(B, 3, H, W) float tensors": (ta[None].float() / 255, tb[None].float() / 255),
+        "(B, 1, H, W) gray tensors": (torch.from_numpy(ga)[None, None], torch.from_numpy(gb)[None, None]),
+    }
+    for name, (x, y) in forms.items():
+        torch.testing.assert_close(vflow.estimate_flow(x, y), expected, msg=name)
+
+
+def cv2_gray(rgb):
+    import cv2
+
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)

@@ -148,3 +148,68 @@ def test_davis_dataset(tmp_path):
     assert vio.DavisDataset(str(tmp_path), imageset="2017/val.txt").sequences == ["b"]
     with pytest.raises(ValueError, match="JPEGImages"):
         vio.DavisDataset(str(tmp_path / "JPEGImages"))
+
+
+def test_read_mask_takes_bilevel_and_16_bit_ids(tmp_path):
+    ids = np.zeros((5, 6), np.uint8)
+    ids[1:3, 2:5] = 1
+    Image.fromarray(ids.astype(bool)).save(tmp_path / "one-bit.png")
+    assert Image.open(tmp_path / "one-bit.png").mode == "1"
+    np.testing.assert_array_equal(vio.read_mask(str(tmp_path / "one-bit.png")), ids)
+    wide = np.zeros((5, 6), np.uint16)
+    wide[0, :3] = [1, 2, 7]
+    Image.fromarray(wide).save(tmp_path / "sixteen.png")
+    assert Image.open(tmp_path / "sixteen.png").mode.startswith("I")
+    np.testing.assert_array_equal(vio.read_mask(str(tmp_path / "sixteen.png")), wide.astype(np.uint8))
+    wide[4, 5] = 300
+    Image.fromarray(wide).save(tmp_path / "too-wide.png")
+    with pytest.raises(ValueError, match=r"has ids outside 0..255 \(0..300\)"):
+        vio.read_mask(str(tmp_path / "too-wide.png"))
+    Image.fromarray(np.zeros((5, 6), np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match="unsupported image mode 'F'"):
+        vio.read_mask(str(tmp_path / "float.tif"))
+
+
+def _davis_layout(root, seqs=("a",), annotate_first=True):
+    for seq in seqs:
+        fd = root / "JPEGImages" / "480p" / seq
+        fd.mkdir(parents=True)
+        for i, f in enumerate(_frames(2, 8, 10)):
+            Image.fromarray(f).save(fd / f"{i:05d}.jpg")
+        if annotate_first:
+            md = root / "Annotations" / "480p" / seq
+            md.mkdir(parents=True)
+            vio.write_mask(str(md / "00000.png"), np.eye(8, 10, dtype=np.uint8))
+
+
+def test_davis_dataset_bad_input(tmp_path):
+    _davis_layout(tmp_path, seqs=("a",))
+    _davis_layout(tmp_path / "second", seqs=("c",), annotate_first=False)
+    with pytest.raises(ValueError, match="imageset '2017/test.txt' not found"):
+        vio.DavisDataset(str(tmp_path), imageset="2017/test.txt")
+    listing = tmp_path / "list.txt"
+    listing.write_text("a\nmissing\n")
+    with pytest.raises(ValueError, match=r"lists sequences with no frames: \['missing'\]"):
+        vio.DavisDataset(str(tmp_path), imageset=str(listing))
+    ds = vio.DavisDataset(str(tmp_path / "second"))
+    assert list(ds) == ["c"] and ds.mask_paths("c") == {} and ds.masks("c") == {}
+    with pytest.raises(ValueError, match="sequence 'c' has no annotation for its first frame '00000'"):
+        ds.first_mask("c")
+
+
+def test_reader_indexing_and_bad_arguments(tmp_path):
+    frames = _frames(3, 8, 10)
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(tmp_path / f"{i:05d}.png")
+    r = vio.VideoReader(tmp_path)  # a PathLike is taken too
+    np.testing.assert_array_equal(r[-3], frames[0])
+    for i in (3, -4):
+        with pytest.raises(IndexError, match=f"frame index {i} out of range for 3 frames"):
+            r[i]
+    with pytest.raises(TypeError, match="path must be a folder of frames or a video file, got int"):
+        vio.VideoReader(3)
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        vio.frame_to_tensor(frames[0], normalize="zscore")
+    (tmp_path / "00003.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="could not read image"):
+        list(vio.VideoReader(tmp_path))

@@ -267,6 +267,74 @@ def test_engine_bad_input():
         list(bad.propagate(frames, {0: gts[0]}))
 
 
+@pytest.mark.parametrize("frames,masks,match", [
+    ("rgba", None, r"frames must be \(H, W, 3\) RGB arrays"),
+    ("4-channel tensor", None, r"frame tensors must be \(3, H, W\)"),
+    ("paths", None, "frames must be numpy arrays or tensors, got str"),
+    ("resized", None, r"frame 1 has size \(32, 30\), frame 0 had \(32, 32\)"),
+    (None, "3-D", r"masks\[0\] must be a 2-D \(H, W\) map of object ids"),
+    (None, "negative frame", "mask frame indices must be >= 0"),
+    (None, "id 300", "object ids must lie in 1..254, got 300"),
+    (None, "later mask resized", r"masks\[2\] has size \(30, 32\) but the frames are \(32, 32\)"),
+    (None, "list", "masks must be a dict"),
+])
+def test_engine_rejects_bad_frames_and_masks(frames, masks, match):
+    video, gts = synthetic_video(T=3, H=32, W=32)
+    given = {0: gts[0]}
+    if frames == "rgba":
+        video = [np.concatenate([f, f[..., :1]], 2) for f in video]
+    elif frames == "4-channel tensor":
+        video = [torch.zeros(4, 32, 32, dtype=torch.uint8)] * 3
+    elif frames == "paths":
+        video = ["00000.jpg"] * 3
+    elif frames == "resized":
+        video = [video[0], video[1][:, :30], video[2]]
+    if masks == "3-D":
+        given = {0: gts[0][None]}
+    elif masks == "negative frame":
+        given = {0: gts[0], -1: gts[1]}
+    elif masks == "id 300":
+        given = {0: np.where(gts[0] > 0, 300, 0)}
+    elif masks == "later mask resized":
+        given = {0: gts[0], 2: gts[2][:30]}
+    elif masks == "list":
+        given = [gts[0]]
+    with pytest.raises((ValueError, TypeError), match=match):
+        list(_small_engine().propagate(video, given))
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    ({"extractor": "lab"}, TypeError, "extractor must be callable"),
+    ({"label_downsample": "nearest"}, ValueError, "label_downsample must be one of"),
+    ({"memory_labels": "probabilities"}, ValueError, "memory_labels must be 'hard' or 'soft'"),
+    ({"flow": "raft"}, ValueError, "flow must be None, 'dis', 'farneback' or a callable"),
+    ({"stride": True}, ValueError, "stride must be an int >= 1"),
+])
+def test_engine_rejects_bad_settings(kw, exc, match):
+    kw = dict(kw)
+    extractor = kw.pop("extractor", LabPositionFeatures(stride=4))
+    with pytest.raises(exc, match=match):
+        Propagator(extractor, MampMemory(), LocalReadout(radius=1), **kw)
+
+
+def test_engine_rejects_a_flow_callable_of_the_wrong_shape():
+    video, gts = synthetic_video(T=3, H=32, W=32)
+    eng = _small_engine(flow=lambda frame, mem: torch.zeros(len(mem), 3, 32, 32))
+    with pytest.raises(ValueError, match=r"flow must give \(N, 2, H, W\) with N = 1"):
+        list(eng.propagate(video, {0: gts[0]}))
+
+
+def test_engine_takes_float_and_bool_masks_as_ids():
+    video, gts = synthetic_video(T=4, H=32, W=32)
+    want = [ids.numpy() for _, ids in _small_engine().propagate(video, {0: gts[0]})]
+    for given in (gts[0].astype(np.float32), torch.from_numpy(gts[0]).double()):
+        got = [ids.numpy() for _, ids in _small_engine().propagate(video, {0: given})]
+        np.testing.assert_array_equal(np.stack(got), np.stack(want))
+    one = gts[0] > 0
+    got = [ids.numpy() for _, ids in _small_engine().propagate(video, {0: one})]
+    assert set(np.unique(np.stack(got)).tolist()) <= {0, 1} and got[0].max() == 1
+
+
 def test_features_weight_free():
     f = LabPositionFeatures()(torch.randint(0, 256, (3, 16, 24), dtype=torch.uint8))
     assert f.shape == (1, 10, 4, 6)
@@ -301,6 +369,27 @@ def test_mask_writer(tmp_path):
     w.close()
     np.testing.assert_array_equal(read_mask(str(tmp_path / "m" / "00017.png")), ids.numpy())
     assert (tmp_path / "o" / "00017.png").exists() and w.written == 1
+
+
+def test_mask_writer_reports_a_failed_write_to_the_producer(tmp_path):
+    """The writer thread's error surfaces, chained, on the next put or at close; the frames before it are written."""
+    w = MaskWriter(str(tmp_path / "m"))
+    w.put("00000", torch.ones(4, 4, dtype=torch.uint8))
+    w.put("00001", torch.ones(2, 4, 4, dtype=torch.uint8))  # not a (H, W) map: write_mask refuses it
+    with pytest.raises(RuntimeError, match="the mask writer failed") as info:
+        w.close()
+    assert isinstance(info.value.__cause__, ValueError) and "ids" in str(info.value.__cause__)
+    assert w.written == 1 and (tmp_path / "m" / "00000.png").exists()
+    with pytest.raises(RuntimeError, match="the mask writer failed"):
+        w.put("00002", torch.ones(4, 4, dtype=torch.uint8))
+
+
+def test_mask_writer_names_an_unwritable_overlay_video(tmp_path):
+    w = MaskWriter(str(tmp_path / "m"), overlay_video=str(tmp_path / "no-such-folder" / "o.mp4"))
+    w.put("00000", torch.ones(4, 4, dtype=torch.uint8), frame=np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(RuntimeError, match="the mask writer failed") as info:
+        w.close()
+    assert "OpenCV cannot write an MP4" in str(info.value.__cause__)
 
 
 @pytest.mark.cuda
