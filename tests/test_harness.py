@@ -56,3 +56,26 @@ def test_check_against_reference_catches_a_wrong_gradient():
     with pytest.raises(AssertionError, match="grad of x"):
         testing.check_against_reference(WrongGrad.apply, lambda x: x * 3, {"x": torch.randn(4)},
                                         dtype=torch.float64, grad_inputs=("x",))
+
+
+def test_cpu_peak_memory_counts_each_buffer_once():
+    """The profiler charges a buffer to every op above its allocation (clone -> empty_like -> empty): each must
+    count once, transients must count, and buffers freed in between must not add up."""
+    from vosops.bench.timing import peak_extra_bytes
+
+    MB = 2**20
+    x = torch.randn(256, 1024)  # 1 MB
+
+    def sequence():
+        a = torch.empty(3 * MB // 4)
+        b = torch.empty(2 * MB // 4)
+        del a
+        c = torch.empty(MB // 4)
+        return b, c
+
+    assert peak_extra_bytes(lambda: torch.empty(256, 1024), "cpu") == MB
+    assert peak_extra_bytes(lambda: x.clone(), "cpu") == MB
+    assert MB <= peak_extra_bytes(lambda: x.t().contiguous(), "cpu") < 1.1 * MB
+    assert 4 * MB <= peak_extra_bytes(lambda: x.repeat(4, 1).sum(0), "cpu") < 4.1 * MB  # a 4 MB transient
+    assert peak_extra_bytes(sequence, "cpu") == 5 * MB
+    assert peak_extra_bytes(lambda: x.view(-1), "cpu") == 0

@@ -129,13 +129,17 @@ def peak_extra_bytes(fn: Callable[[], object], device: str) -> int:
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
-    # Walk allocation events in time order and track the running total.
-    events = sorted(
-        (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0) != 0),
-        key=lambda e: e.time_range.start,
-    )
+    # An op's cpu_memory_usage includes its children's (clone -> empty_like -> empty would count one buffer three
+    # times): take each op's own allocations (self_cpu_memory_usage) alone. The profiler nets them per op, so a
+    # net allocation is placed at the op's start and a net release at its end: transients inside one op are
+    # over- rather than under-counted.
+    steps = []
+    for e in prof.events():
+        own = getattr(e, "self_cpu_memory_usage", 0)
+        if own:
+            steps.append((e.time_range.start if own > 0 else e.time_range.end, own))
     running = peak = 0
-    for e in events:
-        running += e.cpu_memory_usage
+    for _, own in sorted(steps, key=lambda s: (s[0], -s[1])):
+        running += own
         peak = max(peak, running)
     return int(peak)
