@@ -16,6 +16,14 @@ def run_cli(*args, timeout=300):
                           timeout=timeout)
 
 
+def test_no_command_prints_the_commands_and_exits_2(capsys):
+    from vosops.cli import main
+
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: vosops") and "info" in out and "propagate" in out
+
+
 def test_info_reports_versions_and_backends():
     res = run_cli("info")
     assert res.returncode == 0, res.stderr

@@ -213,3 +213,16 @@ def test_reader_indexing_and_bad_arguments(tmp_path):
     (tmp_path / "00003.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="could not read image"):
         list(vio.VideoReader(tmp_path))
+
+
+def test_overlay_bad_input(tmp_path):
+    f = np.zeros((6, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"frame must be \(H, W, 3\) RGB, got shape \(6, 8\)"):
+        vio.overlay(f[..., 0], np.zeros((6, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"ids \(6, 7\) must have the frame's size \(6, 8\)"):
+        vio.overlay(f, np.zeros((6, 7), np.uint8))
+    with pytest.raises(ValueError, match="images must not be empty"):
+        vio.contact_sheet([])
+    (tmp_path / "taken.mp4").mkdir()  # a folder where the file should go
+    with pytest.raises(ValueError, match="OpenCV cannot write an MP4"):
+        vio.write_overlay_video(str(tmp_path / "taken.mp4"), [f], [np.zeros((6, 8), np.uint8)])

@@ -277,6 +277,13 @@ def test_same_seed_same_result(backend, device, batch_size):
         ((torch.randn(5, 3), 2), {"batch_size": 0}, ValueError, "batch_size must be >= 1"),
         ((torch.randn(5, 3), 2), {"tol": -1.0}, ValueError, "tol must be a number >= 0"),
         (([1.0], 2), {}, TypeError, "x must be a torch.Tensor"),
+        ((torch.randn(2, 5, 3), 2), {"lengths": [5, 5]}, TypeError,
+         "lengths must be a torch.Tensor of int64 or int32, got list"),
+        ((torch.randn(5, 3), 2), {"init": torch.tensor([[0.0, 0, 0], [float("nan"), 0, 0]])}, ValueError,
+         "init must be finite"),
+        ((torch.randn(5, 3), 2), {"init": torch.zeros(2, 3, device="meta")}, ValueError,
+         "init is on meta but x is on cpu"),
+        ((torch.randn(5, 3), 2), {"cuda_graph": 1}, TypeError, "cuda_graph must be a bool, got int"),
     ],
 )
 def test_bad_input_raises_clear_errors(args, kwargs, exc, match):
@@ -479,6 +486,17 @@ def test_pseudo_labels_list_of_videos():
         vosops.video_pseudo_labels(v1, mode="sklearn")
     with pytest.raises(ValueError, match="same channel count"):
         vosops.video_pseudo_labels([v1, v2[:, :3]])
+    for kw, match in [({"max_cluster_fraction": 0.0}, r"max_cluster_fraction must be a number in \(0, 1\], got 0.0"),
+                      ({"max_cluster_fraction": 1.5}, "max_cluster_fraction must be a number in"),
+                      ({"max_cluster_fraction": "0.4"}, "max_cluster_fraction must be a number in"),
+                      ({"frame_stride": 0, "mode": "release"}, "frame_stride must be a positive int, got 0"),
+                      ({"frame_stride": True, "mode": "release"}, "frame_stride must be a positive int, got True"),
+                      ({"pos_weight": float("nan")}, "pos_weight must be a finite number, got nan"),
+                      ({"pos_weight": "1"}, "pos_weight must be a finite number")]:
+        with pytest.raises(ValueError, match=match):
+            vosops.video_pseudo_labels(v1, **kw)
+    with pytest.raises(ValueError, match="a non-empty list of them"):
+        vosops.video_pseudo_labels([])
 
 
 # --- the benchmark module -------------------------------------------------------------------------------------------

@@ -134,3 +134,24 @@ def test_evaluate_folders_and_csv(tmp_path):
     (tmp_path / "pred" / "a" / "00002.png").unlink()
     with pytest.raises(ValueError, match="no prediction"):
         M.evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "gt"))
+
+
+def test_evaluation_bad_input(tmp_path):
+    from vosops.io import write_mask
+
+    g = np.zeros((8, 8), np.uint8)
+    g[2:5, 2:5] = 1
+    with pytest.raises(ValueError, match=r"s frame 1: prediction \(8, 7\) and ground truth \(8, 8\) differ in size"):
+        M.evaluate_sequence([g, g[:, :7], g], [g, g, g], "s")
+    with pytest.raises(ValueError, match="no object has a scored frame"):
+        M.summarize(M.evaluate_sequence([g, g], [g, g], "two frames"))  # first and last are not scored
+    assert all(np.isnan(M.statistics([])))
+    (tmp_path / "pred").mkdir()
+    with pytest.raises(ValueError, match="is not a folder"):
+        M.evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "no-gt"))
+    (tmp_path / "gt").mkdir()
+    with pytest.raises(ValueError, match="holds no sequence folders"):
+        M.evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "gt"))
+    write_mask(str(tmp_path / "pred" / "cows" / "00000.png"), g)
+    with pytest.raises(ValueError, match="sequence 'cows' has predictions but no ground truth"):
+        M.evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "gt"))

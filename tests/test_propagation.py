@@ -344,6 +344,19 @@ def test_features_weight_free():
     torch.testing.assert_close(white.flatten(), torch.tensor([100.0, 0.0, 0.0]), atol=1e-2, rtol=0)
     with pytest.raises(ValueError, match="multiple"):
         LabPositionFeatures()(torch.zeros(3, 10, 12))
+    with pytest.raises(TypeError, match=r"frame must be a tensor \(3, H, W\) or \(B, 3, H, W\), got ndarray"):
+        LabPositionFeatures()(np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"frame must be \(3, H, W\) or \(B, 3, H, W\) RGB, got shape \(1, 16, 16\)"):
+        LabPositionFeatures()(torch.zeros(1, 16, 16))
+    with pytest.raises(TypeError, match="frame must be uint8 or float in"):
+        LabPositionFeatures()(torch.zeros(3, 16, 16, dtype=torch.int32))
+    with pytest.raises(ValueError, match="stride must be an int >= 1, got 0"):
+        LabPositionFeatures(stride=0)
+    assert LabPositionFeatures().channels == 10
+    with pytest.raises(ValueError, match="ids must be a 2-D"):
+        L.to_onehot(torch.zeros(1, 4, 4, dtype=torch.long), [1])
+    with pytest.raises(ValueError, match="multiple must be an int >= 1, got 0"):
+        L.pad_to_multiple(torch.zeros(1, 3, 5, 5), 0)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

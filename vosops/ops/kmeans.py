@@ -70,7 +70,7 @@ def _check_lengths(lengths, B: int, N: int, device) -> torch.Tensor:
     if lengths is None:
         return torch.full((B,), N, dtype=torch.int64, device=device)
     if not isinstance(lengths, torch.Tensor):
-        raise TypeError(f"lengths must be a torch.Tensor of int64, got {type(lengths).__name__}")
+        raise TypeError(f"lengths must be a torch.Tensor of int64 or int32, got {type(lengths).__name__}")
     if lengths.dtype not in (torch.int64, torch.int32) or lengths.shape != (B,):
         raise ValueError(f"lengths must be an integer tensor of shape ({B},) (one per problem), got "
                          f"{lengths.dtype} {tuple(lengths.shape)}")

@@ -12,6 +12,8 @@ The paper does not state the size or the weight of the position encoding: `pos_d
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -89,8 +91,10 @@ def video_pseudo_labels(
     K = num_clusters if num_clusters is not None else (5 if mode == "paper" else 7)
     steps = iters if iters is not None else (100 if mode == "paper" else 300)
     frac = max_cluster_fraction if max_cluster_fraction is not None else (0.4 if mode == "paper" else 1.0)
-    if not 0 < frac <= 1:
-        raise ValueError(f"max_cluster_fraction must be in (0, 1], got {frac}")
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+        raise ValueError(f"max_cluster_fraction must be a number in (0, 1], got {frac!r}")
+    if isinstance(pos_weight, bool) or not isinstance(pos_weight, (int, float)) or not math.isfinite(pos_weight):
+        raise ValueError(f"pos_weight must be a finite number, got {pos_weight!r}")
     if isinstance(frame_stride, bool) or not isinstance(frame_stride, int) or frame_stride < 1:
         raise ValueError(f"frame_stride must be a positive int, got {frame_stride!r}")
     shapes = [(v.shape[0], v.shape[2], v.shape[3]) for v in videos]
