@@ -36,6 +36,16 @@ VOSOPS_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
   return s;
 }
 
+// Value-side products (Cv = 1-7 for label maps): below 8 channels a plain loop, since the vectorised reduction's
+// horizontal sum costs more than the products.
+template <typename T>
+VOSOPS_INLINE T dot_short(const T* __restrict a, const T* __restrict b, int64_t n) {
+  if (n >= 8) return dot(a, b, n);
+  T s = T(0);
+  for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
+  return s;
+}
+
 template <typename T>
 VOSOPS_INLINE void dot4(const T* __restrict q, const T* __restrict k0, const T* __restrict k1,
                         const T* __restrict k2, const T* __restrict k3, int64_t n, T* out) {
@@ -260,8 +270,8 @@ void forward_cpu(const Config& c, const Views<at::opmath_type<scalar_t>>& x, at:
 template <typename acc_t>
 struct BwdScratch {
   std::vector<acc_t> s, p, dp, ds, dqv;
-  std::vector<int64_t> pos, items;
-  BwdScratch(int64_t NQ, int64_t C) : s(NQ), p(NQ), dp(NQ), ds(NQ), dqv(C), pos(NQ) { items.reserve(NQ); }
+  std::vector<int64_t> pos, krow, items;  // krow: a kept candidate's key row in (B*N*H*W), -1 out of frame
+  BwdScratch(int64_t NQ, int64_t C) : s(NQ), p(NQ), dp(NQ), ds(NQ), dqv(C), pos(NQ), krow(NQ) { items.reserve(NQ); }
 };
 
 template <typename acc_t>
@@ -277,7 +287,7 @@ struct BwdIO {
 template <typename acc_t>
 VOSOPS_INLINE void backward_rows_impl(const Config& c, const Views<acc_t>& x, const BwdIO<acc_t>& io, acc_t* dkb,
                                       acc_t* dvb, int64_t r0, int64_t r1, BwdScratch<acc_t>& sc) {
-  const int64_t Q = c.Q(), NQ = c.N * Q, K = c.topk, HW = c.H * c.W, C = c.C, Cv = c.Cv, P = c.P;
+  const int64_t Q = c.Q(), K = c.topk, HW = c.H * c.W, C = c.C, Cv = c.Cv, P = c.P;
   const acc_t scale = static_cast<acc_t>(c.scale);
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   const bool topk_list = K && c.normalize == Normalize::Softmax;  // the kept set is exactly the saved list
@@ -287,6 +297,7 @@ VOSOPS_INLINE void backward_rows_impl(const Config& c, const Views<acc_t>& x, co
   acc_t* ds = sc.ds.data();
   acc_t* dqv = sc.dqv.data();
   int64_t* pos = sc.pos.data();
+  int64_t* krow = sc.krow.data();
   std::vector<int64_t>& items = sc.items;
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t b = row / c.H, i = row % c.H;
@@ -305,18 +316,26 @@ VOSOPS_INLINE void backward_rows_impl(const Config& c, const Views<acc_t>& x, co
           const int64_t cand = n * Q + t;
           pos[cand] = key_pos(c, x, b, n, t, i, j);
           s[cand] = score(c, x, qv, b, n, pos[cand]);
+          krow[cand] = pos[cand] >= 0 ? (b * c.N + n) * HW + pos[cand] : -1;
           if (s[cand] > -kInf) items.push_back(cand);
         }
       } else {
         score_all(c, x, b, i, j, s, pos);
-        for (int64_t e = 0; e < NQ; ++e)
-          if (s[e] > -kInf && s[e] >= thr) items.push_back(e);
+        // Key rows by frame, so no candidate index is divided (a division per candidate stalled the scatters below)
+        for (int64_t n = 0, e = 0; n < c.N; ++n) {
+          const int64_t frame = (b * c.N + n) * HW;
+          for (int64_t t = 0; t < Q; ++t, ++e) {
+            if (s[e] > -kInf && s[e] >= thr) {
+              items.push_back(e);
+              krow[e] = pos[e] >= 0 ? frame + pos[e] : -1;
+            }
+          }
+        }
       }
       acc_t D = acc_t(0);
       for (int64_t e : items) {
         p[e] = std::exp(s[e] - lse);
-        acc_t d = acc_t(0);
-        if (pos[e] >= 0) d = dot(gv, x.v + ((b * c.N + e / Q) * HW + pos[e]) * Cv, Cv);
+        const acc_t d = krow[e] >= 0 ? dot_short(gv, x.v + krow[e] * Cv, Cv) : acc_t(0);
         dp[e] = d;
         D += p[e] * d;
       }
@@ -325,13 +344,13 @@ VOSOPS_INLINE void backward_rows_impl(const Config& c, const Views<acc_t>& x, co
         for (int64_t e = 0; e < K; ++e) {
           const int64_t full = io.idx[qi * K + e];
           const int64_t cand = (full / P) * Q + x.colpos[full % P];
-          if (pos[cand] >= 0) ds[cand] += io.gl[qi * K + e];
+          if (krow[cand] >= 0) ds[cand] += io.gl[qi * K + e];
         }
       }
       for (int64_t cc = 0; cc < C; ++cc) dqv[cc] = acc_t(0);
       for (int64_t e : items) {
-        if (pos[e] < 0) continue;  // zero-border candidate: constant logit, zero value
-        const int64_t kbase = (b * c.N + e / Q) * HW + pos[e];
+        const int64_t kbase = krow[e];
+        if (kbase < 0) continue;  // zero-border candidate: constant logit, zero value
         const acc_t w = scale * ds[e];
         if (io.dq) {
           const acc_t* __restrict kv = x.k + kbase * C;
