@@ -238,21 +238,26 @@ void forward_cpu(const Config& c, const Views<at::opmath_type<scalar_t>>& x, at:
         }
         std::fill(acc.begin(), acc.end(), acc_t(0));
         acc_t sum = acc_t(0);
-        auto take = [&](int64_t e) {
+        // vframe: the values of the candidate's reference frame (B, N, H, W, Cv)
+        auto take = [&](int64_t e, const acc_t* vframe) {
           const acc_t w = std::exp(s[e] - m);
           sum += w;
           if (pos[e] >= 0) {
-            const acc_t* vv = x.v + ((b * c.N + e / Q) * HW + pos[e]) * Cv;
+            const acc_t* vv = vframe + pos[e] * Cv;
             for (int64_t cv = 0; cv < Cv; ++cv) acc[cv] += w * vv[cv];
           }
         };
         if (m > -kInf) {
           if (K && c.normalize == Normalize::Softmax) {
             for (int64_t e = 0; e < K; ++e)
-              if (heap[e].first > -kInf) take(heap[e].second);
+              if (heap[e].first > -kInf) take(heap[e].second, x.v + (b * c.N + heap[e].second / Q) * HW * Cv);
           } else {
-            for (int64_t e = 0; e < NQ; ++e)
-              if (s[e] > -kInf && s[e] >= thr) take(e);
+            // by frame, so no candidate index is divided (the division stalled the value loads)
+            for (int64_t n = 0, e = 0; n < c.N; ++n) {
+              const acc_t* vframe = x.v + (b * c.N + n) * HW * Cv;
+              for (int64_t t = 0; t < Q; ++t, ++e)
+                if (s[e] > -kInf && s[e] >= thr) take(e, vframe);
+            }
           }
         }
         // Nothing kept (every candidate masked): output 0, and lse = +inf makes every backward weight 0.
