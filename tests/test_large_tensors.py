@@ -145,3 +145,23 @@ def test_kmeans_labels_points_past_2_31():
     assert float(res.inertia[0]) == 0.0
     labels = vosops.kmeans_predict(x, res.centroids, backend="cpu")
     assert torch.equal(labels, res.labels)
+
+
+def test_flow_warp_backward_reads_channels_past_2_31():
+    """d(flow) sums over channels; the channel that moves it lies past element 2^31 of x and grad_out. (The forward
+    and d(x) are as large as x, 8 GiB written: not run here. They share the tap offsets of this kernel.)"""
+    if vosops._backends.why_unusable("cpu", "flow_warp", "cpu") is not None:
+        pytest.skip("no native CPU kernel for flow_warp in this build")
+    H = W = 8
+    C = BEYOND_INT32 // (H * W) + 1
+    x, grad_out = _big_empty(1, C, H, W), _big_empty(1, C, H, W)  # zero planes except the last one's taps
+    x[0, C - 1, 3, 4], x[0, C - 1, 3, 5], x[0, C - 1, 4, 5] = 0.5, 2.0, 1.0
+    grad_out[0, C - 1, 3, 4] = 3.0
+    flow = torch.zeros(1, 2, H, W)
+    flow[0, :, 3, 4] = torch.tensor([0.5, 0.25])
+    _, grad_flow = torch.ops.vosops.flow_warp_backward(grad_out, x, flow, "bilinear", "zeros", False, True)
+    last = flow.double().requires_grad_()
+    out = vosops.flow_warp(x[:, C - 1:].double(), last, backend="reference")
+    expected, = torch.autograd.grad(out, last, grad_out[:, C - 1:].double())
+    assert expected[0, :, 3, 4].abs().min() > 1  # the taps move both components
+    torch.testing.assert_close(grad_flow.double(), expected)
