@@ -288,6 +288,43 @@ struct BwdIO {
   acc_t* dq;         // (B, H, W, C) or null
 };
 
+// dq = scale * sum over the kept candidates of ds * k, by blocks of kDqBlock channels held in registers across the
+// candidates (one accumulator array in memory made every candidate wait for the previous one's stores); the
+// order of the sum per channel is the candidates' order, as before. dqv: scratch for a last, partial block.
+constexpr int64_t kDqBlock = 32;
+
+template <typename acc_t>
+VOSOPS_INLINE void dq_block(const acc_t* __restrict k, const int64_t* __restrict krow, const acc_t* __restrict ds,
+                            const std::vector<int64_t>& items, acc_t scale, int64_t C, int64_t c0,
+                            acc_t* __restrict out) {
+  acc_t a[kDqBlock] = {};
+  for (int64_t e : items) {
+    if (krow[e] < 0) continue;  // zero-border candidate: constant logit, zero value
+    const acc_t w = scale * ds[e];
+    const acc_t* __restrict kv = k + krow[e] * C + c0;
+#pragma omp simd
+    for (int64_t cc = 0; cc < kDqBlock; ++cc) a[cc] += w * kv[cc];
+  }
+  for (int64_t cc = 0; cc < kDqBlock; ++cc) out[cc] = a[cc];
+}
+
+template <typename acc_t>
+VOSOPS_INLINE void dq_of_query(const acc_t* k, const int64_t* krow, const acc_t* ds, const std::vector<int64_t>& items,
+                               acc_t scale, int64_t C, acc_t* dqv, acc_t* out) {
+  int64_t c0 = 0;
+  for (; c0 + kDqBlock <= C; c0 += kDqBlock) dq_block(k, krow, ds, items, scale, C, c0, out + c0);
+  if (c0 == C) return;
+  for (int64_t cc = c0; cc < C; ++cc) dqv[cc] = acc_t(0);
+  for (int64_t e : items) {
+    if (krow[e] < 0) continue;
+    const acc_t w = scale * ds[e];
+    const acc_t* __restrict kv = k + krow[e] * C;
+#pragma omp simd
+    for (int64_t cc = c0; cc < C; ++cc) dqv[cc] += w * kv[cc];
+  }
+  std::copy(dqv + c0, dqv + C, out + c0);
+}
+
 // Query rows [r0, r1): dq per query; dk/dv scattered into this task's private accumulators dkb/dvb.
 template <typename acc_t>
 VOSOPS_INLINE void backward_rows_impl(const Config& c, const Views<acc_t>& x, const BwdIO<acc_t>& io, acc_t* dkb,
@@ -352,16 +389,11 @@ VOSOPS_INLINE void backward_rows_impl(const Config& c, const Views<acc_t>& x, co
           if (krow[cand] >= 0) ds[cand] += io.gl[qi * K + e];
         }
       }
-      for (int64_t cc = 0; cc < C; ++cc) dqv[cc] = acc_t(0);
+      if (io.dq) dq_of_query(x.k, krow, ds, items, scale, C, dqv, io.dq + qi * C);
       for (int64_t e : items) {
         const int64_t kbase = krow[e];
         if (kbase < 0) continue;  // zero-border candidate: constant logit, zero value
         const acc_t w = scale * ds[e];
-        if (io.dq) {
-          const acc_t* __restrict kv = x.k + kbase * C;
-#pragma omp simd
-          for (int64_t cc = 0; cc < C; ++cc) dqv[cc] += w * kv[cc];
-        }
         if (dkb) {
           acc_t* __restrict d = dkb + kbase * C;
 #pragma omp simd
@@ -373,7 +405,6 @@ VOSOPS_INLINE void backward_rows_impl(const Config& c, const Views<acc_t>& x, co
           for (int64_t cv = 0; cv < Cv; ++cv) d[cv] += pe * gv[cv];
         }
       }
-      if (io.dq) std::copy(dqv, dqv + C, io.dq + qi * C);
     }
   }
 }
