@@ -295,6 +295,9 @@ CASES = [
     (1, 3, 2, 6, 7, 2, dict(radius=2, dilation=2, window="circle", offsets=True, border="mask")),
     # softmax over every candidate, no offsets: the triton backward gathers dk/dv per key
     (2, 5, 3, 6, 5, 2, dict(radius=2, dilation=2, window="circle", border="zero", scale=0.5)),
+    # wide channels: the CPU backward's dq register blocks (32 channels, then a partial block) and value dots >= 8
+    (1, 70, 9, 5, 6, 2, dict(radius=1, topk=5, scale=0.15)),
+    (2, 40, 8, 4, 5, 1, dict(radius=1, border="zero", scale=0.2)),
 ]
 
 
