@@ -274,9 +274,9 @@ void forward_cpu(const Config& c, const Views<at::opmath_type<scalar_t>>& x, at:
 // Per-thread scratch of the backward: one query's candidates.
 template <typename acc_t>
 struct BwdScratch {
-  std::vector<acc_t> s, p, dp, ds, dqv;
+  std::vector<acc_t> s, p, dp, ds;
   std::vector<int64_t> pos, krow, items;  // krow: a kept candidate's key row in (B*N*H*W), -1 out of frame
-  BwdScratch(int64_t NQ, int64_t C) : s(NQ), p(NQ), dp(NQ), ds(NQ), dqv(C), pos(NQ), krow(NQ) { items.reserve(NQ); }
+  explicit BwdScratch(int64_t NQ) : s(NQ), p(NQ), dp(NQ), ds(NQ), pos(NQ), krow(NQ) { items.reserve(NQ); }
 };
 
 template <typename acc_t>
@@ -288,14 +288,14 @@ struct BwdIO {
   acc_t* dq;         // (B, H, W, C) or null
 };
 
-// dq = scale * sum over the kept candidates of ds * k, by blocks of kDqBlock channels held in registers across the
-// candidates (one accumulator array in memory made every candidate wait for the previous one's stores); the
-// order of the sum per channel is the candidates' order, as before. dqv: scratch for a last, partial block.
+// dq = scale * sum over the kept candidates of ds * k, by blocks of up to kDqBlock channels held in registers across
+// the candidates (one accumulator array in memory made every candidate wait for the previous one's stores); the
+// order of the sum per channel is the candidates' order, as before.
 constexpr int64_t kDqBlock = 32;
 
 template <typename acc_t>
 VOSOPS_INLINE void dq_block(const acc_t* __restrict k, const int64_t* __restrict krow, const acc_t* __restrict ds,
-                            const std::vector<int64_t>& items, acc_t scale, int64_t C, int64_t c0,
+                            const std::vector<int64_t>& items, acc_t scale, int64_t C, int64_t c0, int64_t width,
                             acc_t* __restrict out) {
   acc_t a[kDqBlock] = {};
   for (int64_t e : items) {
@@ -303,26 +303,18 @@ VOSOPS_INLINE void dq_block(const acc_t* __restrict k, const int64_t* __restrict
     const acc_t w = scale * ds[e];
     const acc_t* __restrict kv = k + krow[e] * C + c0;
 #pragma omp simd
-    for (int64_t cc = 0; cc < kDqBlock; ++cc) a[cc] += w * kv[cc];
+    for (int64_t cc = 0; cc < width; ++cc) a[cc] += w * kv[cc];
   }
-  for (int64_t cc = 0; cc < kDqBlock; ++cc) out[cc] = a[cc];
+  for (int64_t cc = 0; cc < width; ++cc) out[cc] = a[cc];
 }
 
 template <typename acc_t>
 VOSOPS_INLINE void dq_of_query(const acc_t* k, const int64_t* krow, const acc_t* ds, const std::vector<int64_t>& items,
-                               acc_t scale, int64_t C, acc_t* dqv, acc_t* out) {
+                               acc_t scale, int64_t C, acc_t* out) {
   int64_t c0 = 0;
-  for (; c0 + kDqBlock <= C; c0 += kDqBlock) dq_block(k, krow, ds, items, scale, C, c0, out + c0);
-  if (c0 == C) return;
-  for (int64_t cc = c0; cc < C; ++cc) dqv[cc] = acc_t(0);
-  for (int64_t e : items) {
-    if (krow[e] < 0) continue;
-    const acc_t w = scale * ds[e];
-    const acc_t* __restrict kv = k + krow[e] * C;
-#pragma omp simd
-    for (int64_t cc = c0; cc < C; ++cc) dqv[cc] += w * kv[cc];
-  }
-  std::copy(dqv + c0, dqv + C, out + c0);
+  // full blocks with a constant width (fixed-length loops the compiler keeps in registers), then the rest
+  for (; c0 + kDqBlock <= C; c0 += kDqBlock) dq_block(k, krow, ds, items, scale, C, c0, kDqBlock, out + c0);
+  if (c0 < C) dq_block(k, krow, ds, items, scale, C, c0, C - c0, out + c0);
 }
 
 // Query rows [r0, r1): dq per query; dk/dv scattered into this task's private accumulators dkb/dvb.
@@ -337,7 +329,6 @@ VOSOPS_INLINE void backward_rows_impl(const Config& c, const Views<acc_t>& x, co
   acc_t* p = sc.p.data();
   acc_t* dp = sc.dp.data();
   acc_t* ds = sc.ds.data();
-  acc_t* dqv = sc.dqv.data();
   int64_t* pos = sc.pos.data();
   int64_t* krow = sc.krow.data();
   std::vector<int64_t>& items = sc.items;
@@ -389,7 +380,7 @@ VOSOPS_INLINE void backward_rows_impl(const Config& c, const Views<acc_t>& x, co
           if (krow[cand] >= 0) ds[cand] += io.gl[qi * K + e];
         }
       }
-      if (io.dq) dq_of_query(x.k, krow, ds, items, scale, C, dqv, io.dq + qi * C);
+      if (io.dq) dq_of_query(x.k, krow, ds, items, scale, C, io.dq + qi * C);
       for (int64_t e : items) {
         const int64_t kbase = krow[e];
         if (kbase < 0) continue;  // zero-border candidate: constant logit, zero value
@@ -434,7 +425,7 @@ void backward_cpu(const Config& c, const Views<at::opmath_type<scalar_t>>& x,
   // by_batch: tasks own whole batches, whose dk/dv regions are disjoint, so they share one accumulator.
   const int64_t dk_size = by_batch ? 0 : c.B * c.N * HW * c.C, dv_size = by_batch ? 0 : c.B * c.N * HW * c.Cv;
   at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
-    BwdScratch<acc_t> sc(c.N * c.Q(), c.C);
+    BwdScratch<acc_t> sc(c.N * c.Q());
     for (int64_t task = tb; task < te; ++task) {
       acc_t* dkb = dk ? dk + task * dk_size : nullptr;
       acc_t* dvb = dv ? dv + task * dv_size : nullptr;
