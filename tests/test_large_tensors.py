@@ -18,9 +18,10 @@ LOCAL_C, LOCAL_H, LOCAL_W = 64, 8, 8
 LOCAL_N = BEYOND_INT32 // (LOCAL_C * LOCAL_H * LOCAL_W) + 1  # reference frames: the last ones lie past 2^31
 
 
-def _needs_native_local():
-    if vosops._backends.why_unusable("cpu", "local_attention", "cpu") is not None:
-        pytest.skip("no native CPU kernel for the local ops in this build")
+def _needs_native(op):
+    """These tests run the C++ kernels only; a build without them (the documented fallback) has nothing to test."""
+    if vosops._backends.why_unusable("cpu", op, "cpu") is not None:
+        pytest.skip(f"no native CPU kernel for {op} in this build")
 
 
 def _big_empty(*shape):
@@ -84,7 +85,7 @@ def test_merge_topk_keeps_memory_indices_past_2_31(backend):
 def test_local_attention_reads_key_frames_past_2_31():
     """Frames past element 2^31 of k win their queries' top-1. k is channels-last, as the kernel reads it, so the
     8 GiB operand is not copied."""
-    _needs_native_local()
+    _needs_native("local_attention")
     C, H, W, N = LOCAL_C, LOCAL_H, LOCAL_W, LOCAL_N
     k = _big_empty(1, N, H, W, C).permute(0, 1, 4, 2, 3)
     u = torch.randn(C, generator=torch.Generator().manual_seed(0))
@@ -103,7 +104,7 @@ def test_local_attention_reads_key_frames_past_2_31():
 
 
 def test_local_affinity_scores_key_frames_past_2_31():
-    _needs_native_local()
+    _needs_native("local_affinity")
     C, H, W, N = LOCAL_C, LOCAL_H, LOCAL_W, LOCAL_N
     k = _big_empty(1, N, H, W, C).permute(0, 1, 4, 2, 3)
     u = torch.randn(C, generator=torch.Generator().manual_seed(1))
@@ -116,7 +117,7 @@ def test_local_affinity_scores_key_frames_past_2_31():
 
 
 def test_local_aggregate_gathers_value_frames_past_2_31():
-    _needs_native_local()
+    _needs_native("local_aggregate")
     Cv, H, W, N = LOCAL_C, LOCAL_H, LOCAL_W, LOCAL_N
     v = _big_empty(1, N, Cv, H, W)
     u = torch.randn(Cv, generator=torch.Generator().manual_seed(2))
@@ -131,8 +132,7 @@ def test_local_aggregate_gathers_value_frames_past_2_31():
 
 def test_kmeans_labels_points_past_2_31():
     """Two points past element 2^31 form their own cluster (the reference's broadcast distances would not fit)."""
-    if vosops._backends.why_unusable("cpu", "kmeans_step", "cpu") is not None:
-        pytest.skip("no native CPU kernel for kmeans in this build")
+    _needs_native("kmeans_step")
     D = 64
     N = BEYOND_INT32 // D
     x = _big_empty(1, N, D)  # zero points except the last two
@@ -150,8 +150,7 @@ def test_kmeans_labels_points_past_2_31():
 def test_flow_warp_backward_reads_channels_past_2_31():
     """d(flow) sums over channels; the channel that moves it lies past element 2^31 of x and grad_out. (The forward
     and d(x) are as large as x, 8 GiB written: not run here. They share the tap offsets of this kernel.)"""
-    if vosops._backends.why_unusable("cpu", "flow_warp", "cpu") is not None:
-        pytest.skip("no native CPU kernel for flow_warp in this build")
+    _needs_native("flow_warp")
     H = W = 8
     C = BEYOND_INT32 // (H * W) + 1
     x, grad_out = _big_empty(1, C, H, W), _big_empty(1, C, H, W)  # zero planes except the last one's taps
