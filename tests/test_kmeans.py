@@ -241,6 +241,70 @@ def test_empty_clusters_are_reseeded_at_the_farthest_point(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", [("reference", "cpu")] + BACKENDS)
+def test_empty_clusters_take_tied_farthest_points_lowest_index_first(backend, device):
+    # three distinct points repeated: five centres, so every iteration re-seeds among exactly tied distances
+    x = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0]], device=device).repeat(40, 1)
+    init = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [9, 9, 9], [8, 8, 8]], device=device)
+    res = vosops.kmeans(x, 5, init=init, iters=1, backend=backend)
+    # every point lies on a centre (distance 0): the empty clusters take points 0 and 1, in that order
+    torch.testing.assert_close(res.centroids[3:].cpu(), x[:2].cpu())
+    ref = vosops.kmeans(x.cpu().double(), 5, seed=0, backend="reference")
+    out = vosops.kmeans(x, 5, seed=0, backend=backend)
+    torch.testing.assert_close(out.centroids.cpu().double(), ref.centroids)
+    torch.testing.assert_close(out.labels.cpu(), ref.labels)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_tolerance_of_data_far_from_the_origin(backend):
+    if backend == "cpu" and vosops._backends.why_unusable("cpu", "kmeans_step", "cpu"):
+        pytest.skip("native kernels not built")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2000, 2, generator=g) + 1000.0  # E[x^2] - E[x]^2 cancels to 0 in float32
+    want = float(np.var(x.double().numpy(), axis=0).mean()) * 1e-4
+    for xs in (x[None], torch.cat([x, torch.zeros(3, 2)])[None]):  # alone, and padded (the masked path)
+        assert float(R.scaled_tol(xs, torch.tensor([2000]), 1e-4)[0]) == pytest.approx(want, rel=1e-3)
+    assert float(R.scaled_tol(x[None], torch.tensor([2000]), 1e-4, chunk=7)[0]) == pytest.approx(want, rel=1e-3)
+    init = x[:8].clone()
+    alone = vosops.kmeans(x, 8, init=init, iters=300, backend=backend)
+    padded = vosops.kmeans(torch.cat([x, torch.zeros(1, 2)])[None], 8, init=init[None], iters=300,
+                           lengths=torch.tensor([2000]), backend=backend)
+    sk = KMeans(8, init=init.double().numpy(), n_init=1, max_iter=300, algorithm="lloyd").fit(x.double().numpy())
+    assert int(alone.n_iter) == int(padded.n_iter[0]) == sk.n_iter_
+    assert torch.equal(alone.labels, padded.labels[0, :2000])
+
+
+def test_minibatch_ignores_the_first_step_for_convergence_as_sklearn():
+    # every point sits on its centre, so every step's centre shift is 0: scikit-learn still takes a second step
+    c = torch.tensor([[0.0, 0], [5, 0], [0, 5]], dtype=torch.float64)
+    X = c.repeat_interleave(50, 0)
+    res = vosops.kmeans(X, 3, init=c, batch_size=16, iters=100, tol=1e-4, seed=0, backend="reference")
+    sk = MiniBatchKMeans(3, init=c.numpy(), n_init=1, batch_size=16, reassignment_ratio=0.0, tol=1e-4,
+                         max_iter=100).fit(X.numpy())
+    assert int(res.n_iter) == sk.n_steps_ == 2
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_minibatch_batch_size_is_capped_at_each_problems_points(backend):
+    if backend == "cpu" and vosops._backends.why_unusable("cpu", "kmeans_step", "cpu"):
+        pytest.skip("native kernels not built")
+    X, _ = blobs(2 * 40, 3, 3, seed=7)
+    x = X.reshape(2, 40, 3)
+    lengths = torch.tensor([40, 12])
+    init = x[:, :3].clone()
+    # a batch size far above N draws N points a step (not 10**6), problem 1 12 of them, as scikit-learn would
+    big = vosops.kmeans(x, 3, init=init, lengths=lengths, batch_size=10**6, iters=5, tol=0.0, seed=1,
+                        backend=backend)
+    g = torch.Generator().manual_seed(1)
+    batches = R.sample_batches(lengths, 5, 40, g)
+    for b in range(2):
+        n = int(lengths[b])
+        want = R.minibatch(x[b:b + 1, :n], lengths[b:b + 1], init[b:b + 1], batches[:, b:b + 1, :n],
+                           tol=torch.zeros(1, dtype=x.dtype))
+        torch.testing.assert_close(big.centroids[b], want.centroids[0])
+        torch.testing.assert_close(big.labels[b, :n], want.labels[0])
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + BACKENDS)
 @pytest.mark.parametrize("batch_size", [None, 16])
 def test_same_seed_same_result(backend, device, batch_size):
     x = torch.randn(2, 60, 5, device=device)
@@ -258,6 +322,7 @@ def test_same_seed_same_result(backend, device, batch_size):
         ((torch.randn(5, 3), 6), {}, ValueError, r"num_clusters \(6\) must be <="),
         ((torch.randn(5, 3), 0), {}, ValueError, "num_clusters must be >= 1"),
         ((torch.randn(5, 3), 2.0), {}, TypeError, "num_clusters must be an int"),
+        ((torch.randn(5, 3), 2), {"seed": 2**70}, ValueError, r"seed must be < 2\*\*63"),
         ((torch.randn(5), 2), {}, ValueError, r"x must be \(N, D\) or \(B, N, D\)"),
         ((torch.randn(1, 2, 5, 3), 2), {}, ValueError, r"x must be \(N, D\) or \(B, N, D\)"),
         ((torch.randint(0, 3, (5, 3)), 2), {}, TypeError, "x must be float32"),
@@ -463,6 +528,16 @@ def test_pseudo_labels_paper_mode_appends_the_position_encoding():
     torch.testing.assert_close(out, res.labels[0].reshape(T, H, W))
 
 
+def test_pseudo_labels_paper_mode_without_position_encoding():
+    feats, _ = _toy_video(T=2, H=6, W=8, C=4)
+    T, C, H, W = feats.shape
+    out = vosops.video_pseudo_labels(feats, num_clusters=3, pos_dim=0, seed=3, max_cluster_fraction=1.0,
+                                     backend="reference")
+    res = vosops.kmeans(feats.permute(0, 2, 3, 1).reshape(1, -1, C), 3, seed=3, lengths=torch.tensor([T * H * W]),
+                        backend="reference")
+    torch.testing.assert_close(out, res.labels[0].reshape(T, H, W))
+
+
 def test_pseudo_labels_release_mode():
     feats, _ = _toy_video(T=17, H=6, W=8, C=5)
     out = vosops.video_pseudo_labels(feats, mode="release", num_clusters=3, seed=0)
@@ -492,7 +567,10 @@ def test_pseudo_labels_list_of_videos():
                       ({"frame_stride": 0, "mode": "release"}, "frame_stride must be a positive int, got 0"),
                       ({"frame_stride": True, "mode": "release"}, "frame_stride must be a positive int, got True"),
                       ({"pos_weight": float("nan")}, "pos_weight must be a finite number, got nan"),
-                      ({"pos_weight": "1"}, "pos_weight must be a finite number")]:
+                      ({"pos_weight": "1"}, "pos_weight must be a finite number"),
+                      ({"pos_dim": 7}, "pos_dim must be an int >= 0 and a multiple of 6"),
+                      ({"pos_dim": -6}, "pos_dim must be an int >= 0"),
+                      ({"pos_dim": 6.0}, "pos_dim must be an int")]:
         with pytest.raises(ValueError, match=match):
             vosops.video_pseudo_labels(v1, **kw)
     with pytest.raises(ValueError, match="a non-empty list of them"):

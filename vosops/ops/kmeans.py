@@ -126,7 +126,8 @@ def kmeans(
     per-feature variance of its points (scikit-learn's rule), or when its labels stop changing.
     init: "k-means++" (greedy, scikit-learn's), "random" (K distinct points) or initial centres (K, D)/(B, K, D).
     n_init: restarts, each problem keeps its lowest inertia. batch_size: None = full-batch Lloyd; b = scikit-learn
-    MiniBatchKMeans updates on b points drawn per step and problem (with replacement, reassignment_ratio=0).
+    MiniBatchKMeans updates on min(b, points of the problem) points drawn per step and problem (with replacement,
+    reassignment_ratio=0).
     lengths: (B,) int, problem b uses only its first lengths[b] points (the rest are ignored and labelled -1).
     seed: the seed of the generator for seeding and batches (None: drawn from torch's global generator);
     a seed gives the same result on the same backend and device.
@@ -147,6 +148,8 @@ def kmeans(
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
     if seed is not None:
         _int("seed", seed, 0)
+        if seed >= 2**63:
+            raise ValueError(f"seed must be < 2**63, got {seed}")
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
     lengths = _check_lengths(lengths, B, N, x.device)

@@ -81,9 +81,10 @@ def video_pseudo_labels(
     videos (all clustered in one batched k-means, ragged sizes allowed).
 
     num_clusters: M (paper: 5) or K (release: 7) when None. iters: Lloyd iterations, default 100 (the paper's EM
-    steps; scikit-learn's max_iter=300 in release mode). pos_dim / pos_weight: size of the 3-D position encoding
-    appended to each pixel's features and its scale (paper mode only). max_cluster_fraction: clusters with more
-    than this fraction of the video's pixels are dropped (-1); default 0.4 in paper mode, none in release mode.
+    steps; scikit-learn's max_iter=300 in release mode). pos_dim / pos_weight: size of the 3-D position encoding (a
+    multiple of 6; 0: none) appended to each pixel's features and its scale (paper mode only).
+    max_cluster_fraction: clusters with more than this fraction of the video's pixels are dropped (-1); default 0.4
+    in paper mode, none in release mode.
     frame_stride: release mode clusters frames 0, s, 2s, ... (s=8). n_init, seed, backend: as vosops.kmeans.
     """
     _validate.choice("mode", mode, MODES)
@@ -95,6 +96,10 @@ def video_pseudo_labels(
         raise ValueError(f"max_cluster_fraction must be a number in (0, 1], got {frac!r}")
     if isinstance(pos_weight, bool) or not isinstance(pos_weight, (int, float)) or not math.isfinite(pos_weight):
         raise ValueError(f"pos_weight must be a finite number, got {pos_weight!r}")
+    if mode == "paper" and (isinstance(pos_dim, bool) or not isinstance(pos_dim, int) or pos_dim < 0
+                            or pos_dim % 6):
+        raise ValueError(f"pos_dim must be an int >= 0 and a multiple of 6 (a sin and a cos half for each of t, y, x), "
+                         f"got {pos_dim!r}")
     if isinstance(frame_stride, bool) or not isinstance(frame_stride, int) or frame_stride < 1:
         raise ValueError(f"frame_stride must be a positive int, got {frame_stride!r}")
     shapes = [(v.shape[0], v.shape[2], v.shape[3]) for v in videos]
@@ -102,6 +107,9 @@ def video_pseudo_labels(
     if mode == "paper":
         rows = []
         for (T, H, W), p in zip(shapes, pixels):
+            if pos_dim == 0:  # features alone
+                rows.append(p)
+                continue
             pe = position_encoding_3d(T, H, W, pos_dim, dtype=p.dtype, device=p.device).reshape(-1, pos_dim)
             rows.append(torch.cat([p, pe * pos_weight], dim=1))
         x, lengths = _pad(rows)

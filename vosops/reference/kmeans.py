@@ -136,23 +136,37 @@ def random_init(x: torch.Tensor, lengths: torch.Tensor, K: int, generator: torch
     return x.to(acc_dtype(x.dtype)).gather(1, idx[..., None].expand(B, K, D))
 
 
-def scaled_tol(x: torch.Tensor, lengths: torch.Tensor, tol: float) -> torch.Tensor:
-    """scikit-learn's tolerance per problem: tol * mean over features of the (population) variance."""
+def _valid_rows(lengths: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """(B, count, 1) bool: which of the points start .. start+count-1 lie within each problem's length."""
+    return (torch.arange(start, start + count, device=lengths.device)[None, :] < lengths[:, None])[..., None]
+
+
+def scaled_tol(x: torch.Tensor, lengths: torch.Tensor, tol: float, chunk: int = 1 << 14) -> torch.Tensor:
+    """scikit-learn's tolerance per problem: tol * mean over features of the (population) variance.
+
+    Two passes, as numpy's var: the mean, then the squared deviations from it (the one-pass E[x^2] - E[x]^2 cancels
+    to 0 for data far from the origin, which made a problem stop on labels alone). Chunks of `chunk` points keep the
+    temporaries small."""
     acc = acc_dtype(x.dtype)
     B, N, D = x.shape
     if tol == 0:  # no pass over x for a product with 0 (x is finite)
         return torch.zeros(B, dtype=acc, device=x.device)
-    if x.device.type == "cpu" and x.dtype == acc and bool((lengths == N).all()):
-        # no padding: two fast reductions and no temporaries, mean_d var_d = E|x|^2 / D - mean_d(E[x_d]^2)
-        mean = x.sum(1) / N
-        sq = torch.linalg.vector_norm(x.reshape(B, -1), dim=1) ** 2
-        return (sq / (N * D) - (mean * mean).mean(1)).clamp_min(0) * tol
-    valid = valid_mask(lengths, x.shape[1])[..., None]
+    padded = not bool((lengths == N).all())
     n = lengths.to(acc)[:, None]
-    xa = torch.where(valid, x.to(acc), 0.0)
-    mean = xa.sum(1) / n
-    var = (torch.where(valid, xa - mean[:, None], 0.0) ** 2).sum(1) / n
-    return var.mean(1) * tol
+    total = torch.zeros(B, D, dtype=acc, device=x.device)
+    for s in range(0, N, chunk):
+        xc = x[:, s:s + chunk].to(acc)
+        if padded:
+            xc = torch.where(_valid_rows(lengths, s, xc.shape[1]), xc, 0.0)
+        total += xc.sum(1)
+    mean = total / n
+    sq = torch.zeros(B, D, dtype=acc, device=x.device)
+    for s in range(0, N, chunk):
+        dev = x[:, s:s + chunk].to(acc) - mean[:, None]
+        if padded:
+            dev = torch.where(_valid_rows(lengths, s, dev.shape[1]), dev, 0.0)
+        sq += (dev * dev).sum(1)
+    return (sq / n).mean(1) * tol
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,7 +179,8 @@ def relocate_empty(x, labels, mindist, sums, counts):
     B, N, D = x.shape
     K = counts.shape[1]
     empty = counts == 0
-    far = mindist.masked_fill(labels < 0, -1.0).topk(K, dim=1).indices  # (B, K), farthest first
+    # (B, K), farthest first, ties to the lower index (topk does not order ties; a stable sort does)
+    far = mindist.masked_fill(labels < 0, -1.0).sort(dim=1, descending=True, stable=True).indices[:, :K]
     rank = (empty.long().cumsum(1) - 1).clamp_min(0)
     pick = far.gather(1, rank)  # (B, K): the point each empty cluster takes
     px = x.gather(1, pick[..., None].expand(B, K, D)).to(sums.dtype)
@@ -241,7 +256,7 @@ def minibatch(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, bat
               tol: torch.Tensor, step: Step = kmeans_step, assign: Step = kmeans_assign,
               check_every: int = 1) -> KMeansResult:
     """MiniBatchKMeans steps over `batches` (steps, B, b). A problem stops when its squared centre shift is <= tol
-    (only when tol > 0, as scikit-learn); scikit-learn's no-improvement-of-smoothed-inertia stop is not used."""
+    (only when tol > 0 and from the second step on, as scikit-learn); scikit-learn's no-improvement-of-smoothed-inertia stop is not used."""
     B, N, D = x.shape
     dev = x.device
     centers = centers.to(acc_dtype(x.dtype)).clone()
@@ -249,8 +264,9 @@ def minibatch(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, bat
     weight = torch.zeros(B, K, dtype=centers.dtype, device=dev)
     active = torch.ones(B, dtype=torch.bool, device=dev)
     n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
-    bsz = batches.shape[2]
-    full = torch.full((B,), bsz, dtype=torch.int64, device=dev)
+    # a problem with fewer points than the batch size draws as many points as it has (scikit-learn's
+    # min(batch_size, n_samples)); the rest of its row of `batches` is not used
+    full = lengths.clamp(max=batches.shape[2])
     rows = torch.arange(B, device=dev)[:, None]
     for it in range(batches.shape[0]):
         xb = x[rows, batches[it]]  # (B, bsz, D): row indexing copies whole points (gather would go per element)
@@ -261,7 +277,8 @@ def minibatch(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, bat
         new = torch.where(has[..., None], (centers * weight[..., None] + sums) / w_new.clamp_min(1e-30)[..., None],
                           centers)
         shift = ((new - centers) ** 2).sum((1, 2))
-        converged = (tol > 0) & (shift <= tol)
+        # scikit-learn's _mini_batch_convergence ignores the first step (its inertia is the initialisation's)
+        converged = (tol > 0) & (shift <= tol) & (it > 0)
         centers = torch.where(active[:, None, None], new, centers)
         weight = torch.where(active[:, None], w_new, weight)
         n_iter += active.long()
@@ -299,7 +316,8 @@ def kmeans(x: torch.Tensor, K: int, *, iters: int = 100, tol: float = 1e-4, init
                 res = lloyd(x, lengths, c0, iters=iters, tol=tol_b, step=step, assign=assign, check_every=check_every,
                             update=update)
         else:
-            batches = sample_batches(lengths, iters, batch_size, generator)
+            # at most N points a batch: problem i then uses the first min(batch_size, lengths[i]) of its row
+            batches = sample_batches(lengths, iters, min(batch_size, N), generator)
             res = minibatch(x, lengths, c0, batches, tol=tol_b, step=step, assign=assign, check_every=check_every)
         if best is None:
             best = res
