@@ -80,6 +80,12 @@ def test_propagate_bad_arguments(tmp_path, capsys):
     assert cli.main(["eval", "--pred", str(tmp_path / "none"), "--gt", str(tmp_path)]) == 2
     assert cli.main(["propagate", str(tmp_path), "--mask", "x.png", "--out", str(tmp_path), "--backend", "gpu"]) == 2
     assert "--backend must be" in capsys.readouterr().err
+    for threads in ("-1", "0", "two"):  # argparse's own error: status 2, usage and one line
+        with pytest.raises(SystemExit) as e:
+            cli.main(["propagate", str(tmp_path), "--mask", "x.png", "--out", str(tmp_path), "--threads", threads])
+        assert e.value.code == 2 and "argument --threads: expected an int >= 1" in capsys.readouterr().err
+    assert cli.main(["demo", "--out", str(tmp_path), "--device", "bogus"]) == 2
+    assert "vosops demo: --device must be cpu, cuda or cuda:N, got 'bogus'" in capsys.readouterr().err
 
 
 def test_input_errors_are_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
@@ -100,10 +106,18 @@ def test_input_errors_are_one_line_not_a_traceback(tmp_path, capsys, monkeypatch
         (["propagate", frames_dir, "--mask", str(tmp_path / "garbage.png"), "--out", out], "garbage.png"),
         (["propagate", frames_dir, "--mask", str(tmp_path / "empty.png"), "--out", out], "no object"),
         (["propagate", "--dataset", str(tmp_path / "no_frames"), "--out", out], "not a DAVIS-layout dataset"),
+        (["propagate", frames_dir, "--mask", first, "--out", out, "--device", "bogus"],
+         "--device must be cpu, cuda or cuda:N, got 'bogus'"),
+        (["propagate", frames_dir, "--mask", first, "--out", out, "--device", "mps"], "--device must be"),
+        (["propagate", frames_dir, "--mask", first, "--out", out, "--device", "cuda:99"], "cuda:99"),
+        (["propagate", frames_dir, "--mask", first, "--out", out, "--preset", "maskvos", "--flow", "dis"],
+         "--flow dis: preset maskvos's readout takes no flow offsets"),
     ]
     if not torch.cuda.is_available():
         cases.append((["propagate", frames_dir, "--mask", first, "--out", out, "--device", "cpu", "--backend",
                        "cuda"], "backend 'cuda' is unavailable"))
+        cases.append((["propagate", frames_dir, "--mask", first, "--out", out, "--device", "cuda:0"],
+                      "--device cuda:0 asked for, but no CUDA device is available"))
     for argv, needle in cases:
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -54,6 +54,11 @@ def test_mask_bad_input(tmp_path):
         vio.write_mask(str(tmp_path / "x.png"), np.zeros((2, 3, 4)))
     with pytest.raises(ValueError, match="0..255"):
         vio.write_mask(str(tmp_path / "x.png"), np.full((2, 3), 300))
+    for bad in (np.full((2, 3), 1.7), np.full((2, 3), np.nan)):  # no silent truncation of non-integer ids
+        with pytest.raises(TypeError, match="ids must be integer object ids, got dtype float64"):
+            vio.write_mask(str(tmp_path / "x.png"), bad)
+    vio.write_mask(str(tmp_path / "b.png"), np.eye(3, dtype=bool))
+    np.testing.assert_array_equal(vio.read_mask(str(tmp_path / "b.png")), np.eye(3, dtype=np.uint8))
     with pytest.raises(ValueError, match="does not exist"):
         vio.read_mask(str(tmp_path / "none.png"))
     rgb = str(tmp_path / "odd.png")
@@ -99,6 +104,29 @@ def test_video_file_round_trip(tmp_path):
     got = list(r)
     assert len(got) == 5
     assert np.abs(got[2].astype(int) - frames[2].astype(int)).mean() < 12
+
+
+def test_video_file_of_odd_size_keeps_every_pixel(tmp_path):
+    H, W = 37, 53
+    frame = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    frame[:, -1] = (250, 10, 10)  # a last column the encoder must not drop
+    path = str(tmp_path / "odd.mp4")
+    assert vio.write_overlay_video(path, [frame] * 3, [np.zeros((H, W), np.uint8)] * 3, fps=5) == 3
+    r = vio.VideoReader(path)
+    assert r.size == (H + 1, W + 1)
+    got = next(iter(r)).astype(int)
+    assert np.abs(got[:H, W - 1] - np.array([250, 10, 10])).mean() < 40
+
+
+def test_frame_folder_in_numeric_order(tmp_path):
+    # ffmpeg's %d.png names: 1, 2, 10 is the order, not the text order 1, 10, 2
+    for i in (10, 1, 2, 11):
+        Image.fromarray(np.full((4, 4, 3), i, np.uint8)).save(tmp_path / f"{i}.png")
+    r = vio.VideoReader(str(tmp_path))
+    assert r.names == ["1", "2", "10", "11"]
+    assert [int(f[0, 0, 0]) for f in r] == [1, 2, 10, 11]
+    assert vio.video.frame_sort_key("frame_9.jpg") < vio.video.frame_sort_key("frame_10.jpg")
+    assert sorted(["00010.jpg", "00002.jpg"], key=vio.video.frame_sort_key) == ["00002.jpg", "00010.jpg"]
 
 
 def test_reader_bad_input(tmp_path):

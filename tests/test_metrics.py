@@ -112,6 +112,20 @@ def test_evaluate_sequence_skips_first_last_and_objects():
         M.evaluate_sequence(preds[:-1], gts)
 
 
+def test_ground_truth_255_is_background_as_in_davis2017_evaluation():
+    # davis2017-evaluation zeroes GT 255 before it builds its void mask (then always empty): a prediction over a
+    # GT 255 band is a false positive
+    g = np.zeros((3, 40, 40), np.uint8)
+    g[:, 10:20, 10:20] = 1
+    g[:, 20:22, 10:20] = 255
+    pred = np.zeros_like(g)
+    pred[:, 10:22, 10:20] = 1
+    (s,) = M.evaluate_sequence(list(pred), list(g))
+    assert s.object_id == 1 and s.J == [pytest.approx(100 / 120)]
+    assert s.F == [pytest.approx(M.f_measure(pred[1] == 1, g[1] == 1))] and s.F[0] < 1
+    assert M.jaccard(pred[1], g[1] == 1, void=g[1] == 255) == 1.0  # the functions' own void argument still works
+
+
 def test_evaluate_folders_and_csv(tmp_path):
     from vosops.io import write_mask
 
@@ -146,6 +160,9 @@ def test_evaluation_bad_input(tmp_path):
     with pytest.raises(ValueError, match="no object has a scored frame"):
         M.summarize(M.evaluate_sequence([g, g], [g, g], "two frames"))  # first and last are not scored
     assert all(np.isnan(M.statistics([])))
+    for th in (-0.5, float("nan"), float("inf"), "0.008", True):
+        with pytest.raises(ValueError, match="bound_th must be a finite number >= 0"):
+            M.f_measure(g, g, bound_th=th)
     (tmp_path / "pred").mkdir()
     with pytest.raises(ValueError, match="is not a folder"):
         M.evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "no-gt"))

@@ -274,7 +274,11 @@ def test_engine_bad_input():
     ("resized", None, r"frame 1 has size \(32, 30\), frame 0 had \(32, 32\)"),
     (None, "3-D", r"masks\[0\] must be a 2-D \(H, W\) map of object ids"),
     (None, "negative frame", "mask frame indices must be >= 0"),
-    (None, "id 300", "object ids must lie in 1..254, got 300"),
+    (None, "id 300", r"masks\[0\] must hold ids in 0..255 \(0 background, 1..254 objects, 255 void\), got 0..300"),
+    (None, "id -1", r"masks\[0\] must hold ids in 0..255 .*got -1..2"),
+    (None, "id 1.5", r"masks\[0\] must hold integer object ids, got non-integer values"),
+    (None, "mask past the end", r"masks given for frame\(s\) \[3, 9\] of a 3-frame video"),
+    ("generator", "mask past the end", r"masks given for frame\(s\) \[3, 9\] of a 3-frame video"),
     (None, "later mask resized", r"masks\[2\] has size \(30, 32\) but the frames are \(32, 32\)"),
     (None, "list", "masks must be a dict"),
 ])
@@ -289,12 +293,20 @@ def test_engine_rejects_bad_frames_and_masks(frames, masks, match):
         video = ["00000.jpg"] * 3
     elif frames == "resized":
         video = [video[0], video[1][:, :30], video[2]]
+    elif frames == "generator":  # no len(): found out after the last frame
+        video = (f for f in video)
     if masks == "3-D":
         given = {0: gts[0][None]}
     elif masks == "negative frame":
         given = {0: gts[0], -1: gts[1]}
     elif masks == "id 300":
         given = {0: np.where(gts[0] > 0, 300, 0)}
+    elif masks == "id -1":
+        given = {0: np.where(gts[0] > 0, -1, 2)}
+    elif masks == "id 1.5":
+        given = {0: np.where(gts[0] > 0, 1.5, 0.0)}
+    elif masks == "mask past the end":
+        given = {0: gts[0], 9: gts[1], 3: gts[2]}
     elif masks == "later mask resized":
         given = {0: gts[0], 2: gts[2][:30]}
     elif masks == "list":

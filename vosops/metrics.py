@@ -1,6 +1,9 @@
 """J and F as the official DAVIS evaluation (davis2017-evaluation) defines them, per object per frame.
 
-- J: |pred ∧ gt| / |pred ∨ gt| over the frame (void pixels excluded); 1 when both are empty.
+- J: |pred ∧ gt| / |pred ∨ gt| over the frame; 1 when both are empty. `jaccard` and `f_measure` take an optional
+  void mask whose pixels they ignore, as the official functions do; but the official semi-supervised evaluation
+  sets 255 in the ground truth to 0 before it looks for void, so there (and in `evaluate_sequence`) a GT 255
+  pixel is background: a prediction on it is a false positive.
 - F: boundary maps by `seg2bmap`, each dilated by a disk x² + y² ≤ t², t = ceil(0.008 · ‖(H, W)‖);
   precision = |b_pred ∧ dil(b_gt)| / |b_pred|, recall = |b_gt ∧ dil(b_pred)| / |b_gt| with the official edge cases.
 - A sequence is scored without its first and last frames; per object: mean, recall (fraction of frames > 0.5) and
@@ -78,9 +81,12 @@ def boundary_radius(shape, bound_th: float = 0.008) -> int:
 
 
 def f_measure(pred, gt, void=None, bound_th: float = 0.008, return_pr: bool = False):
-    """Contour accuracy F of two binary masks (H, W), with (precision, recall) if `return_pr`."""
+    """Contour accuracy F of two binary masks (H, W), with (precision, recall) if `return_pr`. bound_th: the
+    boundary tolerance, a fraction of the image diagonal when < 1, else pixels."""
     import cv2
 
+    if isinstance(bound_th, bool) or not isinstance(bound_th, (int, float)) or not 0 <= bound_th < math.inf:
+        raise ValueError(f"bound_th must be a finite number >= 0, got {bound_th!r}")
     p, g = _mask_pair(pred, gt, void)
     kernel = disk(boundary_radius(p.shape, bound_th))
     bp, bg = seg2bmap(p), seg2bmap(g)
@@ -130,7 +136,8 @@ class ObjectScore:
 
 def evaluate_sequence(preds, gts, name: str = "seq", object_ids=None, skip_first_last: bool = True):
     """Per-object J and F for one sequence. `preds`, `gts`: lists of (H, W) id masks (same length; 255 in a GT
-    mask is void). Object ids default to those present in any GT frame. The first and last frames are skipped."""
+    mask counts as background, as in davis2017-evaluation). Object ids default to those present in any GT frame.
+    The first and last frames are skipped."""
     if len(preds) != len(gts):
         raise ValueError(f"preds has {len(preds)} frames but gts has {len(gts)}; they must match")
     gts = [np.asarray(g.cpu() if hasattr(g, "cpu") else g) for g in gts]
@@ -148,10 +155,8 @@ def evaluate_sequence(preds, gts, name: str = "seq", object_ids=None, skip_first
     for oid in object_ids:
         s = ObjectScore(name, int(oid))
         for t in frames:
-            void = gts[t] == VOID_ID
-            void = void if void.any() else None
-            s.J.append(jaccard(preds[t] == oid, gts[t] == oid, void))
-            s.F.append(f_measure(preds[t] == oid, gts[t] == oid, void))
+            s.J.append(jaccard(preds[t] == oid, gts[t] == oid))
+            s.F.append(f_measure(preds[t] == oid, gts[t] == oid))
         scores.append(s)
     return scores
 
@@ -167,7 +172,9 @@ def summarize(scores: list[ObjectScore]) -> dict:
 
 
 def _seq_folder_frames(folder: str) -> dict[str, str]:
-    return {os.path.splitext(f)[0]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
+    from .io.video import frame_sort_key
+
+    return {os.path.splitext(f)[0]: os.path.join(folder, f) for f in sorted(os.listdir(folder), key=frame_sort_key)
             if f.lower().endswith(".png")}
 
 

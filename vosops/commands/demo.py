@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import time
 
+from ._args import resolve_device
+
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="propagate a built-in synthetic video, print J&F, write a contact sheet")
     p.add_argument("--out", default="vosops-demo", help="folder for contact_sheet.png (default vosops-demo)")
     p.add_argument("--frames", type=int, default=30, help="video length (default 30)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--backend", default=None, help="op backend: auto, reference, cpu, cuda, triton")
     p.set_defaults(func=run)
 
@@ -44,12 +46,11 @@ def run_demo(frames: int = 30, device=None, backend=None) -> dict:
 
 def run(args) -> int:
     import numpy as np
-    import torch
     from PIL import Image
 
     from vosops.io import contact_sheet, overlay
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     t0 = time.perf_counter()
     r = run_demo(args.frames, device, args.backend)
     T = len(r["preds"])

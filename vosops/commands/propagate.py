@@ -7,23 +7,25 @@ import os
 import sys
 import time
 
+from ._args import positive_int, resolve_device
+
 
 def register(sub) -> None:
     p = sub.add_parser("propagate", help="propagate a first-frame mask through a video or a DAVIS-layout dataset")
-    p.add_argument("source", nargs="?", help="folder of frames (sorted .jpg/.png) or a video file")
+    p.add_argument("source", nargs="?", help="folder of frames (.jpg/.png in frame order) or a video file")
     p.add_argument("--mask", help="first-frame mask PNG (DAVIS-2017 palette or DAVIS-2016 0/255)")
     p.add_argument("--dataset", help="DAVIS-layout root (JPEGImages/480p, Annotations/480p): every sequence")
     p.add_argument("--imageset", help="with --dataset: a sequence list (e.g. 2017/val.txt under ImageSets/)")
     p.add_argument("--out", required=True, help="output folder (one palette PNG per frame, named after the frame)")
     p.add_argument("--preset", default=None, help="mamp, maskvos, ino, dino, jointformer-memory[-ytvos] "
                    "(default: the weight-free extractor with a local top-k readout)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--backend", default=None, help="op backend: auto, reference, cpu, cuda, triton")
     p.add_argument("--flow", choices=["none", "dis", "farneback"], default="none",
                    help="flow-displaced windows (local readouts only; default none)")
     p.add_argument("--no-overlay", action="store_true", help="skip the overlay MP4")
     p.add_argument("--eval", action="store_true", help="with --dataset: evaluate J&F against its annotations")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads")
     p.set_defaults(func=run)
 
 
@@ -39,6 +41,8 @@ def build_engine(preset: str | None, device, flow: str = "none"):
     p = get_preset(preset)
     if isinstance(p.readout, TopKAttentionReadout):
         p.readout.heads = 2  # the weight-free features have 10 channels, not 12 heads x 64
+    if flow_arg is not None and not getattr(p.readout, "uses_offsets", False):
+        raise ValueError(f"--flow {flow}: preset {p.name}'s readout takes no flow offsets (only local readouts do)")
     eng = Propagator(LabPositionFeatures(stride=p.stride), device=device, flow=flow_arg, **p.engine_kwargs())
     return eng, f"preset {p.name} with weight-free features at stride {p.stride}: {p.readout!r}, {p.memory!r}"
 
@@ -108,12 +112,11 @@ def run(args) -> int:
         print("vosops propagate: give either a video (SOURCE --mask FIRST.png) or --dataset ROOT", file=sys.stderr)
         return 2
     rank, world, local = _dist_info()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            print("vosops propagate: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
-            return 2
-        device = f"cuda:{local}"
+    try:
+        device = resolve_device(args.device, local)
+    except ValueError as e:
+        print(f"vosops propagate: {e}", file=sys.stderr)
+        return 2
     if args.backend and args.backend != "auto" and args.backend not in vosops.BACKENDS:
         print(f"vosops propagate: --backend must be 'auto' or one of {vosops.BACKENDS}, got {args.backend!r}",
               file=sys.stderr)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from .masks import read_mask
-from .video import VideoReader
+from .video import VideoReader, frame_sort_key
 
 
 class DavisDataset:
@@ -51,8 +51,8 @@ class DavisDataset:
         folder = os.path.join(self.mask_root, seq)
         if not os.path.isdir(folder):
             return {}
-        return {os.path.splitext(f)[0]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
-                if f.lower().endswith(".png")}
+        return {os.path.splitext(f)[0]: os.path.join(folder, f)
+                for f in sorted(os.listdir(folder), key=frame_sort_key) if f.lower().endswith(".png")}
 
     def first_mask(self, seq: str) -> np.ndarray:
         """The annotation of the sequence's first frame as object ids."""

@@ -67,6 +67,8 @@ def write_mask(path: str, ids, palette: np.ndarray = DAVIS_PALETTE) -> None:
     a = ids.cpu().numpy() if hasattr(ids, "cpu") else np.asarray(ids)
     if a.ndim != 2:
         raise ValueError(f"ids must be a 2-D (H, W) array of object ids, got shape {a.shape}")
+    if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
+        raise TypeError(f"ids must be integer object ids, got dtype {a.dtype}")
     if a.size and (a.min() < 0 or a.max() > 255):
         raise ValueError(f"ids must lie in 0..255 for a palette PNG, got {a.min()}..{a.max()}")
     im = Image.fromarray(a.astype(np.uint8), mode="P")

@@ -55,7 +55,8 @@ def contact_sheet(images: Sequence[np.ndarray], cols: int = 6, width: int = 160,
 
 
 def write_overlay_video(path: str, frames: Iterable[np.ndarray], masks: Iterable[np.ndarray], fps: float = 24.0):
-    """An MP4 (mp4v) of the overlays through OpenCV; returns the number of frames written."""
+    """An MP4 (mp4v) of the overlays through OpenCV; returns the number of frames written. MPEG-4 needs even
+    sizes: an odd height or width gets one more row or column, a copy of the last (the encoder would crop one)."""
     import cv2
 
     d = os.path.dirname(path)
@@ -65,6 +66,7 @@ def write_overlay_video(path: str, frames: Iterable[np.ndarray], masks: Iterable
     try:
         for f, m in zip(frames, masks):
             ov = overlay(f, m)
+            ov = np.pad(ov, ((0, ov.shape[0] % 2), (0, ov.shape[1] % 2), (0, 0)), mode="edge")
             if writer is None:
                 h, w = ov.shape[:2]
                 writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Iterator
 
 import numpy as np
@@ -21,9 +22,16 @@ def _cv2():
     return cv2
 
 
+def frame_sort_key(name: str) -> tuple:
+    """Order of frame file names: numbers by value ("2.png" before "10.png", as ffmpeg's %d names need), the
+    rest as text; zero-padded names (DAVIS) sort as plain text would."""
+    parts = re.split(r"(\d+)", name)  # text, number, text, ...: like kinds at like positions
+    return tuple(int(t) if i % 2 else t for i, t in enumerate(parts)), name
+
+
 def list_frames(folder: str) -> list[str]:
-    """Sorted image files of a folder (by name; DAVIS names are zero-padded)."""
-    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    """The image files of a folder in frame order (`frame_sort_key`)."""
+    names = sorted((f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)), key=frame_sort_key)
     return [os.path.join(folder, f) for f in names]
 
 

@@ -42,8 +42,17 @@ def _ids_tensor(ids, name) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids))
     if t.dim() != 2:
         raise ValueError(f"{name} must be a 2-D (H, W) map of object ids, got shape {tuple(t.shape)}")
-    if t.dtype.is_floating_point or t.dtype == torch.bool:
+    if t.dtype.is_floating_point:
+        if not bool(torch.isfinite(t).all()) or not bool((t == t.round()).all()):
+            raise ValueError(f"{name} must hold integer object ids, got non-integer values of dtype {t.dtype}")
         t = t.long()
+    elif t.dtype == torch.bool:
+        t = t.long()
+    elif t.dtype.is_complex:
+        raise TypeError(f"{name} must hold integer object ids, got dtype {t.dtype}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) > VOID_ID):
+        raise ValueError(f"{name} must hold ids in 0..255 (0 background, 1..254 objects, 255 void), "
+                         f"got {int(t.min())}..{int(t.max())}")
     return t
 
 
@@ -131,11 +140,12 @@ class Propagator:
         given = {int(t): _ids_tensor(m, f"masks[{t}]") for t, m in masks.items()}
         if any(t < 0 for t in given):
             raise ValueError(f"mask frame indices must be >= 0, got {sorted(given)}")
+        if hasattr(frames, "__len__") and max(given) >= len(frames):
+            raise ValueError(f"masks given for frame(s) {[t for t in sorted(given) if t >= len(frames)]} of a "
+                             f"{len(frames)}-frame video")
         object_ids = sorted({int(i) for m in given.values() for i in torch.unique(m).tolist()} - {0, VOID_ID})
         if not object_ids:
             raise ValueError("the given masks hold no object (every pixel is 0 or 255)")
-        if max(object_ids) > 254:
-            raise ValueError(f"object ids must lie in 1..254, got {max(object_ids)}")
         id_table = torch.tensor([0] + object_ids, dtype=torch.uint8, device=self.device)
         onehot_table = id_table.long()  # built once: no host-to-device copy inside the loop
         self.memory.with_anchors(given.keys())
@@ -189,6 +199,10 @@ class Propagator:
             for f in [f for f in cache if f not in keep]:
                 del cache[f]
             yield t, L.unpad(ids, size).to(torch.uint8)
+        seen = 0 if size is None else t + 1
+        unused = [g for g in sorted(given) if g >= seen]
+        if unused:  # frames of unknown length: found out only at their end
+            raise ValueError(f"masks given for frame(s) {unused} of a {seen}-frame video")
 
 
 class MaskWriter:
