@@ -59,8 +59,7 @@ def test_reference_relocates_empty_clusters_like_sklearn():
 
 def test_reference_kmeans_plusplus_is_a_valid_greedy_seeding():
     X, y = blobs(200, 3, 5, std=0.2, seed=3)
-    g = torch.Generator().manual_seed(0)
-    c = R.kmeans_plusplus(X[None], torch.tensor([200]), 5, g)[0]
+    c = R.kmeans_plusplus(X[None], torch.tensor([200]), 5, R.Draws(0))[0]
     # every centre is a data point, all distinct, and they spread over the 5 blobs
     d = ((c[:, None] - X[None]) ** 2).sum(-1)
     assert (d.min(1).values == 0).all() and len(set(d.argmin(1).tolist())) == 5
@@ -70,8 +69,7 @@ def test_reference_kmeans_plusplus_is_a_valid_greedy_seeding():
 def test_reference_minibatch_matches_sklearn_on_the_same_batches():
     X, _ = blobs(600, 4, 5, std=2.0, seed=4)
     init = X[:5].clone()
-    g = torch.Generator().manual_seed(0)
-    batches = R.sample_batches(torch.tensor([600]), 20, 64, g)  # (steps, 1, 64)
+    batches = R.sample_batches(torch.tensor([600]), 20, 64, R.Draws(0))  # (steps, 1, 64)
     res = R.minibatch(X[None], torch.tensor([600]), init[None], batches, tol=torch.zeros(1))
     sk = MiniBatchKMeans(5, init=init.numpy(), n_init=1, batch_size=64, reassignment_ratio=0.0)
     for t in range(batches.shape[0]):
@@ -129,31 +127,51 @@ def test_full_kmeans_matches_reference_from_the_same_centres(backend, device, ba
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("batch_size", [None, 32])
-def test_ragged_batch_equals_each_problem_alone(backend, batch_size):
+@pytest.mark.parametrize("init", ["given", "k-means++", "random"])
+def test_ragged_batch_equals_each_problem_alone(backend, batch_size, init):
+    # with a seed, each problem of a ragged batch gets what it gets alone: every problem draws the same numbers
     if backend == "cpu" and vosops._backends.why_unusable("cpu", "kmeans_step", "cpu"):
         pytest.skip("native kernels not built")
     X, _ = blobs(3 * 120, 4, 4, std=2.0, seed=6)
     x = X.reshape(3, 120, 4)
     lengths = torch.tensor([120, 57, 9])
-    init = x[:, :4].clone()
+    given = x[:, :4].clone()
     x[1, 57:] = 1e6  # padding must be ignored, whatever it holds
     x[2, 9:] = -3e5
-    batched = vosops.kmeans(x, 4, init=init, lengths=lengths, batch_size=batch_size, iters=40, seed=0,
-                            backend=backend)
+    kw = dict(batch_size=batch_size, iters=40, seed=5, n_init=2, backend=backend)
+    batched = vosops.kmeans(x, 4, init=given if init == "given" else init, lengths=lengths, **kw)
     for b in range(3):
-        if batch_size is None:
-            alone = vosops.kmeans(x[b, : lengths[b]], 4, init=init[b], backend=backend)
-        else:  # the same batches as problem b drew inside the batched run
-            g = torch.Generator().manual_seed(0)
-            batches = R.sample_batches(lengths, 40, batch_size, g)[:, b:b + 1]
-            alone = R.minibatch(x[b:b + 1, : lengths[b]], lengths[b:b + 1], init[b:b + 1], batches,
-                                tol=R.scaled_tol(x[b:b + 1, : lengths[b]], lengths[b:b + 1], 1e-4))
-            alone = R.KMeansResult(*(t[0] for t in alone))
         n = int(lengths[b])
+        alone = vosops.kmeans(x[b, :n], 4, init=given[b] if init == "given" else init, **kw)
         torch.testing.assert_close(batched.labels[b, :n], alone.labels)
         torch.testing.assert_close(batched.centroids[b], alone.centroids)
         torch.testing.assert_close(batched.inertia[b], alone.inertia)
         torch.testing.assert_close(batched.n_iter[b], alone.n_iter)
+    # and a batch's problem does not depend on its neighbours
+    other = vosops.kmeans(torch.stack([x[0], torch.randn(120, 4, dtype=x.dtype)]), 4, init=given[:2]
+                          if init == "given" else init, **kw)
+    torch.testing.assert_close(other.centroids[0], batched.centroids[0])
+
+
+def test_random_init_picks_distinct_points_uniformly():
+    x = torch.arange(10, dtype=torch.float64)[None, :, None]
+    picks = torch.stack([R.random_init(x, torch.tensor([7]), 7, R.Draws(s))[0, :, 0] for s in range(300)])
+    assert all(sorted(p.tolist()) == list(range(7)) for p in picks)  # 7 of 7 valid points: each once
+    first = torch.stack([R.random_init(x, torch.tensor([10]), 3, R.Draws(s))[0, :, 0] for s in range(2000)])
+    assert all(len(set(p.tolist())) == 3 for p in first)
+    counts = torch.bincount(first.flatten().long(), minlength=10).double()
+    assert counts.min() > 0.75 * 600 and counts.max() < 1.25 * 600  # 6000 picks over 10 points
+
+
+def test_draws_are_a_function_of_seed_restart_purpose_and_index():
+    d = R.Draws(3)
+    a = d.uniform(5, R.Draws.MINI_BATCH, 2)
+    torch.testing.assert_close(d.uniform(3, R.Draws.MINI_BATCH, 2), a[:3])  # the first 3 of 5 are the 3 alone
+    assert not torch.equal(d.uniform(5, R.Draws.MINI_BATCH, 3), a)
+    assert not torch.equal(d.uniform(5, R.Draws.RANDOM_INIT, 2), a)
+    assert not torch.equal(R.Draws(4).uniform(5, R.Draws.MINI_BATCH, 2), a)
+    d.restart = 1
+    assert not torch.equal(d.uniform(5, R.Draws.MINI_BATCH, 2), a)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -294,8 +312,7 @@ def test_minibatch_batch_size_is_capped_at_each_problems_points(backend):
     # a batch size far above N draws N points a step (not 10**6), problem 1 12 of them, as scikit-learn would
     big = vosops.kmeans(x, 3, init=init, lengths=lengths, batch_size=10**6, iters=5, tol=0.0, seed=1,
                         backend=backend)
-    g = torch.Generator().manual_seed(1)
-    batches = R.sample_batches(lengths, 5, 40, g)
+    batches = R.sample_batches(lengths, 5, 40, R.Draws(1))
     for b in range(2):
         n = int(lengths[b])
         want = R.minibatch(x[b:b + 1, :n], lengths[b:b + 1], init[b:b + 1], batches[:, b:b + 1, :n],

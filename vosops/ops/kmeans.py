@@ -129,8 +129,9 @@ def kmeans(
     MiniBatchKMeans updates on min(b, points of the problem) points drawn per step and problem (with replacement,
     reassignment_ratio=0).
     lengths: (B,) int, problem b uses only its first lengths[b] points (the rest are ignored and labelled -1).
-    seed: the seed of the generator for seeding and batches (None: drawn from torch's global generator);
-    a seed gives the same result on the same backend and device.
+    seed: the seed of the random numbers of the seeding and the batches (None: drawn from torch's global
+    generator). Every problem draws the same numbers (`reference.kmeans.Draws`), so with a seed a problem's result
+    is what it gets alone, whatever else is in the batch; and the same on every backend and device up to rounding.
     cuda_graph: on a GPU, replay the full-batch Lloyd iterations from a CUDA graph instead of launching each of an
     iteration's ops from Python (the same results; for problems small enough that launches dominate).
 
@@ -169,7 +170,6 @@ def kmeans(
     x = x.contiguous()
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)))
-    gen = torch.Generator(device=x.device).manual_seed(seed)
     check_every = 1 if x.device.type == "cpu" else 10
     full_batch = None
     update = _update(chosen, x.device, K)
@@ -182,7 +182,7 @@ def kmeans(
             return lloyd_cuda_graph(x, lengths, centers, iters, tol, step=step, assign=assign,
                                     check_every=check_every, update=update)
     res = _ref.kmeans(x, K, iters=iters, tol=float(tol), init=init, n_init=n_init, batch_size=batch_size,
-                      lengths=lengths, generator=gen, step=step, assign=assign, check_every=check_every,
+                      lengths=lengths, draws=_ref.Draws(seed), step=step, assign=assign, check_every=check_every,
                       full_batch=full_batch, update=update)
     if single:
         res = KMeansResult(*(t[0] for t in res))

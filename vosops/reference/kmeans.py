@@ -15,6 +15,9 @@ KMeans / MiniBatchKMeans so results can be compared with it:
   centres (as scikit-learn does when it stopped on the shift rule); labels and inertia come from that pass.
 * mini-batch: scikit-learn's MiniBatchKMeans update with reassignment_ratio=0: per-centre running counts w_k and
   c_k <- (c_k * w_k + sum of the batch points assigned to k) / (w_k + n_k).
+* random numbers (`Draws`): every problem of a batch draws the same stream, each number a pure function of (seed,
+  restart, purpose, index) computed on the host, so a problem gets the result it gets alone with the same seed,
+  whatever else is batched with it, however it is padded, and on whatever device.
 
 The step functions are pluggable (`step=`, `assign=`), so the native, Triton and CUDA backends reuse this driver
 and replace only the fused pass over x; the cpu backend replaces the whole Lloyd loop (`full_batch=`, one native call).
@@ -25,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]
@@ -39,6 +43,23 @@ class KMeansResult(NamedTuple):
     labels: torch.Tensor
     inertia: torch.Tensor
     n_iter: torch.Tensor
+
+
+class Draws:
+    """The random numbers of one k-means call. `uniform(n, purpose, index)` is n float64 numbers in [0, 1), a pure
+    function of (seed, restart, purpose, index): PCG64 seeded by numpy's SeedSequence of those integers. Every
+    problem uses the same numbers, so none depends on the batch around it; and the first m of n numbers are the m
+    numbers asked for alone, so padding (a longer draw) changes nothing either. `restart` counts n_init restarts."""
+
+    KMEANS_PLUSPLUS, RANDOM_INIT, MINI_BATCH = 0, 1, 2
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+        self.restart = 0
+
+    def uniform(self, n: int, purpose: int, index: int = 0, device=None) -> torch.Tensor:
+        ss = np.random.SeedSequence([self.seed, self.restart, purpose, index])
+        return torch.from_numpy(np.random.default_rng(ss).random(n)).to(device)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -93,7 +114,7 @@ def kmeans_step(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor):
 # seeding
 
 
-def kmeans_plusplus(x: torch.Tensor, lengths: torch.Tensor, K: int, generator: torch.Generator,
+def kmeans_plusplus(x: torch.Tensor, lengths: torch.Tensor, K: int, draws: Draws,
                     n_local_trials: int | None = None) -> torch.Tensor:
     """Greedy k-means++ as scikit-learn's `_kmeans_plusplus`: the first centre uniformly among the valid points,
     then per centre `2 + floor(log K)` candidates drawn with probability proportional to the squared distance to
@@ -105,14 +126,14 @@ def kmeans_plusplus(x: torch.Tensor, lengths: torch.Tensor, K: int, generator: t
     valid = valid_mask(lengths, N)
     xa = x.to(acc)
     ar = torch.arange(B, device=dev)
-    u = torch.rand(B, generator=generator, device=dev, dtype=torch.float64)
+    u = draws.uniform(1, Draws.KMEANS_PLUSPLUS, 0, dev)
     first = (u * lengths).long().clamp(max=lengths - 1)
     centers = torch.empty(B, K, D, dtype=acc, device=dev)
     centers[:, 0] = xa[ar, first]
     closest = torch.where(valid, ((xa - centers[:, :1]) ** 2).sum(-1), 0.0)  # (B, N)
     pot = closest.sum(1)
     for c in range(1, K):
-        r = torch.rand(B, trials, generator=generator, device=dev, dtype=torch.float64) * pot[:, None].double()
+        r = draws.uniform(trials, Draws.KMEANS_PLUSPLUS, c, dev)[None, :] * pot[:, None].double()
         cum = closest.double().cumsum(1)
         cand = torch.searchsorted(cum, r.contiguous()).clamp(max=(lengths - 1)[:, None])  # (B, trials)
         cx = xa.gather(1, cand[..., None].expand(B, trials, D))  # (B, trials, D)
@@ -127,13 +148,18 @@ def kmeans_plusplus(x: torch.Tensor, lengths: torch.Tensor, K: int, generator: t
     return centers
 
 
-def random_init(x: torch.Tensor, lengths: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
-    """K distinct valid points per problem chosen uniformly (scikit-learn's init="random")."""
+def random_init(x: torch.Tensor, lengths: torch.Tensor, K: int, draws: Draws) -> torch.Tensor:
+    """K distinct valid points per problem chosen uniformly (scikit-learn's init="random"): the k-th pick is the
+    floor(u_k * (length - k))-th of the points not yet picked."""
     B, N, D = x.shape
-    keys = torch.rand(B, N, generator=generator, device=x.device)
-    keys = torch.where(valid_mask(lengths, N), keys, 2.0)
-    idx = keys.argsort(1)[:, :K]
-    return x.to(acc_dtype(x.dtype)).gather(1, idx[..., None].expand(B, K, D))
+    u = draws.uniform(K, Draws.RANDOM_INIT, 0, x.device)
+    picked = torch.empty(B, 0, dtype=torch.int64, device=x.device)
+    for k in range(K):
+        idx = (u[k] * (lengths - k)).long().clamp(max=lengths - k - 1)
+        for c in picked.sort(1).values.unbind(1):  # step over the earlier picks, smallest first
+            idx = idx + (c <= idx).long()
+        picked = torch.cat([picked, idx[:, None]], 1)
+    return x.to(acc_dtype(x.dtype)).gather(1, picked[..., None].expand(B, K, D))
 
 
 def _valid_rows(lengths: torch.Tensor, start: int, count: int) -> torch.Tensor:
@@ -244,12 +270,11 @@ def lloyd(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, *, iter
     return KMeansResult(centers, labels, mind.sum(1), n_iter)
 
 
-def sample_batches(lengths: torch.Tensor, steps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+def sample_batches(lengths: torch.Tensor, steps: int, batch_size: int, draws: Draws) -> torch.Tensor:
     """(steps, B, batch_size) int64 point indices, uniform with replacement over each problem's valid points (as
-    scikit-learn draws its mini-batches)."""
-    B = lengths.shape[0]
-    u = torch.rand(steps, B, batch_size, generator=generator, device=lengths.device, dtype=torch.float64)
-    return (u * lengths[None, :, None]).long().clamp(max=(lengths - 1)[None, :, None])
+    scikit-learn draws its mini-batches); step t maps the numbers draws.uniform(batch_size, MINI_BATCH, t)."""
+    u = torch.stack([draws.uniform(batch_size, Draws.MINI_BATCH, t) for t in range(steps)]).to(lengths.device)
+    return (u[:, None, :] * lengths[None, :, None]).long().clamp(max=(lengths - 1)[None, :, None])
 
 
 def minibatch(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, batches: torch.Tensor, *,
@@ -290,7 +315,7 @@ def minibatch(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, bat
 
 
 def kmeans(x: torch.Tensor, K: int, *, iters: int = 100, tol: float = 1e-4, init="k-means++", n_init: int = 1,
-           batch_size: int | None = None, lengths: torch.Tensor | None = None, generator: torch.Generator,
+           batch_size: int | None = None, lengths: torch.Tensor | None = None, draws: Draws,
            step: Step = kmeans_step, assign: Step = kmeans_assign, check_every: int = 1,
            full_batch: Callable | None = None, update: Callable = lloyd_update) -> KMeansResult:
     """The whole algorithm on validated (B, N, D) input; `init` is "k-means++", "random" or (B, K, D) centres.
@@ -302,13 +327,14 @@ def kmeans(x: torch.Tensor, K: int, *, iters: int = 100, tol: float = 1e-4, init
         lengths = torch.full((B,), N, dtype=torch.int64, device=x.device)
     tol_b = scaled_tol(x, lengths, tol)
     best = None
-    for _ in range(n_init):
+    for restart in range(n_init):
+        draws.restart = restart
         if isinstance(init, torch.Tensor):
             c0 = init
         elif init == "random":
-            c0 = random_init(x, lengths, K, generator)
+            c0 = random_init(x, lengths, K, draws)
         else:
-            c0 = kmeans_plusplus(x, lengths, K, generator)
+            c0 = kmeans_plusplus(x, lengths, K, draws)
         if batch_size is None:
             if full_batch is not None:
                 res = full_batch(x, lengths, c0, iters, tol_b)
@@ -317,7 +343,7 @@ def kmeans(x: torch.Tensor, K: int, *, iters: int = 100, tol: float = 1e-4, init
                             update=update)
         else:
             # at most N points a batch: problem i then uses the first min(batch_size, lengths[i]) of its row
-            batches = sample_batches(lengths, iters, min(batch_size, N), generator)
+            batches = sample_batches(lengths, iters, min(batch_size, N), draws)
             res = minibatch(x, lengths, c0, batches, tol=tol_b, step=step, assign=assign, check_every=check_every)
         if best is None:
             best = res
