@@ -25,16 +25,19 @@ def build_emulation(tmp_path_factory, source: str) -> ctypes.CDLL:
     return ctypes.CDLL(str(lib))
 
 
-def ptr(t) -> ctypes.c_void_p:
-    """The data pointer of a tensor, or NULL for None."""
+def ptr(t):
+    """The data pointer of a tensor, or NULL for None; a ctypes array passes as itself (ctypes passes it by
+    reference and keeps it alive for the call, where a temporary tensor's data_ptr would dangle)."""
+    if isinstance(t, ctypes.Array):
+        return t
     return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
 
 
-def sizes_strides(t) -> "torch.Tensor":
-    """A tensor's sizes then strides as int64, how the emulations take a strided tensor's shape (emu::shape)."""
-    import torch
-
-    return torch.tensor(list(t.shape) + list(t.stride()), dtype=torch.int64)
+def sizes_strides(t) -> ctypes.Array:
+    """A tensor's sizes then strides as an int64 ctypes array, how the emulations take a strided tensor's shape
+    (emu::shape). An array, not a tensor: `ptr(sizes_strides(x))` inside a call's arguments must stay valid."""
+    vals = list(t.shape) + list(t.stride())
+    return (ctypes.c_int64 * len(vals))(*vals)
 
 
 def dtype_code(dtype) -> int:

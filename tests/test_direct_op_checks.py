@@ -146,3 +146,27 @@ def test_triton_topk_attention_backward_skips_impossible_indices():
     for name, x, y, z in zip(("dq", "dk", "dv"), got, want, clean):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6, msg=name)
         assert not torch.allclose(y, z), name  # the emptied slots did carry gradient
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_every_op_with_a_scale_rejects_a_non_finite_one(backend):
+    """A NaN or infinite scale makes every score NaN or +-inf, which the selections read as "no key": the ops
+    returned empty rows or NaN silently when called directly."""
+    if not _usable(backend):
+        pytest.skip(f"the {backend} backend is not usable on CPU tensors here")
+    checked = []
+    for name, (op, args) in sorted(_exercise_public_ops(backend).items()):
+        names = [a.name for a in op._schema.arguments]
+        if "scale" not in names:
+            continue
+        i = names.index("scale")
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            call = list(args)
+            call[i] = bad
+            with pytest.raises(ValueError, match="scale must be finite"):
+                op(*call)
+        checked.append(name.split("::")[1])
+    suffix = "_triton" if backend == "triton" else ""
+    for name in ("local_attention", "global_topk", "topk_attention", "topk_attention_backward"):
+        assert any(c.startswith(name.replace("_backward", "")) and c.endswith(
+            suffix + ("_backward" if "backward" in name else "")) for c in checked), (name, checked)

@@ -205,6 +205,25 @@ def test_attention_equals_aggregate_of_softmax_affinity():
         torch.testing.assert_close(out, vosops.local_aggregate(w, v, radius=r, offsets=offsets))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_accumulates_half_precision_in_float32(dtype):
+    """Scores, selection, softmax and value sums in float32, as the kernels: the reference's half-precision result
+    is the float64 one on the same rounded inputs, rounded once (its own fp16 scores picked other top-k sets)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 64, 12, 12, generator=g).to(dtype)
+    k = torch.randn(1, 3, 64, 12, 12, generator=g).to(dtype)
+    v = torch.randn(1, 3, 7, 12, 12, generator=g).to(dtype)
+    kw = dict(radius=12, topk=36, scale=1 / 8, border="zero")
+    got = vosops.local_attention(q, k, v, backend="reference", **kw)
+    exact = vosops.local_attention(q.double(), k.double(), v.double(), backend="reference", **kw)
+    assert got.dtype == dtype
+    err = (got.double() - exact).abs().max().item()
+    assert err < (2e-3 if dtype == torch.float16 else 1.6e-2), err  # one rounding of |out| < 4: 2e-3 / 1.6e-2
+    aff = vosops.local_affinity(q, k, radius=2, scale=1 / 8, backend="reference")
+    torch.testing.assert_close(aff, vosops.local_affinity(q.double(), k.double(), radius=2, scale=1 / 8,
+                                                          backend="reference").to(dtype))
+
+
 @pytest.mark.parametrize("kw", [dict(topk=5, border="zero"), dict(topk=3, normalize="threshold"), dict()])
 def test_reference_chunking_does_not_change_results(monkeypatch, kw):
     """Tiny chunks (one row, a few window positions per block) give the same outputs and gradients."""

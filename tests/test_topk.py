@@ -96,6 +96,61 @@ def test_nan_and_inf_logits_are_never_selected():
     assert index.tolist() == [[[3, 0, -1]]]
 
 
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + GT_BACKENDS)
+def test_half_precision_ranks_on_float32_scores(backend, device):
+    """fp16 logits are rounded after ranking: keys whose float32 scores differ but round to one fp16 value come
+    in float32 order, the same on every backend (scores here are exact in float32, so no summation order matters)."""
+    g = torch.Generator().manual_seed(3)
+    M, L = 6, 90
+    k = torch.zeros(2, L, 3)
+    k[..., 0] = torch.randint(1016, 1024, (2, L), generator=g) + torch.randint(0, 2, (2, L), generator=g) / 2
+    k[..., 1] = torch.randint(-4, 5, (2, L), generator=g).float()  # scores past 1024, where fp16's spacing is 1
+    q = torch.randint(0, 2, (2, M, 3), generator=g).float()
+    q[..., 0] = 1.0
+    for dtype in (torch.float16, torch.bfloat16):
+        if backend == "triton" and dtype == torch.bfloat16 and device == "cpu":
+            continue  # the interpreter's bf16 is broken (testing.backend_dtypes)
+        qh, kh = q.to(dtype), k.to(dtype)
+        exp = dense_topk(qh.double(), kh.double(), 9, 1.0)  # float64 = float32 here: every score is exact
+        assert (exp[0].to(dtype)[..., 1:] == exp[0].to(dtype)[..., :-1]).any()  # rounding makes equal logits
+        logits, index = vosops.global_topk(qh.to(device), kh.to(device), topk=9, backend=backend)
+        torch.testing.assert_close(index.cpu(), exp[1], atol=0, rtol=0)
+        torch.testing.assert_close(logits.cpu(), exp[0].to(dtype), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + ATT_BACKENDS)
+def test_topk_attention_never_selects_a_nan_sparse_key(backend, device):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 3)
+    k[0, 0, 5] = float("nan")  # a sparse key (dense_keys=2)
+    k[0, 1, 6, 0] = float("inf")  # a score of -inf or NaN, by the sign of q
+    q[0, 1, :, 0] = -1.0  # head 1: key 6 scores -inf
+    args = dict(dense_keys=2, backend=backend)
+    out = vosops.topk_attention(q.to(device), k.to(device), v.to(device), topk=3, **args).cpu()
+    assert torch.isfinite(out).all()
+    for h, bad in ((0, 5), (1, 6)):
+        keep = [j for j in range(8) if j != bad]
+        exp = reference.topk_attention(q[:, h:h + 1], k[:, h:h + 1, keep], v[:, h:h + 1, keep], topk=3,
+                                       dense_keys=2)
+        torch.testing.assert_close(out[:, h:h + 1], exp, atol=1e-5, rtol=1e-5)
+    # with topk >= the sparse keys nothing is selected: every key is kept, as SDPA, NaN included
+    full = vosops.topk_attention(q.to(device), k.to(device), v.to(device), topk=6, **args).cpu()
+    assert torch.isnan(full[0, 0]).all()
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + AGG_BACKENDS)
+def test_topk_aggregate_of_no_candidates_or_no_queries(backend, device):
+    v = torch.randn(2, 6, 3, device=device, requires_grad=True)
+    out = vosops.topk_aggregate(torch.randn(2, 4, 0, device=device), torch.zeros(2, 4, 0, dtype=torch.long,
+                                device=device), v, backend=backend)
+    assert out.shape == (2, 4, 3) and (out == 0).all()
+    out.sum().backward()
+    assert v.grad is None or (v.grad == 0).all()
+    none = vosops.topk_aggregate(torch.randn(2, 0, 5, device=device), torch.zeros(2, 0, 5, dtype=torch.long,
+                                 device=device), v.detach(), backend=backend)
+    assert none.shape == (2, 0, 3)
+
+
 def test_reference_merge_topk_is_the_top_of_the_union():
     a_l, a_i = small_ints(2, 5, 4), torch.randint(20, 30, (2, 5, 4))
     b_l, b_i = small_ints(2, 5, 6), torch.randint(0, 10, (2, 5, 6))

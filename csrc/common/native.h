@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 #include "common/host_device.h"
 
 namespace vosops {
@@ -10,6 +12,12 @@ namespace vosops {
 // element a kernel forgets to write fails the comparison instead of passing on stale memory.
 bool poison_outputs();
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// A logit scale must be finite: NaN or inf would turn every score into NaN / +-inf, which the selections treat as
+// "no key", silently returning empty rows. (The Python API checks the same; this guards direct torch.ops calls.)
+inline void check_scale(const char* op, double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+}
 
 inline Shape4 shape4(const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 4, "vosops internal: expected a 4-d tensor");

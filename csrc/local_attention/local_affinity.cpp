@@ -287,6 +287,7 @@ at::Tensor to_acc(const at::Tensor& t) { return t.to(acc_type(t.scalar_type())).
 at::Tensor local_affinity_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& offsets,
                               int64_t radius, int64_t dilation, c10::string_view window, double scale,
                               c10::string_view border) {
+  check_scale("local_affinity", scale);
   Geometry g = affinity_geometry(q, k, offsets, radius, dilation, window, border);
   const at::ScalarType a = acc_type(q.scalar_type());
   at::Tensor out = new_output({g.B, g.N, g.P, g.H, g.W}, q.options().dtype(a));
@@ -318,6 +319,7 @@ std::tuple<at::Tensor, at::Tensor> local_affinity_backward_cpu(const at::Tensor&
                                                                int64_t radius, int64_t dilation,
                                                                c10::string_view window, double scale, bool need_q,
                                                                bool need_k) {
+  check_scale("local_affinity_backward", scale);
   // Either border: out-of-frame logits are constants (-inf or 0) and pass no gradient.
   Geometry g = affinity_geometry(q, k, offsets, radius, dilation, window, "mask");
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({g.B, g.N, g.P, g.H, g.W}),

@@ -35,6 +35,7 @@ at::Tensor round_offsets_device(const std::optional<at::Tensor>& offsets, const 
 at::Tensor local_affinity_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& offsets,
                                int64_t radius, int64_t dilation, c10::string_view window, double scale,
                                c10::string_view border) {
+  check_scale("local_affinity", scale);
   Geometry g = affinity_geometry(q, k, offsets, radius, dilation, window, border);
   check_cuda_dtype("local_affinity", "q", q);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -56,6 +57,7 @@ std::tuple<at::Tensor, at::Tensor> local_affinity_backward_cuda(const at::Tensor
                                                                 int64_t radius, int64_t dilation,
                                                                 c10::string_view window, double scale, bool need_q,
                                                                 bool need_k) {
+  check_scale("local_affinity_backward", scale);
   // Either border: out-of-frame logits are constants (-inf or 0) and pass no gradient.
   Geometry g = affinity_geometry(q, k, offsets, radius, dilation, window, "mask");
   check_cuda_dtype("local_affinity_backward", "q", q);

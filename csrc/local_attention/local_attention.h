@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "common/native.h"
 #include "local_attention/local_attention_math.h"
 
 namespace vosops {
@@ -66,6 +67,7 @@ inline Config make_config(const at::Tensor& q, const at::Tensor& k, const at::Te
   c.dilation = dilation;
   c.D = 2 * radius + 1;
   c.P = c.D * c.D;
+  check_scale("local_attention", scale);
   c.scale = scale;
   c.topk = topk;
   if (normalize == "softmax") {

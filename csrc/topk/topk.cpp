@@ -128,7 +128,7 @@ void global_topk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> global_topk_cpu(const at::Tensor& q, const at::Tensor& k, int64_t topk,
                                                    double scale, const std::optional<at::Tensor>& key_mask) {
-  const at::Tensor mask = check_global_topk_args(q, k, topk, key_mask);
+  const at::Tensor mask = check_global_topk_args(q, k, topk, scale, key_mask);
   const int64_t B = q.size(0), M = q.size(1);
   at::Tensor out_l = new_output({B, M, topk}, q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor out_i = new_output({B, M, topk}, q.options().dtype(at::kLong));
@@ -376,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_cpu(const at::Tens
                                                                   int64_t dense_keys) {
   check_attention_inputs(q, k, v);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), L = k.size(2), Dv = v.size(3);
-  check_attention_counts(L, topk, dense_keys);
+  check_attention_counts(L, topk, dense_keys, scale);
   // The selection keeps row-local key numbers in int32, the backward query numbers.
   TORCH_CHECK_VALUE(L < std::numeric_limits<int32_t>::max() && M < std::numeric_limits<int32_t>::max(),
                     "topk_attention: the cpu backend takes fewer than 2^31 - 1 queries and keys per sequence, got M = ",
@@ -494,6 +494,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& index, double scale, int64_t dense_keys) {
   check_attention_backward(grad_out, q, k, v, out, lse, index);
+  check_scale("topk_attention_backward", scale);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3), L = k.size(2), Dv = v.size(3);
   const int64_t BH = B * H, kk = index.size(-1);
   TORCH_CHECK_VALUE(M < std::numeric_limits<int32_t>::max(), "topk_attention_backward: the cpu backend takes fewer "

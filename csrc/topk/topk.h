@@ -7,6 +7,8 @@
 #include <utility>
 #include <vector>
 
+#include "common/native.h"
+
 namespace vosops {
 namespace topk {
 
@@ -36,7 +38,8 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
   check_like(q, v, "topk_attention", "q", "v");
 }
 
-inline void check_attention_counts(int64_t L, int64_t topk, int64_t dense_keys) {
+inline void check_attention_counts(int64_t L, int64_t topk, int64_t dense_keys, double scale) {
+  check_scale("topk_attention", scale);
   TORCH_CHECK_VALUE(topk >= 1 && topk <= L, "topk_attention: topk must be in [1, L] = [1, ", L, "], got ", topk);
   TORCH_CHECK_VALUE(dense_keys >= 0 && dense_keys <= L, "topk_attention: dense_keys must be in [0, L] = [0, ", L,
                     "], got ", dense_keys);
@@ -67,8 +70,9 @@ inline std::pair<int64_t, int64_t> split_keys(int64_t L, int64_t topk, int64_t d
 }
 
 // global_topk's argument checks (both devices); returns key_mask made contiguous, or an undefined tensor.
-inline at::Tensor check_global_topk_args(const at::Tensor& q, const at::Tensor& k, int64_t topk,
+inline at::Tensor check_global_topk_args(const at::Tensor& q, const at::Tensor& k, int64_t topk, double scale,
                                          const std::optional<at::Tensor>& key_mask) {
+  check_scale("global_topk", scale);
   TORCH_CHECK_VALUE(q.dim() == 3, "global_topk: q must be (B, M, C), got shape ", q.sizes());
   TORCH_CHECK_VALUE(k.dim() == 3 && k.size(0) == q.size(0) && k.size(2) == q.size(2),
                     "global_topk: k must be (B, L, C) with q's B and C, got ", k.sizes(), " for q ", q.sizes());

@@ -13,7 +13,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> global_topk_cuda_op(const at::Tensor& q, const at::Tensor& k, int64_t topk,
                                                        double scale, const std::optional<at::Tensor>& key_mask) {
-  const at::Tensor mask = check_global_topk_args(q, k, topk, key_mask);
+  const at::Tensor mask = check_global_topk_args(q, k, topk, scale, key_mask);
   const int64_t B = q.size(0), M = q.size(1);
   TORCH_CHECK_VALUE(B <= 65535, "global_topk: at most 65535 batch entries per call on CUDA (one grid row each), got ",
                     B);
@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_cuda_op(const at::
                                                                       int64_t dense_keys) {
   check_attention_inputs(q, k, v);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), L = k.size(2), Dv = v.size(3);
-  check_attention_counts(L, topk, dense_keys);
+  check_attention_counts(L, topk, dense_keys, scale);
   const auto [dense, kk] = split_keys(L, topk, dense_keys);
   TORCH_CHECK_VALUE(B * H <= 65535, "topk_attention: at most 65535 batch x heads per call on CUDA (one grid row "
                     "each), got ", B, " x ", H);
@@ -54,6 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward_cuda_op(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& index, double scale, int64_t dense_keys) {
   check_attention_backward(grad_out, q, k, v, out, lse, index);
+  check_scale("topk_attention_backward", scale);
   const int64_t kk = index.size(-1);
   const int64_t dense = kk == 0 ? k.size(2) : dense_keys;
   const c10::cuda::CUDAGuard guard(q.device());

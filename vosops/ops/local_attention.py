@@ -13,6 +13,7 @@ radius is at most 1023 and dilation at most 1023 (MAX_RADIUS, MAX_DILATION).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -74,6 +75,8 @@ def _check_geometry(radius, dilation) -> None:
 def _check_scale(scale) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
     return float(scale)
 
 

@@ -122,8 +122,16 @@ def _weighted_values(v, flat, inside, weights):
     return out
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the reference computes in: float32 for float16/bfloat16 (the kernels accumulate in float32), else
+    the input's. Results are returned in the input's dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def local_affinity(q, k, radius, dilation=1, window="square", offsets=None, scale=1.0, border="mask"):
     """Logits (B, N, P, H, W); candidates outside the window (circle) or excluded by border="mask" are -inf."""
+    dtype = q.dtype
+    q, k = q.to(_acc(dtype)), k.to(_acc(dtype))
     B, N, C, H, W = k.shape
     P = (2 * radius + 1) ** 2
     cols = window_columns(radius, window)
@@ -134,11 +142,13 @@ def local_affinity(q, k, radius, dilation=1, window="square", offsets=None, scal
         full = logits.new_full((B, N, P, i1 - i0, W), float("-inf"))
         full = full.index_copy(2, torch.tensor(cols, device=q.device), logits)
         out.append(full)
-    return torch.cat(out, dim=3)
+    return torch.cat(out, dim=3).to(dtype)
 
 
 def local_aggregate(weights, v, radius, dilation=1, offsets=None):
     """out[b, :, i, j] = sum over n, p of weights[b, n, p, i, j] * (value of candidate (n, p); 0 out of frame)."""
+    dtype = v.dtype
+    weights, v = weights.to(_acc(dtype)), v.to(_acc(dtype))
     B, N, Cv, H, W = v.shape
     cols = window_columns(radius, "square")
     out = []
@@ -146,7 +156,7 @@ def local_aggregate(weights, v, radius, dilation=1, offsets=None):
         rows = torch.arange(i0, i1, device=v.device)
         flat, inside = _positions(B, N, H, W, rows, radius, dilation, cols, offsets, v.device)
         out.append(_weighted_values(v, flat, inside, weights[:, :, :, i0:i1]))
-    return torch.cat(out, dim=2)
+    return torch.cat(out, dim=2).to(dtype)
 
 
 def _normalize(logits, topk, normalize):
@@ -178,7 +188,11 @@ def local_attention(q, k, v, radius, scale=1.0, topk=None, normalize="softmax", 
     """Local attention with the fused op's semantics, computed by materialising each row chunk's candidates.
 
     Returns out (B, Cv, H, W), or (out, (logits, indices)) with the k largest logits of every query and their
-    candidate indices n*P + p, each (B, H, W, k), in descending order (ties: lower index first)."""
+    candidate indices n*P + p, each (B, H, W, k), in descending order (ties: lower index first). Scores, the
+    selection, the softmax and the value sum are computed in float32 for float16/bfloat16 inputs (as the kernels
+    do); out and the logits are returned in the input's dtype."""
+    dtype = q.dtype
+    q, k, v = q.to(_acc(dtype)), k.to(_acc(dtype)), v.to(_acc(dtype))
     B, N, C, H, W = k.shape
     P = (2 * radius + 1) ** 2
     cols = window_columns(radius, window)
@@ -198,7 +212,7 @@ def local_attention(q, k, v, radius, scale=1.0, topk=None, normalize="softmax", 
         if return_topk:
             top_logits.append(sorted_vals[..., :topk])
             top_index.append(full_index[order[..., :topk]])
-    out = torch.cat(outs, dim=2)
+    out = torch.cat(outs, dim=2).to(dtype)
     if return_topk:
-        return out, (torch.cat(top_logits, dim=1), torch.cat(top_index, dim=1))
+        return out, (torch.cat(top_logits, dim=1).to(dtype), torch.cat(top_index, dim=1))
     return out

@@ -2,12 +2,18 @@
 
 Conventions shared by every backend (the tests hold each backend to these):
   * Ordering: candidates are ranked by logit, descending; equal logits go to the lower key index. A stable
-    descending sort over keys in index order is the definition.
+    descending sort over keys in index order is the definition. Scores q·k are formed and ranked in the
+    accumulation dtype (float32 for float16/bfloat16 inputs, else the input's), as the kernels do; fp16/bf16
+    logits are rounded only on output, so two returned logits may be equal with the higher index first.
   * Invalid keys: a key excluded by `key_mask` (False), or whose logit is -inf or NaN, is never selected. When a
     row has fewer valid keys than k, the missing slots are padded with index -1 and logit -inf.
   * Aggregation ignores every candidate with index -1 or logit -inf (weight 0). A row without any valid candidate
     outputs 0 and passes zero gradient (never NaN).
-  * Softmax is always computed max-subtracted (XMem's exp-normalisation, stable in fp16).
+  * Softmax is always computed max-subtracted (XMem's exp-normalisation, stable in fp16), in the accumulation
+    dtype.
+  * topk_attention: dense keys are always kept (a NaN logit there gives a NaN row, as in SDPA); among the other
+    keys a NaN or -inf logit is never selected. With topk >= L - dense_keys nothing is selected: every key is
+    kept, and the result is SDPA's, NaN included.
 """
 
 from __future__ import annotations
@@ -15,6 +21,11 @@ from __future__ import annotations
 import torch
 
 NORMALIZE = ("softmax", "threshold")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype scores and softmax are computed in: float32 for float16/bfloat16, else the input's."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _rank(logits: torch.Tensor, index: torch.Tensor):
@@ -39,11 +50,12 @@ def global_topk(q: torch.Tensor, k: torch.Tensor, *, topk: int, scale: float = 1
     """
     B, M, _ = q.shape
     L = k.shape[1]
-    best_l = q.new_full((B, M, 0), float("-inf"))
+    acc = acc_dtype(q.dtype)
+    best_l = q.new_full((B, M, 0), float("-inf"), dtype=acc)
     best_i = torch.zeros(B, M, 0, dtype=torch.int64, device=q.device)
     for start in range(0, L, key_tile):
         stop = min(L, start + key_tile)
-        s = scale * torch.matmul(q, k[:, start:stop].transpose(1, 2))
+        s = scale * torch.matmul(q.to(acc), k[:, start:stop].to(acc).transpose(1, 2))
         idx = torch.arange(start, stop, device=q.device).expand(B, M, stop - start)
         if key_mask is not None:
             idx = torch.where(key_mask[:, None, start:stop], idx, torch.full_like(idx, -1))
@@ -54,7 +66,7 @@ def global_topk(q: torch.Tensor, k: torch.Tensor, *, topk: int, scale: float = 1
         order, valid = order[..., :topk], valid[..., :topk]
         best_l = torch.where(valid, torch.gather(cand_l, -1, order), torch.full_like(s[..., :1], float("-inf")))
         best_i = torch.where(valid, torch.gather(cand_i, -1, order), torch.full_like(idx[..., :1], -1))
-    return best_l, best_i
+    return best_l.to(q.dtype), best_i
 
 
 def merge_topk(candidates, topk: int):
@@ -87,6 +99,8 @@ def _kept(logits: torch.Tensor, index: torch.Tensor, normalize: str, k: int | No
 
 def softmax_weights(logits: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """Max-subtracted softmax over the kept entries of the last dim; rows with nothing kept give all-zero weights."""
+    if logits.shape[-1] == 0:  # no candidate at all
+        return logits * 0
     masked = torch.where(kept, logits, torch.full_like(logits, float("-inf")))
     m = masked.detach().amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -104,12 +118,13 @@ def topk_aggregate(logits: torch.Tensor, index: torch.Tensor, values: torch.Tens
     survive). Differentiable w.r.t. logits and values.
     """
     B, M, K = logits.shape
-    L = values.shape[1]
+    L, Cv = values.shape[1], values.shape[2]
+    acc = acc_dtype(values.dtype)
     in_range = index < L  # an unchecked out-of-range index is dropped like an empty slot (-1), never read
-    w = softmax_weights(logits, _kept(logits, index, normalize, k, in_range))
-    safe = index.clamp(0, L - 1)
-    gathered = torch.gather(values, 1, safe.reshape(B, M * K, 1).expand(B, M * K, values.shape[-1]))
-    return (w.reshape(B, M * K, 1) * gathered).reshape(B, M, K, -1).sum(dim=2)
+    w = softmax_weights(logits.to(acc), _kept(logits, index, normalize, k, in_range))
+    safe = index.clamp(0, max(L - 1, 0))
+    gathered = torch.gather(values.to(acc), 1, safe.reshape(B, M * K, 1).expand(B, M * K, Cv))
+    return (w.reshape(B, M * K, 1) * gathered).reshape(B, M, K, Cv).sum(dim=2).to(values.dtype)
 
 
 def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: int, scale: float | None = None,
@@ -122,13 +137,20 @@ def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: i
     """
     D, L = q.shape[-1], k.shape[-2]
     scale = D ** -0.5 if scale is None else scale
-    s = scale * torch.matmul(q, k.transpose(-1, -2))  # (B, H, M, L): the reference may materialise it
+    acc = acc_dtype(q.dtype)
+    # (B, H, M, L): the reference may materialise it
+    s = scale * torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2))
     kept = torch.zeros_like(s, dtype=torch.bool)
-    kept[..., :dense_keys] = True
     n_sparse = L - dense_keys
-    if n_sparse > 0:
-        kk = min(topk, n_sparse)
-        order = torch.sort(s[..., dense_keys:].detach(), dim=-1, descending=True, stable=True).indices[..., :kk]
-        kept[..., dense_keys:] = torch.zeros_like(kept[..., dense_keys:]).scatter_(-1, order, True)
+    if topk >= n_sparse:  # no selection: SDPA
+        kept[:] = True
+    else:
+        kept[..., :dense_keys] = True
+        sparse = s[..., dense_keys:].detach()
+        valid = sparse > float("-inf")  # NaN compares False: never selected
+        order = torch.sort(torch.where(valid, sparse, float("-inf")), dim=-1, descending=True,
+                           stable=True).indices[..., :topk]
+        chosen = torch.zeros_like(valid).scatter_(-1, order, True)
+        kept[..., dense_keys:] = chosen & valid
     w = softmax_weights(s, kept)
-    return torch.matmul(w, v)
+    return torch.matmul(w, v.to(acc)).to(v.dtype)
