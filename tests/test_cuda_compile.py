@@ -100,8 +100,10 @@ def test_cuda_glue_compiles_and_links_to_the_kernels(tmp_path):
         cmd = ["g++", "-std=c++20", "-c", "-fPIC", "-DVOSOPS_WITH_CUDA=1", *includes, str(src), "-o", str(obj)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         assert res.returncode == 0, f"{src.relative_to(ROOT)}:\n{res.stderr[-4000:]}"
-        # the launchers: vosops functions taking a cudaStream_t (CUstream_st*); the rest live in the CPU sources
-        called = {s for s in _symbols(obj, undefined=True) if s.startswith("vosops::") and "CUstream_st*" in s}
+        # the launchers (vosops functions taking a cudaStream_t, CUstream_st*) and the kernels' shared memory
+        # sizes (*_shared_bytes); the rest live in the CPU sources
+        called = {s for s in _symbols(obj, undefined=True) if s.startswith("vosops::")
+                  and ("CUstream_st*" in s or "_shared_bytes(" in s)}
         assert called, f"{src.relative_to(ROOT)} calls no vosops launcher: is it still the glue of a .cu?"
         missing = sorted(called - defined)
         assert not missing, f"{src.relative_to(ROOT)} calls functions no .cu defines: {missing}"

@@ -5,11 +5,25 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
 
+#include <string>
+
 namespace vosops {
 
 // A launcher's cudaError_t as a RuntimeError naming the op.
 inline void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+// A kernel whose dynamic shared memory grows with an argument: the need against the current device's opt-in
+// maximum per block, as a ValueError naming the argument (`what`) instead of a failed launch.
+inline void check_shared_memory(const char* op, size_t need, const std::string& what) {
+  int dev = 0, have = 0;
+  TORCH_CHECK(cudaGetDevice(&dev) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&have, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess,
+              op, ": cannot read the device's shared memory limit");
+  TORCH_CHECK_VALUE(need <= static_cast<size_t>(have), op, ": ", what, " needs ", need,
+                    " bytes of shared memory per block; this GPU allows ", have, " (use a smaller value or the "
+                    "triton backend)");
 }
 
 // Every kernel runs on PyTorch's current stream of the current device (set by the caller's CUDAGuard).

@@ -4,6 +4,7 @@
 // survivors in key order (ties to the lower index). topk_attention folds the dense keys through an online softmax
 // and the kept sparse keys after the sweep; its backward recomputes scores and scatters dk/dv with atomics.
 // Plain FMA scores (no tensor cores yet); key tiles pass through shared memory so their loads are coalesced.
+#include <algorithm>
 #include <cstdint>
 
 #include "common/cuda_types.cuh"
@@ -466,6 +467,16 @@ cudaError_t launch_attention_backward(const void* g, Shape4 gs, const void* q, S
 #endif  // VOSOPS_CUDA_EMULATION
 
 }  // namespace
+
+size_t global_topk_shared_bytes(DType dtype, int64_t topk, int64_t C) {
+  return dtype == DType::Float64 ? global_topk_smem<double>(topk, C) : global_topk_smem<float>(topk, C);
+}
+
+size_t topk_attention_shared_bytes(DType dtype, int64_t kk, int64_t D, int64_t Dv) {
+  if (dtype == DType::Float64)
+    return std::max(attention_forward_smem<double>(kk, D, Dv), attention_backward_smem<double>(D, Dv));
+  return std::max(attention_forward_smem<float>(kk, D, Dv), attention_backward_smem<float>(D, Dv));
+}
 
 #ifndef VOSOPS_CUDA_EMULATION
 cudaError_t global_topk_cuda(DType dtype, const void* q, Shape3 qs, const void* k, Shape3 ks, const bool* key_mask,

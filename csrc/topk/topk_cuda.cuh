@@ -33,5 +33,11 @@ cudaError_t topk_attention_backward_cuda(DType dtype, const void* grad_out, Shap
                                          const void* lse, const int64_t* index, int64_t dense, int64_t kk, double scale,
                                          void* dq, void* dk, void* dv, cudaStream_t stream);
 
+// Dynamic shared memory per block the kernels take: global_topk's grows with topk (a running list per query of a
+// block), topk_attention's forward with the kept sparse keys kk. The glue checks them against the device's limit,
+// so a too large topk is an error naming it rather than a failed launch.
+size_t global_topk_shared_bytes(DType dtype, int64_t topk, int64_t C);
+size_t topk_attention_shared_bytes(DType dtype, int64_t kk, int64_t D, int64_t Dv);
+
 }  // namespace topk
 }  // namespace vosops

@@ -18,6 +18,8 @@ std::tuple<at::Tensor, at::Tensor> global_topk_cuda_op(const at::Tensor& q, cons
   TORCH_CHECK_VALUE(B <= 65535, "global_topk: at most 65535 batch entries per call on CUDA (one grid row each), got ",
                     B);
   const c10::cuda::CUDAGuard guard(q.device());
+  check_shared_memory("global_topk", global_topk_shared_bytes(to_dtype(q.scalar_type()), topk, q.size(2)),
+                      "topk = " + std::to_string(topk) + " with C = " + std::to_string(q.size(2)) + " channels");
   at::Tensor out_l = new_output({B, M, topk}, q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor out_i = new_output({B, M, topk}, q.options().dtype(at::kLong));
   check_launch(global_topk_cuda(to_dtype(q.scalar_type()), q.const_data_ptr(), shape_of<Shape3>(q),
@@ -38,6 +40,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_cuda_op(const at::
   TORCH_CHECK_VALUE(B * H <= 65535, "topk_attention: at most 65535 batch x heads per call on CUDA (one grid row "
                     "each), got ", B, " x ", H);
   const c10::cuda::CUDAGuard guard(q.device());
+  check_shared_memory("topk_attention",
+                      topk_attention_shared_bytes(to_dtype(q.scalar_type()), kk, q.size(3), Dv), "topk = " + std::to_string(kk) + " kept keys with D = " + std::to_string(q.size(3)) +
+                          ", Dv = " + std::to_string(Dv));
   at::Tensor out = new_output({B, H, M, Dv}, q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = new_output({B, H, M}, q.options().dtype(acc_type(q.scalar_type())));
   at::Tensor index = new_output({B, H, M, kk}, q.options().dtype(at::kLong));
@@ -58,6 +63,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward_cuda_op(
   const int64_t kk = index.size(-1);
   const int64_t dense = kk == 0 ? k.size(2) : dense_keys;
   const c10::cuda::CUDAGuard guard(q.device());
+  check_shared_memory("topk_attention_backward",
+                      topk_attention_shared_bytes(to_dtype(q.scalar_type()), kk, q.size(3), v.size(3)),
+                      "D = " + std::to_string(q.size(3)) + ", Dv = " + std::to_string(v.size(3)));
   const auto acc = acc_type(q.scalar_type());
   at::Tensor g = grad_out.to(q.scalar_type());
   at::Tensor o = out.contiguous(), l = lse.to(acc).contiguous(), ix = index.contiguous();
