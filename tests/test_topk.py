@@ -385,6 +385,35 @@ def test_global_topk_triton_key_splits_and_channel_chunks(backend, device, split
     torch.testing.assert_close(got[0].double(), exp[0], atol=1e-4, rtol=1e-5)
 
 
+def test_cpu_kernels_never_hold_an_m_by_l_score_matrix():
+    """Memory O(M·k), no (M x L) tensor, forward or backward: the peak of what the cpu ops allocate through
+    ATen (their outputs, gradients and scratch tensors; the profiler's count) stays far below one score matrix,
+    which the reference allocates several of."""
+    from vosops.bench.timing import peak_extra_bytes
+
+    if _backends.why_unusable("cpu", "topk_attention", "cpu"):
+        pytest.skip("native kernels not built")
+    g = torch.Generator().manual_seed(0)
+    M, L = 256, 16384
+    q, k = torch.randn(1, M, 16, generator=g), torch.randn(1, L, 16, generator=g)
+    scores = M * L * 4
+    assert peak_extra_bytes(lambda: vosops.global_topk(q, k, topk=8, backend="cpu"), "cpu") < scores / 16
+    assert peak_extra_bytes(lambda: vosops.global_topk(q, k, topk=8, backend="reference"), "cpu") > scores
+
+    H, M, L = 2, 128, 8192
+    qa, ka, va = (torch.randn(1, H, n, 8, generator=g).requires_grad_() for n in (M, L, L))
+
+    def forward_backward(backend):
+        out = vosops.topk_attention(qa, ka, va, topk=16, dense_keys=128, backend=backend)
+        out.sum().backward()
+        return out
+
+    forward_backward("cpu")  # the .grad tensors exist: later calls accumulate into them
+    scores = H * M * L * 4
+    assert peak_extra_bytes(lambda: forward_backward("cpu"), "cpu") < scores / 2  # dk, dv alone: scores / 8
+    assert peak_extra_bytes(lambda: forward_backward("reference"), "cpu") > scores
+
+
 @pytest.mark.parametrize("backend,device", GT_NATIVE)
 def test_global_topk_random_floats_many_tiles(backend, device):
     q, k = torch.randn(2, 70, 24, device=device), torch.randn(2, 5000, 24, device=device)
