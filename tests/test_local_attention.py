@@ -788,3 +788,21 @@ def test_triton_tile_config_is_checked(monkeypatch):
     monkeypatch.setitem(tiled.TILED_CONFIG, "tile_w", 3)
     with pytest.raises(ValueError, match="TILED_CONFIG"):
         tiled.tiles(8, 3)
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + BACKENDS)
+def test_offsets_are_not_differentiated_on_any_backend(backend, device):
+    """An output requires grad through q, k, v, weights only: offsets that require grad neither make it require
+    grad (the reference's output never did) nor receive a gradient."""
+    B, C, H, W, N = 1, 3, 5, 6, 2
+    q, k = torch.randn(B, C, H, W, device=device), torch.randn(B, N, C, H, W, device=device)
+    v = torch.randn(B, N, 2, H, W, device=device)
+    offsets = rand_offsets(B, N, H, W, device=device).requires_grad_()
+    w = torch.rand(B, N, 9, H, W, device=device)
+    outs = [vosops.local_attention(q, k, v, radius=1, topk=4, offsets=offsets, backend=backend),
+            vosops.local_affinity(q, k, radius=1, offsets=offsets, backend=backend),
+            vosops.local_aggregate(w, v, radius=1, offsets=offsets, backend=backend)]
+    assert [o.requires_grad for o in outs] == [False, False, False]
+    qg = q.clone().requires_grad_()
+    vosops.local_attention(qg, k, v, radius=1, topk=4, offsets=offsets, backend=backend).sum().backward()
+    assert qg.grad is not None and offsets.grad is None

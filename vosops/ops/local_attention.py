@@ -80,6 +80,12 @@ def _check_scale(scale) -> float:
     return float(scale)
 
 
+def _no_grad(offsets):
+    """Offsets are not differentiated: detached, so an output requires grad only through q, k, v or weights on
+    every backend (the reference rounds them with no graph; the ops' outputs required grad through them)."""
+    return None if offsets is None else offsets.detach()
+
+
 def _check_offsets(offsets, ref: torch.Tensor, N: int) -> None:
     if offsets is None:
         return
@@ -206,6 +212,7 @@ def local_affinity(q, k, *, radius, dilation=1, window="square", offsets=None, s
     avoid that). Differentiable w.r.t. q and k; the -inf and border-zero candidates are constants (zero gradient);
     offsets are not differentiated. cpu/cuda/triton accumulate in fp32 (fp64 for fp64 inputs on cpu)."""
     scale = check_affinity_args(q, k, offsets, radius, dilation, window, scale, border)
+    offsets = _no_grad(offsets)
     chosen = _unfused_backend("local_affinity", q.device, q.dtype, backend)
     if chosen == "reference":
         return _ref_affinity(q, k, radius, dilation, window, offsets, scale, border)
@@ -224,6 +231,7 @@ def local_aggregate(weights, v, *, radius, dilation=1, offsets=None, backend: st
     differentiated. The cpu/cuda/triton kernels skip out-of-frame candidates, so a non-finite weight there does not
     propagate (the reference multiplies it by a zero value: inf * 0 = NaN); finite weights give the same results."""
     check_aggregate_args(weights, v, offsets, radius, dilation)
+    offsets = _no_grad(offsets)
     chosen = _unfused_backend("local_aggregate", v.device, v.dtype, backend)
     if chosen == "reference":
         return _ref_aggregate(weights, v, radius, dilation, offsets)
@@ -253,6 +261,7 @@ def local_attention(q, k, v, *, radius, scale=1.0, topk=None, normalize="softmax
     """
     scale = check_attention_args(q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border,
                                  return_topk)
+    offsets = _no_grad(offsets)
     auto = (backend if backend is not None else _backends.current_backend()) == "auto"
     supported = _auto_candidates(q.dtype, topk) if auto else ATTENTION_BACKENDS
     chosen = _backends.select("local_attention", q.device, backend, supported=supported)
