@@ -246,10 +246,13 @@ def restricted_readout(q, frames, inside, scale, topk, value_sets):
     return [dense @ v[0] for v in value_sets]
 
 
-@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + GT_NATIVE)
-def test_crw_label_propagation(backend, device):
-    """CRW: frame 0 searched globally + previous frames in a circle r=12, merged, top-10, scale 1/0.05."""
-    H, W, C, n_prev, r, scale = 14, 26, 32, 3, 12, 1 / 0.05
+@pytest.mark.parametrize("backend,device,size", [("reference", "cpu", "small")] + [
+    pytest.param(*p.values, size, marks=p.marks) for p in GT_NATIVE for size in ("small", "paper")])
+def test_crw_label_propagation(backend, device, size):
+    """CRW: frame 0 searched globally + previous frames in a circle r=12, merged, top-10, scale 1/0.05. "paper":
+    the issue's memory (20 previous frames, 256-d features) at a quarter of the 480p stride-8 grid (15 x 27)."""
+    H, W, C, n_prev = (14, 26, 32, 3) if size == "small" else (15, 27, 256, 20)
+    r, scale = 12, 1 / 0.05
     q, frames = crw_memory(H, W, C, n_prev)
     HW = H * W
     cand, inside = circle_candidates(H, W, r)
