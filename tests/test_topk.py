@@ -305,10 +305,16 @@ def test_xmem_top30_readout(backend, device):
         torch.testing.assert_close(vosops.topk_aggregate(logits, index, v, backend=backend), expected)
 
 
-@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + ATT_BACKENDS)
-def test_jointformer_dense_prefix_plus_topk_memory(backend, device):
-    """JointFormer: current tokens attend to themselves (all) and to the top-k memory tokens, one softmax."""
-    B, Hh, M, T, D, topk = 1, 2, 24, 2, 16, 6
+ATT_NATIVE = [p for p in ATT_BACKENDS if p.values[0] != "triton"]
+
+
+@pytest.mark.parametrize("backend,device,size", [("reference", "cpu", "small")] + [
+    pytest.param(*p.values, "small", marks=p.marks) for p in ATT_BACKENDS] + [
+    pytest.param(*p.values, "paper", marks=p.marks) for p in ATT_NATIVE])
+def test_jointformer_dense_prefix_plus_topk_memory(backend, device, size):
+    """JointFormer: current tokens attend to themselves (all) and to the top-k memory tokens, one softmax. "paper":
+    12 heads of 64, 3 memory frames, top-120, at a quarter of the 30 x 54 token grid (M = 405)."""
+    B, Hh, M, T, D, topk = (1, 2, 24, 2, 16, 6) if size == "small" else (1, 12, 405, 3, 64, 120)
     dtype = torch.float64 if backend in ("reference", "cpu") else torch.float32
     q = torch.randn(B, Hh, M, D, dtype=dtype, device=device)
     k = torch.randn(B, Hh, M * (1 + T), D, dtype=dtype, device=device)
