@@ -555,7 +555,7 @@ def attention_inputs(B, Hh, M, L, D, Dv, device="cpu"):
 @pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
 def test_topk_attention_backend_matches_reference(backend, device, layout):
     shapes = [(1, 2, 16, 48, 16, 16, 5, 16), (2, 1, 17, 40, 16, 16, 40, 0), (1, 1, 20, 35, 16, 16, 3, 32),
-              (1, 1, 20, 40, 16, 16, 5, 32)]
+              (1, 1, 20, 40, 16, 16, 5, 32), (1, 1, 9, 24, 16, 16, 3, 24)]  # the last: every key dense
     if backend != "triton":
         shapes += [(1, 3, 7, 13, 5, 3, 4, 2), (1, 1, 1, 1, 2, 1, 1, 0), (1, 1, 3, 9, 4, 2, 2, 9),
                    # rows long enough for the cpu kernel's counted threshold search, with many tied logits
