@@ -806,3 +806,12 @@ def test_offsets_are_not_differentiated_on_any_backend(backend, device):
     qg = q.clone().requires_grad_()
     vosops.local_attention(qg, k, v, radius=1, topk=4, offsets=offsets, backend=backend).sum().backward()
     assert qg.grad is not None and offsets.grad is None
+
+
+def test_window_size_counts_the_window_columns():
+    from vosops.ops.local_attention import window_size
+    from vosops.reference.local_attention import window_columns
+
+    for r in range(0, 41):
+        for window in ("square", "circle"):
+            assert window_size(r, window) == len(window_columns(r, window)), (r, window)

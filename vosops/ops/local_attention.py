@@ -12,7 +12,6 @@ radius is at most 1023 and dilation at most 1023 (MAX_RADIUS, MAX_DILATION).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -21,7 +20,6 @@ from .. import _backends, _native, _validate
 from ..reference.local_attention import local_affinity as _ref_affinity
 from ..reference.local_attention import local_aggregate as _ref_aggregate
 from ..reference.local_attention import local_attention as _ref_attention
-from ..reference.local_attention import window_columns
 
 WINDOWS = ("square", "circle")
 BORDERS = ("mask", "zero")
@@ -123,12 +121,16 @@ def _check_v(v, like, N: int) -> None:
 
 def candidate_count(radius: int, window: str, N: int = 1) -> int:
     """Number of in-window candidates over N references."""
-    return N * _window_size(radius, window)
+    return N * window_size(radius, window)
 
 
-@functools.lru_cache(maxsize=64)
-def _window_size(radius: int, window: str) -> int:  # every call checks it: enumerate each window once
-    return len(window_columns(radius, window))
+def window_size(radius: int, window: str) -> int:
+    """len(window_columns(radius, window)) by counting per row (no enumeration, no cache for dynamo to trace):
+    a circle keeps dx^2 < r^2 - dy^2, i.e. |dx| <= isqrt(r^2 - dy^2 - 1) on rows where r^2 - dy^2 >= 1."""
+    if window == "square":
+        return (2 * radius + 1) ** 2
+    rows = (radius * radius - dy * dy for dy in range(-radius, radius + 1))
+    return sum(2 * math.isqrt(m - 1) + 1 for m in rows if m >= 1)
 
 
 # --- the checks of each op's arguments, shared by the public functions and the Triton ops (which a user may call

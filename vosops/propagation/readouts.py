@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import vosops
+from vosops.ops.local_attention import window_size
 
 
 def _l2n(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -48,7 +49,7 @@ class LocalReadout:
         N = k.shape[1]
         topk = self.topk
         if topk is not None:
-            topk = min(topk, N * _window_size(self.radius, self.window))
+            topk = min(topk, N * window_size(self.radius, self.window))
         return vosops.local_attention(q, k, v, radius=self.radius, scale=scale, topk=topk,
                                       normalize=self.normalize, window=self.window, dilation=self.dilation,
                                       offsets=offsets, border=self.border, backend=self.backend)
@@ -56,14 +57,6 @@ class LocalReadout:
     def __repr__(self):
         return (f"LocalReadout(radius={self.radius}, topk={self.topk}, scale={self.scale}, normalize={self.normalize!r},"
                 f" window={self.window!r}, border={self.border!r}, l2_normalize={self.l2_normalize})")
-
-
-def _window_size(radius: int, window: str) -> int:
-    D = 2 * radius + 1
-    if window == "square":
-        return D * D
-    return sum(1 for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)
-               if dy * dy + dx * dx < radius * radius)
 
 
 def local_candidates_to_memory_index(cand, radius, dilation, h, w, offsets=None, base=0):
@@ -128,7 +121,7 @@ class CRWReadout:
             base = len(g) * h * w
         if loc:
             kl, vl = pick(k, loc), pick(v, loc)
-            kk = min(self.topk, len(loc) * _window_size(self.radius, self.window))
+            kk = min(self.topk, len(loc) * window_size(self.radius, self.window))
             _, (logits, cand) = vosops.local_attention(
                 q, kl, vl, radius=self.radius, scale=self.scale, topk=kk, window=self.window, border="mask",
                 return_topk=True, backend=self.backend)
