@@ -30,8 +30,11 @@ def main(argv):
         print(__doc__)
         return 2
     rows = rows_from_pytest_benchmark(argv[1])
-    machine = json.load(open(argv[1]))["machine_info"].get("cpu", {}).get("brand_raw", "")
-    plot_speedups(rows, argv[2], title=f"vosops speed-up over the PyTorch baseline {machine}")
+    data = json.load(open(argv[1]))
+    # the device the cases ran on (a GPU's name when they ran there), else pytest-benchmark's CPU brand
+    names = sorted({b["extra_info"].get("device_name", "") for b in data["benchmarks"]} - {""})
+    machine = ", ".join(names) or data["machine_info"].get("cpu", {}).get("brand_raw", "")
+    plot_speedups(rows, argv[2], title=f"vosops speed-up over the PyTorch baseline ({machine})")
     for r in rows:
         sp = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
         print(f"{r['op']}/{r['config']}/{r['device']}/{r['direction']}/{r['impl']}: {r['ms']:.3f} ms  {sp}")

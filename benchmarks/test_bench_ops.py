@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vosops.bench import OPS, cases_for, measure_ms
+from vosops.bench.runner import device_name
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = [c for op in OPS for d in DEVICES for c in cases_for(op, d)]
@@ -19,6 +20,7 @@ def test_bench(benchmark, case):
     benchmark.extra_info.update(
         op=case.op, config=case.config, device=case.device, direction=case.direction, impl=case.impl,
         baseline=case.baseline, dtype=case.dtype, flops=case.flops, bytes=case.bytes,
+        device_name=device_name(case.device),
     )
     benchmark.extra_info.update(case.extra)  # per-op facts, e.g. k-means iterations run and inertia
     fn = case.setup()

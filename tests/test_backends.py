@@ -124,3 +124,47 @@ def test_import_without_triton_works_and_reports_it():
     root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+def test_use_backend_is_per_thread():
+    """One thread's use_backend block neither shows in another thread nor pops the other's setting on exit."""
+    import threading
+
+    a_in, b_in, a_out, b_done = (threading.Event() for _ in range(4))
+    seen = {}
+
+    def thread_a():
+        with vosops.use_backend("cpu"):
+            seen["a"] = _backends.current_backend()
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def thread_b():
+        a_in.wait(5)
+        seen["b_before"] = _backends.current_backend()
+        with vosops.use_backend("reference"):
+            b_in.set()
+            a_out.wait(5)
+            seen["b_after_a_left"] = _backends.current_backend()
+        seen["b_end"] = _backends.current_backend()
+        b_done.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == {"a": "cpu", "b_before": "auto", "b_after_a_left": "reference", "b_end": "auto"}
+    assert _backends.current_backend() == "auto"
+
+
+def test_auto_never_picks_triton_for_float64(monkeypatch):
+    """Every Triton kernel takes fp32/fp16/bf16: with triton first usable, auto sends float64 to the reference."""
+    monkeypatch.setattr(_backends, "why_unusable", lambda b, op, d: None if b in ("triton", "reference") else "no")
+    monkeypatch.setitem(_backends.AUTO_ORDER, "cpu", ("triton", "reference"))
+    for op in ("flow_warp", "global_topk", "kmeans_step"):
+        assert _backends.select(op, torch.device("cpu"), dtype=torch.float64) == "reference"
+        assert _backends.select(op, torch.device("cpu"), dtype=torch.float32) == "triton"
+    x = torch.randn(1, 2, 4, 5, dtype=torch.float64)
+    torch.testing.assert_close(vosops.flow_warp(x, torch.zeros_like(x)), x)  # not a TypeError from the triton op

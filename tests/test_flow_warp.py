@@ -188,6 +188,68 @@ def test_non_finite_flow_samples_nothing(backend, device):
         torch.testing.assert_close(out[0, :, 0], x[0, :, 0])
 
 
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + BACKENDS)
+def test_non_finite_flow_with_border_padding(backend, device):
+    """Border padding clamps +-inf to the edge (grid_sample does); NaN still samples nothing."""
+    x = torch.arange(1.0, 21.0, device=device).view(1, 1, 4, 5)
+    flow = torch.zeros(1, 2, 4, 5, device=device)
+    flow[0, 0, 1, 1] = float("nan")
+    flow[0, 0, 2, 2] = float("inf")  # clamped to the last column
+    flow[0, 1, 3, 3] = float("-inf")  # clamped to the first row
+    for mode in MODES:
+        out = vosops.flow_warp(x, flow, mode=mode, padding_mode="border", backend=backend)[0, 0].cpu()
+        assert out[1, 1] == 0 and out[2, 2] == x[0, 0, 2, 4].cpu() and out[3, 3] == x[0, 0, 0, 3].cpu(), (mode, out)
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + BACKENDS)
+def test_non_finite_x_outside_the_taps_stays_out_of_the_output(backend, device):
+    """An out-of-frame tap adds nothing, even where x holds inf or NaN (grid_sample's rule): no 0 * inf."""
+    x = torch.rand(1, 2, 4, 5, device=device)
+    x[0, :, 0, 0] = float("inf")  # offset 0 of every plane: what an out-of-frame tap used to read
+    x[0, 1, 2, 0] = float("nan")
+    flow = torch.zeros(1, 2, 4, 5, device=device)
+    flow[0, 0, 2, 3] = -100.0  # far left of the frame
+    flow[0, 0, 1, 2] = -2.5  # between columns -0.5 and 0.5: one in-frame column of taps
+    for mode in MODES:
+        out = vosops.flow_warp(x, flow, mode=mode, backend=backend).cpu()
+        exp = grid_sample_warp(x.cpu(), flow.cpu(), mode, "zeros")
+        torch.testing.assert_close(out, exp, equal_nan=True)
+        assert (out[0, :, 2, 3] == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + BACKENDS)
+def test_flow_gradient_at_a_sampling_point_of_minus_one(backend, device):
+    """At px = -1 exactly the tap x = 0 is in the frame with weight 0: out is 0 but d(out)/d(px) = x[.., 0]."""
+    x = torch.rand(1, 1, 5, 5, dtype=torch.float32, device=device) + 1  # W - 1 = H - 1 = 4: exact grid round trip
+    flow = torch.zeros(1, 2, 5, 5, device=device)
+    flow[0, 0, 1, 2] = -3.0  # px = -1
+    flow[0, 1, 3, 1] = -4.0  # py = -1
+    flow.requires_grad_()
+    vosops.flow_warp(x, flow, backend=backend).sum().backward()
+    f2 = flow.detach().cpu().double().requires_grad_()
+    grid_sample_warp(x.cpu().double(), f2, "bilinear", "zeros").sum().backward()
+    torch.testing.assert_close(flow.grad.cpu().double(), f2.grad, atol=1e-6, rtol=1e-6)
+    assert flow.grad[0, 0, 1, 2] == x[0, 0, 1, 0] and flow.grad[0, 1, 3, 1] == x[0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_positions_in_float32_for_half_inputs(dtype):
+    """Half precision cannot hold the column index past 256 (bf16) or 2048 (fp16): the reference computes positions
+    and weights in float32 as the kernels, so a zero flow is the identity and return_valid is exact."""
+    x = torch.randn(1, 2, 3, 300).to(dtype)
+    assert torch.equal(vosops.flow_warp(x, torch.zeros(1, 2, 3, 300, dtype=dtype), backend="reference"), x)
+    flow = torch.full((1, 2, 3, 300), 0.3, dtype=dtype)
+    exp = vosops.flow_warp(x.float(), flow.float(), backend="reference").to(dtype)
+    torch.testing.assert_close(vosops.flow_warp(x, flow, backend="reference"), exp, atol=0, rtol=0)
+    W = 2100  # fp16 holds only even integers past 2048
+    g = torch.Generator().manual_seed(0)
+    wide = (torch.rand(1, 2, 2, W, generator=g) * 3 - 1.5).to(torch.float16)
+    _, valid = vosops.flow_warp(torch.zeros(1, 1, 2, W, dtype=torch.float16), wide, return_valid=True)
+    px = torch.arange(W, dtype=torch.float64) + wide[0, 0].double()  # exact: fp16 values are float64 values
+    py = torch.arange(2, dtype=torch.float64)[:, None] + wide[0, 1].double()
+    assert torch.equal(valid[0, 0], (px >= 0) & (px <= W - 1) & (py >= 0) & (py <= 1))
+
+
 # --- registration, compile, validity, errors ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", MODES)

@@ -50,3 +50,28 @@ def test_flow_warp_kernels(emu, dtype, mode, padding_mode, B, C, H, W):
     torch.testing.assert_close(grad_x.double(), want_gx, atol=10 * tol, rtol=10 * tol)
     if mode == "bilinear":
         torch.testing.assert_close(grad_flow.double(), want_gf, atol=10 * tol, rtol=10 * tol)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_out_of_frame_taps_and_the_minus_one_point(emu, mode):
+    """An inf in x at an out-of-frame tap's offset adds nothing (no 0 * inf), and a point at px = -1 keeps its
+    in-frame tap (weight 0) for the flow gradient."""
+    x = torch.rand(1, 2, 5, 5, dtype=torch.float64) + 1
+    x[0, :, 0, 0] = float("inf")
+    flow = torch.zeros(1, 2, 5, 5, dtype=torch.float64)
+    flow[0, 0, 2, 3] = -100.0  # far left
+    flow[0, 0, 1, 2] = -3.0  # px = -1
+    out = torch.full_like(x, float("nan"))
+    code, m = dtype_code(torch.float64), MODES[mode]
+    assert emu.emu_flow_warp_forward(code, ptr(x), ptr(_shape(x)), ptr(flow), ptr(_shape(flow)), ptr(out), m, 0) == 0
+    want = vosops.flow_warp(x, flow, mode=mode, backend="reference")
+    torch.testing.assert_close(out, want, equal_nan=True)
+    assert (out[0, :, 2, 3] == 0).all()
+    grad = torch.ones_like(x)
+    grad_x = torch.zeros_like(x)
+    grad_flow = torch.full_like(flow, float("nan"))
+    x[0, :, 0, 0] = 1.0  # finite for the gradient check
+    assert emu.emu_flow_warp_backward(code, ptr(grad), ptr(_shape(grad)), ptr(x), ptr(_shape(x)), ptr(flow),
+                                      ptr(_shape(flow)), ptr(grad_x), ptr(grad_flow), m, 0) == 0
+    if mode == "bilinear":  # d/d(px) with all-ones grad: the sum over channels of the in-frame tap's value
+        torch.testing.assert_close(grad_flow[0, 0, 1, 2], x[0, :, 1, 0].sum())

@@ -79,3 +79,18 @@ def test_cpu_peak_memory_counts_each_buffer_once():
     assert 4 * MB <= peak_extra_bytes(lambda: x.repeat(4, 1).sum(0), "cpu") < 4.1 * MB  # a 4 MB transient
     assert peak_extra_bytes(sequence, "cpu") == 5 * MB
     assert peak_extra_bytes(lambda: x.view(-1), "cpu") == 0
+
+
+def test_cpu_device_name_names_the_model():
+    """Results JSON must say which CPU measured them: platform.processor() is empty on Linux."""
+    import os
+
+    from vosops.bench.runner import cpu_model, device_name
+
+    name = device_name("cpu")
+    assert name.endswith(f", {torch.get_num_threads()} threads")
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if models:
+            assert cpu_model() == models[0] and name.startswith(models[0])

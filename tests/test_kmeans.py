@@ -19,7 +19,9 @@ from vosops.reference import kmeans as R
 from conftest import backend_device_params
 
 BACKENDS = backend_device_params("kmeans_step")
-DAVIS = "/work/shared/data/davis2016-mini/JPEGImages/480p"
+DAVIS = os.path.join(os.environ.get("VOSOPS_DAVIS2016_MINI", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "davis2016-mini")),
+    "JPEGImages", "480p")  # ../shared beside the checkout, as CI has it
 
 
 def blobs(n, d, k, *, std=1.0, seed=0, dtype=torch.float64):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import threading
 
 import torch
 
@@ -54,7 +55,11 @@ TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA_AVAILABLE = torch.cuda.is_available()
 
-_stack: list[str] = ["auto"]
+# The use_backend settings of each thread (a thread starts at "auto", as torch's grad mode is per thread too): one
+# thread's block never changes what another thread's calls use. A thread-local (not a ContextVar, which
+# torch.compile cannot trace) read without mutation in current_backend.
+_local = threading.local()
+_DEFAULT = ("auto",)
 
 
 def _check_name(name: str) -> str:
@@ -65,16 +70,21 @@ def _check_name(name: str) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Use backend `name` for every vosops call in the block that does not pass `backend=` itself."""
-    _stack.append(_check_name(name))
+    """Use backend `name` for every vosops call in the block (on this thread) that does not pass `backend=`
+    itself. Blocks nest; each thread has its own setting."""
+    _check_name(name)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = list(_DEFAULT)
+    stack.append(name)
     try:
         yield name
     finally:
-        _stack.pop()
+        stack.pop()
 
 
 def current_backend() -> str:
-    return _stack[-1]
+    return getattr(_local, "stack", _DEFAULT)[-1]
 
 
 def refresh() -> None:
@@ -118,12 +128,16 @@ def why_unusable(backend: str, op: str, device_type: str) -> str | None:
     raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
 
 
-def select(op: str, device: torch.device, backend: str | None = None, supported=BACKENDS) -> str:
-    """The backend that runs `op` for tensors on `device`: `backend`, else the active use_backend, else auto."""
-    name = _check_name(backend if backend is not None else _stack[-1])
+def select(op: str, device: torch.device, backend: str | None = None, supported=BACKENDS,
+           dtype: torch.dtype | None = None) -> str:
+    """The backend that runs `op` for tensors on `device`: `backend`, else the active use_backend, else auto.
+    "auto" never picks triton for float64 tensors (every Triton kernel takes fp32/fp16/bf16 only)."""
+    name = _check_name(backend if backend is not None else current_backend())
     if name == "auto":
         order = AUTO_OVERRIDES.get(op, {}).get(device.type, AUTO_ORDER.get(device.type, ("reference",)))
         for candidate in order:
+            if candidate == "triton" and dtype == torch.float64:
+                continue
             if candidate in supported and why_unusable(candidate, op, device.type) is None:
                 return candidate
         return "reference"

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -38,6 +39,12 @@ template <typename acc_t>
 struct TileTaps {
   int64_t off[4][kTile];  // into one (b, c) plane of x; an out-of-frame tap has offset 0 and weight 0
   acc_t w[4][kTile];
+  // Pixels with an out-of-frame tap (frame edges, flows leaving the frame): the gather multiplies their taps'
+  // weights by x like every pixel's, so a non-finite x[offset 0] would make NaN there; fix_edge_pixels redoes
+  // them with the out-of-frame taps skipped (bit q of valid: tap q is in the frame).
+  uint8_t valid[kTile];
+  int32_t edge[kTile];
+  int64_t n_edge = 0;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -67,7 +74,7 @@ inline void pixel_taps(acc_t px, acc_t py, int64_t H, int64_t W, Padding pad, Pi
     px = px <= acc_t(0) ? acc_t(0) : (px >= Wm1 ? Wm1 : px);
     py = py <= acc_t(0) ? acc_t(0) : (py >= Hm1 ? Hm1 : py);
   }
-  const bool inside = px > acc_t(-1) && px < acc_t(W) && py > acc_t(-1) && py < acc_t(H);
+  const bool inside = px >= acc_t(-1) && px < acc_t(W) && py >= acc_t(-1) && py < acc_t(H);
   px = inside ? px : acc_t(0);  // keeps the integer conversion below in range
   py = inside ? py : acc_t(0);
   t.x0 = floor_in_range(px);
@@ -101,7 +108,29 @@ void tile_bilinear_taps(const scalar_t* flow_b, const Shape4& fs, int64_t p0, in
     t.off[1][p] = pt.v[1] ? r0 + c1 : 0;
     t.off[2][p] = pt.v[2] ? r1 + c0 : 0;
     t.off[3][p] = pt.v[3] ? r1 + c1 : 0;
+    t.valid[p] = static_cast<uint8_t>(pt.v[0] | (pt.v[1] << 1) | (pt.v[2] << 2) | (pt.v[3] << 3));
+    if (t.valid[p] != 15) t.edge[t.n_edge++] = static_cast<int32_t>(p);
     if (++j == W) j = 0, ++i;
+  }
+}
+
+// The tile's edge pixels whose gathered value is not finite, again with only their in-frame taps (grid_sample's
+// rule: an out-of-frame tap adds nothing, even next to an inf or NaN in x). With finite x an out-of-frame tap adds
+// 0 * finite = 0 exactly, so a finite gathered value is already right and only a check is paid.
+template <typename scalar_t, typename acc_t>
+void fix_edge_pixels(const scalar_t* xb, int64_t sc, scalar_t* ob, int64_t HW, int64_t C, const TileTaps<acc_t>& t) {
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* xc = xb + c * sc;
+    scalar_t* oc = ob + c * HW;
+    for (int64_t e = 0; e < t.n_edge; ++e) {
+      const int64_t p = t.edge[e];
+      if (std::isfinite(static_cast<acc_t>(oc[p]))) continue;
+      acc_t v = acc_t(0);
+      for (int q = 0; q < 4; ++q) {
+        if (t.valid[p] >> q & 1) v += t.w[q][p] * acc_t(xc[t.off[q][p]]);
+      }
+      oc[p] = static_cast<scalar_t>(v);
+    }
   }
 }
 
@@ -161,6 +190,7 @@ void forward_cpu(const at::Tensor& x, const at::Tensor& flow, at::Tensor& out, M
       TileTaps<acc_t> t;
       tile_bilinear_taps(fp + b * fs.stride[0], fs, p0, n, H, W, sh, sw, pad, t);
       gather_bilinear(xp + b * xs.stride[0], sc, op + b * C * HW + p0, HW, C, n, t);
+      if (t.n_edge) fix_edge_pixels(xp + b * xs.stride[0], sc, op + b * C * HW + p0, HW, C, t);
     });
     return;
   }

@@ -66,8 +66,12 @@ __global__ void forward_kernel(const T* __restrict__ x, Shape4 xs, const T* __re
       for (int c = 0; c < kForwardChannels; ++c) {
         if (c < nc) {
           const T* xc = xb + c * xs.stride[1];
-          const acc_t v = t.w[0] * to_acc(xc[t.off[0]]) + t.w[1] * to_acc(xc[t.off[1]]) +
-                          t.w[2] * to_acc(xc[t.off[2]]) + t.w[3] * to_acc(xc[t.off[3]]);
+          // out-of-frame taps are skipped, not multiplied by 0: a non-finite x there must not make a NaN
+          acc_t v = acc_t(0);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            if (t.valid[k]) v += t.w[k] * to_acc(xc[t.off[k]]);
+          }
           ob[c * plane] = from_acc<T>(v);
         }
       }

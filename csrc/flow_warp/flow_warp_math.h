@@ -82,7 +82,8 @@ VOSOPS_HD void bilinear_taps(acc_t px, acc_t py, int64_t H, int64_t W, int64_t s
   }
   t.fx = acc_t(0);
   t.fy = acc_t(0);
-  if (!(px > acc_t(-1) && px < acc_t(W) && py > acc_t(-1) && py < acc_t(H))) return;
+  // px = -1 exactly still has an in-frame tap (x = 0, weight 0) through which the flow gradient passes
+  if (!(px >= acc_t(-1) && px < acc_t(W) && py >= acc_t(-1) && py < acc_t(H))) return;
   const int64_t x0 = floor_in_range(px), y0 = floor_in_range(py);
   const acc_t fx = px - static_cast<acc_t>(x0), fy = py - static_cast<acc_t>(y0);
   t.fx = fx;

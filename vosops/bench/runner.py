@@ -15,10 +15,22 @@ from .registry import Case
 from .timing import measure_ms, peak_extra_bytes, peak_fp32_gflops, quantile
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, where platform.processor() is empty), else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def run_cases(cases: Iterable[Case], *, budget_s: float = 1.0, rounds: int = 1, memory: bool = True, log=print,

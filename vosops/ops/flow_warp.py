@@ -26,13 +26,15 @@ def flow_warp(
     exactly F.grid_sample(x, grid, mode, padding_mode, align_corners=True) on the grid built from the flow.
     `mode` "bilinear" or "nearest" (ties round half to even, as grid_sample); `padding_mode` "zeros" or "border".
     Differentiable w.r.t. x, and w.r.t. flow for bilinear (border padding passes zero gradient where it clamps).
-    A non-finite flow samples nothing (output 0). The output is contiguous (B, C, H, W).
+    A NaN flow samples nothing (output 0); so does an infinite one with zeros padding, while border padding clamps
+    it to the edge (as grid_sample). An out-of-frame tap adds nothing even where x is inf or NaN. The output is
+    contiguous (B, C, H, W).
 
     With `return_valid=True` also returns the (B, 1, H, W) bool mask of pixels whose sampling point lies inside the
     frame ([0, W-1] x [0, H-1], the rounded point for nearest), the validity mask MAMP uses.
     """
     check_args(x, flow, mode, padding_mode)
-    chosen = _backends.select("flow_warp", x.device, backend)
+    chosen = _backends.select("flow_warp", x.device, backend, dtype=x.dtype)
     if chosen == "reference":
         out = _reference.flow_warp(x, flow, mode, padding_mode)
     elif chosen == "triton":

@@ -165,7 +165,7 @@ def kmeans(
         _validate.choice("init", init, INITS)
     x = x.detach()
     _check_finite(x, lengths)
-    chosen = _backends.select("kmeans_step", x.device, backend)
+    chosen = _backends.select("kmeans_step", x.device, backend, dtype=x.dtype)
     step, assign = _steps(chosen)
     x = x.contiguous()
     if seed is None:
@@ -200,7 +200,7 @@ def kmeans_predict(x: torch.Tensor, centroids: torch.Tensor, *, lengths: torch.T
     B, N, D = x.shape
     c = _check_centroids("centroids", centroids, B, D, x.device)
     lengths = _check_lengths(lengths, B, N, x.device)
-    chosen = _backends.select("kmeans_step", x.device, backend)
+    chosen = _backends.select("kmeans_step", x.device, backend, dtype=x.dtype)
     _, assign = _steps(chosen)
     labels, _ = assign(x.detach().contiguous(), lengths, c.detach().to(_ref.acc_dtype(x.dtype)).contiguous())
     return labels[0] if single else labels

@@ -84,7 +84,7 @@ def global_topk(q: torch.Tensor, k: torch.Tensor, *, topk: int, scale: float = 1
     Differentiable w.r.t. q and k through the returned logits. Memory O(B·M·topk) plus per-thread key tiles.
     """
     scale = check_global_topk_args(q, k, topk, scale, key_mask)
-    chosen = _backends.select("global_topk", q.device, backend, GLOBAL_TOPK_BACKENDS)
+    chosen = _backends.select("global_topk", q.device, backend, GLOBAL_TOPK_BACKENDS, dtype=q.dtype)
     if chosen == "reference":
         return _ref.global_topk(q, k, topk=topk, scale=scale, key_mask=key_mask)
     if chosen == "triton":
@@ -134,7 +134,7 @@ def merge_topk(candidates, topk: int, *, backend: str | None = None):
                                  f"{tuple(first.shape[:2])}")
     total = sum(c[0].shape[2] for c in candidates)
     topk = _int("topk", topk, 1, total, " (at most the total number of candidates)")
-    chosen = _backends.select("merge_topk", first.device, backend, MERGE_BACKENDS)
+    chosen = _backends.select("merge_topk", first.device, backend, MERGE_BACKENDS, dtype=first.dtype)
     if chosen == "reference":
         return _ref.merge_topk(candidates, topk)
     logits = torch.cat([c[0] for c in candidates], dim=-1)
@@ -190,7 +190,8 @@ def topk_aggregate(logits: torch.Tensor, index: torch.Tensor, values: torch.Tens
     check.
     """
     check_aggregate_args(logits, index, values, normalize, k)
-    chosen = _backends.select("topk_aggregate", logits.device, backend, AGGREGATE_BACKENDS)
+    chosen = _backends.select("topk_aggregate", logits.device, backend, AGGREGATE_BACKENDS,
+                              dtype=values.dtype)
     # data-dependent, so not traced; on CPU tensors the cpu and triton kernels check it themselves
     if check_index and not torch.compiler.is_compiling() and (chosen == "reference" or index.device.type != "cpu"):
         _check_index_range(index, values.shape[1])
@@ -261,7 +262,7 @@ def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: i
     and v; the native kernels never hold an (M x L) tensor.
     """
     scale = check_attention_args(q, k, v, topk, scale, dense_keys)
-    chosen = _backends.select("topk_attention", q.device, backend, ATTENTION_BACKENDS)
+    chosen = _backends.select("topk_attention", q.device, backend, ATTENTION_BACKENDS, dtype=q.dtype)
     if chosen == "reference":
         return _ref.topk_attention(q, k, v, topk=topk, scale=scale, dense_keys=dense_keys)
     if chosen == "triton":

@@ -10,11 +10,18 @@ from __future__ import annotations
 import torch
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Positions, weights and sums in float32 for float16/bfloat16 (whose pixel indices stop being exact past 256 or
+    2048, and whose weights snap to coarse fractions), as the kernels compute them; else the input's dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _sampling_points(flow: torch.Tensor):
     B, _, H, W = flow.shape
-    ii = torch.arange(H, device=flow.device, dtype=flow.dtype).view(1, H, 1)
-    jj = torch.arange(W, device=flow.device, dtype=flow.dtype).view(1, 1, W)
-    return jj + flow[:, 0], ii + flow[:, 1]  # (B, H, W) each
+    dtype = _acc(flow.dtype)
+    ii = torch.arange(H, device=flow.device, dtype=dtype).view(1, H, 1)
+    jj = torch.arange(W, device=flow.device, dtype=dtype).view(1, 1, W)
+    return jj + flow[:, 0].to(dtype), ii + flow[:, 1].to(dtype)  # (B, H, W) each
 
 
 def _clip(p: torch.Tensor, size: int) -> torch.Tensor:
@@ -29,10 +36,12 @@ def _gather(x: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor
     inside = (xx >= 0) & (xx < W) & (yy >= 0) & (yy < H)
     idx = (yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1)).view(B, 1, H * W).expand(B, C, H * W)
     vals = torch.gather(x.reshape(B, C, H * W), 2, idx).view(B, C, H, W)
-    return vals * inside.unsqueeze(1).to(x.dtype)
+    return torch.where(inside.unsqueeze(1), vals, 0.0)  # a select: an out-of-frame tap is 0 even next to inf in x
 
 
 def flow_warp(x: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros"):
+    dtype = x.dtype
+    x = x.to(_acc(dtype))
     B, C, H, W = x.shape
     px, py = _sampling_points(flow)
     if padding_mode == "border":
@@ -44,7 +53,7 @@ def flow_warp(x: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear", paddi
         # Round half to even, as grid_sample does; clamp before the cast so huge flows stay well defined.
         rx = torch.round(px.detach()).clamp(-1, W).long()
         ry = torch.round(py.detach()).clamp(-1, H).long()
-        return _gather(x, ry, rx)
+        return _gather(x, ry, rx).to(dtype)
     x0f, y0f = torch.floor(px.detach()), torch.floor(py.detach())
     fx, fy = px - x0f, py - y0f  # differentiable in the flow
     x0 = x0f.clamp(-2, W).long()
@@ -53,7 +62,7 @@ def flow_warp(x: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear", paddi
     for dy, wy in ((0, 1 - fy), (1, fy)):
         for dx, wx in ((0, 1 - fx), (1, fx)):
             out = out + _gather(x, y0 + dy, x0 + dx) * (wy * wx).unsqueeze(1)
-    return out
+    return out.to(dtype)
 
 
 def flow_warp_valid(flow: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:

@@ -30,7 +30,8 @@ def _clip(p, size):
     """Border padding: clamp into [0, size-1]; returns the clamped point and the gradient multiplier."""
     hi = (size - 1).to(tl.float32)
     mult = ((p > 0.0) & (p < hi)).to(tl.float32)
-    return tl.minimum(tl.maximum(p, 0.0), hi), mult
+    # NaN stays NaN (and then samples nothing): tl.maximum / tl.minimum would drop it and sample pixel 0
+    return tl.where(p != p, p, tl.minimum(tl.maximum(p, 0.0), hi)), mult
 
 
 @triton.jit
@@ -50,7 +51,8 @@ def _pixels(flow_ptr, B, H, W, sfb, sfc, sfh, sfw, BLOCK: tl.constexpr):
 @triton.jit
 def _bilinear_taps(px, py, H, W):
     """Corner (x0, y0), fractions and the validity of the four taps; NaN or far points are invalid everywhere."""
-    inside = (px > -1.0) & (px < W.to(tl.float32)) & (py > -1.0) & (py < H.to(tl.float32))
+    # a point at -1 exactly keeps its in-frame tap at 0 (weight 0), through which the flow gradient passes
+    inside = (px >= -1.0) & (px < W.to(tl.float32)) & (py >= -1.0) & (py < H.to(tl.float32))
     x0f = tl.floor(tl.where(inside, px, 0.0))
     y0f = tl.floor(tl.where(inside, py, 0.0))
     fx = tl.where(inside, px - x0f, 0.0)
