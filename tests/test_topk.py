@@ -268,20 +268,22 @@ def test_crw_label_propagation(backend, device, size):
     torch.testing.assert_close(out[0].cpu().double(), expected, atol=tol, rtol=tol)
 
 
-def test_maskvos_readout_same_weights_read_two_value_tensors():
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + GT_NATIVE)
+def test_maskvos_readout_same_weights_read_two_value_tensors(backend, device):
     """Mask-VOS: frame 0 + 5 FIFO frames (circle), top-10, scale 1/0.05; one selection reads the mask
-    embeddings and the label maps."""
+    embeddings (512-d, the paper's) and the label maps."""
     H, W, C, n_prev, r, scale = 10, 12, 16, 5, 12, 1 / 0.05
     q, frames = crw_memory(H, W, C, n_prev)
     HW = H * W
     cand, inside = circle_candidates(H, W, r)
-    emb = torch.randn(1, HW * (1 + n_prev), 24, dtype=torch.float64)
+    emb = torch.randn(1, HW * (1 + n_prev), 512, dtype=torch.float64)
     labels = torch.rand(1, HW * (1 + n_prev), 3, dtype=torch.float64)
+    on = lambda t: t.to(device)  # noqa: E731
     logits, index = vosops.merge_topk(
-        [vosops.global_topk(q, frames[0], topk=10, scale=scale), local_candidates(q, frames[1:], cand, scale, HW)],
-        10)
-    out_e = vosops.topk_aggregate(logits, index, emb)
-    out_l = vosops.topk_aggregate(logits, index, labels)
+        [vosops.global_topk(on(q), on(frames[0]), topk=10, scale=scale, backend=backend),
+         tuple(map(on, local_candidates(q, frames[1:], cand, scale, HW)))], 10, backend=backend)
+    out_e = vosops.topk_aggregate(logits, index, on(emb), backend=backend).cpu()
+    out_l = vosops.topk_aggregate(logits, index, on(labels), backend=backend).cpu()
     exp_e, exp_l = restricted_readout(q, frames, inside, scale, 10, [emb, labels])
     torch.testing.assert_close(out_e[0], exp_e)
     torch.testing.assert_close(out_l[0], exp_l)
