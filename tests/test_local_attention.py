@@ -153,6 +153,28 @@ def test_dino_threshold_matches_global_affinity(R):
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "cpu"])  # the reference: 11 s
+def test_ino_radius_40_eleven_references(backend, device):
+    """INO's configuration: 11 references, R = 40 (6561 candidates each), threshold at the 5th largest, scale 1/0.1,
+    on frames the window covers whole: the global affinity's definition, forward and gradients."""
+    B, C, H, W, N, R = 1, 32, 9, 10, 11, 40
+    q = F.normalize(torch.randn(B, C, H, W, dtype=torch.float64), dim=1).requires_grad_()
+    k = F.normalize(torch.randn(B, N, C, H, W, dtype=torch.float64), dim=2).requires_grad_()
+    v = torch.rand(B, N, 4, H, W, dtype=torch.float64, requires_grad=True)
+    aff = torch.exp(global_restricted_logits(q, k, 10.0, window_mask(H, W, R)))[0]  # (N*HW, HW)
+    tk_val, _ = torch.topk(aff.detach(), dim=0, k=5)
+    aff = torch.where(aff < tk_val.min(dim=0).values, torch.zeros_like(aff), aff)
+    aff = aff / aff.sum(0, keepdim=True)
+    expected = (v[0].permute(1, 0, 2, 3).reshape(4, -1) @ aff).view(1, 4, H, W)
+    out = vosops.local_attention(q, k, v, radius=R, scale=10.0, topk=5, normalize="threshold", backend=backend)
+    torch.testing.assert_close(out, expected)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(expected, (q, k, v), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def test_crw_circle_top10_matches_global_affinity():
     """CRW / Mask-VOS local part: circle r=12 (strict), scale 1/0.05, top-10 jointly, softmax."""
     B, C, H, W, N, r = 1, 5, 9, 10, 2, 12
