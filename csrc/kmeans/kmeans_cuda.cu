@@ -260,8 +260,9 @@ __global__ void __launch_bounds__(kUpdateThreads) update_kernel(
   const T* xb = x + b * N * D;
   acc_t part = acc_t(0);
   const int D32 = static_cast<int>(D);  // K * D < 2^31 (the launcher checks): 32-bit division
-  for (int e = tid; e < static_cast<int>(KD); e += kUpdateThreads) {
-    const int k = e / D32, d = e % D32;
+  // an int64 counter (e + kUpdateThreads must not overflow for K * D near 2^31), divided in 32 bits (e < K * D)
+  for (int64_t e = tid; e < KD; e += kUpdateThreads) {
+    const int k = static_cast<int>(e) / D32, d = static_cast<int>(e) % D32;
     // an empty cluster's sum is its point; another's loses the points taken from it, in e order
     const int64_t s_e = slot[k];
     const bool took = s_e >= 0 && pick[s_e] >= 0;
