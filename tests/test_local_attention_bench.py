@@ -50,6 +50,7 @@ def test_a_small_case_runs(monkeypatch):
         assert torch.isfinite(out).all()
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")  # deliberate here
 def test_flex_attention_baseline_computes_the_masked_single_reference_op():
     """The FlexAttention baseline (neighbourhood block mask) is the op with border="mask", N=1, no top-k; checked
     uncompiled here (compiling takes a minute on this CPU), the benchmark compiles the same function."""
