@@ -259,10 +259,9 @@ __global__ void __launch_bounds__(kUpdateThreads) update_kernel(
   }
   const T* xb = x + b * N * D;
   acc_t part = acc_t(0);
-  const int D32 = static_cast<int>(D);  // K * D < 2^31 (the launcher checks): 32-bit division
-  // an int64 counter (e + kUpdateThreads must not overflow for K * D near 2^31), divided in 32 bits (e < K * D)
-  for (int64_t e = tid; e < KD; e += kUpdateThreads) {
-    const int k = static_cast<int>(e) / D32, d = static_cast<int>(e) % D32;
+  const int D32 = static_cast<int>(D);  // K * D <= 2^24 (the launcher checks): 32-bit division
+  for (int e = tid; e < static_cast<int>(KD); e += kUpdateThreads) {  // K * D <= 2^24: e + 256 cannot overflow
+    const int k = e / D32, d = e % D32;
     // an empty cluster's sum is its point; another's loses the points taken from it, in e order
     const int64_t s_e = slot[k];
     const bool took = s_e >= 0 && pick[s_e] >= 0;
@@ -356,7 +355,8 @@ cudaError_t update_cuda(DType dtype, const void* x, int64_t B, int64_t N, int64_
                         const bool* labels_equal, const void* tol, void* centers_out, bool* active_out,
                         int64_t* n_iter_out, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
-  if (K > kCudaUpdateMaxK || B > 0x7fffffff || K * D > 0x7fffffff) return cudaErrorInvalidValue;
+  // K * D <= 2^24 as step_cuda takes (an int64 loop counter in the kernel would cost registers and spill)
+  if (K > kCudaUpdateMaxK || B > 0x7fffffff || K * D > (1 << 24)) return cudaErrorInvalidValue;
   VOSOPS_CUDA_DISPATCH(dtype, launch_update<T>(x, B, N, D, K, lengths, labels, mindist, sums, counts, centers, active,
                                                n_iter, labels_equal, tol, centers_out, active_out, n_iter_out, stream))
 }

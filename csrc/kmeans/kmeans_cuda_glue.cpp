@@ -70,6 +70,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_update_cuda(
   TORCH_CHECK_VALUE(K <= kCudaUpdateMaxK, op, ": at most ", kCudaUpdateMaxK, " clusters on CUDA, got ", K,
                     "; use the reference backend");
   TORCH_CHECK_VALUE(B <= 0x7fffffff, op, ": at most 2^31 - 1 problems on CUDA, got ", B);
+  TORCH_CHECK_VALUE(K * D <= (1 << 24), op, ": at most 2^24 centre values (K * D) on CUDA, got ", K * D,
+                    "; use the reference backend");
   const at::ScalarType acc = acc_type(x.scalar_type());
   const at::Tensor c = centers.to(acc).contiguous();
   const at::Tensor md = mindist.to(acc).contiguous(), s = sums.to(acc).contiguous(), t = tol.to(acc).contiguous();
