@@ -22,6 +22,14 @@ from conftest import backend_device_params
 BACKENDS = backend_device_params("local_attention")
 
 
+def assert_same_output_and_grads(out, expected, inputs):
+    """out equals expected, and so do their gradients w.r.t. `inputs` for one random output gradient."""
+    torch.testing.assert_close(out, expected)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(expected, inputs, g)):
+        torch.testing.assert_close(a, b)
+
+
 def rand_offsets(B, N, H, W, *, spread=3.0, far=0.1, dtype=torch.float32, device="cpu"):
     """Float flows of a few pixels, some far out of frame, some exactly at .5 (rounding ties)."""
     off = torch.randn(B, N, 2, H, W, dtype=dtype) * spread
@@ -59,12 +67,7 @@ def test_mamp_training_matches_unfold_softmax():
     aff = (q.unsqueeze(2) * unfold_window(k[:, 0], r)).sum(1) * scale  # (B, P, H, W), padding scores 0
     expected = (unfold_window(v[:, 0], r) * aff.softmax(1).unsqueeze(1)).sum(2)
     out = vosops.local_attention(q, k, v, radius=r, scale=scale, border="zero", backend="reference")
-    torch.testing.assert_close(out, expected)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), g)
-    want = torch.autograd.grad(expected, (q, k, v), g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
+    assert_same_output_and_grads(out, expected, (q, k, v))
 
 
 def mamp_loop(q, k, v, offsets, r, topk, scale):
@@ -167,12 +170,7 @@ def test_ino_radius_40_eleven_references(backend, device):
     aff = aff / aff.sum(0, keepdim=True)
     expected = (v[0].permute(1, 0, 2, 3).reshape(4, -1) @ aff).view(1, 4, H, W)
     out = vosops.local_attention(q, k, v, radius=R, scale=10.0, topk=5, normalize="threshold", backend=backend)
-    torch.testing.assert_close(out, expected)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), g)
-    want = torch.autograd.grad(expected, (q, k, v), g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
+    assert_same_output_and_grads(out, expected, (q, k, v))
 
 
 def test_crw_circle_top10_matches_global_affinity():
