@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(kUpdateThreads) update_kernel(
   const T* xb = x + b * N * D;
   acc_t part = acc_t(0);
   const int D32 = static_cast<int>(D);  // K * D <= 2^24 (the launcher checks): 32-bit division
-  for (int e = tid; e < static_cast<int>(KD); e += kUpdateThreads) {  // K * D <= 2^24: e + 256 cannot overflow
+  for (int e = tid; e < static_cast<int>(KD); e += kUpdateThreads) {  // e + 256 cannot overflow either
     const int k = e / D32, d = e % D32;
     // an empty cluster's sum is its point; another's loses the points taken from it, in e order
     const int64_t s_e = slot[k];

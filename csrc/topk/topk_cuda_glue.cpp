@@ -40,8 +40,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_cuda_op(const at::
   TORCH_CHECK_VALUE(B * H <= 65535, "topk_attention: at most 65535 batch x heads per call on CUDA (one grid row "
                     "each), got ", B, " x ", H);
   const c10::cuda::CUDAGuard guard(q.device());
-  check_shared_memory("topk_attention",
-                      topk_attention_shared_bytes(to_dtype(q.scalar_type()), kk, q.size(3), Dv), "topk = " + std::to_string(kk) + " kept keys with D = " + std::to_string(q.size(3)) +
+  check_shared_memory("topk_attention", topk_attention_shared_bytes(to_dtype(q.scalar_type()), kk, q.size(3), Dv),
+                      "topk = " + std::to_string(kk) + " kept keys with D = " + std::to_string(q.size(3)) +
                           ", Dv = " + std::to_string(Dv));
   at::Tensor out = new_output({B, H, M, Dv}, q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = new_output({B, H, M}, q.options().dtype(acc_type(q.scalar_type())));

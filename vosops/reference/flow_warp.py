@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import torch
 
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """Positions, weights and sums in float32 for float16/bfloat16 (whose pixel indices stop being exact past 256 or
-    2048, and whose weights snap to coarse fractions), as the kernels compute them; else the input's dtype."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+from ._dtypes import compute_dtype
 
 
 def _sampling_points(flow: torch.Tensor):
     B, _, H, W = flow.shape
-    dtype = _acc(flow.dtype)
+    dtype = compute_dtype(flow.dtype)
     ii = torch.arange(H, device=flow.device, dtype=dtype).view(1, H, 1)
     jj = torch.arange(W, device=flow.device, dtype=dtype).view(1, 1, W)
     return jj + flow[:, 0].to(dtype), ii + flow[:, 1].to(dtype)  # (B, H, W) each
@@ -41,7 +37,7 @@ def _gather(x: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor
 
 def flow_warp(x: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros"):
     dtype = x.dtype
-    x = x.to(_acc(dtype))
+    x = x.to(compute_dtype(dtype))
     B, C, H, W = x.shape
     px, py = _sampling_points(flow)
     if padding_mode == "border":

@@ -281,7 +281,8 @@ def minibatch(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, bat
               tol: torch.Tensor, step: Step = kmeans_step, assign: Step = kmeans_assign,
               check_every: int = 1) -> KMeansResult:
     """MiniBatchKMeans steps over `batches` (steps, B, b). A problem stops when its squared centre shift is <= tol
-    (only when tol > 0 and from the second step on, as scikit-learn); scikit-learn's no-improvement-of-smoothed-inertia stop is not used."""
+    (only when tol > 0 and from the second step on, as scikit-learn); scikit-learn's no-improvement-of-smoothed-
+    inertia stop is not used."""
     B, N, D = x.shape
     dev = x.device
     centers = centers.to(acc_dtype(x.dtype)).clone()

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ._dtypes import compute_dtype
+
 # Elements of the largest block the reference materialises at once: a row chunk's (B, N, candidates, rows, W)
 # logits, or one reference's gathered (B, C, candidate block, rows, W) keys or values.
 _CHUNK_ELEMS = 1 << 24
@@ -122,16 +124,10 @@ def _weighted_values(v, flat, inside, weights):
     return out
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the reference computes in: float32 for float16/bfloat16 (the kernels accumulate in float32), else
-    the input's. Results are returned in the input's dtype."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def local_affinity(q, k, radius, dilation=1, window="square", offsets=None, scale=1.0, border="mask"):
     """Logits (B, N, P, H, W); candidates outside the window (circle) or excluded by border="mask" are -inf."""
     dtype = q.dtype
-    q, k = q.to(_acc(dtype)), k.to(_acc(dtype))
+    q, k = q.to(compute_dtype(dtype)), k.to(compute_dtype(dtype))
     B, N, C, H, W = k.shape
     P = (2 * radius + 1) ** 2
     cols = window_columns(radius, window)
@@ -148,7 +144,7 @@ def local_affinity(q, k, radius, dilation=1, window="square", offsets=None, scal
 def local_aggregate(weights, v, radius, dilation=1, offsets=None):
     """out[b, :, i, j] = sum over n, p of weights[b, n, p, i, j] * (value of candidate (n, p); 0 out of frame)."""
     dtype = v.dtype
-    weights, v = weights.to(_acc(dtype)), v.to(_acc(dtype))
+    weights, v = weights.to(compute_dtype(dtype)), v.to(compute_dtype(dtype))
     B, N, Cv, H, W = v.shape
     cols = window_columns(radius, "square")
     out = []
@@ -192,7 +188,7 @@ def local_attention(q, k, v, radius, scale=1.0, topk=None, normalize="softmax", 
     selection, the softmax and the value sum are computed in float32 for float16/bfloat16 inputs (as the kernels
     do); out and the logits are returned in the input's dtype."""
     dtype = q.dtype
-    q, k, v = q.to(_acc(dtype)), k.to(_acc(dtype)), v.to(_acc(dtype))
+    q, k, v = q.to(compute_dtype(dtype)), k.to(compute_dtype(dtype)), v.to(compute_dtype(dtype))
     B, N, C, H, W = k.shape
     P = (2 * radius + 1) ** 2
     cols = window_columns(radius, window)

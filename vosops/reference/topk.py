@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from ._dtypes import compute_dtype
+
 NORMALIZE = ("softmax", "threshold")
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype scores and softmax are computed in: float32 for float16/bfloat16, else the input's."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _rank(logits: torch.Tensor, index: torch.Tensor):
@@ -50,7 +47,7 @@ def global_topk(q: torch.Tensor, k: torch.Tensor, *, topk: int, scale: float = 1
     """
     B, M, _ = q.shape
     L = k.shape[1]
-    acc = acc_dtype(q.dtype)
+    acc = compute_dtype(q.dtype)
     best_l = q.new_full((B, M, 0), float("-inf"), dtype=acc)
     best_i = torch.zeros(B, M, 0, dtype=torch.int64, device=q.device)
     for start in range(0, L, key_tile):
@@ -119,7 +116,7 @@ def topk_aggregate(logits: torch.Tensor, index: torch.Tensor, values: torch.Tens
     """
     B, M, K = logits.shape
     L, Cv = values.shape[1], values.shape[2]
-    acc = acc_dtype(values.dtype)
+    acc = compute_dtype(values.dtype)
     in_range = index < L  # an unchecked out-of-range index is dropped like an empty slot (-1), never read
     w = softmax_weights(logits.to(acc), _kept(logits, index, normalize, k, in_range))
     safe = index.clamp(0, max(L - 1, 0))
@@ -137,7 +134,7 @@ def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: i
     """
     D, L = q.shape[-1], k.shape[-2]
     scale = D ** -0.5 if scale is None else scale
-    acc = acc_dtype(q.dtype)
+    acc = compute_dtype(q.dtype)
     # (B, H, M, L): the reference may materialise it
     s = scale * torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2))
     kept = torch.zeros_like(s, dtype=torch.bool)
