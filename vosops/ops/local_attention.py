@@ -36,24 +36,23 @@ MAX_DILATION = 1023
 
 
 def _auto_candidates(dtype: torch.dtype, topk) -> tuple[str, ...]:
-    """The backends "auto" may pick for this call: float64 not on cuda (select keeps it off triton too), topk > 128
-    not on cuda. An explicitly requested backend is not filtered; it raises its own clear error instead."""
+    """The backends "auto" may pick for this call: float64 runs on reference/cpu only, topk > 128 not on cuda.
+    An explicitly requested backend is not filtered; it raises its own clear error instead."""
     names = ATTENTION_BACKENDS
     if dtype == torch.float64:
-        names = tuple(b for b in names if b != "cuda")
+        names = tuple(b for b in names if b not in ("cuda", "triton"))
     if topk is not None and topk > CUDA_MAX_TOPK:
         names = tuple(b for b in names if b != "cuda")
     return names
 
 
 def _unfused_backend(op: str, device: torch.device, dtype: torch.dtype, backend: str | None) -> str:
-    """The backend for local_affinity / local_aggregate; "auto" keeps float64 off cuda (fp32 kernels; select keeps
-    it off triton)."""
+    """The backend for local_affinity / local_aggregate; "auto" keeps float64 off cuda/triton (fp32 kernels)."""
     auto = (backend if backend is not None else _backends.current_backend()) == "auto"
     supported = AFFINITY_BACKENDS
     if auto and dtype == torch.float64:
-        supported = tuple(b for b in supported if b != "cuda")
-    return _backends.select(op, device, backend, supported=supported, dtype=dtype)
+        supported = tuple(b for b in supported if b not in ("cuda", "triton"))
+    return _backends.select(op, device, backend, supported=supported)
 
 
 def _check_int(name: str, value, low: int, high: int | None = None, why: str = "") -> int:
@@ -267,7 +266,7 @@ def local_attention(q, k, v, *, radius, scale=1.0, topk=None, normalize="softmax
     offsets = _no_grad(offsets)
     auto = (backend if backend is not None else _backends.current_backend()) == "auto"
     supported = _auto_candidates(q.dtype, topk) if auto else ATTENTION_BACKENDS
-    chosen = _backends.select("local_attention", q.device, backend, supported=supported, dtype=q.dtype)
+    chosen = _backends.select("local_attention", q.device, backend, supported=supported)
     if chosen == "reference":
         return _ref_attention(q, k, v, radius, scale, topk, normalize, window, dilation, offsets, border,
                               return_topk)
