@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from vosops import cli
+from vosops.bench import OPS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,7 +51,21 @@ def test_bench_writes_table_json_and_png(tmp_path):
 
 def test_bench_rejects_unknown_op():
     res = run_cli("bench", "--op", "nope", "--device", "cpu")
-    assert res.returncode == 2 and "unknown op" in res.stdout
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"vosops bench: unknown op(s) ['nope']; choose from {OPS}")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["bench", "--op", "flow_warp", "--device", "cpu", "--rounds", "0"], "argument --rounds: expected an int >= 1"),
+    (["bench", "--op", "flow_warp", "--device", "cpu", "--threads", "-1"], "argument --threads: expected an int >= 1"),
+    (["bench", "--op", "flow_warp", "--device", "cpu", "--threads", "0"], "argument --threads: expected an int >= 1"),
+    (["eval", "--pred", ".", "--gt", ".", "--workers", "-1"], "argument --workers: expected an int >= 1"),
+])
+def test_bad_counts_are_argparse_errors(argv, needle, capsys):
+    """A count below 1 is refused by the parser (status 2, usage and one line), not passed on to torch."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
 
 
 def test_bench_runner_reports_a_failing_case_and_keeps_the_others():
@@ -98,8 +115,6 @@ def test_bench_rejects_rounds_below_one():
 
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         run_cases([], rounds=0)
-    res = run_cli("bench", "--op", "flow_warp", "--device", "cpu", "--rounds", "0")
-    assert res.returncode == 2 and "--rounds must be at least 1" in res.stdout
 
 
 def test_bench_table_shows_the_spread_of_round_ratios_only_with_rounds():

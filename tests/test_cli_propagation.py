@@ -125,6 +125,15 @@ def test_input_errors_are_one_line_not_a_traceback(tmp_path, capsys, monkeypatch
     monkeypatch.setenv("VOSOPS_DEBUG", "1")
     with pytest.raises(ValueError, match="no object"):
         cli.main(cases[3][0])
+    # also for what a command checks before it starts (a bad preset, device or combination of arguments)
+    with pytest.raises(ValueError, match="--device must be"):
+        cli.main(cases[5][0])
+    with pytest.raises(ValueError, match="give either a video"):
+        cli.main(["propagate", frames_dir, "--dataset", frames_dir, "--out", out])
+    with pytest.raises(ValueError, match="preset must be one of"):
+        cli.main(["propagate", frames_dir, "--mask", first, "--out", out, "--preset", "nope"])
+    monkeypatch.setenv("VOSOPS_DEBUG", "0")  # 0 is off
+    assert cli.main(cases[3][0]) == 2
 
 
 def _davis_layout(root, seqs=3, T=4, H=48, W=64):

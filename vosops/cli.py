@@ -28,11 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     from vosops._backends import BackendUnavailableError
 
     # What a user's input causes (a missing file, an unreadable image, a mask of the wrong size, a backend this
-    # machine lacks) is one line naming the command and exit status 2, not a traceback; VOSOPS_DEBUG=1 re-raises.
+    # machine lacks, a bad option value) is one line naming the command and exit status 2, not a traceback;
+    # VOSOPS_DEBUG=1 re-raises.
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError, BackendUnavailableError) as exc:
-        if os.environ.get("VOSOPS_DEBUG"):
+        if os.environ.get("VOSOPS_DEBUG", "0") not in ("", "0"):
             raise
         print(f"vosops {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from ._args import positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the standard configurations against the PyTorch baselines")
@@ -14,10 +16,10 @@ def register(sub) -> None:
     p.add_argument("--impl", action="append", help="only these implementations (repeatable; baseline always kept)")
     p.add_argument("--out", default="bench-out", help="folder for results.json and speedup.png")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case and round (default 1)")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=positive_int, default=1,
                    help="time each comparison group's cases in turn this many times over; speed-ups are the median "
                         "of per-round ratios (default 1; use 3-5 on a machine whose speed drifts)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--all", action="store_true",
                    help="also run the cases marked slow (baselines that take many seconds a call)")
@@ -30,17 +32,16 @@ def run(args) -> int:
     from vosops.bench import OPS, cases_for
     from vosops.bench.runner import format_table, plot_speedups, write_json
 
+    # a bad argument is a ValueError: cli.main prints it as one line (exit 2), or re-raises under VOSOPS_DEBUG
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        print("vosops bench: --device cuda asked for, but no CUDA device is available")
-        return 2
+        raise ValueError("--device cuda asked for, but no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
     ops = args.op or OPS
     unknown = [o for o in ops if o not in OPS]
     if unknown:
-        print(f"vosops bench: unknown op(s) {unknown}; choose from {OPS}")
-        return 2
+        raise ValueError(f"unknown op(s) {unknown}; choose from {OPS}")
     cases = [c for op in ops for c in cases_for(op, device)]
     if args.config:
         cases = [c for c in cases if c.config in args.config]
@@ -51,12 +52,8 @@ def run(args) -> int:
         cases = [c for c in cases if not c.slow or args.all]
         print(f"vosops bench: skipping {len(slow)} slow cases (--all runs them): "
               + ", ".join(sorted({f'{c.config}/{c.impl}' for c in slow})))
-    if args.rounds < 1:
-        print(f"vosops bench: --rounds must be at least 1, got {args.rounds}")
-        return 2
     if not cases:
-        print("vosops bench: nothing to run for this selection")
-        return 2
+        raise ValueError("nothing to run for this selection")
     print(f"vosops bench: {len(cases)} cases on {device} ({torch.get_num_threads()} CPU threads)")
     from vosops.bench.runner import run_cases
 

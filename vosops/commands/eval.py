@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-import sys
+
+from ._args import positive_int
 
 
 def register(sub) -> None:
@@ -12,7 +13,7 @@ def register(sub) -> None:
     p.add_argument("--gt", required=True, help="DAVIS root (Annotations/480p) or a folder of sequence folders")
     p.add_argument("--csv", default=None, help="CSV path (default: PRED/results.csv)")
     p.add_argument("--sequences", nargs="*", default=None, help="only these sequences (default: all in PRED)")
-    p.add_argument("--workers", type=int, default=None, help="parallel sequences (default: up to 8)")
+    p.add_argument("--workers", type=positive_int, default=None, help="parallel sequences (default: up to 8)")
     p.set_defaults(func=run)
 
 
@@ -22,12 +23,8 @@ def run(args) -> int:
     from vosops import metrics
 
     t0 = time.perf_counter()
-    try:
-        scores, table, summary = metrics.evaluate_folders(args.pred, args.gt, sequences=args.sequences,
-                                                          workers=args.workers)
-    except ValueError as e:
-        print(f"vosops eval: {e}", file=sys.stderr)
-        return 2
+    scores, table, summary = metrics.evaluate_folders(args.pred, args.gt, sequences=args.sequences,
+                                                      workers=args.workers)
     print(metrics.format_table(table, summary))
     path = args.csv or os.path.join(args.pred, "results.csv")
     metrics.write_csv(path, scores, table, summary)

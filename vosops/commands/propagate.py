@@ -108,36 +108,23 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # a bad argument is a ValueError: cli.main prints it as one line (exit 2), or re-raises under VOSOPS_DEBUG
     if (args.source is None) == (args.dataset is None):
-        print("vosops propagate: give either a video (SOURCE --mask FIRST.png) or --dataset ROOT", file=sys.stderr)
-        return 2
+        raise ValueError("give either a video (SOURCE --mask FIRST.png) or --dataset ROOT")
     rank, world, local = _dist_info()
-    try:
-        device = resolve_device(args.device, local)
-    except ValueError as e:
-        print(f"vosops propagate: {e}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device, local)
     if args.backend and args.backend != "auto" and args.backend not in vosops.BACKENDS:
-        print(f"vosops propagate: --backend must be 'auto' or one of {vosops.BACKENDS}, got {args.backend!r}",
-              file=sys.stderr)
-        return 2
+        raise ValueError(f"--backend must be 'auto' or one of {vosops.BACKENDS}, got {args.backend!r}")
     backend_ctx = vosops.use_backend(args.backend) if args.backend else _null()
-    try:
-        engine, desc = build_engine(args.preset, device, args.flow)
-    except ValueError as e:
-        print(f"vosops propagate: {e}", file=sys.stderr)
-        return 2
+    engine, desc = build_engine(args.preset, device, args.flow)
     with backend_ctx:
         if args.source is not None:
             if not args.mask:
-                print("vosops propagate: --mask FIRST.png is required with a video", file=sys.stderr)
-                return 2
+                raise ValueError("--mask FIRST.png is required with a video")
             reader = VideoReader(args.source)
             mask = read_mask(args.mask)
             if mask.shape != tuple(reader.size):
-                print(f"vosops propagate: mask {mask.shape} and frames {tuple(reader.size)} differ in size",
-                      file=sys.stderr)
-                return 2
+                raise ValueError(f"mask {mask.shape} and frames {tuple(reader.size)} differ in size")
             print(f"vosops propagate: {len(reader)} frames of {reader.size[1]}x{reader.size[0]} on {device}; {desc}")
             n, dt = propagate_video(engine, reader, mask, args.out, overlay=not args.no_overlay)
             print(f"wrote {n} masks to {args.out} ({n / dt:.2f} frames/s, {dt:.2f} s including IO)")
