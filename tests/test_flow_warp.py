@@ -70,6 +70,18 @@ def test_reference_matches_opencv_remap(mode, cv_interp, padding_mode, cv_border
     np.testing.assert_allclose(out, expected, atol=atol + 1e-6)
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_reference_takes_transposed_views(mode):
+    """A flow (or x) stored with H and W swapped: the reference's gather indices inherit its strides (a .view of
+    them used to fail)."""
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    flow = random_flow(2, 5, 4)
+    x_t = x.transpose(2, 3).contiguous().transpose(2, 3)
+    flow_t = flow.transpose(2, 3).contiguous().transpose(2, 3)
+    exp = vosops.flow_warp(x, flow, mode=mode, backend="reference")
+    torch.testing.assert_close(vosops.flow_warp(x_t, flow_t, mode=mode, backend="reference"), exp, atol=0, rtol=0)
+
+
 def test_reference_gradcheck():
     x = torch.randn(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)
     flow = random_flow(2, 6, 7).add_(0.37).requires_grad_()  # keep taps off the integer kinks

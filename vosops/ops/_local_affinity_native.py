@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import _native
+from ._double_backward import refuse_double_backward
 
 
 def fake_affinity(q, k, offsets, radius, dilation, window, scale, border):
@@ -71,8 +72,10 @@ def aggregate_autograd_rules(backward_op):
 def _register() -> None:
     torch.library.register_fake("vosops::local_affinity")(fake_affinity)
     torch.library.register_fake("vosops::local_affinity_backward")(fake_affinity_backward)
+    refuse_double_backward("vosops::local_affinity_backward")
     torch.library.register_fake("vosops::local_aggregate")(fake_aggregate)
     torch.library.register_fake("vosops::local_aggregate_backward")(fake_aggregate_backward)
+    refuse_double_backward("vosops::local_aggregate_backward")
     backward, setup = affinity_autograd_rules(lambda *a: torch.ops.vosops.local_affinity_backward(*a))
     torch.library.register_autograd("vosops::local_affinity", backward, setup_context=setup)
     backward, setup = aggregate_autograd_rules(lambda *a: torch.ops.vosops.local_aggregate_backward(*a))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _native
+from ._double_backward import refuse_double_backward
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,6 +63,7 @@ def autograd_rules(backward_op):
 def _register() -> None:
     torch.library.register_fake("vosops::local_attention")(fake_forward)
     torch.library.register_fake("vosops::local_attention_backward")(fake_backward)
+    refuse_double_backward("vosops::local_attention_backward")
     backward, setup_context = autograd_rules(torch.ops.vosops.local_attention_backward)
     torch.library.register_autograd("vosops::local_attention", backward, setup_context=setup_context)
 

@@ -6,6 +6,7 @@ import torch
 
 from .. import _backends, _native, _validate
 from .. import reference as _reference
+from ._double_backward import refuse_double_backward
 
 MODES = ("bilinear", "nearest")
 PADDINGS = ("zeros", "border")
@@ -99,6 +100,7 @@ def _register_native() -> None:
         gf = flow.new_empty(flow.shape) if need_flow_grad else flow.new_empty(0)
         return gx, gf
 
+    refuse_double_backward("vosops::flow_warp_backward")
     backward, setup_context = autograd_rules(torch.ops.vosops.flow_warp_backward)
     torch.library.register_autograd("vosops::flow_warp", backward, setup_context=setup_context)
 

@@ -13,6 +13,7 @@ import torch
 from .. import _backends, _native, _validate
 from ..reference import topk as _ref
 from . import _topk_rules as _rules
+from ._double_backward import refuse_double_backward
 
 GLOBAL_TOPK_BACKENDS = ("reference", "cpu", "cuda", "triton")
 AGGREGATE_BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -346,6 +347,7 @@ def _register_native() -> None:
     def _(grad_out, q, k, v, out, lse, index, scale, dense_keys):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
+    refuse_double_backward("vosops::topk_attention_backward")
     backward, setup_context = attention_autograd_rules(torch.ops.vosops.topk_attention_backward)
     torch.library.register_autograd("vosops::topk_attention", backward, setup_context=setup_context)
 
@@ -355,6 +357,7 @@ def _register_native() -> None:
 
     torch.library.register_fake("vosops::topk_aggregate")(_rules.aggregate_fake)
     torch.library.register_fake("vosops::topk_aggregate_backward")(_rules.aggregate_backward_fake)
+    refuse_double_backward("vosops::topk_aggregate_backward")
     agg_backward, agg_setup = _rules.aggregate_autograd_rules(torch.ops.vosops.topk_aggregate_backward)
     torch.library.register_autograd("vosops::topk_aggregate", agg_backward, setup_context=agg_setup)
     _rules.register_native()

@@ -30,7 +30,7 @@ def _gather(x: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor
     """x (B, C, H, W) at integer points (B, H, W); points outside the frame read 0."""
     B, C, H, W = x.shape
     inside = (xx >= 0) & (xx < W) & (yy >= 0) & (yy < H)
-    idx = (yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1)).view(B, 1, H * W).expand(B, C, H * W)
+    idx = (yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1)).reshape(B, 1, H * W).expand(B, C, H * W)
     vals = torch.gather(x.reshape(B, C, H * W), 2, idx).view(B, C, H, W)
     return torch.where(inside.unsqueeze(1), vals, 0.0)  # a select: an out-of-frame tap is 0 even next to inf in x
 
