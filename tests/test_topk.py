@@ -139,6 +139,23 @@ def test_half_precision_ranks_on_float32_scores(backend, device):
         torch.testing.assert_close(logits.cpu(), exp[0].to(dtype), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("backend,device", ATT_BACKENDS)
+def test_topk_attention_huge_logits_keep_the_maximum(backend, device):
+    """Logits of 1e9 and more: the row maximum's weight is exp(0) = 1. The cpu kernel's fused multiply-subtract
+    left it at exp(-rounding error of the product), which is 0 or inf at these magnitudes (output 0 or inf)."""
+    q = torch.ones(1, 1, 1, 1, device=device)
+    k = torch.tensor([0.3, -0.5], device=device).view(1, 1, 2, 1)
+    v = torch.tensor([1.0, 2.0], device=device).view(1, 1, 2, 1)
+    for topk, dense in ((2, 0), (1, 1), (1, 0)):
+        out = vosops.topk_attention(q, k, v, topk=topk, dense_keys=dense, scale=1e12, backend=backend)
+        assert out.item() == 1.0, (topk, dense, out.item())
+    # two dense keys tied to within 1e-10 (equal in float32) and far above the third: the mean of their values
+    k = torch.tensor([0.3, 0.3 - 1e-10, -5.0], device=device).view(1, 1, 3, 1)
+    v = torch.tensor([1.0, 2.0, 3.0], device=device).view(1, 1, 3, 1)
+    out = vosops.topk_attention(q, k, v, topk=1, dense_keys=2, scale=1e10, backend=backend)
+    assert out.item() == 1.5
+
+
 @pytest.mark.parametrize("backend,device", [("reference", "cpu")] + ATT_BACKENDS)
 def test_topk_attention_never_selects_a_nan_sparse_key(backend, device):
     torch.manual_seed(0)

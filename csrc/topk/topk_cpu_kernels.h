@@ -68,6 +68,20 @@ inline T dot(const T* a, const T* b, int64_t n) {
 // polynomial, about 1 ulp) in AVX2 intrinsics, as explicit vectors because GCC will not if-convert the clamps of a
 // scalar version under the default -ftrapping-math. Defined for x <= 88 (callers pass logit - row max); x below
 // -87.3 (and -inf) gives exactly 0, NaN stays NaN.
+// a * b rounded to T, kept from being fused with a following subtraction into one FMA: an exponent
+// fl(scale * s) - m must be exactly 0 for the row's maximum m = fl(scale * s), and a fused one is off by the
+// product's rounding error, which is beyond exp's range once |scale * s| passes ~1e9 (see rounded_product).
+template <typename T>
+inline T rounded_mul(T a, T b) {
+  T p = a * b;
+#if defined(__x86_64__) || defined(__i386__)
+  asm("" : "+x"(p));
+#elif defined(__aarch64__)
+  asm("" : "+w"(p));
+#endif
+  return p;
+}
+
 inline float exp_scalar(float x) { return x < -87.33654f ? 0.0f : std::exp(x); }
 inline double exp_scalar(double x) { return std::exp(x); }
 
@@ -91,19 +105,28 @@ __attribute__((target("avx2,fma"))) inline __m256 exp256(__m256 x) {
   return _mm256_blendv_ps(out, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));     // NaN in, NaN out
 }
 
+// scale * s as a rounded product, the value scaled_max compared. Left to itself the compiler fuses the product and
+// the subtraction of m into one FMA, which leaves the row's maximum at minus the product's rounding error instead
+// of 0: past |scale * s| ~ 1e9 that error is beyond exp's range, and the softmax came out 0 or inf.
+__attribute__((target("avx2,fma"))) inline __m256 rounded_product(__m256 a, __m256 b) {
+  __m256 p = _mm256_mul_ps(a, b);
+  asm("" : "+x"(p));  // an opaque use: the product is materialised, so it cannot be contracted with what follows
+  return p;
+}
+
 __attribute__((target("avx2,fma"))) inline float exp_shift_sum_avx2(float* s, int64_t n, float scale, float m) {
   const __m256 vs = _mm256_set1_ps(scale), vm = _mm256_set1_ps(m);
   __m256 acc = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    const __m256 e = exp256(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(s + j), vs), vm));
+    const __m256 e = exp256(_mm256_sub_ps(rounded_product(_mm256_loadu_ps(s + j), vs), vm));
     _mm256_storeu_ps(s + j, e);
     acc = _mm256_add_ps(acc, e);
   }
   if (j < n) {  // the tail as one masked vector: libm's exp per element cost more than the rest of a short row
     const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - j)),
                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const __m256 e = exp256(_mm256_sub_ps(_mm256_mul_ps(_mm256_maskload_ps(s + j, live), vs), vm));
+    const __m256 e = exp256(_mm256_sub_ps(rounded_product(_mm256_maskload_ps(s + j, live), vs), vm));
     _mm256_maskstore_ps(s + j, live, e);
     acc = _mm256_add_ps(acc, _mm256_and_ps(e, _mm256_castsi256_ps(live)));
   }
@@ -118,7 +141,7 @@ template <typename T>
 T exp_shift_sum_portable(T* s, int64_t n, T scale, T m) {
   T sum = 0;
   for (int64_t j = 0; j < n; ++j) {
-    s[j] = exp_scalar(scale * s[j] - m);
+    s[j] = exp_scalar(rounded_mul(scale, s[j]) - m);
     sum += s[j];
   }
   return sum;
@@ -177,7 +200,7 @@ VOSOPS_TOPK_CLONES void sparse_grad_key_portable(const T* kj, const T* vj, T* dk
   T* ds = work + n;
   for (int64_t a = 0; a < n; ++a) {
     const int64_t i = rows[a];
-    p[a] = scale * dot(q + i * D, kj, D) - lse[i];
+    p[a] = rounded_mul(scale, dot(q + i * D, kj, D)) - lse[i];
     ds[a] = dot(g + i * Dv, vj, Dv) - drow[i];
   }
   exp_shift_sum(p, n, T(1), T(0));
@@ -311,7 +334,7 @@ __attribute__((target("avx2,fma"))) inline void sparse_grad_key_avx2(const float
     const int32_t* rb = rows + a0;
     gathered_dots_avx2(kj, q, D, rb, nb, p);
     gathered_dots_avx2(vj, g, Dv, rb, nb, ds);
-    for (int64_t a = 0; a < nb; ++a) p[a] = scale * p[a] - lse[rb[a]];
+    for (int64_t a = 0; a < nb; ++a) p[a] = rounded_mul(scale, p[a]) - lse[rb[a]];
     exp_shift_sum_avx2(p, nb, 1.0f, 0.0f);
     for (int64_t a = 0; a < nb; ++a) ds[a] = p[a] * (ds[a] - drow[rb[a]]) * scale;
     gathered_axpy_avx2(dvj, g, Dv, rb, nb, p);
