@@ -373,6 +373,30 @@ def test_backend_matches_reference(backend, device, case, layout):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("kw", [dict(topk=4), dict(topk=4, normalize="threshold"), dict()],
+                         ids=["topk", "threshold", "softmax"])
+def test_backend_nan_feature_makes_its_queries_nan(backend, device, kw):
+    """A NaN key pixel makes exactly the queries whose windows hold it NaN, as in the reference (a NaN ranks first
+    in a top-k list, as torch.sort puts it): the cpu kernel used to leave it out of order in its heap, or drop it
+    from the max, and return finite wrong outputs. Every other query is unchanged; the lists match."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(1, 3, 6, 7, generator=g), torch.randn(1, 2, 3, 6, 7, generator=g), \
+        torch.randn(1, 2, 2, 6, 7, generator=g)
+    k[0, 1, :, 2, 3] = float("nan")
+    k[0, 0, 0, 4, 5] = float("nan")  # a second, in the other frame: its queries overlap the first's at one pixel
+    ret = bool(kw.get("topk"))
+    got = vosops.local_attention(q.to(device), k.to(device), v.to(device), radius=1, return_topk=ret,
+                                 backend=backend, **kw)
+    exp = vosops.local_attention(q, k, v, radius=1, return_topk=ret, backend="reference", **kw)
+    if ret:
+        (got, (gl, gi)), (exp, (el, ei)) = got, exp
+        assert torch.equal(gi.cpu(), ei)
+        torch.testing.assert_close(gl.cpu(), el, equal_nan=True)
+    assert exp.isnan().any(dim=1).sum() == 17  # two 3 x 3 blocks of queries sharing one
+    torch.testing.assert_close(got.cpu(), exp, equal_nan=True, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_backend_channels_last_query(backend, device):
     inputs, kw = make_inputs(1, 4, 3, 5, 6, 2, dict(radius=2, topk=5, offsets=True, border="zero"), device, seed=9)
     testing.check_against_reference(

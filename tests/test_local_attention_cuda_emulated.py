@@ -125,6 +125,28 @@ def test_emulated_cuda_ties_and_no_valid_candidate(emu):
         testing.assert_close(grads[0], want, torch.float32, f"grad of q {kw}", grad=True)
 
 
+def test_emulated_cuda_nan_feature_makes_its_queries_nan(emu):
+    """A NaN key pixel: the queries whose windows hold it output NaN (it ranks first in their lists, as in the
+    reference's sort); every other query is unchanged. The kernel used to drop the NaN (fmaxf) or place it
+    out of order in the list, giving finite wrong outputs."""
+    g = torch.Generator().manual_seed(5)
+    B, C, Cv, H, W, N = 1, 3, 2, 6, 7, 2
+    q, k, v = torch.randn(B, C, H, W, generator=g), torch.randn(B, N, C, H, W, generator=g), \
+        torch.randn(B, N, Cv, H, W, generator=g)
+    k[0, 1, :, 2, 3] = float("nan")
+    grad_out = torch.randn(B, Cv, H, W, generator=g)
+    for kw in (dict(radius=1, topk=4), dict(radius=1, topk=4, normalize="threshold"), dict(radius=1)):
+        out, tl, ti, _ = run_emulated(emu, q, k, v, None, kw, grad_out, None)
+        if kw.get("topk"):
+            ref, (rl, ri) = reference.local_attention(q, k, v, return_topk=True, **kw)
+            assert torch.equal(ti, ri), kw
+            torch.testing.assert_close(tl, rl, equal_nan=True)
+        else:
+            ref = reference.local_attention(q, k, v, **kw)
+        assert ref.isnan().any(dim=1).sum() == 9, kw  # the 3 x 3 queries around (2, 3)
+        torch.testing.assert_close(out, ref, equal_nan=True, atol=2e-5, rtol=2e-5)
+
+
 def test_emulated_cuda_backward_skips_indices_the_forward_cannot_make(emu):
     """The CUDA backward cannot check a directly passed topk_index without a host sync (the CPU glue raises): it
     skips entries outside [0, N*P) or naming an out-of-circle column, never reading through them. A query whose

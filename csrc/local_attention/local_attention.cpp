@@ -183,18 +183,32 @@ inline void score_all(const Config& c, const Views<acc_t>& x, int64_t b, int64_t
   score_all_base(c, x, b, i, j, s, pos);
 }
 
-// Running top-k over candidates visited in increasing index order: a heap whose top is the worst kept entry, so a
-// later candidate enters only when strictly larger (an equal later one has the higher index and loses the tie).
+// Whether any score is NaN (from a NaN or inf feature): one vectorised pass, so that the selection's hot loop
+// compares numbers only and a row with a NaN takes the NaN-aware order.
 template <typename acc_t>
+inline bool any_nan(const acc_t* s, int64_t n) {
+  int nan = 0;
+#pragma omp simd reduction(| : nan)
+  for (int64_t e = 0; e < n; ++e) nan |= s[e] != s[e];
+  return nan != 0;
+}
+
+// Running top-k over candidates visited in increasing index order: a heap whose top is the worst kept entry, so a
+// later candidate enters only when it ranks before it (an equal later one has the higher index and loses the tie).
+// kNan: the row holds a NaN, which ranks first (ranks_before); otherwise plain comparisons.
+template <bool kNan, typename acc_t>
 inline void select_topk(const acc_t* s, int64_t count, int64_t k, std::vector<std::pair<acc_t, int64_t>>& heap) {
-  auto better = [](const std::pair<acc_t, int64_t>& a, const std::pair<acc_t, int64_t>& b) {
-    return ranks_before(a.first, a.second, b.first, b.second);
+  auto before = [](acc_t sa, int64_t ia, acc_t sb, int64_t ib) {
+    return kNan ? ranks_before(sa, ia, sb, ib) : ranks_before_numbers(sa, ia, sb, ib);
+  };
+  auto better = [&](const std::pair<acc_t, int64_t>& a, const std::pair<acc_t, int64_t>& b) {
+    return before(a.first, a.second, b.first, b.second);
   };
   heap.clear();
   for (int64_t e = 0; e < k; ++e) heap.emplace_back(s[e], e);
   std::make_heap(heap.begin(), heap.end(), better);
   for (int64_t e = k; e < count; ++e) {
-    if (s[e] > heap.front().first) {
+    if (before(s[e], e, heap.front().first, heap.front().second)) {
       std::pop_heap(heap.begin(), heap.end(), better);
       heap.back() = {s[e], e};
       std::push_heap(heap.begin(), heap.end(), better);
@@ -224,8 +238,13 @@ void forward_cpu(const Config& c, const Views<at::opmath_type<scalar_t>>& x, at:
         const int64_t qi = row * c.W + j;  // (b, i, j) in (B, H, W)
         score_all(c, x, b, i, j, s.data(), pos.data());
         acc_t m = -kInf, thr = -kInf;
+        const bool nan_row = any_nan(s.data(), NQ);
         if (K) {
-          select_topk(s.data(), NQ, K, heap);
+          if (nan_row) {
+            select_topk<true>(s.data(), NQ, K, heap);
+          } else {
+            select_topk<false>(s.data(), NQ, K, heap);
+          }
           for (int64_t e = 0; e < K; ++e) {
             const int64_t cand = heap[e].second;
             lp[qi * K + e] = static_cast<scalar_t>(heap[e].first);
@@ -235,6 +254,13 @@ void forward_cpu(const Config& c, const Views<at::opmath_type<scalar_t>>& x, at:
           if (c.normalize == Normalize::Threshold) thr = heap[K - 1].first;
         } else {
           for (int64_t e = 0; e < NQ; ++e) m = std::max(m, s[e]);
+        }
+        if (nan_row) {  // a NaN score (from a NaN or inf feature): the query's output is NaN, as the reference's
+          constexpr acc_t kNan = std::numeric_limits<acc_t>::quiet_NaN();
+          for (int64_t cv = 0; cv < Cv; ++cv) op[(b * Cv + cv) * HW + i * c.W + j] = static_cast<scalar_t>(kNan);
+          sp[qi * 2] = kNan;
+          sp[qi * 2 + 1] = thr;
+          continue;
         }
         std::fill(acc.begin(), acc.end(), acc_t(0));
         acc_t sum = acc_t(0);
@@ -337,7 +363,7 @@ VOSOPS_INLINE void backward_rows_impl(const Config& c, const Views<acc_t>& x, co
     for (int64_t j = 0; j < c.W; ++j) {
       const int64_t qi = row * c.W + j;
       const acc_t lse = io.st[qi * 2], thr = io.st[qi * 2 + 1];
-      if (!(lse < kInf)) continue;  // no candidate kept: zero gradient
+      if (lse == kInf) continue;  // no candidate kept: zero gradient (a NaN lse goes on: NaN gradients)
       const acc_t* __restrict qv = x.q + qi * C;
       const acc_t* __restrict gv = io.g + qi * Cv;
       // The kept candidates ("items", as n*Q + t) with recomputed scores and key positions.

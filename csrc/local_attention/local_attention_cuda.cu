@@ -160,14 +160,18 @@ __device__ __forceinline__ void team_list_init(TeamList<MAXK>& L) {
 // s and e). A full list admits only s > kth. The new slot j is the start slot minus the number of kept entries
 // strictly below s (they form the tail), and the slots from j on shift down by one, each lane taking its
 // predecessor's value with one shuffle per register (lane 0's predecessor is lane kTeam-1's previous register).
+// A later candidate's score s ranks before a kept t: larger, or NaN over a number (NaN first, as torch.sort and
+// ranks_before order them; an equal later candidate loses the tie).
+__device__ __forceinline__ bool later_ranks_before(float s, float t) { return s > t || (s != s && t == t); }
+
 template <int MAXK>
 __device__ __forceinline__ void team_list_push(TeamList<MAXK>& L, float s, int32_t e, int K, int g) {
   constexpr int R = TeamList<MAXK>::R;
-  if (L.cnt == K && !(s > L.kth)) return;
+  if (L.cnt == K && !later_ranks_before(s, L.kth)) return;
   const int start = L.cnt < K ? L.cnt : K - 1;  // when full, the last slot drops out
   int below = 0;
 #pragma unroll
-  for (int r = 0; r < R; ++r) below += (r * kTeam + g < start && s > L.s[r]) ? 1 : 0;
+  for (int r = 0; r < R; ++r) below += (r * kTeam + g < start && later_ranks_before(s, L.s[r])) ? 1 : 0;
   const int j = start - team_sum(below);
   const unsigned mask = team_mask();
   const int from = (g + kTeam - 1) % kTeam;
@@ -222,7 +226,7 @@ __global__ void __launch_bounds__(kThreads, 4) forward_kernel(const CudaProblem 
         if (MAXK > 0) {
           team_list_push<MAXK>(list, s, static_cast<int32_t>(n * Q + t), K, g);
         } else {
-          m = fmaxf(m, s);
+          m = (s > m || s != s) ? s : m;  // fmaxf would drop a NaN; here it stays
         }
       }
     }
@@ -247,6 +251,14 @@ __global__ void __launch_bounds__(kThreads, 4) forward_kernel(const CudaProblem 
       }
     }
     float* o = out + b * p.Cv * HW + i * p.W + j;
+    if (m != m) {  // a NaN score (from a NaN or inf feature): the query's output is NaN, as the reference's
+      for (int64_t c = g; c < p.Cv; c += kTeam) o[c * HW] = m;
+      if (g == 0) {
+        stats[qi * 2] = m;
+        stats[qi * 2 + 1] = thr;
+      }
+      continue;
+    }
     if (!(m > -INFINITY)) {  // nothing kept (the whole team agrees): zero output, lse = +inf gives zero gradient
       for (int64_t c = g; c < p.Cv; c += kTeam) o[c * HW] = 0.f;
       if (g == 0) {
@@ -360,7 +372,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const CudaProblem p,
   const int64_t teams = static_cast<int64_t>(blockDim.x) * gridDim.x / kTeam;
   for (int64_t qi = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kTeam; qi < total; qi += teams) {
     const float lse = stats[qi * 2], thr = stats[qi * 2 + 1];
-    if (!(lse < INFINITY)) continue;  // nothing kept: zero gradient
+    if (lse == INFINITY) continue;  // nothing kept: zero gradient (a NaN lse goes on: NaN gradients)
     const int64_t b = qi / HW, i = (qi % HW) / p.W, j = qi % p.W;
     const float* qv = p.q + qi * p.C;
     const QRow qrow = load_q(p, qv, g);

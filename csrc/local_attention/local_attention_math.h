@@ -34,9 +34,18 @@ VOSOPS_HD int32_t round_offset(double o, int64_t L) {
 }
 
 // "a ranks before b" in a top-k list: larger logit first, ties to the lower candidate index (a stable descending
-// sort). Used by the running top-k of every backend.
+// sort). A NaN ranks before every number, as in torch.sort (a NaN feature makes the query's output NaN, as the
+// reference's does, instead of a finite result from a list the NaN left out of order).
 template <typename T>
 VOSOPS_HD bool ranks_before(T sa, int64_t ia, T sb, int64_t ib) {
+  const bool a_nan = sa != sa, b_nan = sb != sb;
+  if (a_nan || b_nan) return a_nan && (!b_nan || ia < ib);
+  return sa > sb || (sa == sb && ia < ib);
+}
+
+// ranks_before for scores known not to be NaN (the selection's hot path, after one check of the row).
+template <typename T>
+VOSOPS_HD bool ranks_before_numbers(T sa, int64_t ia, T sb, int64_t ib) {
   return sa > sb || (sa == sb && ia < ib);
 }
 

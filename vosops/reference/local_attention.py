@@ -160,13 +160,15 @@ def _normalize(logits, topk, normalize):
 
     softmax: over every candidate, or over the `topk` largest (stable sort: ties go to the lower index).
     threshold: over every candidate >= the k-th largest logit (ties kept). Excluded (-inf) logits weigh 0; a query
-    whose kept set is all -inf gets all-zero weights (and so zero gradient)."""
+    whose kept set is all -inf gets all-zero weights (and so zero gradient). A NaN logit (from a NaN or inf
+    feature) ranks first, as torch.sort puts it, so it is always kept and makes its query's weights NaN."""
     sorted_vals = order = None
     if topk is not None:
         sorted_vals, order = torch.sort(logits, dim=-1, descending=True, stable=True)
     if normalize == "threshold":
         kth = sorted_vals[..., topk - 1 : topk]
-        kept = torch.where(logits >= kth, logits, torch.full_like(logits, float("-inf")))
+        # a NaN ranks above every number (as in the sort), so it is kept and the query's output is NaN
+        kept = torch.where((logits >= kth) | logits.isnan(), logits, torch.full_like(logits, float("-inf")))
     elif topk is not None:
         kept = torch.full_like(logits, float("-inf")).scatter(-1, order[..., :topk], sorted_vals[..., :topk])
     else:
