@@ -253,8 +253,10 @@ def local_attention(q, k, v, *, radius, scale=1.0, topk=None, normalize="softmax
     normalize="softmax": softmax over all in-window candidates, or over the `topk` largest (ties go to the lower
     candidate index). normalize="threshold" (DINO/INO): keep every candidate whose logit is >= the `topk`-th largest
     (ties kept, so more than topk may survive), weights exp(logit) / sum. Max-subtracted exponentials throughout.
-    A query with no valid candidate outputs 0 with zero gradient. Differentiable w.r.t. q, k, v (through the kept
-    candidates); offsets are not differentiated.
+    A query with no valid candidate outputs 0 with zero gradient. A NaN logit (a NaN or inf feature) ranks first, as
+    torch.sort puts it, so a query whose window holds one outputs NaN and lists it first. Differentiable w.r.t. q,
+    k, v (through the kept candidates; first order on the native and Triton backends); offsets are not
+    differentiated.
 
     return_topk=True (needs topk) also returns (logits, indices), each (B, H, W, topk): the topk largest logits of
     every query in descending order (ties: lower index first) and their candidate indices n*P + p (int64), for
