@@ -83,10 +83,11 @@ def test_reference_minibatch_matches_sklearn_on_the_same_batches():
 # --- the fused passes of every backend against the reference ----------------------------------------------------
 
 def _step_inputs(device, B=3, N=37, D=5, K=4):
-    x = torch.randn(B, N, D, device=device) * 2
-    lengths = torch.tensor([N, 11, K][:B] + [N] * max(0, B - 3), device=device)
-    centers = torch.randn(B, K, D, device=device) * 2
-    return x, lengths, centers
+    # drawn on the CPU: a GPU run sees the numbers the CPU run checked (a device generator draws others)
+    x = torch.randn(B, N, D) * 2
+    lengths = torch.tensor([N, 11, K][:B] + [N] * max(0, B - 3))
+    centers = torch.randn(B, K, D) * 2
+    return x.to(device), lengths.to(device), centers.to(device)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

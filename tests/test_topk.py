@@ -356,15 +356,18 @@ def test_jointformer_dense_prefix_plus_topk_memory(backend, device, size):
     12 heads of 64, 3 memory frames, top-120, at a quarter of the 30 x 54 token grid (M = 405)."""
     B, Hh, M, T, D, topk = (1, 2, 24, 2, 16, 6) if size == "small" else (1, 12, 405, 3, 64, 120)
     dtype = torch.float64 if backend in ("reference", "cpu") else torch.float32
-    q = torch.randn(B, Hh, M, D, dtype=dtype, device=device)
-    k = torch.randn(B, Hh, M * (1 + T), D, dtype=dtype, device=device)
-    v = torch.randn(B, Hh, M * (1 + T), D, dtype=dtype, device=device)
+    # q and k on a 1/8 grid: float32 scores are exact in any summation order (a GPU's differs from the CPU's), so
+    # the kept sets are exact too; the expected selection is a stable sort (exact ties to the lower index)
+    q = (torch.randn(B, Hh, M, D, dtype=torch.float64) * 8).round() / 8
+    k = (torch.randn(B, Hh, M * (1 + T), D, dtype=torch.float64) * 8).round() / 8
+    v = torch.randn(B, Hh, M * (1 + T), D, dtype=torch.float64)
     s = q @ k.transpose(-1, -2) / math.sqrt(D)
     s_cur, s_mem = s[..., :M], s[..., M:]
-    vals, idx = torch.topk(s_mem, topk, dim=-1)
-    s_mem_kept = torch.full_like(s_mem, NEG_INF).scatter_(-1, idx, vals)
+    vals, idx = torch.sort(s_mem, dim=-1, descending=True, stable=True)
+    s_mem_kept = torch.full_like(s_mem, NEG_INF).scatter_(-1, idx[..., :topk], vals[..., :topk])
     expected = torch.softmax(torch.cat([s_cur, s_mem_kept], -1), -1) @ v
-    out = vosops.topk_attention(q, k, v, topk=topk, dense_keys=M, backend=backend)
+    q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
+    out = vosops.topk_attention(q, k, v, topk=topk, dense_keys=M, backend=backend).cpu().double()
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
 
