@@ -150,6 +150,31 @@ def test_evaluate_folders_and_csv(tmp_path):
         M.evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "gt"))
 
 
+def test_a_sequence_without_a_scored_frame_does_not_abort_the_others(tmp_path, capsys):
+    """A 2-frame sequence, and one annotated only on its first frame (DAVIS test-dev), have no frame between the
+    first and the last to score: they are left out and named, the others are scored (the whole evaluation used to
+    fail with "no object has a scored frame")."""
+    from vosops import cli
+    from vosops.io import write_mask
+
+    g = np.zeros((16, 16), np.uint8)
+    g[4:10, 4:10] = 1
+    for seq, frames in (("long", 4), ("short", 2), ("first_only", 4)):
+        for t in range(frames):
+            write_mask(str(tmp_path / "pred" / seq / f"{t:05d}.png"), g)
+            if seq != "first_only" or t == 0:
+                write_mask(str(tmp_path / "gt" / seq / f"{t:05d}.png"), g)
+    scores, table, summary = M.evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "gt"))
+    assert list(table) == ["long"] and summary["J-Mean"] == 1.0
+    assert [(s.sequence, s.object_id) for s in scores] == [("long", 1)]
+    assert M.unscored_sequences(M.prediction_sequences(str(tmp_path / "pred")), table) == ["first_only", "short"]
+    assert cli.main(["eval", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]) == 0
+    out = capsys.readouterr().out
+    assert "not scored (no object with a frame between the first and the last): ['first_only', 'short']" in out
+    rows = (tmp_path / "pred" / "results.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["long_1", "long", "all"]
+
+
 def test_evaluation_bad_input(tmp_path):
     from vosops.io import write_mask
 

@@ -197,7 +197,7 @@ def evaluate_folders(pred_dir: str, gt_dir: str, sequences=None, workers: int | 
     if not os.path.isdir(pred_dir):
         raise ValueError(f"pred {pred_dir!r} is not a folder")
     if sequences is None:
-        sequences = sorted(d for d in os.listdir(pred_dir) if os.path.isdir(os.path.join(pred_dir, d)))
+        sequences = prediction_sequences(pred_dir)
     if not sequences:
         raise ValueError(f"pred {pred_dir!r} holds no sequence folders")
 
@@ -217,12 +217,24 @@ def evaluate_folders(pred_dir: str, gt_dir: str, sequences=None, workers: int | 
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         per_seq = list(pool.map(one, sequences))
-    scores = [s for seq_scores in per_seq for s in seq_scores]
+    # A sequence with no scored frame (fewer than 3 frames, or only its first frame annotated, as in DAVIS test-dev)
+    # is left out of the table and the summary, not allowed to abort the others: see unscored_sequences.
+    scores = [s for seq_scores in per_seq for s in seq_scores if s.J]
     table = {}
     for seq, seq_scores in zip(sequences, per_seq):
-        if seq_scores:
+        if any(s.J for s in seq_scores):
             table[seq] = summarize(seq_scores)
     return scores, table, summarize(scores)
+
+
+def prediction_sequences(pred_dir: str) -> list[str]:
+    """The sequence folders of a predictions folder, sorted (what evaluate_folders scores by default)."""
+    return sorted(d for d in os.listdir(pred_dir) if os.path.isdir(os.path.join(pred_dir, d)))
+
+
+def unscored_sequences(sequences, table: dict) -> list[str]:
+    """The sequences evaluate_folders was given that have no row in its table (no object with a scored frame)."""
+    return [s for s in sequences if s not in table]
 
 
 COLUMNS = ["J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"]

@@ -26,6 +26,9 @@ def run(args) -> int:
     scores, table, summary = metrics.evaluate_folders(args.pred, args.gt, sequences=args.sequences,
                                                       workers=args.workers)
     print(metrics.format_table(table, summary))
+    unscored = metrics.unscored_sequences(args.sequences or metrics.prediction_sequences(args.pred), table)
+    if unscored:
+        print(f"not scored (no object with a frame between the first and the last): {unscored}")
     path = args.csv or os.path.join(args.pred, "results.csv")
     metrics.write_csv(path, scores, table, summary)
     print(f"\nJ&F-Mean {summary['J&F-Mean']:.4f} over {len(scores)} objects in {len(table)} sequences "
