@@ -397,24 +397,58 @@ def test_mask_writer(tmp_path):
 
 
 def test_mask_writer_reports_a_failed_write_to_the_producer(tmp_path):
-    """The writer thread's error surfaces, chained, on the next put or at close; the frames before it are written."""
+    """The writer thread's error surfaces, chained, on the next put or at close; the frames before it are written.
+    A bad input is a ValueError naming the cause (the CLI's one-line error)."""
     w = MaskWriter(str(tmp_path / "m"))
     w.put("00000", torch.ones(4, 4, dtype=torch.uint8))
     w.put("00001", torch.ones(2, 4, 4, dtype=torch.uint8))  # not a (H, W) map: write_mask refuses it
-    with pytest.raises(RuntimeError, match="the mask writer failed") as info:
+    with pytest.raises(ValueError, match="the mask writer failed: .*ids") as info:
         w.close()
     assert isinstance(info.value.__cause__, ValueError) and "ids" in str(info.value.__cause__)
     assert w.written == 1 and (tmp_path / "m" / "00000.png").exists()
-    with pytest.raises(RuntimeError, match="the mask writer failed"):
+    with pytest.raises(ValueError, match="the mask writer failed"):
         w.put("00002", torch.ones(4, 4, dtype=torch.uint8))
 
 
 def test_mask_writer_names_an_unwritable_overlay_video(tmp_path):
     w = MaskWriter(str(tmp_path / "m"), overlay_video=str(tmp_path / "no-such-folder" / "o.mp4"))
     w.put("00000", torch.ones(4, 4, dtype=torch.uint8), frame=np.zeros((4, 4, 3), np.uint8))
-    with pytest.raises(RuntimeError, match="the mask writer failed") as info:
+    with pytest.raises(ValueError, match="the mask writer failed: OpenCV cannot write an MP4") as info:
         w.close()
     assert "OpenCV cannot write an MP4" in str(info.value.__cause__)
+
+
+def test_mask_writer_reports_any_other_error_as_runtime_error(tmp_path, monkeypatch):
+    import vosops.io
+
+    def broken(*a, **k):
+        raise KeyError("disk gremlin")
+
+    monkeypatch.setattr(vosops.io, "write_mask", broken)  # before the writer thread imports it
+    w = MaskWriter(str(tmp_path / "m"))
+    w.put("00000", torch.ones(4, 4, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="the mask writer failed") as info:
+        w.close()
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+@pytest.mark.parametrize("size", [(7, 5), (33, 41), (1, 1), (480, 853)])
+def test_mask_writer_overlay_video_keeps_odd_sizes(tmp_path, size):
+    """MPEG-4 needs even sizes: the overlay video pads an odd side by one row or column (the encoder used to crop
+    it, and a side of 1 could not be written at all), as write_overlay_video does."""
+    import cv2
+
+    H, W = size
+    path = str(tmp_path / "o.mp4")
+    w = MaskWriter(str(tmp_path / "m"), overlay_video=path)
+    for t in range(2):
+        w.put(f"{t:05d}", torch.ones(H, W, dtype=torch.uint8), frame=np.full((H, W, 3), 90, np.uint8))
+    w.close()
+    cap = cv2.VideoCapture(path)
+    assert (int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))) == (H + H % 2,
+                                                                                              W + W % 2)
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 2
+    cap.release()
 
 
 @pytest.mark.cuda

@@ -54,6 +54,12 @@ def contact_sheet(images: Sequence[np.ndarray], cols: int = 6, width: int = 160,
     return sheet
 
 
+def pad_to_even(image: np.ndarray) -> np.ndarray:
+    """(H, W, C) with an odd height or width given one more row or column, a copy of the last: MPEG-4 needs even
+    sizes, and OpenCV's encoder would crop one (and cannot open a writer for a side of 1)."""
+    return np.pad(image, ((0, image.shape[0] % 2), (0, image.shape[1] % 2), (0, 0)), mode="edge")
+
+
 def write_overlay_video(path: str, frames: Iterable[np.ndarray], masks: Iterable[np.ndarray], fps: float = 24.0):
     """An MP4 (mp4v) of the overlays through OpenCV; returns the number of frames written. MPEG-4 needs even
     sizes: an odd height or width gets one more row or column, a copy of the last (the encoder would crop one)."""
@@ -65,8 +71,7 @@ def write_overlay_video(path: str, frames: Iterable[np.ndarray], masks: Iterable
     writer, n = None, 0
     try:
         for f, m in zip(frames, masks):
-            ov = overlay(f, m)
-            ov = np.pad(ov, ((0, ov.shape[0] % 2), (0, ov.shape[1] % 2), (0, 0)), mode="edge")
+            ov = pad_to_even(overlay(f, m))
             if writer is None:
                 h, w = ov.shape[:2]
                 writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))

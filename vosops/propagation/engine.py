@@ -225,7 +225,7 @@ class MaskWriter:
 
     def put(self, name: str, ids: torch.Tensor, frame: np.ndarray | None = None) -> None:
         if self.error is not None:
-            raise RuntimeError("the mask writer failed") from self.error
+            self._raise_error()
         if ids.is_cuda:
             host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
             host.copy_(ids, non_blocking=True)
@@ -241,6 +241,7 @@ class MaskWriter:
         from PIL import Image
 
         from ..io import overlay, write_mask
+        from ..io.overlay import pad_to_even
 
         while True:
             item = self.q.get()
@@ -258,7 +259,7 @@ class MaskWriter:
                         os.makedirs(self.overlay_folder, exist_ok=True)
                         Image.fromarray(ov).save(os.path.join(self.overlay_folder, f"{name}.png"))
                     if self.overlay_video is not None:
-                        self._write_video_frame(ov)
+                        self._write_video_frame(pad_to_even(ov))
                 self.written += 1
             except BaseException as e:  # reported to the producer on its next put/close
                 self.error = e
@@ -279,4 +280,11 @@ class MaskWriter:
         if self._video is not None:
             self._video.release()
         if self.error is not None:
-            raise RuntimeError("the mask writer failed") from self.error
+            self._raise_error()
+
+    def _raise_error(self) -> None:
+        """The writer thread's error, chained; a bad input or an unwritable file (ValueError, OSError) as a
+        ValueError, which the CLI reports in one line."""
+        if isinstance(self.error, (ValueError, OSError)):
+            raise ValueError(f"the mask writer failed: {self.error}") from self.error
+        raise RuntimeError("the mask writer failed") from self.error
