@@ -112,6 +112,7 @@ def test_input_errors_are_one_line_not_a_traceback(tmp_path, capsys, monkeypatch
         (["propagate", frames_dir, "--mask", first, "--out", out, "--device", "cuda:99"], "cuda:99"),
         (["propagate", frames_dir, "--mask", first, "--out", out, "--preset", "maskvos", "--flow", "dis"],
          "--flow dis: preset maskvos's readout takes no flow offsets"),
+        (["propagate", frames_dir, "--mask", first, "--out", frames_dir], "is the frames' folder"),
     ]
     if not torch.cuda.is_available():
         cases.append((["propagate", frames_dir, "--mask", first, "--out", out, "--device", "cpu", "--backend",

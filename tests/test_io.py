@@ -129,6 +129,18 @@ def test_frame_folder_in_numeric_order(tmp_path):
     assert sorted(["00010.jpg", "00002.jpg"], key=vio.video.frame_sort_key) == ["00002.jpg", "00010.jpg"]
 
 
+def test_frames_sharing_a_name_are_refused(tmp_path):
+    """00000.jpg and 00000.png (a first-frame mask saved among the frames, or mixed extensions) would give two
+    frames one mask name: the second's mask silently overwrote the first's."""
+    for t in range(3):
+        Image.fromarray(np.full((4, 4, 3), t, np.uint8)).save(tmp_path / f"{t:05d}.jpg")
+    assert vio.VideoReader(str(tmp_path)).names == ["00000", "00001", "00002"]
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "00000.png")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "00002.JPG")
+    with pytest.raises(ValueError, match=r"share a name \(00000.jpg, 00000.png, 00002.JPG, 00002.jpg\)"):
+        vio.VideoReader(str(tmp_path))
+
+
 def test_reader_bad_input(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         vio.VideoReader(str(tmp_path / "missing"))

@@ -200,6 +200,19 @@ def test_engine_multi_object_on_synthetic_video():
     assert s["J&F-Mean"] > 0.7, s
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.int32, np.uint8])
+def test_engine_takes_masks_of_any_integer_dtype(dtype):
+    """A 16-bit mask PNG reads as uint16 (cv2.IMREAD_UNCHANGED); torch has no min/max for uint16/uint32, which
+    made the id check fail with NotImplementedError."""
+    frames, gts = synthetic_video(T=3, H=32, W=40, seed=1)
+    expected = [ids.numpy() for _, ids in _small_engine().propagate(frames, {0: gts[0]})]
+    got = [ids.numpy() for _, ids in _small_engine().propagate(frames, {0: gts[0].astype(dtype)})]
+    for e, g in zip(expected, got):
+        np.testing.assert_array_equal(g, e)
+    with pytest.raises(ValueError, match=r"ids in 0..255.*got 0..300"):
+        list(_small_engine().propagate(frames, {0: np.where(gts[0] > 0, 300, 0).astype(np.uint16)}))
+
+
 def test_engine_late_appearing_object():
     frames, gts = synthetic_video(T=7, H=96, W=128, seed=2)
     first = np.where(gts[0] == 3, 0, gts[0])  # object 3 not given at frame 0

@@ -122,6 +122,9 @@ def run(args) -> int:
             if not args.mask:
                 raise ValueError("--mask FIRST.png is required with a video")
             reader = VideoReader(args.source)
+            if reader.is_folder and os.path.realpath(args.out) == os.path.realpath(args.source):
+                raise ValueError(f"--out {args.out!r} is the frames' folder: the masks (<frame>.png) would overwrite "
+                                 "PNG frames or be read as frames next time; choose another folder")
             mask = read_mask(args.mask)
             if mask.shape != tuple(reader.size):
                 raise ValueError(f"mask {mask.shape} and frames {tuple(reader.size)} differ in size")

@@ -56,6 +56,13 @@ class VideoReader:
             if not self._files:
                 raise ValueError(f"path {path!r} holds no {'/'.join(IMAGE_EXTENSIONS)} frames")
             self.names = [os.path.splitext(os.path.basename(f))[0] for f in self._files]
+            if len(set(self.names)) < len(self.names):  # 00000.jpg and 00000.png: one mask name for two frames
+                seen: set[str] = set()
+                dup = sorted({n for n in self.names if n in seen or seen.add(n)}, key=frame_sort_key)
+                files = [os.path.basename(f) for f in self._files if os.path.splitext(os.path.basename(f))[0] in dup]
+                raise ValueError(f"path {path!r} holds frames that share a name ({', '.join(files[:6])}): each "
+                                 "frame's mask is named after it, so keep one image per name (a first-frame mask "
+                                 "saved among the frames is read as a frame)")
         else:
             cv2 = _cv2()
             cap = cv2.VideoCapture(path)

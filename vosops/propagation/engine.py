@@ -39,7 +39,10 @@ def _frame_tensor(frame, device) -> torch.Tensor:
 
 
 def _ids_tensor(ids, name) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids))
+    a = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids)
+    if a.dtype.kind == "u" and a.itemsize > 1:  # uint16 (a 16-bit mask PNG), uint32: torch has no min/max for them
+        a = a.astype(np.int64)
+    t = torch.as_tensor(a)
     if t.dim() != 2:
         raise ValueError(f"{name} must be a 2-D (H, W) map of object ids, got shape {tuple(t.shape)}")
     if t.dtype.is_floating_point:
