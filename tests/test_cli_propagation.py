@@ -146,6 +146,15 @@ def _davis_layout(root, seqs=3, T=4, H=48, W=64):
             write_mask(os.path.join(root, "Annotations", "480p", f"seq{s}", f"{n}.png"), g)
 
 
+def test_dataset_error_names_its_sequence(tmp_path, capsys):
+    root = str(tmp_path / "davis")
+    _davis_layout(root, seqs=2, T=3, H=32, W=40)
+    write_mask(os.path.join(root, "Annotations", "480p", "seq1", "00000.png"), np.ones((12, 16), np.uint8))
+    assert cli.main(["propagate", "--dataset", root, "--out", str(tmp_path / "out"), "--no-overlay"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vosops propagate: sequence 'seq1': ") and "(12, 16)" in err, err
+
+
 def test_dataset_sharded_over_two_gloo_processes(tmp_path):
     root, out = str(tmp_path / "davis"), str(tmp_path / "pred")
     _davis_layout(root)

@@ -94,6 +94,16 @@ def test_flow_bad_input():
         vflow.clamp_round_flow(np.zeros((1, 2, 4, 4)))
 
 
+@pytest.mark.parametrize("size", [(4, 33), (11, 11)])
+def test_dis_on_frames_too_small_is_a_clear_error(size):
+    """OpenCV's DIS asserts on tiny frames (cv2.error, a traceback from the CLI); it is a ValueError naming the
+    size, and Farneback takes them."""
+    a = np.random.default_rng(0).integers(0, 255, (*size, 3)).astype(np.uint8)
+    with pytest.raises(ValueError, match=rf"DIS flow failed on frames of {size[0]}x{size[1]}.*farneback"):
+        vflow.estimate_flow(a, a)
+    assert vflow.estimate_flow(a, a, method="farneback").shape == (1, 2, *size)
+
+
 def test_every_frame_form_gives_the_same_flow():
     """RGB and gray, numpy and tensor, uint8 and float in [0, 1], single frames and batches: one flow."""
     big = _texture(seed=2)

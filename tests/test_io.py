@@ -141,6 +141,15 @@ def test_frames_sharing_a_name_are_refused(tmp_path):
         vio.VideoReader(str(tmp_path))
 
 
+def test_truncated_mask_names_the_file(tmp_path):
+    good = tmp_path / "good.png"
+    vio.write_mask(str(good), np.random.default_rng(0).integers(0, 3, (64, 64)).astype(np.uint8))
+    data = good.read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"mask '.*cut.png' cannot be read as an image"):
+        vio.read_mask(str(tmp_path / "cut.png"))
+
+
 def test_reader_bad_input(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         vio.VideoReader(str(tmp_path / "missing"))

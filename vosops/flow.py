@@ -79,7 +79,11 @@ def estimate_flow(a, b, method: str = "dis", *, preset: str = "medium", device=N
     if method == "dis":
         dis = cv2.DISOpticalFlow_create(DIS_PRESETS[preset])
         for fa, fb in zip(ga, gb):
-            flows.append(dis.calc(fa, fb, None))
+            try:
+                flows.append(dis.calc(fa, fb, None))
+            except cv2.error as e:  # e.g. frames too small for its patches (a side under 12 px)
+                raise ValueError(f"OpenCV's DIS flow failed on frames of {fa.shape[0]}x{fa.shape[1]} "
+                                 f"({getattr(e, 'err', e)}); method='farneback' takes any size") from None
     else:
         for fa, fb in zip(ga, gb):
             flows.append(cv2.calcOpticalFlowFarneback(fa, fb, None, 0.5, 4, 15, 3, 5, 1.2, 0))

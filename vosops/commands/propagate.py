@@ -153,8 +153,11 @@ def _run_dataset(args, engine, desc, device, rank, world) -> int:
           flush=True)
     total_n, total_t = 0, 0.0
     for seq in mine:
-        n, dt = propagate_video(engine, ds.frames(seq), ds.first_mask(seq), os.path.join(args.out, seq),
-                                overlay=not args.no_overlay, label=f"[rank {rank}] {seq}")
+        try:
+            n, dt = propagate_video(engine, ds.frames(seq), ds.first_mask(seq), os.path.join(args.out, seq),
+                                    overlay=not args.no_overlay, label=f"[rank {rank}] {seq}")
+        except ValueError as e:  # name the sequence: the message alone may not say which one
+            raise ValueError(f"sequence {seq!r}: {e}") from e
         total_n, total_t = total_n + n, total_t + dt
         print(f"[rank {rank}] {seq}: {n} frames, {n / dt:.2f} frames/s", flush=True)
     if group is not None:

@@ -34,7 +34,11 @@ def read_mask(path: str) -> np.ndarray:
     """
     if not os.path.isfile(path):
         raise ValueError(f"mask {path!r} does not exist")
-    im = Image.open(path)
+    try:
+        im = Image.open(path)
+        im.load()  # decode now: a truncated or corrupt file fails here, named
+    except OSError as e:
+        raise ValueError(f"mask {path!r} cannot be read as an image ({e})") from None
     if im.mode == "P":
         return np.array(im, dtype=np.uint8)
     if im.mode in ("L", "1", "I", "I;16"):
