@@ -150,6 +150,33 @@ def test_truncated_mask_names_the_file(tmp_path):
         vio.read_mask(str(tmp_path / "cut.png"))
 
 
+def test_hidden_files_and_folders_are_not_frames_or_sequences(tmp_path):
+    """macOS's ._00000.jpg companions and .ipynb_checkpoints folders: not frames, not sequences (they aborted runs)."""
+    root = tmp_path / "davis"
+    for seq in ("a", ".ipynb_checkpoints"):
+        (root / "JPEGImages" / "480p" / seq).mkdir(parents=True)
+        (root / "Annotations" / "480p" / seq).mkdir(parents=True)
+    for t in range(2):
+        Image.fromarray(np.full((4, 4, 3), t, np.uint8)).save(root / "JPEGImages" / "480p" / "a" / f"{t:05d}.jpg")
+    (root / "JPEGImages" / "480p" / "a" / "._00000.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    vio.write_mask(str(root / "Annotations" / "480p" / "a" / "00000.png"), np.ones((4, 4), np.uint8))
+    (root / "Annotations" / "480p" / "a" / "._00000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert vio.VideoReader(str(root / "JPEGImages" / "480p" / "a")).names == ["00000", "00001"]
+    ds = vio.DavisDataset(str(root))
+    assert ds.sequences == ["a"] and ds.first_mask("a").sum() == 16
+
+
+def test_jpeg_mask_with_blurred_ids_is_refused(tmp_path):
+    yy, xx = np.mgrid[:32, :32]
+    m = np.where((yy - 15.3) ** 2 + (xx - 16.7) ** 2 < 70, 255, 0).astype(np.uint8)  # a disc: edges off the blocks
+    Image.fromarray(m).save(tmp_path / "m.jpg", quality=75)
+    assert len(np.unique(np.array(Image.open(tmp_path / "m.jpg")))) > 2  # compression made values between
+    with pytest.raises(ValueError, match="is a JPEG with values other than 0 and 255"):
+        vio.read_mask(str(tmp_path / "m.jpg"))
+    Image.fromarray(m).save(tmp_path / "clean.png")
+    assert vio.read_mask(str(tmp_path / "clean.png")).max() == 1
+
+
 def test_reader_bad_input(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         vio.VideoReader(str(tmp_path / "missing"))

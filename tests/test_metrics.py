@@ -173,6 +173,12 @@ def test_a_sequence_without_a_scored_frame_does_not_abort_the_others(tmp_path, c
     assert "not scored (no object with a frame between the first and the last): ['first_only', 'short']" in out
     rows = (tmp_path / "pred" / "results.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["long_1", "long", "all"]
+    # a ground-truth sequence without predictions is named too (the mean is then not over the whole set)
+    write_mask(str(tmp_path / "gt" / "unseen" / "00000.png"), g)
+    assert M.unpredicted_sequences(str(tmp_path / "pred"), str(tmp_path / "gt")) == ["unseen"]
+    assert cli.main(["eval", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]) == 0
+    assert "ground truth without predictions (not scored; the mean is over the others): ['unseen']" in \
+        capsys.readouterr().out
 
 
 def test_evaluation_bad_input(tmp_path):

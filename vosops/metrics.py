@@ -175,7 +175,7 @@ def _seq_folder_frames(folder: str) -> dict[str, str]:
     from .io.video import frame_sort_key
 
     return {os.path.splitext(f)[0]: os.path.join(folder, f) for f in sorted(os.listdir(folder), key=frame_sort_key)
-            if f.lower().endswith(".png")}
+            if f.lower().endswith(".png") and not f.startswith(".")}
 
 
 def _annotation_root(gt: str) -> str:
@@ -228,8 +228,16 @@ def evaluate_folders(pred_dir: str, gt_dir: str, sequences=None, workers: int | 
 
 
 def prediction_sequences(pred_dir: str) -> list[str]:
-    """The sequence folders of a predictions folder, sorted (what evaluate_folders scores by default)."""
-    return sorted(d for d in os.listdir(pred_dir) if os.path.isdir(os.path.join(pred_dir, d)))
+    """The sequence folders of a predictions folder, sorted (what evaluate_folders scores by default); hidden
+    folders are not sequences."""
+    return sorted(d for d in os.listdir(pred_dir) if not d.startswith(".") and os.path.isdir(os.path.join(pred_dir, d)))
+
+
+def unpredicted_sequences(pred_dir: str, gt_dir: str) -> list[str]:
+    """Ground-truth sequences with no predictions folder: evaluate_folders' default leaves them out, so a global
+    number over the rest is not the official one over the whole set."""
+    gt_root = _annotation_root(gt_dir)
+    return [s for s in prediction_sequences(gt_root) if not os.path.isdir(os.path.join(pred_dir, s))]
 
 
 def unscored_sequences(sequences, table: dict) -> list[str]:

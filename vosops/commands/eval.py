@@ -29,6 +29,9 @@ def run(args) -> int:
     unscored = metrics.unscored_sequences(args.sequences or metrics.prediction_sequences(args.pred), table)
     if unscored:
         print(f"not scored (no object with a frame between the first and the last): {unscored}")
+    unpredicted = [] if args.sequences else metrics.unpredicted_sequences(args.pred, args.gt)
+    if unpredicted:
+        print(f"ground truth without predictions (not scored; the mean is over the others): {unpredicted}")
     path = args.csv or os.path.join(args.pred, "results.csv")
     metrics.write_csv(path, scores, table, summary)
     print(f"\nJ&F-Mean {summary['J&F-Mean']:.4f} over {len(scores)} objects in {len(table)} sequences "

@@ -34,8 +34,9 @@ class DavisDataset:
             if missing:
                 raise ValueError(f"imageset {imageset!r} lists sequences with no frames: {missing}")
         else:
+            # hidden folders (.ipynb_checkpoints, .git) are not sequences
             self.sequences = sorted(d for d in os.listdir(self.image_root)
-                                    if os.path.isdir(os.path.join(self.image_root, d)))
+                                    if not d.startswith(".") and os.path.isdir(os.path.join(self.image_root, d)))
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -52,7 +53,8 @@ class DavisDataset:
         if not os.path.isdir(folder):
             return {}
         return {os.path.splitext(f)[0]: os.path.join(folder, f)
-                for f in sorted(os.listdir(folder), key=frame_sort_key) if f.lower().endswith(".png")}
+                for f in sorted(os.listdir(folder), key=frame_sort_key)
+                if f.lower().endswith(".png") and not f.startswith(".")}
 
     def first_mask(self, seq: str) -> np.ndarray:
         """The annotation of the sequence's first frame as object ids."""

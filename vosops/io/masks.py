@@ -48,6 +48,9 @@ def read_mask(path: str) -> np.ndarray:
         vals = np.unique(a)
         if set(vals.tolist()) <= {0, 255}:
             return (a == 255).astype(np.uint8)
+        if im.format == "JPEG":  # lossy: a 0/255 mask comes back with values between, which would read as ids
+            raise ValueError(f"mask {path!r} is a JPEG with values other than 0 and 255 (compression blurs ids): "
+                             "save masks as PNG")
         if vals.max() > 255 or vals.min() < 0:
             raise ValueError(f"mask {path!r} has ids outside 0..255 ({vals.min()}..{vals.max()})")
         return a.astype(np.uint8)

@@ -30,8 +30,10 @@ def frame_sort_key(name: str) -> tuple:
 
 
 def list_frames(folder: str) -> list[str]:
-    """The image files of a folder in frame order (`frame_sort_key`)."""
-    names = sorted((f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)), key=frame_sort_key)
+    """The image files of a folder in frame order (`frame_sort_key`); hidden files (macOS's ._00000.jpg
+    AppleDouble companions) are not frames."""
+    names = sorted((f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")),
+                   key=frame_sort_key)
     return [os.path.join(folder, f) for f in names]
 
 
