@@ -170,3 +170,36 @@ def test_every_op_with_a_scale_rejects_a_non_finite_one(backend):
     for name in ("local_attention", "global_topk", "topk_attention", "topk_attention_backward"):
         assert any(c.startswith(name.replace("_backward", "")) and c.endswith(
             suffix + ("_backward" if "backward" in name else "")) for c in checked), (name, checked)
+
+
+@pytest.mark.parametrize("dtype,portable", [(torch.float64, False), (torch.float32, True), (torch.float32, False)])
+def test_topk_attention_backward_takes_an_index_that_repeats_a_key(dtype, portable, monkeypatch):
+    """A directly passed index may name one key many times in a row (the forward never does): the cpu backward's
+    per-key scratch was sized for at most max(M, 64) queries per key, and the portable path (float64, or
+    VOSOPS_TOPK_PORTABLE=1) wrote past it (heap corruption, an abort). Each repeat counts as one more kept pair."""
+    if _backends.why_unusable("cpu", "topk_attention", "cpu") is not None:
+        pytest.skip("no native CPU kernel for topk_attention in this build")
+    import subprocess
+    import sys
+
+    script = f"""
+import torch, vosops
+M, L = 1, 400
+q, k = torch.ones(1, 1, M, 1, dtype={dtype}), torch.ones(1, 1, L, 1, dtype={dtype})
+v = torch.arange(L, dtype={dtype}).view(1, 1, L, 1)
+out, lse, g = torch.ones(1, 1, M, 1, dtype={dtype}), torch.zeros(1, 1, M, dtype=torch.{'float64' if dtype == torch.float64 else 'float32'}), torch.ones(1, 1, M, 1, dtype={dtype})
+index = torch.zeros(1, 1, M, L, dtype=torch.long)  # key 0, L times
+for _ in range(20):
+    dq, dk, dv = torch.ops.vosops.topk_attention_backward(g, q, k, v, out, lse, index, 1.0, 0)
+# p = exp(q.k - lse) = e per pair, L pairs on key 0: dv[0] = L * e * g
+assert abs(dv[0, 0, 0, 0].item() - L * 2.718281828459045) < 1e-3 * L, dv[0, 0, 0, 0].item()
+assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and (dv[0, 0, 1:] == 0).all()
+print("ok")
+"""
+    env = dict(__import__("os").environ)
+    env.pop("VOSOPS_TOPK_PORTABLE", None)
+    if portable:
+        env["VOSOPS_TOPK_PORTABLE"] = "1"
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr

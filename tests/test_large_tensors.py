@@ -164,3 +164,34 @@ def test_flow_warp_backward_reads_channels_past_2_31():
     expected, = torch.autograd.grad(out, last, grad_out[:, C - 1:].double())
     assert expected[0, :, 3, 4].abs().min() > 1  # the taps move both components
     torch.testing.assert_close(grad_flow.double(), expected)
+
+
+def _big_empty_half(*shape):
+    try:
+        return torch.empty(*shape, dtype=torch.float16)
+    except RuntimeError as exc:  # address space refused (strict overcommit): not a failure of the op
+        pytest.skip(f"cannot reserve {torch.Size(shape).numel() * 2 / 2**30:.1f} GiB of address space: {exc}")
+
+
+def test_offsets_whose_rounded_bound_passes_int32_are_refused():
+    """Offsets are rounded to int32, clamped to +-(H + W + dilation * radius + 1): a frame 2^31 pixels wide would
+    wrap that bound (an in-frame offset became INT_MIN). The public functions and the native ops refuse it before
+    reading anything (the operands here are untouched fp16 allocations)."""
+    _needs_native("local_attention")
+    W = 2**31 - 1
+    q, k, v = _big_empty_half(1, 1, 1, W), _big_empty_half(1, 1, 1, 1, W), _big_empty_half(1, 1, 1, 1, W)
+    offsets = _big_empty_half(1, 1, 2, 1, W)
+    match = r"H \+ W \+ dilation \* radius must be below 2\^31 - 1"
+    for backend in ("cpu", "reference"):
+        with pytest.raises(ValueError, match=match):
+            vosops.local_attention(q, k, v, radius=0, offsets=offsets, backend=backend)
+        with pytest.raises(ValueError, match=match):
+            vosops.local_affinity(q, k, radius=0, offsets=offsets, backend=backend)
+        with pytest.raises(ValueError, match=match):
+            vosops.local_aggregate(k, v, radius=0, offsets=offsets, backend=backend)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.vosops.local_attention(q, k, v, offsets, 0, 1, 1.0, 0, "softmax", "square", "mask", False)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.vosops.local_affinity(q, k, offsets, 0, 1, "square", 1.0, "mask")
+    with pytest.raises(ValueError, match=match):
+        torch.ops.vosops.local_aggregate(k, v, offsets, 0, 1)

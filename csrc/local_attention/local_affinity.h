@@ -27,8 +27,10 @@ inline void check_geometry(const char* op, int64_t radius, int64_t dilation) {
                     local_attention::kMaxDilation, ", got ", dilation);
 }
 
-inline void check_offsets(const char* op, const std::optional<at::Tensor>& offsets, const at::Tensor& like, int64_t N) {
+inline void check_offsets(const char* op, const std::optional<at::Tensor>& offsets, const at::Tensor& like, int64_t N,
+                          int64_t radius, int64_t dilation) {
   if (!offsets.has_value()) return;
+  local_attention::check_offset_range(op, like.size(-2), like.size(-1), radius, dilation);
   const at::Tensor& o = *offsets;
   const int64_t B = like.size(0), H = like.size(-2), W = like.size(-1);
   TORCH_CHECK_VALUE(o.dim() == 5 && o.size(0) == B && o.size(1) == N && o.size(2) == 2 && o.size(3) == H &&
@@ -58,7 +60,7 @@ inline Geometry affinity_geometry(const at::Tensor& q, const at::Tensor& k, cons
   TORCH_CHECK_VALUE(border == "mask" || border == "zero", op, ": border must be 'mask' or 'zero', got '",
                     std::string(border), "'");
   TORCH_CHECK_VALUE(window == "square" || radius >= 1, op, ": window='circle' needs radius >= 1 (no candidates)");
-  check_offsets(op, offsets, q, k.size(1));
+  check_offsets(op, offsets, q, k.size(1), radius, dilation);
   const int64_t D = 2 * radius + 1;
   return Geometry{q.size(0), k.size(1), q.size(2), q.size(3), radius, dilation, D * D, window == "circle", nullptr};
 }
@@ -78,7 +80,7 @@ inline Geometry aggregate_geometry(const at::Tensor& weights, const at::Tensor& 
   TORCH_CHECK_TYPE(v.scalar_type() == weights.scalar_type(), op, ": v has dtype ", v.scalar_type(),
                    " but weights has ", weights.scalar_type(), "; they must match");
   TORCH_CHECK_VALUE(v.device() == weights.device(), op, ": weights and v must be on the same device");
-  check_offsets(op, offsets, weights, weights.size(1));
+  check_offsets(op, offsets, weights, weights.size(1), radius, dilation);
   return Geometry{weights.size(0), weights.size(1), weights.size(3), weights.size(4), radius, dilation, D * D, false,
              nullptr};
 }

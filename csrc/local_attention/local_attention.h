@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -10,6 +11,13 @@
 
 namespace vosops {
 namespace local_attention {
+
+// Rounded offsets are int32 (clamped to +-offset_limit): with offsets, H + W + dilation * radius must fit.
+inline void check_offset_range(const char* op, int64_t H, int64_t W, int64_t radius, int64_t dilation) {
+  TORCH_CHECK_VALUE(offset_limit(H, W, radius, dilation) <= std::numeric_limits<int32_t>::max(), op,
+                    ": with offsets, H + W + dilation * radius must be below 2^31 - 1 (offsets are rounded to int32),"
+                    " got H = ", H, ", W = ", W);
+}
 
 struct Config {
   int64_t B, N, C, Cv, H, W;
@@ -56,6 +64,7 @@ inline Config make_config(const at::Tensor& q, const at::Tensor& k, const at::Te
   TORCH_CHECK_VALUE(dilation >= 1, "local_attention: dilation must be >= 1, got ", dilation);
   TORCH_CHECK_VALUE(dilation <= kMaxDilation, "local_attention: dilation must be <= ", kMaxDilation, ", got ",
                     dilation);
+  if (offsets.has_value()) check_offset_range("local_attention", q.size(2), q.size(3), radius, dilation);
   Config c;
   c.B = q.size(0);
   c.C = q.size(1);

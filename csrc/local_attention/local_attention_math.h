@@ -11,7 +11,7 @@ namespace local_attention {
 enum class Normalize : int { Softmax = 0, Threshold = 1 };
 
 // Bounds of the window geometry (vosops/ops/local_attention.py checks the same): every backend enumerates the
-// (2r+1)^2 window columns, and offset_limit below must stay in int32.
+// (2r+1)^2 window columns, and offset_limit below must stay in int32 (check_offset_range in the glue).
 constexpr int64_t kMaxRadius = 1023;
 constexpr int64_t kMaxDilation = 1023;
 

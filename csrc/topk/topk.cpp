@@ -481,6 +481,8 @@ void attention_backward_impl(const at::Tensor& g, const at::Tensor& q, const at:
         std::fill(dkp + kr * D, dkp + (kr + 1) * D, acc_t(0));
         std::fill(dvp + kr * Dv, dvp + (kr + 1) * Dv, acc_t(0));
         if (n > 0) {
+          // A key is kept by at most M queries, unless a directly passed index repeats it within a row.
+          if (static_cast<int64_t>(work.size()) < 2 * n) work.resize(2 * n);
           cpu::sparse_grad_key(kp + kr * D, vp + kr * Dv, dkp + kr * D, dvp + kr * Dv, rows.data() + first, n, qp,
                                gp, dqp, lp, drow.data(), D, Dv, scale, work.data());
         }

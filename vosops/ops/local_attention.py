@@ -84,11 +84,14 @@ def _no_grad(offsets):
     return None if offsets is None else offsets.detach()
 
 
-def _check_offsets(offsets, ref: torch.Tensor, N: int) -> None:
+def _check_offsets(offsets, ref: torch.Tensor, N: int, radius: int, dilation: int) -> None:
     if offsets is None:
         return
     _validate.tensor("offsets", offsets, dim=5)
     B, H, W = ref.shape[0], ref.shape[-2], ref.shape[-1]
+    if H + W + dilation * radius + 1 > 2**31 - 1:  # the kernels round offsets to int32, clamped to +-that bound
+        raise ValueError(f"with offsets, H + W + dilation * radius must be below 2^31 - 1 (offsets are rounded to "
+                         f"int32), got H = {H}, W = {W}")
     if tuple(offsets.shape) != (B, N, 2, H, W):
         raise ValueError(
             f"offsets must be (B, N, 2, H, W) = {(B, N, 2, H, W)} with channel 0 = dx and 1 = dy, "
@@ -150,7 +153,7 @@ def check_affinity_args(q, k, offsets, radius, dilation, window, scale, border) 
     _check_window(radius, dilation, window)
     _validate.choice("border", border, BORDERS)
     scale = _check_scale(scale)
-    _check_offsets(offsets, q, k.shape[1])
+    _check_offsets(offsets, q, k.shape[1], radius, dilation)
     return scale
 
 
@@ -172,7 +175,7 @@ def check_aggregate_args(weights, v, offsets, radius, dilation) -> None:
     _check_v(v, weights, N)
     _validate.same_device_dtype(("weights", "v"), (weights, v))
     _validate.non_empty("weights", weights)
-    _check_offsets(offsets, weights, N)
+    _check_offsets(offsets, weights, N, radius, dilation)
 
 
 def check_aggregate_backward_args(grad_out, weights, v, offsets, radius, dilation) -> None:
@@ -192,7 +195,7 @@ def check_attention_args(q, k, v, offsets, radius, dilation, scale, topk, normal
     _validate.choice("normalize", normalize, NORMALIZE)
     _validate.choice("border", border, BORDERS)
     scale = _check_scale(scale)
-    _check_offsets(offsets, q, N)
+    _check_offsets(offsets, q, N, radius, dilation)
     count = candidate_count(radius, window, N)
     if topk is not None:
         _check_int("topk", topk, 1)
