@@ -262,6 +262,60 @@ def test_engine_flow_displaced_windows_follow_fast_motion():
     assert j_true > 0.85 and j_dis > 0.7 and j_no < 0.5, (j_no, j_true, j_dis)
 
 
+def test_one_propagator_runs_two_videos_at_once():
+    """The anchors (frames with a given mask) belong to one propagate() call: a second video with a mask at frame
+    3, started while the first is at frame 10, made the first look for its dropped frame 3 (KeyError) or, in
+    another interleaving, read it as memory."""
+    fa, ma = synthetic_video(T=12, H=32, W=40, seed=0)
+    fb, mb = synthetic_video(T=12, H=32, W=40, seed=1)
+    eng = _small_engine()
+    alone_a = [ids.clone() for _, ids in eng.propagate(fa, {0: ma[0]})]
+    alone_b = [ids.clone() for _, ids in eng.propagate(fb, {0: mb[0], 3: mb[3]})]
+    ga = eng.propagate(fa, {0: ma[0]})
+    out_a = [next(ga)[1].clone() for _ in range(10)]
+    gb = eng.propagate(fb, {0: mb[0], 3: mb[3]})
+    out_b = [next(gb)[1].clone() for _ in range(4)]
+    out_a += [ids.clone() for _, ids in ga]
+    out_b += [ids.clone() for _, ids in gb]
+    for got, want in ((out_a, alone_a), (out_b, alone_b)):
+        assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_engine_keeps_its_own_copy_of_memory_frames_for_flow():
+    """A decoder that refills one buffer: the memory frames handed to the flow must be the frames as they were."""
+    frames, gts = synthetic_video(T=5, H=32, W=32, seed=3)
+    seen = []
+
+    def flow(query, mem):
+        seen.append([(m == query).all() for m in mem])
+        return torch.zeros(len(mem), 2, 32, 32)
+
+    buf = np.empty_like(frames[0])
+
+    def decoder():
+        for f in frames:
+            buf[...] = f
+            yield buf
+
+    list(_small_engine(flow=flow, memory=first_last(1)).propagate(decoder(), {0: gts[0]}))
+    assert seen and not any(any(same) for same in seen), seen
+
+
+def test_mask_writer_copies_what_it_is_given(tmp_path):
+    """put() returns before the thread writes: a caller that refills its buffer must not change what is written."""
+    from vosops.io import read_mask
+
+    w = MaskWriter(str(tmp_path / "m"), overlay_folder=str(tmp_path / "o"))
+    ids, frame = torch.zeros(6, 8, dtype=torch.uint8), np.zeros((6, 8, 3), np.uint8)
+    for i in range(1, 9):
+        ids.fill_(i)
+        frame[...] = 10 * i
+        w.put(f"{i:05d}", ids, frame=frame)
+    w.close()
+    for i in range(1, 9):
+        assert (read_mask(str(tmp_path / "m" / f"{i:05d}.png")) == i).all(), i
+
+
 def test_engine_bad_input():
     frames, gts = synthetic_video(T=3, H=32, W=32)
     eng = _small_engine()

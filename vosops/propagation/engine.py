@@ -9,6 +9,8 @@ device flow to avoid it.)
 
 from __future__ import annotations
 
+import copy
+
 import queue
 import threading
 from dataclasses import dataclass
@@ -151,7 +153,8 @@ class Propagator:
             raise ValueError("the given masks hold no object (every pixel is 0 or 255)")
         id_table = torch.tensor([0] + object_ids, dtype=torch.uint8, device=self.device)
         onehot_table = id_table.long()  # built once: no host-to-device copy inside the loop
-        self.memory.with_anchors(given.keys())
+        # this call's own policy: the anchors are per video, and one Propagator may run several at once
+        memory = copy.copy(self.memory).with_anchors(given.keys())
         given_dev = {t: m.to(self.device, non_blocking=True) for t, m in given.items()}
         cache: dict[int, _Entry] = {}
         size = None
@@ -167,8 +170,10 @@ class Propagator:
             feat = self._features(xp)
             np_frame = None
             if self.flow is not None and getattr(self.readout, "uses_offsets", False):
-                np_frame = xp[0].permute(1, 2, 0).to("cpu", torch.uint8).numpy() if xp.dtype == torch.uint8 else \
-                    (xp[0].permute(1, 2, 0).clamp(0, 1) * 255 + 0.5).to("cpu", torch.uint8).numpy()
+                # a copy: for a CPU uint8 frame the conversion is a view of the caller's array, which a decoder
+                # may refill before this frame leaves the memory
+                np_frame = xp[0].permute(1, 2, 0).to("cpu", torch.uint8).numpy().copy() if xp.dtype == torch.uint8 \
+                    else (xp[0].permute(1, 2, 0).clamp(0, 1) * 255 + 0.5).to("cpu", torch.uint8).numpy()
             if t == 0:
                 ids_p, _ = L.pad_to_multiple(given_dev[0], self.stride)
                 if tuple(given_dev[0].shape) != size:
@@ -177,13 +182,13 @@ class Propagator:
                 label = self._labels_from_ids(ids_p, onehot_table)
                 ids = ids_p
             else:
-                mem = self.memory.indices(t)
+                mem = memory.indices(t)
                 k = torch.stack([cache[f].feat[0] for f in mem]).unsqueeze(0)
                 v = torch.stack([cache[f].label[0] for f in mem]).unsqueeze(0)
                 offsets = None
                 if np_frame is not None:
                     offsets = self._offsets(np_frame, [cache[f].frame for f in mem], h, w)
-                is_global = [f in self.memory.anchors or f == 0 for f in mem]
+                is_global = [f in memory.anchors or f == 0 for f in mem]
                 soft = self.readout(feat, k, v, offsets=offsets, is_global=is_global)
                 ids = L.argmax_ids(L.upsample(soft.float(), (Hp, Wp)), id_table)
                 label = soft.to(self.feature_dtype) if self.memory_labels == "soft" else None
@@ -198,7 +203,7 @@ class Propagator:
                 if label is None:
                     label = self._labels_from_ids(ids, onehot_table)
             cache[t] = _Entry(feat, label, np_frame)
-            keep = self.memory.retain(t)
+            keep = memory.retain(t)
             for f in [f for f in cache if f not in keep]:
                 del cache[f]
             yield t, L.unpad(ids, size).to(torch.uint8)
@@ -231,12 +236,12 @@ class MaskWriter:
             self._raise_error()
         if ids.is_cuda:
             host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-            host.copy_(ids, non_blocking=True)
+            host.copy_(ids, non_blocking=True)  # on ids' device's current stream: the event must follow that one
             ev = torch.cuda.Event()
-            ev.record()
+            ev.record(torch.cuda.current_stream(ids.device))
         else:
-            host, ev = ids, None
-        self.q.put((name, host, ev, frame))
+            host, ev = ids.clone(), None  # the caller may reuse its tensor before the thread writes it
+        self.q.put((name, host, ev, None if frame is None else np.array(frame, copy=True)))
 
     def _run(self):
         import os
