@@ -16,6 +16,32 @@ def test_native_outputs_are_poisoned_only_inside_the_block():
     assert g.shape == (1000,)  # no poisoning outside the block (contents unspecified)
 
 
+def test_poisoning_blocks_nest_and_overlap_across_threads():
+    """An inner block, or another thread's block, ending must not turn poisoning off while a block is still open
+    (it used to: one global flag set to False by whichever block ended first)."""
+    import threading
+
+    poisoned = lambda: bool(torch.isnan(_alloc.empty(4, dtype=torch.float32, device="cpu")).all())  # noqa: E731
+    with testing.poisoned_outputs():
+        with testing.poisoned_outputs():
+            pass
+        assert poisoned() and torch.isnan(torch.ops.vosops._new_output([4], torch.float32)).all()
+        entered, release = threading.Event(), threading.Event()
+
+        def other():
+            with testing.poisoned_outputs():
+                entered.set()
+                release.wait()
+
+        t = threading.Thread(target=other)
+        t.start()
+        entered.wait()
+        release.set()
+        t.join()
+        assert poisoned()
+    assert not _alloc._POISON
+
+
 def test_python_outputs_are_poisoned():
     with testing.poisoned_outputs():
         t = _alloc.empty(2, 3, dtype=torch.float16, device="cpu")

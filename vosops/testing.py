@@ -12,6 +12,7 @@ A backend is checked against the reference the same way for every op:
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Callable, Sequence
 
 import torch
@@ -34,14 +35,28 @@ def tolerance(dtype: torch.dtype, *, grad: bool = False) -> tuple[float, float]:
     return (atol * GRAD_SCALE, rtol * GRAD_SCALE) if grad else (atol, rtol)
 
 
+_poison_depth = 0
+_poison_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def poisoned_outputs():
-    """Fill every op output with NaN (integers: -7777) when it is allocated, for the duration of the block."""
-    _alloc.set_poison_outputs(True)
+    """Fill every op output with NaN (integers: -7777) when it is allocated, for the duration of the block.
+
+    Blocks nest, and blocks in several threads overlap: poisoning stays on until the last one open ends (a
+    process-wide count, not per thread: the CUDA backward runs on autograd's own threads)."""
+    global _poison_depth
+    with _poison_lock:
+        _poison_depth += 1
+        if _poison_depth == 1:
+            _alloc.set_poison_outputs(True)
     try:
         yield
     finally:
-        _alloc.set_poison_outputs(False)
+        with _poison_lock:
+            _poison_depth -= 1
+            if _poison_depth == 0:
+                _alloc.set_poison_outputs(False)
 
 
 def usable_backends(op: str, device_type: str, supported: Sequence[str] = _backends.BACKENDS) -> list[str]:
