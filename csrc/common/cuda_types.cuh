@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include <cuda_bf16.h>
+#include <cuda_runtime.h>
 #include <cuda_fp16.h>
 
 namespace vosops {
@@ -26,6 +27,21 @@ template <typename T> __device__ __forceinline__ T from_acc(double v) { return s
 #ifndef VOSOPS_DYNAMIC_SMEM
 #define VOSOPS_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
+
+// Lets `kernel` launch with `need` bytes of dynamic shared memory past the 48 KB default: cudaErrorInvalidValue when
+// the device's opt-in maximum is smaller. The attribute is set to that maximum, the same value on every call, not to
+// `need`: it is process-wide, and two host threads setting their own sizes could lower it under each other's launch
+// (A sets 100 KB, B sets 60 KB, A's launch fails).
+template <typename Kernel>
+inline cudaError_t allow_dynamic_smem(Kernel kernel, size_t need) {
+  if (need <= 48 * 1024) return cudaSuccess;
+  int device = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  if (need > static_cast<size_t>(optin)) return cudaErrorInvalidValue;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+}
 
 // Blocks for a grid-stride loop over `total` items, `threads` per block: capped at 2^30 (the loop covers the rest).
 inline unsigned int grid_stride_blocks(int64_t total, int threads) {

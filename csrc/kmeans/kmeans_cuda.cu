@@ -300,15 +300,8 @@ cudaError_t launch(const void* x, int64_t B, int64_t N, int64_t D, const int64_t
   if (B > 65535 || nchunk > 0x7fffffff || K * D > (1 << 24)) return cudaErrorInvalidConfiguration;
   const size_t smem = step_smem_bytes<acc_t>(D, K, accumulate);
   auto kernel = accumulate ? step_kernel<T, true> : step_kernel<T, false>;
-  if (smem > 48 * 1024) {
-    int device = 0, optin = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (err != cudaSuccess) return err;
-    if (smem > static_cast<size_t>(optin)) return cudaErrorInvalidValue;  // K * D too large for shared memory
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  // cudaErrorInvalidValue: K * D too large for shared memory
+  if (const cudaError_t err = allow_dynamic_smem(kernel, smem); err != cudaSuccess) return err;
   acc_t* psum = static_cast<acc_t*>(workspace);
   int64_t* pcount = accumulate ? reinterpret_cast<int64_t*>(static_cast<char*>(workspace) +
                                                             partial_sum_bytes(sizeof(acc_t), B * nchunk, K, D))

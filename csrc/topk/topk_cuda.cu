@@ -413,11 +413,7 @@ cudaError_t launch_global_topk(const void* q, Shape3 qs, const void* k, Shape3 k
   using acc_t = typename AccType<T>::type;
   const int64_t B = qs.size[0], M = qs.size[1], C = qs.size[2];
   const size_t smem = global_topk_smem<acc_t>(topk, C);
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(global_topk_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  if (const cudaError_t err = allow_dynamic_smem(global_topk_kernel<T>, smem); err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>((M + kQT - 1) / kQT), static_cast<unsigned>(B));
   global_topk_kernel<T><<<grid, kThreads, smem, stream>>>(static_cast<const T*>(q), qs, static_cast<const T*>(k), ks,
                                                           mask, topk, scale, static_cast<T*>(out_l), out_i);
@@ -431,11 +427,7 @@ cudaError_t launch_attention_forward(const void* q, Shape4 qs, const void* k, Sh
   using acc_t = typename AccType<T>::type;
   const int64_t B = qs.size[0], H = qs.size[1], M = qs.size[2], D = qs.size[3], Dv = vs.size[3];
   const size_t smem = attention_forward_smem<acc_t>(kk, D, Dv);
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(attention_forward_kernel<T>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  if (const cudaError_t err = allow_dynamic_smem(attention_forward_kernel<T>, smem); err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>((M + kQT - 1) / kQT), static_cast<unsigned>(B * H));
   attention_forward_kernel<T><<<grid, kThreads, smem, stream>>>(
       static_cast<const T*>(q), qs, static_cast<const T*>(k), ks, static_cast<const T*>(v), vs, dense, kk, scale,
@@ -451,11 +443,7 @@ cudaError_t launch_attention_backward(const void* g, Shape4 gs, const void* q, S
   using acc_t = typename AccType<T>::type;
   const int64_t B = qs.size[0], H = qs.size[1], M = qs.size[2], D = qs.size[3], Dv = vs.size[3];
   const size_t smem = attention_backward_smem<acc_t>(D, Dv);
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(attention_backward_kernel<T>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  if (const cudaError_t err = allow_dynamic_smem(attention_backward_kernel<T>, smem); err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>((M + kQT - 1) / kQT), static_cast<unsigned>(B * H));
   attention_backward_kernel<T><<<grid, kThreads, smem, stream>>>(
       static_cast<const T*>(g), gs, static_cast<const T*>(q), qs, static_cast<const T*>(k), ks,
