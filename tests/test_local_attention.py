@@ -586,7 +586,8 @@ def test_opcheck_triton(kw):
 
     inputs, kw = make_inputs(1, 3, 2, 4, 5, 2, kw, "cpu")
     q, k, v = (inputs[n].requires_grad_() for n in ("q", "k", "v"))
-    testing.check_opcheck(tla.local_attention_triton, (q, k, v, *_native_args(kw, inputs.get("offsets"))))
+    for tiled in (True, False):
+        testing.check_opcheck(tla.local_attention_triton, (q, k, v, *_native_args(kw, inputs.get("offsets")), tiled))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS + [pytest.param("reference", "cpu", id="reference-cpu")])
@@ -769,6 +770,32 @@ def test_triton_per_query_kernels_match_reference(monkeypatch, case):
         lambda **t: vosops.local_attention(**t, **kw, return_topk=ret, backend="triton"),
         lambda **t: vosops.local_attention(**t, **kw, return_topk=ret, backend="reference"),
         inputs, dtype=torch.float32, grad_inputs=("q", "k", "v"))
+
+
+@_TRITON_CPU
+@pytest.mark.parametrize("normalize", ["softmax", "threshold"])
+def test_triton_backward_uses_the_forwards_kernel_family(monkeypatch, normalize):
+    """The kernel family (tiled or per-query) is chosen once per call: a config flipped between the forward and the
+    backward (a tuning thread) used to pair one family's saved threshold with the other's backward (wrong grads)."""
+    from vosops.triton import local_attention as tla
+
+    inputs, kw = make_inputs(1, 3, 2, 6, 7, 2, dict(radius=1, topk=4, normalize=normalize), "cpu", seed=4)
+    g = torch.randn(1, 2, 6, 7)
+    exp = [t.grad for t in _grads(inputs, kw, "reference", g)]
+    for first in (True, False):
+        monkeypatch.setitem(tla.LOCAL_ATTENTION_CONFIG, "tiled", first)
+        q, k, v = (inputs[n].clone().requires_grad_() for n in ("q", "k", "v"))
+        out = vosops.local_attention(q, k, v, **kw, backend="triton")
+        monkeypatch.setitem(tla.LOCAL_ATTENTION_CONFIG, "tiled", not first)  # flipped before the backward
+        out.backward(g)
+        for got, want in zip((q.grad, k.grad, v.grad), exp):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _grads(inputs, kw, backend, g):
+    q, k, v = (inputs[n].clone().requires_grad_() for n in ("q", "k", "v"))
+    vosops.local_attention(q, k, v, **kw, backend=backend).backward(g)
+    return q, k, v
 
 
 TILE_CASES = [

@@ -353,11 +353,11 @@ def _channels_last(x: torch.Tensor, cdim: int) -> torch.Tensor:
     return x.permute(perm).contiguous().permute(inverse)
 
 
-def _copy_channels_last() -> bool:
+def _copy_channels_last(tiled: bool) -> bool:
     """The per-query kernels gather one candidate's channels at a time: they want channel-fastest inputs. The tile
     kernels load (positions, channels) blocks, contiguous along positions in NCHW too, so by default they read the
     inputs as given (no copy: at mamp-480p k alone is 33 MB); TILED_CONFIG["channels_last"] copies anyway."""
-    return not LOCAL_ATTENTION_CONFIG["tiled"] or _tiled.TILED_CONFIG["channels_last"]
+    return not tiled or _tiled.TILED_CONFIG["channels_last"]
 
 
 def _check(q: torch.Tensor) -> None:
@@ -435,7 +435,7 @@ def _meta(q, k, v, radius, window, topk, normalize):
 @torch.library.custom_op("vosops::local_attention_triton", mutates_args=())
 def local_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor | None, radius: int, dilation: int,
-    scale: float, topk: int, normalize: str, window: str, border: str, return_topk: bool,
+    scale: float, topk: int, normalize: str, window: str, border: str, return_topk: bool, tiled: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, lse, kth_key, top_logits, top_index); the last two are (B, H, W, topk) with return_topk, else
     (B, H, W, 0)."""
@@ -443,7 +443,7 @@ def local_attention_triton(
                               return_topk)
     _check(q)
     mt = _meta(q, k, v, radius, window, topk, normalize)
-    if _copy_channels_last():
+    if _copy_channels_last(tiled):
         q, k, v = _channels_last(q, 1), _channels_last(k, 2), _channels_last(v, 2)
     B, H, W, K = mt["B"], mt["H"], mt["W"], topk if return_topk else 0
     tab = _table(radius, window, q.device)
@@ -454,7 +454,7 @@ def local_attention_triton(
     logits = _alloc.empty(B, H, W, K, dtype=q.dtype, device=q.device)
     index = _alloc.empty(B, H, W, K, dtype=torch.int64, device=q.device)
     idx_type = _index_type(q, k, v, off, out, logits, index)
-    if LOCAL_ATTENTION_CONFIG["tiled"]:
+    if tiled:
         ta = _tile_args(q, radius, window, mt)
         inv = ta.pop("inv")
         _tiled.forward_kernel[_tiled.grid(B, H, W, ta)](
@@ -480,7 +480,7 @@ def local_attention_triton(
 
 
 @local_attention_triton.register_fake
-def _(q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border, return_topk):
+def _(q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border, return_topk, tiled):
     B, _, H, W = q.shape
     K = topk if return_topk else 0
     return (q.new_empty(B, v.shape[2], H, W), q.new_empty(B, H, W, dtype=torch.float32),
@@ -493,14 +493,14 @@ def local_attention_triton_backward(
     grad_out: torch.Tensor, grad_logits: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
     thr: torch.Tensor, index: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     offsets: torch.Tensor | None, radius: int, dilation: int, scale: float, topk: int, normalize: str,
-    window: str, border: str, need_q: bool, need_k: bool, need_v: bool,
+    window: str, border: str, need_q: bool, need_k: bool, need_v: bool, tiled: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_backward_args(grad_out, grad_logits, out, lse, thr, index, q, k, v, offsets, radius, dilation, scale,
                          topk, normalize, window, border)
     mt = _meta(q, k, v, radius, window, topk, normalize)
     B, C, CV, H, W, N = mt["B"], mt["C"], mt["CV"], mt["H"], mt["W"], mt["N"]
     dtypes = (q.dtype, k.dtype, v.dtype)
-    if _copy_channels_last():
+    if _copy_channels_last(tiled):
         q, k, v = _channels_last(q, 1), _channels_last(k, 2), _channels_last(v, 2)
     tab = _table(radius, window, q.device)
     off, has_off = _rounded(offsets, radius, dilation, q)
@@ -516,7 +516,7 @@ def local_attention_triton_backward(
                   num_stages=LOCAL_ATTENTION_CONFIG["num_stages"])
     # Softmax over every candidate without offsets: dk, dv gathered per key (no atomics); else scattered per query.
     gather_kv = mt["mode"] == 0 and not has_off and not has_glg and (need_k or need_v)
-    if LOCAL_ATTENTION_CONFIG["tiled"] and (need_q or ((need_k or need_v) and not gather_kv)):
+    if tiled and (need_q or ((need_k or need_v) and not gather_kv)):
         # the forward's scores, recomputed by the same tile code: the kept set is the forward's exactly
         ta = _tile_args(q, radius, window, mt)
         inv = ta.pop("inv")
@@ -541,7 +541,7 @@ def local_attention_triton_backward(
             NEED_Q=need_q, NEED_K=need_k and not gather_kv, NEED_V=need_v and not gather_kv, BQ=bq, KP=mt["KP"],
             CB=cb, CVP=mt["CVP"], IDX=idx_type, **launch,
         )
-    if gather_kv and LOCAL_ATTENTION_CONFIG["tiled"]:
+    if gather_kv and tiled:
         ta = _tile_args(q, radius, window, mt)
         inv = ta.pop("inv")
         _tiled.backward_kv_kernel[(B * N * _tiled.grid(1, H, W, ta)[0],)](
@@ -566,16 +566,17 @@ def local_attention_triton_backward(
 
 @local_attention_triton_backward.register_fake
 def _(grad_out, grad_logits, out, lse, thr, index, q, k, v, offsets, radius, dilation, scale, topk, normalize,
-      window, border, need_q, need_k, need_v):
+      window, border, need_q, need_k, need_v, tiled):
     return (q.new_empty(q.shape) if need_q else q.new_empty(0), k.new_empty(k.shape) if need_k else k.new_empty(0),
             v.new_empty(v.shape) if need_v else v.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border, return_topk = inputs
+    q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border, return_topk, tiled = inputs
     out, lse, thr, _, index = output
     ctx.save_for_backward(q, k, v, offsets, out, lse, thr, index)
     ctx.args = (radius, dilation, scale, topk, normalize, window, border)
+    ctx.tiled = tiled  # the forward's kernel family: thr and the kept set are its, so the backward must match
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_thr, grad_logits, _grad_index):
@@ -584,8 +585,8 @@ def _backward(ctx, grad_out, _grad_lse, _grad_thr, grad_logits, _grad_index):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = local_attention_triton_backward(grad_out, grad_logits, out, lse, thr, index, q, k, v, offsets,
-                                                 *ctx.args, need[0], need[1], need[2])
-    return ((dq if need[0] else None), (dk if need[1] else None), (dv if need[2] else None)) + (None,) * 9
+                                                 *ctx.args, need[0], need[1], need[2], ctx.tiled)
+    return ((dq if need[0] else None), (dk if need[1] else None), (dv if need[2] else None)) + (None,) * 10
 
 
 local_attention_triton.register_autograd(_backward, setup_context=_setup_context)
@@ -593,6 +594,8 @@ local_attention_triton.register_autograd(_backward, setup_context=_setup_context
 
 def local_attention(q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border, return_topk):
     """(out, top_logits, top_index) through the custom op."""
+    # the kernel family is read once here and handed to the forward and, through the autograd context, the
+    # backward: a config changed in between (a tuning thread) cannot pair one family's saved state with the other
     out, _, _, logits, index = local_attention_triton(q, k, v, offsets, radius, dilation, scale, topk, normalize,
-                                                      window, border, return_topk)
+                                                      window, border, return_topk, LOCAL_ATTENTION_CONFIG["tiled"])
     return out, logits, index

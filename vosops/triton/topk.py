@@ -365,7 +365,7 @@ def topk_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top
     out = _alloc.empty(B, H, M, DV, dtype=q.dtype, device=q.device)
     lse = _alloc.empty(B, H, M, dtype=torch.float32, device=q.device)
     index = _alloc.empty(B, H, M, kk, dtype=torch.int64, device=q.device)
-    cfg = TOPK_ATTENTION_CONFIG
+    cfg = dict(TOPK_ATTENTION_CONFIG)  # one snapshot: grid and block sizes read below must agree
     block_m = cfg["block_m"]
     block_n = _pow2(kk) if kk else 32
     _fwd_kernel[(triton.cdiv(M, block_m), B * H)](
@@ -400,7 +400,7 @@ def topk_attention_triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: t
     out = out.contiguous()
     lse = lse.contiguous()
     index = index.contiguous()
-    cfg = TOPK_ATTENTION_CONFIG
+    cfg = dict(TOPK_ATTENTION_CONFIG)  # one snapshot: grid and block sizes read below must agree
     strides = (*grad_out.stride(), *q.stride(), *k.stride(), *v.stride())
     ieee = q.dtype == torch.float32
     block_d, block_dv = _pow2(D), _pow2(DV)
