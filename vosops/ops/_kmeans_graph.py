@@ -44,7 +44,9 @@ def lloyd_cuda_graph(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tens
     chunk = min(check_every, iters - done)
     if chunk > 0 and bool(active.any()):
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: other host threads (a mask writer waiting on an event, a decoder allocating) may go on
+        # during the capture; the default "global" mode would make their CUDA calls fail it
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             for _ in range(chunk):
                 iteration()
         while done + chunk <= iters:
