@@ -1,5 +1,7 @@
 """Backend selection, availability errors and the native build."""
 
+import pathlib
+
 import pytest
 import torch
 
@@ -90,7 +92,7 @@ def test_import_without_native_extension_warns_and_falls_back(tmp_path):
         print('ok')
         """
     )
-    env_path = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    env_path = str(pathlib.Path(__file__).resolve().parents[1])
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=env_path)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
 
@@ -121,7 +123,7 @@ def test_import_without_triton_works_and_reports_it():
         print('ok')
         """
     )
-    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    root = str(pathlib.Path(__file__).resolve().parents[1])
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
 

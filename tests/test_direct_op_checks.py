@@ -179,6 +179,8 @@ def test_topk_attention_backward_takes_an_index_that_repeats_a_key(dtype, portab
     VOSOPS_TOPK_PORTABLE=1) wrote past it (heap corruption, an abort). Each repeat counts as one more kept pair."""
     if _backends.why_unusable("cpu", "topk_attention", "cpu") is not None:
         pytest.skip("no native CPU kernel for topk_attention in this build")
+    import os
+    import pathlib
     import subprocess
     import sys
 
@@ -196,10 +198,10 @@ assert abs(dv[0, 0, 0, 0].item() - L * 2.718281828459045) < 1e-3 * L, dv[0, 0, 0
 assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and (dv[0, 0, 1:] == 0).all()
 print("ok")
 """
-    env = dict(__import__("os").environ)
+    env = dict(os.environ)
     env.pop("VOSOPS_TOPK_PORTABLE", None)
     if portable:
         env["VOSOPS_TOPK_PORTABLE"] = "1"
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
-                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+                         cwd=str(pathlib.Path(__file__).resolve().parents[1]))
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr

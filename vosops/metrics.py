@@ -248,13 +248,16 @@ def unscored_sequences(sequences, table: dict) -> list[str]:
 COLUMNS = ["J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"]
 
 
-def format_table(table: dict, summary: dict) -> str:
+def format_table(table: dict, summary: dict, unscored=()) -> str:
+    """The per-sequence table and the global row; `unscored` (see unscored_sequences) named below it."""
     head = f"{'sequence':<24}" + "".join(f"{c:>10}" for c in COLUMNS)
     lines = [head, "-" * len(head)]
     for seq, st in table.items():
         lines.append(f"{seq:<24}" + "".join(f"{st[c]:>10.3f}" for c in COLUMNS))
     lines.append("-" * len(head))
     lines.append(f"{'all (mean over objects)':<24}" + "".join(f"{summary[c]:>10.3f}" for c in COLUMNS))
+    if unscored:
+        lines.append(f"not scored (no object with a frame between the first and the last): {list(unscored)}")
     return "\n".join(lines)
 
 

@@ -5,8 +5,9 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
 
-#include <atomic>
 #include <string>
+
+#include "common/cuda_shared_memory.h"
 
 namespace vosops {
 
@@ -17,18 +18,9 @@ inline void check_launch(cudaError_t err, const char* what) {
 
 // A kernel whose dynamic shared memory grows with an argument: the need against the current device's opt-in
 // maximum per block, as a ValueError naming the argument (`what`) instead of a failed launch.
-// The limit is read once per device (the checks run on every call).
 inline void check_shared_memory(const char* op, size_t need, const std::string& what) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> limit[kMaxDevices];  // 0: not read yet
-  int dev = 0;
-  TORCH_CHECK(cudaGetDevice(&dev) == cudaSuccess, op, ": cannot read the current CUDA device");
-  int have = dev < kMaxDevices ? limit[dev].load(std::memory_order_relaxed) : 0;
-  if (have == 0) {
-    TORCH_CHECK(cudaDeviceGetAttribute(&have, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess, op,
-                ": cannot read the device's shared memory limit");
-    if (dev < kMaxDevices) limit[dev].store(have, std::memory_order_relaxed);
-  }
+  int have = 0;
+  TORCH_CHECK(optin_shared_memory(&have) == cudaSuccess, op, ": cannot read the device's shared memory limit");
   TORCH_CHECK_VALUE(need <= static_cast<size_t>(have), op, ": ", what, " needs ", need,
                     " bytes of shared memory per block; this GPU allows ", have, " (use a smaller value or the "
                     "triton backend)");

@@ -3,8 +3,9 @@
 #include <cstdint>
 
 #include <cuda_bf16.h>
-#include <cuda_runtime.h>
 #include <cuda_fp16.h>
+
+#include "common/cuda_shared_memory.h"
 
 namespace vosops {
 
@@ -35,10 +36,8 @@ template <typename T> __device__ __forceinline__ T from_acc(double v) { return s
 template <typename Kernel>
 inline cudaError_t allow_dynamic_smem(Kernel kernel, size_t need) {
   if (need <= 48 * 1024) return cudaSuccess;
-  int device = 0, optin = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return err;
+  int optin = 0;
+  if (const cudaError_t err = optin_shared_memory(&optin); err != cudaSuccess) return err;
   if (need > static_cast<size_t>(optin)) return cudaErrorInvalidValue;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
 }

@@ -63,11 +63,6 @@ inline T dot(const T* a, const T* b, int64_t n) {
   return s;
 }
 
-// --- exp ------------------------------------------------------------------------------------------------------------
-// libm's exp is a call per element; the softmax needs millions per call. Cephes' expf (Cody-Waite reduction, degree-6
-// polynomial, about 1 ulp) in AVX2 intrinsics, as explicit vectors because GCC will not if-convert the clamps of a
-// scalar version under the default -ftrapping-math. Defined for x <= 88 (callers pass logit - row max); x below
-// -87.3 (and -inf) gives exactly 0, NaN stays NaN.
 // a * b rounded to T, kept from being fused with a following subtraction into one FMA: an exponent
 // fl(scale * s) - m must be exactly 0 for the row's maximum m = fl(scale * s), and a fused one is off by the
 // product's rounding error, which is beyond exp's range once |scale * s| passes ~1e9 (see rounded_product).
@@ -82,6 +77,11 @@ inline T rounded_mul(T a, T b) {
   return p;
 }
 
+// --- exp ------------------------------------------------------------------------------------------------------------
+// libm's exp is a call per element; the softmax needs millions per call. Cephes' expf (Cody-Waite reduction, degree-6
+// polynomial, about 1 ulp) in AVX2 intrinsics, as explicit vectors because GCC will not if-convert the clamps of a
+// scalar version under the default -ftrapping-math. Defined for x <= 88 (callers pass logit - row max); x below
+// -87.3 (and -inf) gives exactly 0, NaN stays NaN.
 inline float exp_scalar(float x) { return x < -87.33654f ? 0.0f : std::exp(x); }
 inline double exp_scalar(double x) { return std::exp(x); }
 

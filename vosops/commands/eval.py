@@ -25,10 +25,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     scores, table, summary = metrics.evaluate_folders(args.pred, args.gt, sequences=args.sequences,
                                                       workers=args.workers)
-    print(metrics.format_table(table, summary))
     unscored = metrics.unscored_sequences(args.sequences or metrics.prediction_sequences(args.pred), table)
-    if unscored:
-        print(f"not scored (no object with a frame between the first and the last): {unscored}")
+    print(metrics.format_table(table, summary, unscored))
     unpredicted = [] if args.sequences else metrics.unpredicted_sequences(args.pred, args.gt)
     if unpredicted:
         print(f"ground truth without predictions (not scored; the mean is over the others): {unpredicted}")

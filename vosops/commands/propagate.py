@@ -172,10 +172,7 @@ def _run_dataset(args, engine, desc, device, rank, world) -> int:
             from vosops import metrics
 
             scores, table, summary = metrics.evaluate_folders(args.out, args.dataset, sequences=ds.sequences)
-            print(metrics.format_table(table, summary))
-            unscored = metrics.unscored_sequences(ds.sequences, table)
-            if unscored:
-                print(f"not scored (no object with a frame between the first and the last): {unscored}")
+            print(metrics.format_table(table, summary, metrics.unscored_sequences(ds.sequences, table)))
             metrics.write_csv(os.path.join(args.out, "results.csv"), scores, table, summary)
     if group is not None:
         group.barrier()

@@ -20,6 +20,7 @@ from .. import _backends, _native, _validate
 from ..reference.local_attention import local_affinity as _ref_affinity
 from ..reference.local_attention import local_aggregate as _ref_aggregate
 from ..reference.local_attention import local_attention as _ref_attention
+from ..reference.local_attention import offset_limit
 
 WINDOWS = ("square", "circle")
 BORDERS = ("mask", "zero")
@@ -89,7 +90,7 @@ def _check_offsets(offsets, ref: torch.Tensor, N: int, radius: int, dilation: in
         return
     _validate.tensor("offsets", offsets, dim=5)
     B, H, W = ref.shape[0], ref.shape[-2], ref.shape[-1]
-    if H + W + dilation * radius + 1 > 2**31 - 1:  # the kernels round offsets to int32, clamped to +-that bound
+    if offset_limit(H, W, radius, dilation) > 2**31 - 1:  # the kernels round offsets to int32, clamped to +-it
         raise ValueError(f"with offsets, H + W + dilation * radius must be below 2^31 - 1 (offsets are rounded to "
                          f"int32), got H = {H}, W = {W}")
     if tuple(offsets.shape) != (B, N, 2, H, W):

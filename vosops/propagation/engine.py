@@ -10,7 +10,6 @@ device flow to avoid it.)
 from __future__ import annotations
 
 import copy
-
 import queue
 import threading
 from dataclasses import dataclass
