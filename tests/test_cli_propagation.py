@@ -72,6 +72,17 @@ def test_propagate_folder_and_eval(tmp_path, capsys):
     assert float(rows[-1].split(",")[2]) > 0.5
 
 
+def test_flow_auto_is_the_presets_protocol():
+    from vosops.commands.propagate import build_engine
+
+    engine, desc = build_engine("mamp", "cpu")  # --flow auto: MAMP's motion-aware matching
+    assert engine.flow == "dis" and desc.endswith(", dis flow")
+    assert build_engine("mamp", "cpu", "none")[0].flow is None
+    assert build_engine("mamp", "cpu", "farneback")[0].flow == "farneback"
+    assert build_engine("ino", "cpu")[0].flow is None
+    assert build_engine(None, "cpu")[0].flow is None and build_engine(None, "cpu", "dis")[0].flow == "dis"
+
+
 def test_propagate_bad_arguments(tmp_path, capsys):
     assert cli.main(["propagate", "--out", str(tmp_path)]) == 2
     assert cli.main(["propagate", str(tmp_path), "--out", str(tmp_path), "--preset", "nope",

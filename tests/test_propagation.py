@@ -43,6 +43,20 @@ def dino_released(t, n):
         que.append(cnt)
 
 
+def test_presets_follow_the_papers_protocols():
+    # Mask-VOS tests with the first frame and "its prior 20 frames" (CRW's protocol)
+    assert get_preset("maskvos").memory.indices(30) == [0] + list(range(10, 30))
+    assert get_preset("maskvos").memory.indices(3) == [0, 1, 2]
+    # MAMP displaces its windows by flow; DINO / INO sample the given masks at cell centres and rescale the
+    # upsampled label channels before the argmax
+    assert get_preset("mamp").engine_kwargs()["flow"] == "dis"
+    for name in ("dino", "ino"):
+        kw = get_preset(name).engine_kwargs()
+        assert (kw["label_downsample"], kw["argmax_norm"], kw["flow"]) == ("nearest", "minmax", None)
+    for name in ("maskvos", "jointformer-memory"):
+        assert get_preset(name).engine_kwargs()["argmax_norm"] == "none"
+
+
 def test_first_last_and_fifo_schedules():
     for n in (5, 7, 10):
         for pol in (first_last(n), first_fifo(n)):
@@ -105,11 +119,72 @@ def test_pad_unpad_round_trip(H, W, s):
 def test_downsample_upsample():
     lab = torch.arange(64.0).view(1, 1, 8, 8)
     assert L.downsample(lab, 4, "stride")[0, 0].tolist() == [[0, 4], [32, 36]]  # x[::4, ::4]
+    assert L.downsample(lab, 4, "nearest")[0, 0].tolist() == [[18, 22], [50, 54]]  # x[2::4, 2::4]
     b = L.downsample(torch.ones(1, 2, 8, 8), 4, "bilinear")
     torch.testing.assert_close(b, torch.ones(1, 2, 2, 2))
     assert L.upsample(torch.rand(1, 3, 2, 2), (8, 9)).shape == (1, 3, 8, 9)
     with pytest.raises(ValueError, match="label_downsample"):
-        L.downsample(lab, 4, "nearest")
+        L.downsample(lab, 4, "area")
+
+
+@pytest.mark.parametrize("stride", [4, 8])
+def test_nearest_downsample_is_pils_nearest_resize(stride):
+    """DINO's read_seg downsamples the given mask with PIL's NEAREST resize: at an integer factor, "nearest"."""
+    from PIL import Image
+
+    ids = np.random.default_rng(stride).integers(0, 4, (6 * stride, 5 * stride)).astype(np.uint8)
+    pil = np.asarray(Image.fromarray(ids).resize((5, 6), Image.NEAREST))
+    ours = L.downsample(L.to_onehot(torch.from_numpy(ids), [1, 2, 3]), stride, "nearest")[0].argmax(0)
+    assert np.array_equal(ours.numpy(), pil)
+
+
+def dino_norm_mask(mask):
+    """DINO's norm_mask on (C, H, W), written from its rule: a channel whose maximum is > 0 becomes
+    (m - min) / max(m - min); the others are left as they are."""
+    out = mask.clone()
+    for c in range(mask.shape[0]):
+        m = mask[c]
+        if m.max() > 0:
+            m = m - m.min()
+            out[c] = m / m.max()
+    return out
+
+
+def test_minmax_channels_is_dinos_norm_mask():
+    x = torch.randn(3, 4, 7, 9, dtype=torch.float64)
+    x[1, 2] = -x[1, 2].abs()  # a channel whose maximum is <= 0 stays as it is
+    x[2, 0] = 0.0
+    got = L.minmax_channels(x)
+    for b in range(3):
+        torch.testing.assert_close(got[b], dino_norm_mask(x[b]), rtol=0, atol=0)
+    # over the frame inside a padding: the padding's values do not move the minimum and maximum
+    padded = torch.nn.functional.pad(x, (0, 3, 0, 1), value=50.0)
+    torch.testing.assert_close(L.unpad(L.minmax_channels(padded, (7, 9)), (7, 9)), got, rtol=0, atol=0)
+    assert torch.equal(L.minmax_channels(torch.full((1, 2, 3, 3), 0.5))[0, 0], torch.zeros(3, 3))  # not 0/0
+
+
+def test_engine_argmax_norm_minmax_changes_the_winner_as_dino_does():
+    # a readout giving background [1.0 left, 0.6 right] and object [0.0 left, 0.4 right]: the plain argmax says
+    # background everywhere; after DINO's per-channel rescaling the object wins on the right
+    class Fixed:
+        def __call__(self, feat, k, v, offsets=None, is_global=None):
+            h, w = feat.shape[-2:]
+            soft = torch.zeros(1, 2, h, w)
+            soft[0, 0, :, : w // 2], soft[0, 0, :, w // 2:] = 1.0, 0.6
+            soft[0, 1, :, w // 2:] = 0.4
+            return soft
+
+    frames = synthetic_video(T=3, H=32, W=32)[0][:2]
+    first = np.zeros((32, 32), np.uint8)
+    first[8:16, 8:16] = 5
+
+    def second(norm):
+        eng = Propagator(LabPositionFeatures(stride=8), first_last(1), Fixed(), argmax_norm=norm)
+        return [ids for _, ids in eng.propagate(frames, {0: first})][1]
+
+    assert (second("none") == 0).all()
+    right = second("minmax")
+    assert (right[:, :12] == 0).all() and (right[:, 20:] == 5).all()
 
 
 # -- readouts ----------------------------------------------------------------------------------------------------
@@ -262,6 +337,26 @@ def test_engine_flow_displaced_windows_follow_fast_motion():
     assert j_true > 0.85 and j_dis > 0.7 and j_no < 0.5, (j_no, j_true, j_dis)
 
 
+def test_flow_offsets_rounded_once_at_feature_resolution():
+    """MAMP estimates the flow at stride 4, clamps it to +-(w, h) and rounds it once: a full-resolution flow is
+    resized (its vectors scaled) first and rounded last. 5.9 px is 1.475 cells -> 1 (rounding 5.9 to 6 first gave
+    1.5 -> 2); -6.2 px -> -1.55 -> -2; 1000 px is clamped to the feature map's width, 8 cells."""
+    frames = synthetic_video(T=3, H=32, W=32)[0]
+    values = torch.tensor([5.9, -6.2, 1000.0])
+
+    def flow(query, mem):
+        fl = torch.empty(len(mem), 2, 32, 32)
+        fl[:, 0] = values.repeat_interleave(11)[:32].view(1, 1, 32)  # columns: 5.9 (11), -6.2 (11), 1000 (10)
+        fl[:, 1] = 5.9
+        return fl
+
+    eng = _small_engine(flow=flow, memory=first_last(1))
+    off = eng._offsets(frames[1], [frames[0]], 8, 8)
+    assert off.shape == (1, 1, 2, 8, 8)
+    assert (off[0, 0, 1] == 1).all()
+    assert off[0, 0, 0, :, 0].eq(1).all() and off[0, 0, 0, :, 3:5].eq(-2).all() and off[0, 0, 0, :, 7].eq(8).all()
+
+
 def test_one_propagator_runs_two_videos_at_once():
     """The anchors (frames with a given mask) belong to one propagate() call: a second video with a mask at frame
     3, started while the first is at frame 10, made the first look for its dropped frame 3 (KeyError) or, in
@@ -384,7 +479,8 @@ def test_engine_rejects_bad_frames_and_masks(frames, masks, match):
 
 @pytest.mark.parametrize("kw,exc,match", [
     ({"extractor": "lab"}, TypeError, "extractor must be callable"),
-    ({"label_downsample": "nearest"}, ValueError, "label_downsample must be one of"),
+    ({"label_downsample": "area"}, ValueError, "label_downsample must be one of"),
+    ({"argmax_norm": "softmax"}, ValueError, "argmax_norm must be one of"),
     ({"memory_labels": "probabilities"}, ValueError, "memory_labels must be 'hard' or 'soft'"),
     ({"flow": "raft"}, ValueError, "flow must be None, 'dis', 'farneback' or a callable"),
     ({"stride": True}, ValueError, "stride must be an int >= 1"),

@@ -24,7 +24,7 @@ from .registry import Case
 GIVEN_FEATURES = {"mamp": (64, 4), "maskvos": (128, 8), "ino": (384, 8), "dino": (384, 8),
                   "jointformer-memory": (768, 16)}
 SIZES = {"cuda": (480, 854, "480p"), "cpu": (240, 427, "240p")}
-WARM_FRAMES = 6  # enough for every preset's memory to fill (MAMP reads frame 5)
+WARM_FRAMES = 6  # at least this many, and enough for the preset's memory to fill (MAMP reads frame 5)
 
 
 class _Bank:
@@ -55,6 +55,7 @@ def make_runner(preset: str, mode: str, device: str, H: int, W: int, backend: st
         extractor = LabPositionFeatures(stride=stride)
         if isinstance(p.readout, TopKAttentionReadout):
             p.readout.heads = 2
+    p.flow = None  # no flow estimation: the benchmark times the engine and its kernels
     eng = Propagator(extractor, device=device, **p.engine_kwargs())
     mask = torch.zeros(H, W, dtype=torch.uint8)
     mask[H // 4:H // 2, W // 4:W // 2] = 1
@@ -68,7 +69,7 @@ def make_runner(preset: str, mode: str, device: str, H: int, W: int, backend: st
         with ctx():
             return next(gen)[1]
 
-    for _ in range(WARM_FRAMES):
+    for _ in range(max(WARM_FRAMES, p.memory.horizon + 1)):
         step()
     return step
 

@@ -21,19 +21,21 @@ def register(sub) -> None:
                    "(default: the weight-free extractor with a local top-k readout)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--backend", default=None, help="op backend: auto, reference, cpu, cuda, triton")
-    p.add_argument("--flow", choices=["none", "dis", "farneback"], default="none",
-                   help="flow-displaced windows (local readouts only; default none)")
+    p.add_argument("--flow", choices=["auto", "none", "dis", "farneback"], default="auto",
+                   help="flow-displaced windows (local readouts only). auto (default): the preset's protocol "
+                   "(mamp: OpenCV DIS, standing in for MAMP's RAFT; the others and the weight-free default: none)")
     p.add_argument("--no-overlay", action="store_true", help="skip the overlay MP4")
     p.add_argument("--eval", action="store_true", help="with --dataset: evaluate J&F against its annotations")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads")
     p.set_defaults(func=run)
 
 
-def build_engine(preset: str | None, device, flow: str = "none"):
-    """The engine for a preset with the weight-free extractor (no checkpoints ship with vosops)."""
+def build_engine(preset: str | None, device, flow: str = "auto"):
+    """The engine for a preset with the weight-free extractor (no checkpoints ship with vosops). flow: "auto" (the
+    preset's own), "none", "dis" or "farneback"."""
     from vosops.propagation import LabPositionFeatures, Propagator, TopKAttentionReadout, get_preset, weight_free
 
-    flow_arg = None if flow == "none" else flow
+    flow_arg = None if flow in ("none", "auto") else flow
     if preset is None:
         eng = weight_free(device=device)
         eng.flow = flow_arg
@@ -43,8 +45,11 @@ def build_engine(preset: str | None, device, flow: str = "none"):
         p.readout.heads = 2  # the weight-free features have 10 channels, not 12 heads x 64
     if flow_arg is not None and not getattr(p.readout, "uses_offsets", False):
         raise ValueError(f"--flow {flow}: preset {p.name}'s readout takes no flow offsets (only local readouts do)")
-    eng = Propagator(LabPositionFeatures(stride=p.stride), device=device, flow=flow_arg, **p.engine_kwargs())
-    return eng, f"preset {p.name} with weight-free features at stride {p.stride}: {p.readout!r}, {p.memory!r}"
+    if flow != "auto":
+        p.flow = flow_arg
+    eng = Propagator(LabPositionFeatures(stride=p.stride), device=device, **p.engine_kwargs())
+    desc = f"preset {p.name} with weight-free features at stride {p.stride}: {p.readout!r}, {p.memory!r}"
+    return eng, desc + (f", {p.flow} flow" if p.flow else "")
 
 
 class Progress:

@@ -74,15 +74,19 @@ class Propagator:
     memory: a MemoryPolicy. readout: a readout (see readouts.py).
     stride: the extractor's output stride; frames are zero-padded bottom/right to a multiple of it and the output
       cropped back exactly (MAMP's size-aware alignment).
-    label_downsample: "stride" (MAMP: every stride-th pixel) or "bilinear".
+    label_downsample: "stride" (MAMP: each cell's top-left pixel), "nearest" (DINO: each cell's centre pixel) or
+      "bilinear".
     memory_labels: "hard" (one-hot of the predicted ids, MAMP) or "soft" (the readout's soft labels, DINO/CRW).
+    argmax_norm: "none", or "minmax": each upsampled label channel rescaled to [0, 1] over the frame before the
+      argmax (DINO's norm_mask; the memory keeps the readout's labels as they were).
     flow: None; "dis" / "farneback" (OpenCV, from the query to each memory frame); or a callable
       (query_frame, memory_frames) -> (N, 2, H, W) flow at frame resolution in the flow_warp convention. Used only by
       readouts that take offsets (LocalReadout): windows are displaced by the flow at feature resolution, rounded.
     """
 
     def __init__(self, extractor: Callable, memory: MemoryPolicy, readout, *, stride: int | None = None,
-                 label_downsample: str = "stride", memory_labels: str = "hard", flow=None, device=None,
+                 label_downsample: str = "stride", memory_labels: str = "hard", argmax_norm: str = "none",
+                 flow=None, device=None,
                  feature_dtype: torch.dtype = torch.float32):
         if not callable(extractor):
             raise TypeError("extractor must be callable: frame (1, 3, H, W) -> features (1, C, h, w)")
@@ -95,10 +99,13 @@ class Propagator:
             raise ValueError(f"label_downsample must be one of {L.DOWNSAMPLE}, got {label_downsample!r}")
         if memory_labels not in ("hard", "soft"):
             raise ValueError(f"memory_labels must be 'hard' or 'soft', got {memory_labels!r}")
+        if argmax_norm not in L.ARGMAX_NORM:
+            raise ValueError(f"argmax_norm must be one of {L.ARGMAX_NORM}, got {argmax_norm!r}")
         if flow is not None and not callable(flow) and flow not in ("dis", "farneback"):
             raise ValueError(f"flow must be None, 'dis', 'farneback' or a callable, got {flow!r}")
         self.extractor, self.memory, self.readout = extractor, memory, readout
         self.stride, self.label_downsample, self.memory_labels = stride, label_downsample, memory_labels
+        self.argmax_norm = argmax_norm
         self.flow = flow
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.feature_dtype = feature_dtype
@@ -127,8 +134,8 @@ class Propagator:
             fl = F.estimate_flow([frame] * len(mem_frames), mem_frames, method=self.flow)
         if not isinstance(fl, torch.Tensor) or fl.dim() != 4 or fl.shape[1] != 2 or fl.shape[0] != len(mem_frames):
             raise ValueError(f"flow must give (N, 2, H, W) with N = {len(mem_frames)}, got {getattr(fl, 'shape', fl)}")
-        fl = F.clamp_round_flow(fl.float())
-        fl = torch.round(F.resize_flow(fl, (h, w)))
+        # MAMP estimates the flow at feature resolution and clamps and rounds it once: resize first, round last
+        fl = F.clamp_round_flow(F.resize_flow(fl.float(), (h, w)))
         return fl.unsqueeze(0).to(self.device, self.feature_dtype)
 
     # -- the loop -----------------------------------------------------------------------------------------------
@@ -189,7 +196,10 @@ class Propagator:
                     offsets = self._offsets(np_frame, [cache[f].frame for f in mem], h, w)
                 is_global = [f in memory.anchors or f == 0 for f in mem]
                 soft = self.readout(feat, k, v, offsets=offsets, is_global=is_global)
-                ids = L.argmax_ids(L.upsample(soft.float(), (Hp, Wp)), id_table)
+                scores = L.upsample(soft.float(), (Hp, Wp))
+                if self.argmax_norm == "minmax":
+                    scores = L.minmax_channels(scores, size)
+                ids = L.argmax_ids(scores, id_table)
                 label = soft.to(self.feature_dtype) if self.memory_labels == "soft" else None
                 if t in given_dev:
                     g = given_dev[t]

@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-DOWNSAMPLE = ("stride", "bilinear")
+DOWNSAMPLE = ("stride", "nearest", "bilinear")
+ARGMAX_NORM = ("none", "minmax")
 
 
 def to_onehot(ids: torch.Tensor, object_ids) -> torch.Tensor:
@@ -28,14 +29,17 @@ def to_onehot(ids: torch.Tensor, object_ids) -> torch.Tensor:
 
 def downsample(labels: torch.Tensor, stride: int, mode: str = "stride") -> torch.Tensor:
     """(B, K, H, W) at frame resolution (H, W multiples of stride) -> (B, K, H/stride, W/stride).
-    "stride": MAMP's x[..., ::s, ::s]; "bilinear": bilinear resize (align_corners=False, antialiased)."""
+    "stride": MAMP's x[..., ::s, ::s] (each cell's top-left pixel); "nearest": each cell's centre pixel
+    x[..., s//2::s, s//2::s], which is what PIL's NEAREST resize by an integer factor samples (DINO's read_seg);
+    "bilinear": bilinear resize (align_corners=False, antialiased)."""
     if mode not in DOWNSAMPLE:
         raise ValueError(f"label_downsample must be one of {DOWNSAMPLE}, got {mode!r}")
     if stride == 1:
         return labels
     H, W = labels.shape[-2:]
-    if mode == "stride":
-        return labels[..., ::stride, ::stride].contiguous()
+    if mode in ("stride", "nearest"):
+        first = 0 if mode == "stride" else stride // 2
+        return labels[..., first::stride, first::stride].contiguous()
     return F.interpolate(labels, size=(H // stride, W // stride), mode="bilinear", align_corners=False,
                          antialias=True)
 
@@ -43,6 +47,19 @@ def downsample(labels: torch.Tensor, stride: int, mode: str = "stride") -> torch
 def upsample(labels: torch.Tensor, size) -> torch.Tensor:
     """Bilinear (align_corners=False) to `size` (H, W), as MAMP / DINO upsample their soft outputs."""
     return F.interpolate(labels, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def minmax_channels(labels: torch.Tensor, size=None) -> torch.Tensor:
+    """DINO's norm_mask on (B, K, H, W): every channel whose maximum is > 0 is rescaled to [0, 1] by its own minimum
+    and maximum over the frame; the others are left as they are. `size` (H, W): the frame inside a bottom/right
+    padding, which the minimum and maximum are taken over. DINO's division is 0/0 (NaN) for a constant positive
+    channel; here such a channel becomes 0."""
+    frame = labels if size is None else unpad(labels, size)
+    lo = frame.amin(dim=(-2, -1), keepdim=True)
+    hi = frame.amax(dim=(-2, -1), keepdim=True)
+    span = hi - lo
+    scaled = (labels - lo) / torch.where(span > 0, span, torch.ones_like(span))
+    return torch.where(hi > 0, scaled, labels)
 
 
 def argmax_ids(labels: torch.Tensor, id_table: torch.Tensor) -> torch.Tensor:
