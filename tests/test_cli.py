@@ -34,6 +34,21 @@ def test_info_reports_versions_and_backends():
         assert needle in res.stdout
 
 
+def test_bench_config_names_of_the_issues_select_their_variants():
+    from vosops.bench import cases_for
+    from vosops.commands.bench import select_configs
+
+    topk = cases_for("topk", "cpu")
+    assert {c.config for c in select_configs(topk, ["jointformer-davis"])} == {"jointformer-davis-1f-cpu",
+                                                                              "jointformer-davis-3f-cpu"}
+    local = cases_for("local_attention", "cpu")
+    assert {c.config for c in select_configs(local, ["mamp-480p"])} == {"mamp-480p-quarter",
+                                                                       "mamp-480p-smooth-quarter"}
+    # a configuration of that exact name is taken alone; an unknown name selects nothing
+    assert {c.config for c in select_configs(local, ["mamp-train-quarter"])} == {"mamp-train-quarter"}
+    assert select_configs(local, ["bogus"]) == []
+
+
 def test_bench_writes_table_json_and_png(tmp_path):
     res = run_cli("bench", "--op", "flow_warp", "--device", "cpu", "--config", "warp-cpu", "--budget", "0.05",
                   "--no-memory", "--out", str(tmp_path))

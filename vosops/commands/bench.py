@@ -12,7 +12,8 @@ def register(sub) -> None:
     p.add_argument("--op", action="append", help="op to benchmark (repeatable; default: all)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when a GPU is present, else cpu")
-    p.add_argument("--config", action="append", help="only these configurations (repeatable)")
+    p.add_argument("--config", action="append", help="only these configurations (repeatable); a name with no "
+                   "configuration of its own selects its variants NAME-..., e.g. jointformer-davis")
     p.add_argument("--impl", action="append", help="only these implementations (repeatable; baseline always kept)")
     p.add_argument("--out", default="bench-out", help="folder for results.json and speedup.png")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case and round (default 1)")
@@ -24,6 +25,16 @@ def register(sub) -> None:
     p.add_argument("--all", action="store_true",
                    help="also run the cases marked slow (baselines that take many seconds a call)")
     p.set_defaults(func=run)
+
+
+def select_configs(cases, wanted):
+    """The cases of each wanted configuration: the one of that exact name, or else its variants NAME-... (the
+    issues' names: `jointformer-davis` runs -1f and -3f, `mamp-480p` on the CPU its -quarter size)."""
+    chosen = set()
+    for name in wanted:
+        exact = {c.config for c in cases if c.config == name}
+        chosen |= exact or {c.config for c in cases if c.config.startswith(name + "-")}
+    return [c for c in cases if c.config in chosen]
 
 
 def run(args) -> int:
@@ -44,7 +55,7 @@ def run(args) -> int:
         raise ValueError(f"unknown op(s) {unknown}; choose from {OPS}")
     cases = [c for op in ops for c in cases_for(op, device)]
     if args.config:
-        cases = [c for c in cases if c.config in args.config]
+        cases = select_configs(cases, args.config)
     if args.impl:
         cases = [c for c in cases if c.baseline or c.impl in args.impl]
     slow = [c for c in cases if c.slow and not args.all]
