@@ -1,12 +1,14 @@
 """Build vosops' native extension `vosops._C`.
 
 The C++ CPU kernels are always built. The CUDA kernels are added when the installed PyTorch was built with CUDA and
-`nvcc` is found (arch list: TORCH_CUDA_ARCH_LIST, default "8.0;9.0"). If the native part cannot be compiled the
-package still installs, and `import vosops` warns once and uses the other backends.
+`nvcc` is found (arch list: TORCH_CUDA_ARCH_LIST, default "8.0;9.0"). If the CUDA part fails to compile, the CPU
+kernels are built alone; if they fail too, the package still installs, and `import vosops` warns once and uses the
+other backends.
 
 Environment:
   VOSOPS_NO_NATIVE=1   skip the extension entirely (pure Python install)
   VOSOPS_NO_CUDA=1     build the CPU kernels only, even with a CUDA PyTorch
+  VOSOPS_REQUIRE_NATIVE=1  fail the install when any part asked for (CUDA included) fails to compile
   MAX_JOBS=N           parallel compile jobs (ninja)
 """
 
@@ -45,41 +47,48 @@ def _native_extensions():
     )
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", *openmp]
-    include_dirs = [os.path.join(ROOT, "csrc")]
+
+    def common():  # fresh lists for each extension: torch's constructors append to them
+        return dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=list(openmp), py_limited_api=True)
+
+    limited_api = ("Py_LIMITED_API", "0x030A0000")
+    cpu_ext = ce.CppExtension("vosops._C", cpu_sources, define_macros=[limited_api],
+                              extra_compile_args={"cxx": list(cxx_flags)}, **common())
+    ext = cpu_ext
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = ce.CUDAExtension(
             "vosops._C",
             cpu_sources + cuda_glue + cu_sources,
-            include_dirs=include_dirs,
-            define_macros=[("VOSOPS_WITH_CUDA", "1"), ("Py_LIMITED_API", "0x030A0000")],
+            define_macros=[("VOSOPS_WITH_CUDA", "1"), limited_api],
             extra_compile_args={
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
             },
-            extra_link_args=openmp,
-            py_limited_api=True,
-        )
-    else:
-        ext = ce.CppExtension(
-            "vosops._C",
-            cpu_sources,
-            include_dirs=include_dirs,
-            define_macros=[("Py_LIMITED_API", "0x030A0000")],
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=openmp,
-            py_limited_api=True,
+            **common(),
         )
 
     class TolerantBuildExtension(ce.BuildExtension):
-        """Install without the native part when it cannot be compiled, instead of failing the whole install."""
+        """Build what compiles: the CUDA and CPU kernels, else the CPU kernels alone, else nothing (vosops then warns
+        at import and uses the other backends), instead of failing the whole install."""
 
         def build_extension(self, extension):
             try:
                 super().build_extension(extension)
-            except Exception as exc:  # compiler missing or broken: vosops warns at import and falls back
+                return
+            except Exception as exc:
                 if os.environ.get("VOSOPS_REQUIRE_NATIVE") == "1":
                     raise
+                if not with_cuda:
+                    print(f"vosops: native build failed ({exc}); installing without native kernels", file=sys.stderr)
+                    return
+                print(f"vosops: CUDA build failed ({exc}); building the CPU kernels alone", file=sys.stderr)
+            # the same extension object, which build_extensions has given torch's compile flags, made the CPU one
+            for attr in ("sources", "define_macros", "libraries", "library_dirs"):
+                setattr(extension, attr, getattr(cpu_ext, attr))
+            try:
+                super().build_extension(extension)
+            except Exception as exc:
                 print(f"vosops: native build failed ({exc}); installing without native kernels", file=sys.stderr)
 
     return [ext], {"build_ext": TolerantBuildExtension.with_options(use_ninja=True)}
