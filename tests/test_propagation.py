@@ -614,6 +614,42 @@ def test_mask_writer_overlay_video_keeps_odd_sizes(tmp_path, size):
     cap.release()
 
 
+# aten ops whose result the host must read (a scalar, or an output sized by the data): on a GPU each one waits
+# for the device
+HOST_READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "_unique2", "unique_dim", "unique_consecutive",
+              "masked_select", "equal", "allclose", "_assert_async"}
+
+
+@pytest.mark.parametrize("name", ["mamp", "maskvos", "ino", "dino", "jointformer-memory"])
+def test_steady_state_loop_reads_nothing_back_to_the_host(name):
+    """The CPU-side guard of the GPU test below: every aten op a steady-state frame runs is recorded, and none may
+    be one whose result the host reads (an .item(), a bool() of a tensor, a nonzero, a boolean-mask index)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vosops.bench.propagate import make_runner
+
+    reads = []
+
+    class RecordHostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            op = func.overloadpacket.__name__
+            bool_index = op == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                               for i in args[1] if i is not None)
+            if op in HOST_READS or bool_index:
+                reads.append(op)
+            return func(*args, **(kwargs or {}))
+
+    step = make_runner(name, "given", "cpu", 40, 56)  # the warm-up frames fill the memory first
+    with RecordHostReads():
+        for _ in range(2):
+            ids = step()
+        probe = torch.zeros(1)
+        assert not reads
+        bool(probe.sum() > 0)  # the recorder sees a host read when there is one
+    assert reads == ["is_nonzero"] or reads == ["_local_scalar_dense"], reads
+    assert ids.shape == (40, 56)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["mamp", "maskvos", "ino", "dino", "jointformer-memory"])
 def test_gpu_loop_never_synchronises_per_frame(name):
