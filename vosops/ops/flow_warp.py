@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backends, _native, _validate
+from .._autocast import autocast_policy
 from .. import reference as _reference
 from ._double_backward import refuse_double_backward
 
@@ -12,6 +13,7 @@ MODES = ("bilinear", "nearest")
 PADDINGS = ("zeros", "border")
 
 
+@autocast_policy("widest", "x", "flow")
 def flow_warp(
     x: torch.Tensor,
     flow: torch.Tensor,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backends, _native, _validate
+from .._autocast import autocast_policy
 from ..reference import kmeans as _ref
 from ..reference.kmeans import KMeansResult
 
@@ -104,6 +105,7 @@ def _check_centroids(name: str, c, B: int, D: int, device) -> torch.Tensor:
     return c
 
 
+@autocast_policy("off", "x")
 def kmeans(
     x: torch.Tensor,
     num_clusters: int,
@@ -189,6 +191,7 @@ def kmeans(
     return res
 
 
+@autocast_policy("off", "x")
 def kmeans_predict(x: torch.Tensor, centroids: torch.Tensor, *, lengths: torch.Tensor | None = None,
                    backend: str | None = None) -> torch.Tensor:
     """Index of the nearest centroid (squared Euclidean, ties to the lower index) of every point.

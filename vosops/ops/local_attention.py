@@ -17,6 +17,7 @@ import math
 import torch
 
 from .. import _backends, _native, _validate
+from .._autocast import autocast_policy
 from ..reference.local_attention import local_affinity as _ref_affinity
 from ..reference.local_attention import local_aggregate as _ref_aggregate
 from ..reference.local_attention import local_attention as _ref_attention
@@ -209,6 +210,7 @@ def check_attention_args(q, k, v, offsets, radius, dilation, scale, topk, normal
     return scale
 
 
+@autocast_policy("lower", "q", "k")
 def local_affinity(q, k, *, radius, dilation=1, window="square", offsets=None, scale=1.0, border="mask",
                    backend: str | None = None):
     """Logits scale * <q[:, :, i, j], k[:, n] at candidate p> as (B, N, P, H, W).
@@ -230,6 +232,7 @@ def local_affinity(q, k, *, radius, dilation=1, window="square", offsets=None, s
     return torch.ops.vosops.local_affinity(*args)
 
 
+@autocast_policy("lower", "weights", "v")
 def local_aggregate(weights, v, *, radius, dilation=1, offsets=None, backend: str | None = None):
     """out (B, Cv, H, W) = sum over n, p of weights (B, N, P, H, W) times the value of candidate (n, p) (zero for
     out-of-frame candidates; every column of the square window takes part, whatever window made the weights).
@@ -249,6 +252,7 @@ def local_aggregate(weights, v, *, radius, dilation=1, offsets=None, backend: st
     return torch.ops.vosops.local_aggregate(*args)
 
 
+@autocast_policy("lower", "q", "k", "v")
 def local_attention(q, k, v, *, radius, scale=1.0, topk=None, normalize="softmax", window="square", dilation=1,
                     offsets=None, border="mask", return_topk=False, backend: str | None = None):
     """Fused local attention: out (B, Cv, H, W) = sum over kept candidates of weight * value, never materialising

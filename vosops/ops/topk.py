@@ -11,6 +11,7 @@ import math
 import torch
 
 from .. import _backends, _native, _validate
+from .._autocast import autocast_policy
 from ..reference import topk as _ref
 from . import _topk_rules as _rules
 from ._double_backward import refuse_double_backward
@@ -74,6 +75,7 @@ def check_global_topk_args(q, k, topk, scale, key_mask) -> float:
     return scale
 
 
+@autocast_policy("lower", "q", "k")
 def global_topk(q: torch.Tensor, k: torch.Tensor, *, topk: int, scale: float = 1.0,
                 key_mask: torch.Tensor | None = None, backend: str | None = None):
     """The `topk` largest logits scale * q·k of each query over all keys, without the (M x L) affinity.
@@ -177,6 +179,7 @@ def check_aggregate_backward_args(grad_out, logits, index, values, normalize, k)
     _validate.matches("grad_out", grad_out, (B, M, values.shape[2]), values, what="the output's (B, M, Cv) = ")
 
 
+@autocast_policy("widest", "logits", "values")
 def topk_aggregate(logits: torch.Tensor, index: torch.Tensor, values: torch.Tensor, *, normalize: str = "softmax",
                    k: int | None = None, check_index: bool = True, backend: str | None = None) -> torch.Tensor:
     """Softmax-weighted sum of the candidates' values: out[b, m] = sum_j w[b, m, j] values[b, index[b, m, j]].
@@ -252,6 +255,7 @@ def check_attention_backward_args(grad_out, q, k, v, out, lse, index, scale, den
                       dtype=torch.int64, what="the forward's (B, H, M, kept) with kept <= L - dense_keys: ")
 
 
+@autocast_policy("lower", "q", "k", "v")
 def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: int, scale: float | None = None,
                    dense_keys: int = 0, backend: str | None = None) -> torch.Tensor:
     """Multi-head attention that keeps the first `dense_keys` keys and the `topk` best of the rest.
