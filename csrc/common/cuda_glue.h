@@ -1,5 +1,6 @@
 // Shared by the CUDA glue files (*_cuda_glue.cpp, built only with CUDA): the launch check and PyTorch's current stream.
 #pragma once
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
@@ -25,6 +26,11 @@ inline void check_shared_memory(const char* op, size_t need, const std::string& 
                     " bytes of shared memory per block; this GPU allows ", have, " (use a smaller value or the "
                     "triton backend)");
 }
+
+// A backward kernel that adds gradients with float atomics, whose order (and so the sum's rounding) varies from run
+// to run: under torch.use_deterministic_algorithms(True), PyTorch's own rule, an error naming it (a warning with
+// warn_only=True). vosops/_determinism.py does the same for the Triton kernels.
+inline void alert_atomic_backward(const char* what) { at::globalContext().alertNotDeterministic(what); }
 
 // Every kernel runs on PyTorch's current stream of the current device (set by the caller's CUDAGuard).
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }

@@ -31,6 +31,7 @@ std::tuple<at::Tensor, at::Tensor> flow_warp_backward_cuda(const at::Tensor& gra
   const c10::cuda::CUDAGuard guard(x.device());
   BackwardBuffers b =
       prepare_backward(grad_out, x, flow, mode_name, padding_name, need_x_grad, need_flow_grad);
+  if (need_x_grad) alert_atomic_backward("vosops::flow_warp_backward (CUDA: the gradient of x)");
   const DType dtype = to_dtype(x.scalar_type());
   const at::Tensor workspace = at::empty(
       {static_cast<int64_t>(backward_workspace_bytes(dtype, shape4(x), b.flow_kernel))}, x.options().dtype(at::kByte));

@@ -63,6 +63,7 @@ std::tuple<at::Tensor, at::Tensor> local_affinity_backward_cuda(const at::Tensor
   check_cuda_dtype("local_affinity_backward", "q", q);
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({g.B, g.N, g.P, g.H, g.W}),
                     "local_affinity_backward: grad must be (B, N, P, H, W), got ", grad.sizes());
+  if (need_k) alert_atomic_backward("vosops::local_affinity_backward (CUDA: the gradient of k)");
   const c10::cuda::CUDAGuard guard(q.device());
   const auto opts = q.options().dtype(at::kFloat);
   at::Tensor gq = need_q ? at::empty(q.sizes(), opts) : q.new_empty({0});
@@ -116,6 +117,7 @@ std::tuple<at::Tensor, at::Tensor> local_aggregate_backward_cuda(const at::Tenso
   const int64_t Cv = v.size(2);
   TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef({g.B, Cv, g.H, g.W}),
                     "local_aggregate_backward: grad_out must be (B, Cv, H, W), got ", grad_out.sizes());
+  if (need_v) alert_atomic_backward("vosops::local_aggregate_backward (CUDA: the gradient of v)");
   const c10::cuda::CUDAGuard guard(v.device());
   const auto opts = v.options().dtype(at::kFloat);
   at::Tensor gw = need_weights ? at::empty(weights.sizes(), opts) : weights.new_empty({0});

@@ -123,6 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_backward_cuda(
   const Config c = make_config(q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border);
   check_cuda_inputs(q, c);
   const bool with_gl = check_backward_inputs(c, grad_out, grad_topk_logits, stats, topk_index, at::kFloat);
+  if (need_k || need_v) alert_atomic_backward("vosops::local_attention_backward (CUDA: the gradients of k and v)");
   const c10::cuda::CUDAGuard guard(q.device());
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dq, dk, dv;

@@ -44,6 +44,7 @@ std::tuple<at::Tensor, at::Tensor> topk_aggregate_backward_cuda_op(const at::Ten
   check_aggregate_inputs(logits_in, index_in, values);
   check_aggregate_grad(grad_in, logits_in, values);
   const int64_t kth = threshold_k(normalize, k);
+  if (need_values) alert_atomic_backward("vosops::topk_aggregate_backward (CUDA: the gradient of values)");
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous(), index = index_in.contiguous();
   const at::Tensor grad = grad_in.to(values.scalar_type());

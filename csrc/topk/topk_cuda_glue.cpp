@@ -62,6 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward_cuda_op(
   check_scale("topk_attention_backward", scale);
   TORCH_CHECK_VALUE(q.size(0) * q.size(1) <= 65535, "topk_attention_backward: at most 65535 batch x heads per call "
                     "on CUDA (one grid row each), got ", q.size(0), " x ", q.size(1));
+  alert_atomic_backward("vosops::topk_attention_backward (CUDA: the gradients of q, k and v)");
   const int64_t kk = index.size(-1);
   const int64_t dense = kk == 0 ? k.size(2) : dense_keys;
   const c10::cuda::CUDAGuard guard(q.device());

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from .. import _alloc
 from ..ops import flow_warp as _ops
+from .._determinism import alert_atomic_backward
 from ..ops.flow_warp import autograd_rules
 
 _BLOCK = 256
@@ -194,6 +195,8 @@ def flow_warp_triton_backward(
     _check_dtype(x)
     B, C, H, W = x.shape
     bilinear = mode == "bilinear"
+    if need_x_grad:
+        alert_atomic_backward("vosops flow_warp backward (triton: the gradient of x)")
     gx_acc = torch.zeros(B, C, H, W, dtype=torch.float32, device=x.device) if need_x_grad else None
     if need_flow_grad and bilinear:
         gflow = _alloc.empty(B, 2, H, W, dtype=flow.dtype, device=flow.device)

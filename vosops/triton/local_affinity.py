@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .._determinism import alert_atomic_backward
 from ..ops import local_attention as _ops
 from ..ops._local_affinity_native import (affinity_autograd_rules, aggregate_autograd_rules, fake_affinity,
                                           fake_affinity_backward, fake_aggregate, fake_aggregate_backward)
@@ -158,8 +159,9 @@ def _gather(w, x, off, has_off, radius, dilation, circle, scale, out):
     return out
 
 
-def _scatter(w, a, off, has_off, radius, dilation, circle, scale):
-    """fp32 (B, N, C, H, W) accumulator of the scatter."""
+def _scatter(w, a, off, has_off, radius, dilation, circle, scale, op):
+    """fp32 (B, N, C, H, W) accumulator of the scatter; `op` names it for the determinism alert."""
+    alert_atomic_backward(op)
     B, N, P, H, W = w.shape
     C = a.shape[1]
     out = torch.zeros(B, N, C, H, W, dtype=torch.float32, device=a.device)
@@ -198,7 +200,8 @@ def local_affinity_triton_backward(grad: torch.Tensor, q: torch.Tensor, k: torch
         gq = _gather(grad, k, off, has_off, radius, dilation, circle, scale,
                      _alloc.empty(*q.shape, dtype=q.dtype, device=q.device))
     if need_k:
-        gk = _scatter(grad, q, off, has_off, radius, dilation, circle, scale).to(k.dtype)
+        gk = _scatter(grad, q, off, has_off, radius, dilation, circle, scale,
+                      "vosops local_affinity backward (triton: the gradient of k)").to(k.dtype)
     return (gq if need_q else q.new_empty(0)), (gk if need_k else k.new_empty(0))
 
 
@@ -235,7 +238,8 @@ def local_aggregate_triton_backward(grad_out: torch.Tensor, weights: torch.Tenso
         gw = _scores(grad_out, v, off, has_off, radius, dilation, False, 1.0, 0.0,
                      _alloc.empty(*weights.shape, dtype=weights.dtype, device=v.device))
     if need_v:
-        gv = _scatter(weights, grad_out, off, has_off, radius, dilation, False, 1.0).to(v.dtype)
+        gv = _scatter(weights, grad_out, off, has_off, radius, dilation, False, 1.0,
+                      "vosops local_aggregate backward (triton: the gradient of v)").to(v.dtype)
     return (gw if need_weights else weights.new_empty(0)), (gv if need_v else v.new_empty(0))
 
 

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .._determinism import alert_atomic_backward
 from .. import _validate
 from ..ops import local_attention as _ops
 from . import local_attention_tiled as _tiled
@@ -516,6 +517,8 @@ def local_attention_triton_backward(
                   num_stages=LOCAL_ATTENTION_CONFIG["num_stages"])
     # Softmax over every candidate without offsets: dk, dv gathered per key (no atomics); else scattered per query.
     gather_kv = mt["mode"] == 0 and not has_off and not has_glg and (need_k or need_v)
+    if (need_k or need_v) and not gather_kv:
+        alert_atomic_backward("vosops local_attention backward (triton: the gradients of k and v)")
     if tiled and (need_q or ((need_k or need_v) and not gather_kv)):
         # the forward's scores, recomputed by the same tile code: the kept set is the forward's exactly
         ta = _tile_args(q, radius, window, mt)

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .._determinism import alert_atomic_backward
 from ..ops import _topk_rules
 from ..ops import topk as _ops
 
@@ -161,6 +162,8 @@ def topk_aggregate_triton_backward(grad_out: torch.Tensor, logits: torch.Tensor,
     gl = _alloc.empty(B, M, K, dtype=logits.dtype, device=logits.device) if need_logits \
         else logits.new_empty(0)
     dv = torch.zeros(B, L, CV, dtype=torch.float32, device=values.device) if need_values else None
+    if need_values:
+        alert_atomic_backward("vosops topk_aggregate backward (triton: the gradient of values)")
     if B * M * K > 0 and (need_logits or need_values):
         g = grad_out.to(values.dtype)
         bm, bk, bj, bc = _blocks(K, CV)
