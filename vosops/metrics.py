@@ -9,6 +9,9 @@
 - A sequence is scored without its first and last frames; per object: mean, recall (fraction of frames > 0.5) and
   decay (mean of the first quarter minus the last quarter of frames, the official 4-bin rule).
 - J&F mean = (mean over objects of per-object J means + the same for F) / 2.
+- Objects: every id that appears in any ground-truth frame. The official tool scores ids 1..max(first frame's GT),
+  the same set on DAVIS, whose objects are all in the first frame with contiguous ids; with ids {1, 3} it would
+  also score an absent object 2 (J = 1 on its empty frames), and it never scores an object that enters later.
 """
 
 from __future__ import annotations
