@@ -68,19 +68,46 @@ def _native_extensions():
             **common(),
         )
 
+    require = os.environ.get("VOSOPS_REQUIRE_NATIVE") == "1"
+
+    def has_cuda(extension) -> bool:
+        return any(src.endswith(".cu") for src in extension.sources)
+
+    def give_up(exc) -> None:
+        print(f"vosops: native build failed ({exc}); installing without native kernels", file=sys.stderr)
+
     class TolerantBuildExtension(ce.BuildExtension):
         """Build what compiles: the CUDA and CPU kernels, else the CPU kernels alone, else nothing (vosops then warns
         at import and uses the other backends), instead of failing the whole install."""
+
+        def build_extensions(self):
+            # torch checks the CUDA toolchain (nvcc present, its version against torch's, the host compiler) here,
+            # before any compile: a refusal leaves the CPU kernels to build
+            try:
+                super().build_extensions()
+                return
+            except Exception as exc:
+                if require:
+                    raise
+                if not any(has_cuda(e) for e in self.extensions):
+                    give_up(exc)
+                    return
+                print(f"vosops: CUDA toolchain refused ({exc}); building the CPU kernels alone", file=sys.stderr)
+            self.extensions = [cpu_ext]
+            try:
+                super().build_extensions()
+            except Exception as exc:
+                give_up(exc)
 
         def build_extension(self, extension):
             try:
                 super().build_extension(extension)
                 return
             except Exception as exc:
-                if os.environ.get("VOSOPS_REQUIRE_NATIVE") == "1":
+                if require:
                     raise
-                if not with_cuda:
-                    print(f"vosops: native build failed ({exc}); installing without native kernels", file=sys.stderr)
+                if not has_cuda(extension):
+                    give_up(exc)
                     return
                 print(f"vosops: CUDA build failed ({exc}); building the CPU kernels alone", file=sys.stderr)
             # the same extension object, which build_extensions has given torch's compile flags, made the CPU one
@@ -89,7 +116,7 @@ def _native_extensions():
             try:
                 super().build_extension(extension)
             except Exception as exc:
-                print(f"vosops: native build failed ({exc}); installing without native kernels", file=sys.stderr)
+                give_up(exc)
 
     return [ext], {"build_ext": TolerantBuildExtension.with_options(use_ninja=True)}
 

@@ -34,7 +34,8 @@ CASES = {
     "flow_warp": (lambda b, x, f: vosops.flow_warp(x, f, backend=b),
                   lambda g: (torch.randn(1, 3, 6, 7, generator=g), 2 * torch.randn(1, 2, 6, 7, generator=g)),
                   "widest"),
-    "topk_aggregate": (lambda b, lg, v: vosops.topk_aggregate(lg, torch.tensor([[[0, 4, 2]] * 5]), v, backend=b),
+    "topk_aggregate": (lambda b, lg, v: vosops.topk_aggregate(lg, torch.tensor([[[0, 4, 2]] * 5], device=lg.device),
+                                                              v, backend=b),
                        lambda g: (torch.randn(1, 5, 3, generator=g), torch.randn(1, 6, 2, generator=g)),
                        "widest"),
 }

@@ -42,8 +42,10 @@ def test_bench_config_names_of_the_issues_select_their_variants():
     assert {c.config for c in select_configs(topk, ["jointformer-davis"])} == {"jointformer-davis-1f-cpu",
                                                                               "jointformer-davis-3f-cpu"}
     local = cases_for("local_attention", "cpu")
-    assert {c.config for c in select_configs(local, ["mamp-480p"])} == {"mamp-480p-quarter",
-                                                                       "mamp-480p-smooth-quarter"}
+    # a size variant only, not another configuration whose name starts the same (mamp-480p-smooth, -train-masked)
+    assert {c.config for c in select_configs(local, ["mamp-480p"])} == {"mamp-480p-quarter"}
+    assert {c.config for c in select_configs(local, ["mamp-train"])} == {"mamp-train-quarter"}
+    assert {c.config for c in select_configs(cases_for("topk", "cpu"), ["maskvos-480p"])} == {"maskvos-480p-cpu"}
     # a configuration of that exact name is taken alone; an unknown name selects nothing
     assert {c.config for c in select_configs(local, ["mamp-train-quarter"])} == {"mamp-train-quarter"}
     assert select_configs(local, ["bogus"]) == []

@@ -58,6 +58,32 @@ def test_cuda_build_failure_falls_back_to_the_cpu_kernels(setup_module, monkeypa
     assert "cudart" not in cpu_libs and "c10_cuda" not in cpu_libs and "torch_cpu" in cpu_libs
 
 
+def test_a_refused_cuda_toolchain_falls_back_to_the_cpu_kernels(setup_module, monkeypatch):
+    """torch checks nvcc and its version in build_extensions, before building anything: a refusal there must leave
+    the CPU kernels to build, not fail the install."""
+    from setuptools._distutils.ccompiler import new_compiler
+
+    def refuse(*args):
+        raise RuntimeError("The detected CUDA version (12.4) mismatches the version that was used to compile PyTorch")
+
+    built = []
+    monkeypatch.setattr(ce, "_check_cuda_version", refuse)
+    monkeypatch.setattr(ce.BuildExtension, "build_extension", lambda self, ext: built.append(list(ext.sources)))
+    (ext,), cmdclass = setup_module._native_extensions()
+    cmd = cmdclass["build_ext"](Distribution())
+    cmd.ensure_finalized()
+    cmd.extensions, cmd.compiler = [ext], new_compiler()
+    cmd.build_extensions()
+    assert len(built) == 1 and built[0] and all(s.endswith(".cpp") and "_cuda_glue" not in s for s in built[0])
+    monkeypatch.setenv("VOSOPS_REQUIRE_NATIVE", "1")
+    (ext,), cmdclass = setup_module._native_extensions()
+    cmd = cmdclass["build_ext"](Distribution())
+    cmd.ensure_finalized()
+    cmd.extensions, cmd.compiler = [ext], new_compiler()
+    with pytest.raises(RuntimeError, match="mismatches"):
+        cmd.build_extensions()
+
+
 def test_require_native_makes_the_cuda_failure_fatal(setup_module, monkeypatch):
     monkeypatch.setenv("VOSOPS_REQUIRE_NATIVE", "1")
     with pytest.raises(RuntimeError, match="Error compiling objects"):

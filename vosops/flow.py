@@ -59,7 +59,11 @@ def estimate_flow(a, b, method: str = "dis", *, preset: str = "medium", device=N
     `method`: "dis" (OpenCV DIS, `preset` ultrafast/fast/medium) or "farneback". Pairs are processed on the CPU
     with OpenCV; the result goes to `device` (default: the device of `a` when it is a tensor, else CPU).
     """
-    import cv2
+    try:
+        import cv2
+    except ImportError as exc:
+        raise ImportError("vosops.flow.estimate_flow needs OpenCV: pip install opencv-python-headless (or the "
+                          "vosops[io] extra)") from exc
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

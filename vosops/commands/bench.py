@@ -13,7 +13,8 @@ def register(sub) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when a GPU is present, else cpu")
     p.add_argument("--config", action="append", help="only these configurations (repeatable); a name with no "
-                   "configuration of its own selects its variants NAME-..., e.g. jointformer-davis")
+                   "configuration of its own selects its sizes (e.g. jointformer-davis: -1f and -3f; on the CPU, -quarter "
+                   "or -cpu)")
     p.add_argument("--impl", action="append", help="only these implementations (repeatable; baseline always kept)")
     p.add_argument("--out", default="bench-out", help="folder for results.json and speedup.png")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case and round (default 1)")
@@ -27,13 +28,18 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+# How the configurations' names extend the issues' names: a memory size, and the CPU's smaller sizes.
+VARIANT_SUFFIXES = ("-1f", "-3f", "-quarter", "-cpu", "-1f-cpu", "-3f-cpu")
+
+
 def select_configs(cases, wanted):
-    """The cases of each wanted configuration: the one of that exact name, or else its variants NAME-... (the
-    issues' names: `jointformer-davis` runs -1f and -3f, `mamp-480p` on the CPU its -quarter size)."""
+    """The cases of each wanted configuration: the one of that exact name, or else its variants NAME + one of
+    VARIANT_SUFFIXES (the issues' names: `jointformer-davis` runs -1f and -3f, `mamp-480p` on the CPU its
+    -quarter size), never another configuration that merely starts with NAME (`mamp-480p-smooth`)."""
     chosen = set()
     for name in wanted:
         exact = {c.config for c in cases if c.config == name}
-        chosen |= exact or {c.config for c in cases if c.config.startswith(name + "-")}
+        chosen |= exact or {c.config for c in cases if c.config in {name + s for s in VARIANT_SUFFIXES}}
     return [c for c in cases if c.config in chosen]
 
 

@@ -54,8 +54,8 @@ class FirstAndRecent(MemoryPolicy):
 
     DINO / INO ("first + last n"): DINO's queue of n_last_frames=7 holds previous frames, frame 0 is always added;
     at t = 1 only frame 0 is read. INO: N_c = 10 on DAVIS (20 on YouTube-VOS).
-    Mask-VOS ("first + FIFO of n", n = 5): a first-in-first-out queue of the previous frames, frame 0 kept: the
-    same index sets.
+    Mask-VOS ("first + FIFO of n", n = 20 in its paper's testing protocol and released config): a
+    first-in-first-out queue of the previous frames, frame 0 kept: the same index sets.
     """
 
     def __init__(self, n: int):
