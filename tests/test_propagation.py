@@ -351,7 +351,7 @@ def test_flow_offsets_rounded_once_at_feature_resolution():
         return fl
 
     eng = _small_engine(flow=flow, memory=first_last(1))
-    off = eng._offsets(frames[1], [frames[0]], 8, 8)
+    off = eng._offsets(frames[1], [frames[0]], 8, 8, (32, 32))
     assert off.shape == (1, 1, 2, 8, 8)
     assert (off[0, 0, 1] == 1).all()
     assert off[0, 0, 0, :, 0].eq(1).all() and off[0, 0, 0, :, 3:5].eq(-2).all() and off[0, 0, 0, :, 7].eq(8).all()
@@ -497,6 +497,26 @@ def test_engine_rejects_a_flow_callable_of_the_wrong_shape():
     eng = _small_engine(flow=lambda frame, mem: torch.zeros(len(mem), 3, 32, 32))
     with pytest.raises(ValueError, match=r"flow must give \(N, 2, H, W\) with N = 1"):
         list(eng.propagate(video, {0: gts[0]}))
+    eng = _small_engine(flow=lambda frame, mem: torch.zeros(len(mem), 2, 16, 16))
+    with pytest.raises(ValueError, match=r"flow must be at the frames' resolution \(32, 32\)"):
+        list(eng.propagate(video, {0: gts[0]}))
+
+
+@pytest.mark.parametrize("at", ["video", "padded"])
+def test_flow_callable_at_the_videos_size_or_the_padded_size(at):
+    """A callable gets the padded frames; a flow at the video's own size (precomputed, say) is extended over the
+    padding instead of being stretched onto it: a constant 5.9 px (1.475 cells at stride 4 -> 1) stays 1 in every
+    cell of a 30 x 38 video (padded to 32 x 40)."""
+    frames = [f[:30, :38] for f in synthetic_video(T=3, H=32, W=40)[0]]
+
+    def flow(query, mem):
+        assert query.shape[:2] == (32, 40)
+        H, W = (30, 38) if at == "video" else (32, 40)
+        return torch.full((len(mem), 2, H, W), 5.9)
+
+    padded = [np.pad(f, ((0, 2), (0, 2), (0, 0))) for f in frames]  # what the engine hands the callable
+    off = _small_engine(flow=flow, memory=first_last(1))._offsets(padded[1], [padded[0]], 8, 10, (30, 38))
+    assert torch.equal(off, torch.ones(1, 1, 2, 8, 10))
 
 
 def test_engine_takes_float_and_bool_masks_as_ids():

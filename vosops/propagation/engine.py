@@ -80,8 +80,10 @@ class Propagator:
     argmax_norm: "none", or "minmax": each upsampled label channel rescaled to [0, 1] over the frame before the
       argmax (DINO's norm_mask; the memory keeps the readout's labels as they were).
     flow: None; "dis" / "farneback" (OpenCV, from the query to each memory frame); or a callable
-      (query_frame, memory_frames) -> (N, 2, H, W) flow at frame resolution in the flow_warp convention. Used only by
-      readouts that take offsets (LocalReadout): windows are displaced by the flow at feature resolution, rounded.
+      (query_frame, memory_frames) -> (N, 2, H, W) flow in the flow_warp convention, at the resolution of the frames
+      it is given (padded to a multiple of the stride) or of the video's own frames (the padding then takes the
+      flow of the nearest frame pixel). Used only by readouts that take offsets (LocalReadout): windows are displaced by the flow resized to
+      the features (its vectors scaled), clamped and rounded once.
     """
 
     def __init__(self, extractor: Callable, memory: MemoryPolicy, readout, *, stride: int | None = None,
@@ -125,7 +127,7 @@ class Propagator:
         oh = L.to_onehot(ids_padded, object_ids)
         return L.downsample(oh, self.stride, self.label_downsample).to(self.feature_dtype)
 
-    def _offsets(self, frame: np.ndarray, mem_frames: list[np.ndarray], h: int, w: int) -> torch.Tensor:
+    def _offsets(self, frame: np.ndarray, mem_frames: list[np.ndarray], h: int, w: int, size) -> torch.Tensor:
         from .. import flow as F
 
         if callable(self.flow):
@@ -134,6 +136,12 @@ class Propagator:
             fl = F.estimate_flow([frame] * len(mem_frames), mem_frames, method=self.flow)
         if not isinstance(fl, torch.Tensor) or fl.dim() != 4 or fl.shape[1] != 2 or fl.shape[0] != len(mem_frames):
             raise ValueError(f"flow must give (N, 2, H, W) with N = {len(mem_frames)}, got {getattr(fl, 'shape', fl)}")
+        padded = tuple(frame.shape[:2])
+        if tuple(fl.shape[-2:]) == tuple(size) != padded:  # the video's own size: extend it over the padding
+            fl = torch.nn.functional.pad(fl, (0, padded[1] - size[1], 0, padded[0] - size[0]), mode="replicate")
+        elif tuple(fl.shape[-2:]) != padded:
+            raise ValueError(f"flow must be at the frames' resolution {tuple(size)} (or padded, {padded}), got "
+                             f"{tuple(fl.shape[-2:])}")
         # MAMP estimates the flow at feature resolution and clamps and rounds it once: resize first, round last
         fl = F.clamp_round_flow(F.resize_flow(fl.float(), (h, w)))
         return fl.unsqueeze(0).to(self.device, self.feature_dtype)
@@ -193,7 +201,7 @@ class Propagator:
                 v = torch.stack([cache[f].label[0] for f in mem]).unsqueeze(0)
                 offsets = None
                 if np_frame is not None:
-                    offsets = self._offsets(np_frame, [cache[f].frame for f in mem], h, w)
+                    offsets = self._offsets(np_frame, [cache[f].frame for f in mem], h, w, size)
                 is_global = [f in memory.anchors or f == 0 for f in mem]
                 soft = self.readout(feat, k, v, offsets=offsets, is_global=is_global)
                 scores = L.upsample(soft.float(), (Hp, Wp))
