@@ -170,3 +170,23 @@ def test_auto_never_picks_triton_for_float64(monkeypatch):
         assert _backends.select(op, torch.device("cpu"), dtype=torch.float32) == "triton"
     x = torch.randn(1, 2, 4, 5, dtype=torch.float64)
     torch.testing.assert_close(vosops.flow_warp(x, torch.zeros_like(x)), x)  # not a TypeError from the triton op
+
+
+def test_use_backend_blocks_exiting_out_of_order():
+    """Blocks held open in two generators, closed in the order they were opened: the later block stays in force
+    until it exits itself (popping the top entry would leave the earlier block's backend in force instead)."""
+
+    def block(name):
+        with vosops.use_backend(name):
+            yield _backends.current_backend()
+            yield _backends.current_backend()
+
+    first, second = block("cpu"), block("reference")
+    assert next(first) == "cpu"
+    assert next(second) == "reference"
+    next(first, None)
+    next(first, None)  # the "cpu" block exits while "reference" is still open
+    assert _backends.current_backend() == "reference"
+    assert next(second) == "reference"
+    next(second, None)
+    assert _backends.current_backend() == "auto"

@@ -75,16 +75,22 @@ def use_backend(name: str):
     _check_name(name)
     stack = getattr(_local, "stack", None)
     if stack is None:
-        stack = _local.stack = list(_DEFAULT)
-    stack.append(name)
+        stack = _local.stack = [_DEFAULT]
+    entry = (name,)  # a fresh tuple: this block's own entry, found by identity on exit
+    stack.append(entry)
     try:
         yield name
     finally:
-        stack.pop()
+        # Remove this block's entry, not whatever is on top: blocks held open in interleaved generators exit out of
+        # order, and popping would drop another block's setting while leaving this one's in force.
+        for i in range(len(stack) - 1, 0, -1):
+            if stack[i] is entry:
+                del stack[i]
+                break
 
 
 def current_backend() -> str:
-    return getattr(_local, "stack", _DEFAULT)[-1]
+    return getattr(_local, "stack", (_DEFAULT,))[-1][0]
 
 
 def refresh() -> None:
