@@ -354,3 +354,17 @@ def test_cuda_uses_current_stream():
         out = vosops.flow_warp(x, flow, backend="cuda")
     s.synchronize()
     torch.testing.assert_close(out, reference.flow_warp(x, flow, "bilinear", "zeros"), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference-cpu")] + BACKENDS)
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+def test_nearest_flow_gradient_is_zero(backend, device, padding_mode):
+    """Nearest sampling is piecewise constant in the flow: every backend gives a zero flow gradient (grid_sample's
+    rule), also when only the flow requires grad, rather than failing for want of a graph or giving garbage."""
+    x = torch.randn(2, 3, 5, 7, device=device)
+    flow = (random_flow(2, 5, 7, dtype=torch.float32).round() + 0.25).to(device).requires_grad_()
+    out = vosops.flow_warp(x, flow, mode="nearest", padding_mode=padding_mode, backend=backend)
+    (grad,) = torch.autograd.grad(out, flow, torch.randn_like(out))
+    assert torch.equal(grad, torch.zeros_like(flow))
+    testing.assert_close(out, reference.flow_warp(x.double(), flow.detach().double(), "nearest", padding_mode),
+                         torch.float32, "output")

@@ -49,7 +49,10 @@ def flow_warp(x: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear", paddi
         # Round half to even, as grid_sample does; clamp before the cast so huge flows stay well defined.
         rx = torch.round(px.detach()).clamp(-1, W).long()
         ry = torch.round(py.detach()).clamp(-1, H).long()
-        return _gather(x, ry, rx).to(dtype)
+        # The output stays in the flow's graph with a zero gradient (grid_sample's and the native backends' rule),
+        # so a backward that reaches only the flow gives zeros rather than failing.
+        zero_in_flow = ((px + py) * 0).unsqueeze(1).to(x.dtype)
+        return (_gather(x, ry, rx) + zero_in_flow).to(dtype)
     x0f, y0f = torch.floor(px.detach()), torch.floor(py.detach())
     fx, fy = px - x0f, py - y0f  # differentiable in the flow
     x0 = x0f.clamp(-2, W).long()
