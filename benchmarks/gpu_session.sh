@@ -17,6 +17,10 @@
 #             TUNE_KEYS, TUNE_S) into
 #             $OUT/tune.json; the table in the log says which tile to ship
 #   ncu       Nsight Compute counters of the kernels matching NCU_KERNEL in those calls, into $OUT/ncu.txt
+#   sanitize  compute-sanitizer (SANITIZE_TOOLS, default memcheck; also racecheck, synccheck, initcheck) over the
+#             cuda-marked tests that SANITIZE_ARGS selects (default: the native CUDA backend's, `-k cuda-cuda`), one
+#             process, PyTorch's caching allocator off so an out-of-bounds access inside a pooled block is caught;
+#             SANITIZE_S limits each tool
 #   pack-cache / carried-cache   Triton's cache to $OUT/triton-cache.txz / from .gpubuild/triton-cache.txz
 # Settings: TEST_S (test time limit), TEST_ARGS (extra pytest arguments, e.g. -k), WARM_S (each warm-up process),
 # BENCH_OPS, BENCH_CONFIGS (restrict the configurations), BENCH_ARGS (extra `vosops bench` arguments), BENCH_OP_S
@@ -169,6 +173,19 @@ PYEOF
         --impl "${NCU_IMPL:-cuda}" --top 3 > "$OUT/ncu.txt" 2>&1; echo "ncu exited $?"
       grep -E "Duration|Achieved Occupancy|Memory Throughput|Compute \(SM\) Throughput|Registers Per|L1/TEX Hit|L2 Hit" \
         "$OUT/ncu.txt" | head -40
+      ;;
+    sanitize)
+      san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+      if [ -z "$san" ]; then echo "sanitize skipped: compute-sanitizer not found"; continue; fi
+      for tool in ${SANITIZE_TOOLS:-memcheck}; do
+        step "compute-sanitizer --tool $tool"
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZE_S:-240}" "$san" --tool "$tool" --error-exitcode 99 \
+          --print-limit 20 python3 -m pytest -m cuda -q -p no:cacheprovider --tb=line -rfE -x \
+          ${SANITIZE_ARGS:--k cuda-cuda} tests > "$OUT/sanitize-$tool.log" 2>&1
+        echo "$tool exited $? (99: the sanitizer found errors)"
+        grep -E "ERROR SUMMARY|========= (Invalid|Race|Barrier|Uninitialized)|passed|failed" \
+          "$OUT/sanitize-$tool.log" | cut -c1-300 | head -20
+      done
       ;;
     pack-cache)
       step "pack Triton's cache"

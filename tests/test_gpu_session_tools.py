@@ -54,3 +54,28 @@ def test_profile_prints_the_top_ops_of_a_case(capsys):
     out = capsys.readouterr().out
     assert "== flow_warp/warp-cpu/cpu/float32/fwd/cpu" in out and "vosops::flow_warp " in out
     assert "vosops::flow_warp_backward" in out and "FAILED" not in out
+
+
+def test_sanitize_stage_runs_the_selected_tests_under_each_tool(tmp_path):
+    """The stage hands pytest to compute-sanitizer once per tool, with the caching allocator off (a stand-in
+    sanitizer on PATH records its arguments and runs the command, as the real one does)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "calls.txt"
+    fake = bin_dir / "compute-sanitizer"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$PYTORCH_NO_CUDA_MEMORY_CACHING $*" >> {record}\n'
+        'while [ "$1" != python3 ]; do shift; done\n'
+        'exec "$@"\n')
+    fake.chmod(0o755)
+    done = _session(tmp_path, "sanitize", PATH=f"{bin_dir}:{os.environ['PATH']}", SANITIZE_TOOLS="memcheck racecheck",
+                    SANITIZE_ARGS="-k test_session_script_parses", SANITIZE_S="120")
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = record.read_text().splitlines()
+    assert len(calls) == 2 and all(c.startswith("1 --tool ") for c in calls), calls
+    assert "--tool memcheck" in calls[0] and "--tool racecheck" in calls[1]
+    assert "-k test_session_script_parses" in calls[0] and "-m cuda" in calls[0]
+    for tool in ("memcheck", "racecheck"):
+        assert (tmp_path / "out" / f"sanitize-{tool}.log").exists()
+    assert "memcheck exited" in done.stdout and "racecheck exited" in done.stdout
