@@ -23,10 +23,16 @@ def overlay(frame: np.ndarray, ids: np.ndarray, alpha: float = 0.5) -> np.ndarra
     colour = DAVIS_PALETTE[ids.astype(np.int64) % 256].astype(np.float32)
     fg = ids > 0
     out[fg] = (1 - alpha) * out[fg] + alpha * colour[fg]
+    # The boundary is the object pixels next to a pixel of another id, on every side, drawn in the object's own
+    # colour (marking one pixel of each differing pair drew the right and bottom sides on the background, black).
     edge = np.zeros_like(fg)
-    edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
-    edge[1:, :] |= ids[1:, :] != ids[:-1, :]
-    edge &= fg | np.roll(fg, 1, 0) | np.roll(fg, 1, 1)
+    across = ids[:, 1:] != ids[:, :-1]
+    edge[:, 1:] |= across
+    edge[:, :-1] |= across
+    down = ids[1:, :] != ids[:-1, :]
+    edge[1:, :] |= down
+    edge[:-1, :] |= down
+    edge &= fg
     out[edge] = colour[edge]
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
