@@ -302,3 +302,50 @@ def test_overlay_bad_input(tmp_path):
     (tmp_path / "taken.mp4").mkdir()  # a folder where the file should go
     with pytest.raises(ValueError, match="OpenCV cannot write an MP4"):
         vio.write_overlay_video(str(tmp_path / "taken.mp4"), [f], [np.zeros((6, 8), np.uint8)])
+
+
+def test_an_all_foreground_davis2016_mask_is_object_one(tmp_path):
+    """A DAVIS-2016 0/255 mask whose object fills the frame (only 255) is object 1, not void."""
+    p = str(tmp_path / "full.png")
+    Image.fromarray(np.full((6, 8), 255, np.uint8), mode="L").save(p)
+    assert (vio.read_mask(p) == 1).all()
+
+
+def test_write_mask_refuses_id_256(tmp_path):
+    """Id 256 is refused (a uint8 cast would wrap it to background)."""
+    with pytest.raises(ValueError, match="0..255"):
+        vio.write_mask(str(tmp_path / "x.png"), np.full((2, 3), 256))
+
+
+def test_video_reader_yields_no_more_frames_than_it_names(tmp_path):
+    """A container that decodes more frames than it reports must not give more frames
+    than there are names (the count is simulated by trimming the names)."""
+    frames = [np.full((16, 16, 3), 40 * t, np.uint8) for t in range(4)]
+    path = str(tmp_path / "v.mp4")
+    assert vio.write_overlay_video(path, frames, [np.zeros((16, 16), np.uint8)] * 4, fps=10) == 4
+    r = vio.VideoReader(path)
+    r.names = r.names[:2]
+    assert len(list(r)) == 2
+
+
+def test_overlay_rounds_the_blend():
+    """The blend is rounded to the nearest level, not truncated."""
+    frame = np.full((5, 5, 3), 1, np.uint8)
+    ids = np.ones((5, 5), np.uint8)  # id 1: (128, 0, 0); every pixel inside, no boundary (no other id)
+    out = vio.overlay(frame, ids, alpha=0.5)
+    assert out[2, 2].tolist() == [65, 1, 1]  # 0.5 * 1 + 0.5 * 128 = 64.5 -> 65; 0.5 -> 1
+
+
+def test_overlay_draws_the_whole_boundary_inside_the_object():
+    """The boundary is the object's pixels next to another id, on all four sides, in the object's colour; the
+    background around it is left as it was (it used to be painted black on the right and bottom sides)."""
+    frame = np.full((6, 8, 3), 200, np.uint8)
+    ids = np.zeros((6, 8), np.uint8)
+    ids[1:5, 2:6] = 1  # id 1: (128, 0, 0)
+    out = vio.overlay(frame, ids, alpha=0.5)
+    ring = np.zeros((6, 8), bool)
+    ring[1:5, 2:6] = True
+    ring[2:4, 3:5] = False
+    assert (out[ring] == [128, 0, 0]).all()
+    assert (out[2:4, 3:5] == [164, 100, 100]).all()  # inside: blended
+    assert (out[ids == 0] == 200).all()  # background untouched, next to the object too
