@@ -125,3 +125,25 @@ def cv2_gray(rgb):
     import cv2
 
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
+def test_resize_flow_interpolates_with_align_corners_true():
+    """MAMP resizes its flow with align_corners=True, vectors scaled by the size ratio."""
+    fl = torch.zeros(1, 2, 1, 3)
+    fl[0, 0, 0] = torch.tensor([0.0, 1.0, 4.0])
+    r = vflow.resize_flow(fl, (1, 5))
+    torch.testing.assert_close(r[0, 0, 0], torch.tensor([0.0, 0.5, 1.0, 2.5, 4.0]) * (5 / 3))
+
+
+def test_clamp_round_flow_clamps_dx_by_width_and_dy_by_height():
+    """dx is clamped by the width, dy by the height (a non-square flow tells them apart)."""
+    fl = torch.full((1, 2, 2, 8), 100.0)
+    out = vflow.clamp_round_flow(fl)
+    assert (out[0, 0] == 8).all() and (out[0, 1] == 2).all()
+    assert (vflow.clamp_round_flow(-fl)[0, 0] == -8).all()
+
+
+def test_float_frames_are_rounded_to_the_nearest_grey_level_for_flow():
+    """Float frames are rounded (not truncated) to grey levels before OpenCV's flow."""
+    t = torch.full((1, 1, 4, 4), 100.6 / 255)
+    assert (vflow._to_gray_batch(t, "a")[0] == 101).all()

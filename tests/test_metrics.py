@@ -203,3 +203,19 @@ def test_evaluation_bad_input(tmp_path):
     write_mask(str(tmp_path / "pred" / "cows" / "00000.png"), g)
     with pytest.raises(ValueError, match="sequence 'cows' has predictions but no ground truth"):
         M.evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "gt"))
+
+
+def test_recall_counts_frames_strictly_above_one_half():
+    """db_statistics' recall is mean(v > 0.5), strict."""
+    assert M.statistics([0.5, 0.5, 1.0, 0.0])[1] == 0.25
+
+
+def test_bound_th_of_one_is_one_pixel():
+    """A bound_th >= 1 is taken as pixels, 1 included."""
+    assert M.boundary_radius((480, 854), 1) == 1
+    a = np.zeros((40, 40), bool)
+    a[10:30, 10:30] = True
+    b = np.zeros((40, 40), bool)
+    b[12:32, 10:30] = True  # boundary shifted by 2 px: not matched within 1 px
+    assert M.f_measure(a, b, bound_th=1) < 0.9
+    assert M.f_measure(a, b, bound_th=2) == 1.0
