@@ -130,7 +130,7 @@ def test_local_attention_large_logits_do_not_overflow(emu_la, kw):
 def test_local_attention_backward_skips_out_of_circle_index_of_an_in_frame_query(emu_la):
     """An out-of-circle window column (0 = (dy, dx) = (-r, -r)) in a passed topk_index, at a query in the middle of
     the frame (where the column the binary search lands on is in frame): skipped, the query's dq is zero. Catches
-    saved_column's membership check (`return t`)."""
+    saved_column without its membership check (`return t`)."""
     g = torch.Generator().manual_seed(4)
     B, C, Cv, H, W, N, P = 1, 4, 3, 5, 6, 2, 25
     kw = dict(radius=2, topk=6, window="circle")
