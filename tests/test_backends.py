@@ -190,3 +190,19 @@ def test_use_backend_blocks_exiting_out_of_order():
     assert next(second) == "reference"
     next(second, None)
     assert _backends.current_backend() == "auto"
+
+
+def test_auto_overrides_on_cuda(monkeypatch):
+    """Catches a change of the benchmark-backed AUTO_OVERRIDES (triton first for local/topk attention on CUDA)."""
+    monkeypatch.setattr(_backends, "why_unusable", lambda b, op, d: None)
+    cuda = torch.device("cuda")
+    assert _backends.select("topk_attention", cuda, dtype=torch.float32) == "triton"
+    assert _backends.select("local_attention", cuda, dtype=torch.float32) == "triton"
+    assert _backends.select("global_topk", cuda, dtype=torch.float32) == "cuda"
+    assert _backends.select("topk_attention", cuda, dtype=torch.float64) == "cuda"
+
+
+def test_select_refuses_a_backend_the_op_does_not_support():
+    """Catches select's `name not in supported` check (unreachable through today's public ops, which list all four)."""
+    with pytest.raises(ValueError, match="not implemented for this op"):
+        _backends.select("some_op", torch.device("cpu"), "cpu", supported=("reference",))

@@ -368,3 +368,32 @@ def test_nearest_flow_gradient_is_zero(backend, device, padding_mode):
     assert torch.equal(grad, torch.zeros_like(flow))
     testing.assert_close(out, reference.flow_warp(x.double(), flow.detach().double(), "nearest", padding_mode),
                          torch.float32, "output")
+
+
+REFERENCE_AND_CPU = ["reference"] + (["cpu"] if vosops._backends.why_unusable("cpu", "flow_warp", "cpu") is None else [])
+
+
+@pytest.mark.parametrize("backend", REFERENCE_AND_CPU)
+def test_flow_warp_nearest_rounds_half_to_even(backend):
+    """Catches reference nearest rounding as floor(p + 0.5) (grid_sample rounds half to even)."""
+    x = torch.arange(5.0).view(1, 1, 1, 5)
+    flow = torch.zeros(1, 2, 1, 5)
+    flow[:, 0] = 0.5
+    out = vosops.flow_warp(x, flow, mode="nearest", backend=backend)
+    assert out.flatten().tolist() == [0.0, 2.0, 2.0, 4.0, 4.0]
+    grid = torch.stack([(torch.arange(5.0) + 0.5) / 4 * 2 - 1, torch.zeros(5)], -1).view(1, 1, 5, 2)
+    gs = F.grid_sample(x.double(), grid.double(), mode="nearest", padding_mode="zeros", align_corners=True)
+    assert gs.flatten().tolist() == [0.0, 2.0, 2.0, 4.0, 4.0]
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+@pytest.mark.parametrize("backend", REFERENCE_AND_CPU)
+def test_flow_warp_nan_flow_next_to_inf_x_samples_nothing(backend, padding_mode):
+    """Catches the reference sending a non-finite sampling point to (-1, -1) instead of (-2, -2): its bilinear taps
+    then reach pixel (0, 0) with weight 0, and 0 * inf = NaN (the docstring: a NaN flow samples nothing)."""
+    x = torch.randn(1, 2, 4, 5)
+    x[:, :, 0, 0] = float("inf")
+    flow = torch.zeros(1, 2, 4, 5)
+    flow[0, :, 2, 3] = float("nan")
+    out = vosops.flow_warp(x, flow, padding_mode=padding_mode, backend=backend)
+    assert (out[0, :, 2, 3] == 0).all()

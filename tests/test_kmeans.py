@@ -820,3 +820,161 @@ def test_cuda_graph_loop_equals_the_plain_loop(backend):
         torch.testing.assert_close(graphed.n_iter, plain.n_iter, atol=0, rtol=0)
         torch.testing.assert_close(graphed.centroids, plain.centroids, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(graphed.inertia, plain.inertia, atol=1e-4, rtol=1e-6)
+
+
+REFERENCE_AND_CPU = ["reference"] + (["cpu"] if vosops._backends.why_unusable("cpu", "kmeans", "cpu") is None else [])
+
+
+def _greedy_kmeans_plusplus(X: np.ndarray, K: int, draws: R.Draws) -> np.ndarray:
+    """scikit-learn's greedy k-means++ on the Draws stream: first centre floor(u * n); then per centre
+    2 + floor(ln K) candidates by inverse-CDF on the D^2 weights, keep the one with the lowest potential."""
+    n = len(X)
+    trials = 2 + int(np.log(K))
+    u0 = float(draws.uniform(1, R.Draws.KMEANS_PLUSPLUS, 0)[0])
+    first = min(int(u0 * n), n - 1)
+    centres = [X[first]]
+    closest = ((X - X[first]) ** 2).sum(1)
+    pot = closest.sum()
+    for c in range(1, K):
+        r = draws.uniform(trials, R.Draws.KMEANS_PLUSPLUS, c).numpy() * pot
+        cand = np.minimum(np.searchsorted(np.cumsum(closest), r), n - 1)
+        d = np.minimum(closest[None], ((X[None] - X[cand][:, None]) ** 2).sum(-1))
+        best = int(np.argmin(d.sum(1)))
+        closest, pot = d[best], d[best].sum()
+        centres.append(X[cand[best]])
+    return np.stack(centres)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kmeans_plusplus_equals_the_greedy_algorithm(seed):
+    """Catches: trials 1 + log K; argmax instead of argmin of the candidates' potential; first centre not uniform."""
+    g = np.random.default_rng(seed)
+    X = np.concatenate([g.normal(size=(40, 3)) * 0.7 + g.normal(size=3) * 4 for _ in range(6)])
+    want = _greedy_kmeans_plusplus(X, 6, R.Draws(seed))
+    got = R.kmeans_plusplus(torch.from_numpy(X)[None], torch.tensor([len(X)]), 6, R.Draws(seed))[0]
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-12)
+
+
+def test_scaled_tol_is_the_population_variance():
+    """Catches reference/kmeans.py scaled_tol dividing by n - 1 (sample variance); numpy's var (ddof=0)."""
+    x = torch.tensor([[0.0, 1.0], [1.0, 3.0], [2.0, 0.0], [4.0, 7.0]], dtype=torch.float64)
+    want = float(np.var(x.numpy(), axis=0).mean()) * 0.5
+    assert float(R.scaled_tol(x[None], torch.tensor([4]), 0.5)[0]) == pytest.approx(want, rel=1e-12)
+    padded = torch.cat([x, torch.full((3, 2), 9.0, dtype=torch.float64)])[None]
+    assert float(R.scaled_tol(padded, torch.tensor([4]), 0.5)[0]) == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("backend", REFERENCE_AND_CPU)
+def test_zero_centre_shift_converges_with_tol_zero(backend):
+    """Catches kmeans_update's `shift <= tol` as `shift < tol`: centres already at their clusters' means stop after one
+    iteration with tol=0, as scikit-learn (center_shift_tot <= tol)."""
+    # the data's mean is exactly 0, so scikit-learn's centring (X - mean) leaves every number exact
+    c = torch.tensor([[-8.0, 0.0], [8.0, 0.0], [0.0, 8.0], [0.0, -8.0]], dtype=torch.float64)
+    d = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    X = (c[:, None] + d[None]).reshape(-1, 2)
+    res = vosops.kmeans(X, 4, init=c, tol=0.0, iters=50, backend=backend)
+    sk = KMeans(4, init=c.numpy(), n_init=1, tol=0.0, max_iter=50, algorithm="lloyd").fit(X.numpy())
+    assert int(res.n_iter) == sk.n_iter_ == 1
+
+
+def test_minibatch_samples_reach_every_valid_point_uniformly():
+    """Catches sample_batches mapping u to floor(u * (length - 1)) (the last valid point never drawn)."""
+    b = R.sample_batches(torch.tensor([3, 5]), 2, 3000, R.Draws(0))
+    for row, n in ((0, 3), (1, 5)):
+        counts = np.bincount(b[:, row].flatten().numpy(), minlength=5)
+        assert counts[n:].sum() == 0
+        np.testing.assert_allclose(counts[:n] / counts.sum(), 1 / n, atol=0.03)
+
+
+def test_kmeans_seed_bound_is_exclusive():
+    """Catches ops/kmeans.py `seed >= 2**63` as `seed > 2**63`."""
+    x = torch.randn(6, 2)
+    with pytest.raises(ValueError, match=r"seed must be < 2\*\*63"):
+        vosops.kmeans(x, 2, seed=2**63)
+    vosops.kmeans(x, 2, seed=2**63 - 1)
+
+
+def test_kmeans_non_finite_valid_point_of_a_ragged_batch_raises():
+    """Catches the ragged (lengths < N) branch of _check_finite accepting NaN among the valid points."""
+    x = torch.randn(2, 5, 3)
+    bad = x.clone()
+    bad[1, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match="x must be finite"):
+        vosops.kmeans(bad, 2, lengths=torch.tensor([5, 3]), seed=0)
+    ok = x.clone()
+    ok[1, 4, 0] = float("nan")  # padding: ignored
+    res = vosops.kmeans(ok, 2, lengths=torch.tensor([5, 3]), seed=0)
+    assert torch.isfinite(res.centroids).all()
+
+
+def test_kmeans_predict_is_not_cast_under_autocast():
+    """Catches kmeans_predict's autocast policy "off" as "lower" (bfloat16 rounding moves 1.003 onto centre 0)."""
+    x = torch.tensor([[1.003]])
+    c = torch.tensor([[1.0], [1.0039]])
+    outside = vosops.kmeans_predict(x, c, backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = vosops.kmeans_predict(x, c, backend="reference")
+    assert outside.tolist() == [1] and inside.tolist() == [1]
+
+
+def _region_video(sizes, C=3):
+    """(1, C, 1, sum(sizes)) video whose pixels form len(sizes) regions of exactly those sizes, far apart."""
+    protos = torch.eye(C, dtype=torch.float64)[: len(sizes)] * 10
+    region = torch.cat([torch.full((s,), i) for i, s in enumerate(sizes)])
+    return protos[region].T.reshape(1, C, 1, -1).contiguous(), region
+
+
+def test_pseudo_labels_drop_clusters_over_40_percent_strictly():
+    """Catches `counts > frac * n` as `>=` (a cluster of exactly 40% is kept: "more than 40%") and a default fraction
+    other than 0.4 (45% is dropped)."""
+    feats, region = _region_video([8, 9, 3])  # 40%, 45%, 15% of 20 pixels
+    labels = vosops.video_pseudo_labels(feats, num_clusters=3, pos_dim=0, seed=0, backend="reference").flatten()
+    assert (labels[region == 1] == -1).all()
+    assert (labels[region == 0] >= 0).all() and (labels[region == 2] >= 0).all()
+
+
+def test_pseudo_labels_drop_applies_for_any_fraction_below_one():
+    """Catches the drop being skipped for max_cluster_fraction in [0.5, 1)."""
+    feats, region = _region_video([11, 9])  # 55%, 45%
+    labels = vosops.video_pseudo_labels(feats, num_clusters=2, pos_dim=0, seed=0, max_cluster_fraction=0.5,
+                                        backend="reference").flatten()
+    assert (labels[region == 0] == -1).all() and (labels[region == 1] >= 0).all()
+
+
+def test_pseudo_labels_paper_default_is_five_clusters():
+    """Catches a paper-mode default num_clusters other than 5 (M = 5 in the paper)."""
+    feats, _ = _region_video([4] * 7, C=7)  # 7 distinct regions: k-means uses exactly K clusters
+    labels = vosops.video_pseudo_labels(feats, pos_dim=0, seed=0, max_cluster_fraction=1.0, backend="reference")
+    assert labels.max() == 4
+    explicit = vosops.video_pseudo_labels(feats, num_clusters=5, pos_dim=0, seed=0, max_cluster_fraction=1.0,
+                                          backend="reference")
+    assert torch.equal(labels, explicit)
+
+
+def test_pseudo_labels_default_iterations(monkeypatch):
+    """Catches default iters other than 100 (paper's EM steps) / 300 (scikit-learn's max_iter, release)."""
+    from vosops.ops import pseudo_labels as pl
+
+    seen = []
+    real = pl.kmeans
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["iters"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pl, "kmeans", spy)
+    feats, _ = _region_video([4] * 7, C=7)
+    vosops.video_pseudo_labels(feats, pos_dim=0, seed=0, backend="reference")
+    vosops.video_pseudo_labels(feats, mode="release", seed=0, backend="reference")
+    assert seen == [100, 300]
+
+
+def test_pseudo_labels_oversize_rule_is_exact_for_long_videos():
+    """The drop rule compares cluster sizes with the fraction of a video's pixels exactly at sizes past 2^24 (a 480p
+    video of 60 frames has 24.6M pixels): 8,400,001 of 21,000,002 is over 40%, 8,400,000 is not; in float32
+    (int64 times a Python float) both were judged not over."""
+    from vosops.ops.pseudo_labels import _oversized
+
+    lengths = torch.tensor([21_000_002, 21_000_002])
+    counts = torch.tensor([[8_400_001, 1], [8_400_000, 1]])
+    assert _oversized(counts, lengths, 0.4).tolist() == [[True, False], [False, False]]

@@ -886,3 +886,45 @@ def test_window_size_counts_the_window_columns():
     for r in range(0, 41):
         for window in ("square", "circle"):
             assert window_size(r, window) == len(window_columns(r, window)), (r, window)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(topk=4), dict(topk=4, normalize="threshold")])
+def test_reference_local_attention_large_logits_stay_finite(kw):
+    """Catches reference/local_attention.py _normalize without the max subtraction (exp(500) = inf in float32)."""
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(1, 4, 5, 6, generator=g), dim=1)
+    k = F.normalize(torch.randn(1, 2, 4, 5, 6, generator=g), dim=2)
+    v = torch.randn(1, 2, 3, 5, 6, generator=g)
+    out = vosops.local_attention(q, k, v, radius=1, scale=500.0, backend="reference", **kw)
+    want = vosops.local_attention(q.double(), k.double(), v.double(), radius=1, scale=500.0, backend="reference",
+                                  **kw)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_local_ops_check_their_arguments_on_the_reference_backend():
+    """Catches: the threshold-needs-topk check, the offsets' device check, dilation >= 1, local_aggregate's
+    P = (2r+1)^2 check (each dropped or loosened; the cpu kernels raised instead)."""
+    Q, K, V = torch.randn(1, 3, 4, 5), torch.randn(1, 2, 3, 4, 5), torch.randn(1, 2, 2, 4, 5)
+    with pytest.raises(ValueError, match="needs topk"):
+        vosops.local_attention(Q, K, V, radius=1, normalize="threshold", backend="reference")
+    with pytest.raises(ValueError, match="offsets is on meta"):
+        vosops.local_attention(Q, K, V, radius=1, offsets=torch.zeros(1, 2, 2, 4, 5, device="meta"),
+                               backend="reference")
+    with pytest.raises(ValueError, match="dilation must be >= 1"):
+        vosops.local_attention(Q, K, V, radius=1, dilation=0, backend="reference")
+    with pytest.raises(ValueError, match="dilation must be >= 1"):
+        vosops.local_affinity(Q, K, radius=1, dilation=0, backend="reference")
+    with pytest.raises(ValueError, match=r"P = \(2\*radius\+1\)\^2 = 9"):
+        vosops.local_aggregate(torch.rand(1, 2, 8, 4, 5), V, radius=1, backend="reference")
+
+
+def test_auto_keeps_float64_affinity_off_cuda_and_triton(monkeypatch):
+    """Catches _unfused_backend's float64 filter being dropped (auto would send float64 to the fp32 cuda kernels)."""
+    from vosops.ops.local_attention import _unfused_backend
+
+    monkeypatch.setattr(_backends, "why_unusable", lambda b, op, d: None)
+    monkeypatch.setitem(_backends.AUTO_ORDER, "cpu", ("cuda", "triton", "cpu", "reference"))
+    for op in ("local_affinity", "local_aggregate"):
+        assert _unfused_backend(op, torch.device("cpu"), torch.float64, None) == "cpu"
+        assert _unfused_backend(op, torch.device("cpu"), torch.float32, None) == "cuda"

@@ -815,3 +815,32 @@ def test_triton_grid_row_limit_is_a_clear_error():
                               topk=1, backend="triton")
     with pytest.raises(ValueError, match="65535 problems"):
         vosops.kmeans(torch.randn(65536, 2, 2), 1, iters=1, init="random", backend="triton")
+
+
+def test_reference_topk_softmax_large_logits_stay_finite():
+    """Catches reference/topk.py softmax_weights without the max subtraction."""
+    logits = torch.tensor([[[1000.0, 999.0, 998.0]]])
+    index = torch.tensor([[[0, 1, 2]]])
+    values = torch.tensor([[[1.0], [2.0], [3.0]]])
+    out = vosops.topk_aggregate(logits, index, values, backend="reference")
+    want = (torch.softmax(logits.double(), -1)[..., None] * values.double()[None]).sum(2)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    q = torch.ones(1, 1, 2, 4) * 20
+    k = torch.randn(1, 1, 6, 4, generator=torch.Generator().manual_seed(0)) + 20  # logits ~ 800 * scale 0.5
+    v = torch.randn(1, 1, 6, 3)
+    att = vosops.topk_attention(q, k, v, topk=2, dense_keys=1, backend="reference")
+    want = vosops.topk_attention(q.double(), k.double(), v.double(), topk=2, dense_keys=1, backend="reference")
+    assert torch.isfinite(att).all()
+    torch.testing.assert_close(att.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_topk_ops_check_their_bounds_on_the_reference_backend():
+    """Catches global_topk's topk <= L and topk_attention's dense_keys <= L checks being loosened (the reference
+    would silently pad / run SDPA)."""
+    q3, k3 = torch.randn(1, 4, 3), torch.randn(1, 6, 3)
+    q4, k4, v4 = torch.randn(1, 2, 4, 3), torch.randn(1, 2, 6, 3), torch.randn(1, 2, 6, 5)
+    with pytest.raises(ValueError, match="topk must be in"):
+        vosops.global_topk(q3, k3, topk=7, backend="reference")
+    with pytest.raises(ValueError, match="dense_keys must be in"):
+        vosops.topk_attention(q4, k4, v4, topk=2, dense_keys=7, backend="reference")
