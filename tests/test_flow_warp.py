@@ -321,8 +321,11 @@ def test_return_valid_marks_points_inside_the_frame():
         (torch.randn(1, 3, 4, 5), torch.randn(1, 2, 4, 5, device="meta"), {}, ValueError, "flow is on meta"),
     ],
 )
-def test_bad_input_raises_clear_errors(x, flow, kwargs, exc, match):
-    with pytest.raises(exc, match=match):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_bad_input_raises_clear_errors(x, flow, kwargs, exc, match, backend):
+    """On the reference backend too: the Python checks are all that guards the Triton kernels, and on the cpu
+    backend the C++ checks would hide a missing one."""
+    with vosops.use_backend(backend), pytest.raises(exc, match=match):
         vosops.flow_warp(x, flow, **kwargs)
 
 

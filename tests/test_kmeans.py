@@ -371,8 +371,11 @@ def test_same_seed_same_result(backend, device, batch_size):
         ((torch.randn(5, 3), 2), {"cuda_graph": 1}, TypeError, "cuda_graph must be a bool, got int"),
     ],
 )
-def test_bad_input_raises_clear_errors(args, kwargs, exc, match):
-    with pytest.raises(exc, match=match):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_bad_input_raises_clear_errors(args, kwargs, exc, match, backend):
+    """On the reference backend too: the Python checks are all that guards the Triton kernels, and on the cpu
+    backend the C++ checks would hide a missing one."""
+    with vosops.use_backend(backend), pytest.raises(exc, match=match):
         vosops.kmeans(*args, **kwargs)
 
 

@@ -278,8 +278,11 @@ WTS, V = torch.rand(1, 2, 9, 4, 5), torch.randn(1, 2, 2, 4, 5)
          TypeError, "offsets must be float"),
     ],
 )
-def test_bad_input_raises_clear_errors(call, exc, match):
-    with pytest.raises(exc, match=match):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_bad_input_raises_clear_errors(call, exc, match, backend):
+    """On the reference backend too: the Python checks are all that guards the Triton kernels, and on the cpu
+    backend the C++ checks would hide a missing one."""
+    with vosops.use_backend(backend), pytest.raises(exc, match=match):
         call()
 
 

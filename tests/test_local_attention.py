@@ -648,8 +648,11 @@ Q, K, V = torch.randn(1, 3, 4, 5), torch.randn(1, 2, 3, 4, 5), torch.randn(1, 2,
         (([1.0], K, V), dict(radius=1), TypeError, "q must be a torch.Tensor"),
     ],
 )
-def test_bad_input_raises_clear_errors(args, kwargs, exc, match):
-    with pytest.raises(exc, match=match):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_bad_input_raises_clear_errors(args, kwargs, exc, match, backend):
+    """On the reference backend too: the Python checks are all that guards the Triton kernels, and on the cpu
+    backend the C++ checks would hide a missing one."""
+    with vosops.use_backend(backend), pytest.raises(exc, match=match):
         vosops.local_attention(*args, **kwargs)
 
 

@@ -781,9 +781,12 @@ def _bad_cases():
 
 
 @pytest.mark.parametrize("case", range(len(_bad_cases())))
-def test_bad_input_raises_clear_errors(case):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_bad_input_raises_clear_errors(case, backend):
+    """On the reference backend too: the Python checks are all that guards the Triton kernels, and on the cpu
+    backend the C++ checks would hide a missing one."""
     fn, exc, match = _bad_cases()[case]
-    with pytest.raises(exc, match=match):
+    with vosops.use_backend(backend), pytest.raises(exc, match=match):
         fn()
 
 
