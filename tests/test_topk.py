@@ -222,6 +222,25 @@ def test_reference_topk_attention_is_sdpa_when_everything_is_kept():
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
 
 
+def test_reference_topk_attention_ties_go_to_the_lower_key_index():
+    """Four sparse keys tie for two top-k places: the two lower indices are kept (written from the definition: a
+    masked SDPA over the dense keys and those two), checked on the reference alone, not only against a kernel."""
+    g = torch.Generator().manual_seed(0)
+    D, dense = 4, 2
+    q = torch.randn(1, 1, 3, D, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 1, 9, D, generator=g, dtype=torch.float64)
+    k[..., dense:, :] = k[..., dense:, :] * 0.01  # sparse keys score near 0 ...
+    tied = [3, 5, 6, 8]
+    k[..., tied, :] = q.new_tensor([1.0, 1.0, 1.0, 1.0]) * 3  # ... except four identical keys, far above them
+    q = q.abs() + 0.1  # every query scores the tied keys highest among the sparse ones
+    v = torch.randn(1, 1, 9, 5, generator=g, dtype=torch.float64)
+    keep = torch.zeros(9, dtype=torch.bool)
+    keep[:dense] = True
+    keep[tied[:2]] = True
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=keep.expand(3, 9))
+    torch.testing.assert_close(reference.topk_attention(q, k, v, topk=2, dense_keys=dense), want)
+
+
 def test_reference_gradcheck():
     q = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 2, 7, 4, dtype=torch.float64, requires_grad=True)
