@@ -212,6 +212,12 @@ def test_reference_threshold_keeps_ties():
     out = reference.topk_aggregate(logits, index, values, normalize="threshold", k=2)
     e = torch.exp(torch.tensor([3.0, 2.0, 2.0], dtype=torch.float64))
     torch.testing.assert_close(out[0, 0], torch.stack([e[0], 0 * e[0], e[1], e[2], 0 * e[0]]) / e.sum())
+    # without a tie at the k-th place exactly k survive (a k-th largest taken one place off would keep 1 or 3)
+    out = reference.topk_aggregate(logits[..., 1:], index[..., 1:], values, normalize="threshold", k=2)
+    torch.testing.assert_close(out[0, 0], torch.tensor([0.0, 0.0, 0.5, 0.5, 0.0], dtype=torch.float64))
+    out = reference.topk_aggregate(logits[..., :3], index[..., :3], values, normalize="threshold", k=2)
+    e = torch.exp(torch.tensor([3.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(out[0, 0], torch.stack([e[0], 0 * e[0], e[1], 0 * e[0], 0 * e[0]]) / e.sum())
 
 
 def test_reference_topk_attention_is_sdpa_when_everything_is_kept():
