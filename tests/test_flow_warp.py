@@ -400,3 +400,30 @@ def test_flow_warp_nan_flow_next_to_inf_x_samples_nothing(backend, padding_mode)
     flow[0, :, 2, 3] = float("nan")
     out = vosops.flow_warp(x, flow, padding_mode=padding_mode, backend=backend)
     assert (out[0, :, 2, 3] == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_border_flow_gradient_is_zero_exactly_on_the_edge_pixels(backend, device):
+    """Border padding: a sampling point exactly on the first or last pixel is clamped, so its flow gradient is 0
+    (grid_sample's rule, the reference's _clip): integer flows that land exactly on 0 and W-1 / H-1, one point
+    strictly inside as a control."""
+    H, W = 5, 6
+    ii = torch.arange(H, dtype=torch.float64).view(H, 1).expand(H, W)
+    jj = torch.arange(W, dtype=torch.float64).view(1, W).expand(H, W)
+    fx = torch.where(jj < W / 2, -jj, (W - 1) - jj) + 0.0  # px exactly 0 or W-1
+    fy = torch.where(ii < H / 2, -ii, (H - 1) - ii) + 0.0
+    flow = torch.stack([fx, fy]).unsqueeze(0).contiguous()
+    flow[..., 0, 0] += 0.25
+    x = torch.randn(1, 3, H, W, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    xb, fb = x.to(device, dtype).requires_grad_(), flow.to(device, dtype).requires_grad_()
+    out = vosops.flow_warp(xb, fb, padding_mode="border", backend=backend)
+    g = torch.randn_like(out)
+    gx, gf = torch.autograd.grad(out, (xb, fb), g)
+    xr, fr = x.clone().requires_grad_(), flow.clone().requires_grad_()
+    ref = reference.flow_warp(xr, fr, "bilinear", "border")
+    rgx, rgf = torch.autograd.grad(ref, (xr, fr), g.double().cpu())
+    testing.assert_close(out, ref, dtype, "output")
+    testing.assert_close(gx, rgx, dtype, "grad of x", grad=True)
+    testing.assert_close(gf, rgf, dtype, "grad of flow", grad=True)
+    assert (rgf[0, :, 1:, 1:] == 0).all()  # every point but the control sits on an edge
