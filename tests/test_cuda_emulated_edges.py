@@ -17,29 +17,19 @@ from _cuda_emulation import acc_dtype, build_emulation, dtype_code, ptr, sizes_s
 from test_local_attention_cuda_emulated import run_emulated
 
 
-@pytest.fixture(scope="module")
-def emu_fw(tmp_path_factory):
-    return build_emulation(tmp_path_factory, "flow_warp_emu.cpp")
+def _emulation(source):
+    """A module-scoped fixture: the host emulation of one kernel family, compiled once for this file."""
+    @pytest.fixture(scope="module")
+    def fixture(tmp_path_factory):
+        return build_emulation(tmp_path_factory, source)
+    return fixture
 
 
-@pytest.fixture(scope="module")
-def emu_la(tmp_path_factory):
-    return build_emulation(tmp_path_factory, "local_attention_emu.cpp")
-
-
-@pytest.fixture(scope="module")
-def emu_tk(tmp_path_factory):
-    return build_emulation(tmp_path_factory, "topk_emu.cpp")
-
-
-@pytest.fixture(scope="module")
-def emu_ta(tmp_path_factory):
-    return build_emulation(tmp_path_factory, "topk_attention_emu.cpp")
-
-
-@pytest.fixture(scope="module")
-def emu_km(tmp_path_factory):
-    return build_emulation(tmp_path_factory, "kmeans_emu.cpp")
+emu_fw = _emulation("flow_warp_emu.cpp")
+emu_la = _emulation("local_attention_emu.cpp")
+emu_tk = _emulation("topk_emu.cpp")
+emu_ta = _emulation("topk_attention_emu.cpp")
+emu_km = _emulation("kmeans_emu.cpp")
 
 
 # --- flow_warp ------------------------------------------------------------------------------------------------------
