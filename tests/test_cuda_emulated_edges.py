@@ -46,6 +46,17 @@ def _flow_warp(emu, x, flow, mode, pad, grad):
     return out, gx, gf
 
 
+def _check_bilinear_against_reference(emu, x, flow, padding_mode, grad):
+    """Bilinear forward and both gradients of the emulated kernels against the reference; returns d(flow)."""
+    out, gx, gf = _flow_warp(emu, x, flow, 0, int(padding_mode == "border"), grad)
+    xr, fr = x.clone().requires_grad_(), flow.clone().requires_grad_()
+    want = vosops.flow_warp(xr, fr, mode="bilinear", padding_mode=padding_mode, backend="reference")
+    want_gx, want_gf = torch.autograd.grad(want, (xr, fr), grad)
+    torch.testing.assert_close(out, want.detach())
+    torch.testing.assert_close(gx, want_gx)
+    torch.testing.assert_close(gf, want_gf)
+    return gf
+
 def test_flow_warp_border_clamp_at_exactly_zero_has_zero_flow_grad(emu_fw):
     """Border padding: a sampling coordinate exactly 0 (or exactly W-1) is clamped, so its flow gradient is 0
     (grid_sample's clip_coordinates_set_grad: `in <= 0`). Catches clip_coordinate's `p <= 0` -> `p < 0`."""
@@ -58,13 +69,7 @@ def test_flow_warp_border_clamp_at_exactly_zero_has_zero_flow_grad(emu_fw):
     flow[0, 0, 2, :] = -j  # px = 0 exactly along row 2
     flow[0, 1, :, 4] = -i  # py = 0 exactly along column 4
     grad = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
-    out, gx, gf = _flow_warp(emu_fw, x, flow, 0, 1, grad)
-    xr, fr = x.clone().requires_grad_(), flow.clone().requires_grad_()
-    want = vosops.flow_warp(xr, fr, mode="bilinear", padding_mode="border", backend="reference")
-    want_gx, want_gf = torch.autograd.grad(want, (xr, fr), grad)
-    torch.testing.assert_close(out, want.detach())
-    torch.testing.assert_close(gx, want_gx)
-    torch.testing.assert_close(gf, want_gf)
+    gf = _check_bilinear_against_reference(emu_fw, x, flow, "border", grad)
     assert (gf[0, 0, 2, :] == 0).all() and (gf[0, 1, :, 4] == 0).all()
 
 
@@ -77,13 +82,7 @@ def test_flow_warp_channel_count_a_multiple_of_the_group(emu_fw, C):
     x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
     flow = torch.randn(B, 2, H, W, generator=g, dtype=torch.float64) * 2
     grad = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
-    out, gx, gf = _flow_warp(emu_fw, x, flow, 0, 0, grad)
-    xr, fr = x.clone().requires_grad_(), flow.clone().requires_grad_()
-    want = vosops.flow_warp(xr, fr, mode="bilinear", padding_mode="zeros", backend="reference")
-    want_gx, want_gf = torch.autograd.grad(want, (xr, fr), grad)
-    torch.testing.assert_close(out, want.detach())
-    torch.testing.assert_close(gx, want_gx)
-    torch.testing.assert_close(gf, want_gf)
+    _check_bilinear_against_reference(emu_fw, x, flow, "zeros", grad)
 
 
 # --- local_attention ------------------------------------------------------------------------------------------------
