@@ -362,3 +362,25 @@ def test_local_attention_wide_channels(emu_la, C):
     loss = (ref * grad_out).sum() + (rl * grad_logits).sum()
     for name, got, want in zip("qkv", grads, torch.autograd.grad(loss, (qr, kr, vr))):
         testing.assert_close(got, want, torch.float32, f"grad of {name}", grad=True)
+
+
+def test_kmeans_update_with_fewer_points_than_empty_clusters(emu_km):
+    """A direct call of the op with fewer valid points than empty clusters (kmeans() itself needs K <= length):
+    the CPU kernel and the CUDA update relocate as many clusters as there are points, farthest first, and leave
+    the rest empty with their centres, instead of reading past the points (the CPU kernel read past its list)."""
+    x = torch.tensor([[[0.0, 0.0], [3.0, 0.0], [50.0, 50.0], [60.0, 60.0]]], dtype=torch.float64)
+    lengths = torch.tensor([2])
+    centers = torch.tensor([[[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0]]], dtype=torch.float64)
+    labels, mind, sums, counts = R.kmeans_step(x, lengths, centers)
+    assert counts.tolist() == [[2, 0, 0, 0]]
+    args = [x, lengths, labels, mind, sums, counts, centers, torch.tensor([True]), torch.tensor([1]),
+            torch.tensor([False]), torch.full((1,), 1e-4, dtype=torch.float64)]
+    got = _update(emu_km, args)
+    # two points for three empty clusters: cluster 1 takes the farther point (3, 0), cluster 2 the other (0, 0);
+    # cluster 0, left with no point, keeps its centre, and so does cluster 3
+    want = torch.tensor([[[0.0, 0.0], [3.0, 0.0], [0.0, 0.0], [100.0, 100.0]]], dtype=torch.float64)
+    torch.testing.assert_close(got[0], want, atol=0, rtol=0)
+    if vosops._backends.why_unusable("cpu", "kmeans_update", "cpu") is None:
+        native = torch.ops.vosops.kmeans_update(*args)
+        torch.testing.assert_close(native[0], want, atol=0, rtol=0)
+        assert torch.equal(native[1], got[1]) and torch.equal(native[2], got[2])

@@ -389,7 +389,9 @@ void relocate_empty(const T* x, int64_t len, int64_t D, int64_t K, const int64_t
     far.insert(pos, i);
     if (far.size() > n) far.pop_back();
   }
-  for (size_t e = 0; e < n; ++e) {
+  // A problem with fewer points than empty clusters (only through a direct call of the op: kmeans() needs
+  // K <= len) relocates as many as it has points; the rest stay empty, as in the CUDA update.
+  for (size_t e = 0; e < far.size(); ++e) {
     const int64_t p = far[e], old = labels[p], k = empty[e];
     const T* xp = x + p * D;
     for (int64_t d = 0; d < D; ++d) {
