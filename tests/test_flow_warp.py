@@ -14,6 +14,8 @@ from conftest import backend_device_params
 MODES = ["bilinear", "nearest"]
 PADDINGS = ["zeros", "border"]
 BACKENDS = backend_device_params("flow_warp")
+# the same and the reference: for rules the reference must keep on its own, not only as the others' baseline
+WITH_REFERENCE = [pytest.param("reference", "cpu", id="reference-cpu")] + BACKENDS
 
 
 def random_flow(B, H, W, *, dtype=torch.float64, device="cpu", far=True):
@@ -359,7 +361,7 @@ def test_cuda_uses_current_stream():
     torch.testing.assert_close(out, reference.flow_warp(x, flow, "bilinear", "zeros"), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference-cpu")] + BACKENDS)
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
 @pytest.mark.parametrize("padding_mode", PADDINGS)
 def test_nearest_flow_gradient_is_zero(backend, device, padding_mode):
     """Nearest sampling is piecewise constant in the flow: every backend gives a zero flow gradient (grid_sample's
@@ -373,16 +375,13 @@ def test_nearest_flow_gradient_is_zero(backend, device, padding_mode):
                          torch.float32, "output")
 
 
-REFERENCE_AND_CPU = ["reference"] + (["cpu"] if vosops._backends.why_unusable("cpu", "flow_warp", "cpu") is None else [])
-
-
-@pytest.mark.parametrize("backend", REFERENCE_AND_CPU)
-def test_flow_warp_nearest_rounds_half_to_even(backend):
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+def test_flow_warp_nearest_rounds_half_to_even(backend, device):
     """Catches reference nearest rounding as floor(p + 0.5) (grid_sample rounds half to even)."""
     x = torch.arange(5.0).view(1, 1, 1, 5)
     flow = torch.zeros(1, 2, 1, 5)
     flow[:, 0] = 0.5
-    out = vosops.flow_warp(x, flow, mode="nearest", backend=backend)
+    out = vosops.flow_warp(x.to(device), flow.to(device), mode="nearest", backend=backend).cpu()
     assert out.flatten().tolist() == [0.0, 2.0, 2.0, 4.0, 4.0]
     grid = torch.stack([(torch.arange(5.0) + 0.5) / 4 * 2 - 1, torch.zeros(5)], -1).view(1, 1, 5, 2)
     gs = F.grid_sample(x.double(), grid.double(), mode="nearest", padding_mode="zeros", align_corners=True)
@@ -390,15 +389,15 @@ def test_flow_warp_nearest_rounds_half_to_even(backend):
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
-@pytest.mark.parametrize("backend", REFERENCE_AND_CPU)
-def test_flow_warp_nan_flow_next_to_inf_x_samples_nothing(backend, padding_mode):
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+def test_flow_warp_nan_flow_next_to_inf_x_samples_nothing(backend, device, padding_mode):
     """Catches the reference sending a non-finite sampling point to (-1, -1) instead of (-2, -2): its bilinear taps
     then reach pixel (0, 0) with weight 0, and 0 * inf = NaN (the docstring: a NaN flow samples nothing)."""
     x = torch.randn(1, 2, 4, 5)
     x[:, :, 0, 0] = float("inf")
     flow = torch.zeros(1, 2, 4, 5)
     flow[0, :, 2, 3] = float("nan")
-    out = vosops.flow_warp(x, flow, padding_mode=padding_mode, backend=backend)
+    out = vosops.flow_warp(x.to(device), flow.to(device), padding_mode=padding_mode, backend=backend).cpu()
     assert (out[0, :, 2, 3] == 0).all()
 
 
