@@ -341,6 +341,10 @@ def test_same_seed_same_result(backend, device, batch_size):
     [
         ((torch.randn(5, 3), 6), {}, ValueError, r"num_clusters \(6\) must be <="),
         ((torch.randn(5, 3), 0), {}, ValueError, "num_clusters must be >= 1"),
+        ((torch.randn(5, 3), 2**31), {}, ValueError, r"num_clusters must be <= 2\*\*31 - 1, got 2147483648"),
+        # a stride-0 view: the bound is checked before anything the size of the centres is allocated
+        ((torch.randn(5, 3), 2), {"init": torch.zeros(1, 3).expand(2**31, 3)}, ValueError,
+         r"init has K = 2147483648 centres; at most 2\*\*31 - 1"),
         ((torch.randn(5, 3), 2.0), {}, TypeError, "num_clusters must be an int"),
         ((torch.randn(5, 3), 2), {"seed": 2**70}, ValueError, r"seed must be < 2\*\*63"),
         ((torch.randn(5), 2), {}, ValueError, r"x must be \(N, D\) or \(B, N, D\)"),
@@ -384,6 +388,9 @@ def test_predict_bad_input():
         vosops.kmeans_predict(torch.randn(5, 3), torch.randn(2, 4))
     with pytest.raises(TypeError, match="centroids must be a torch.Tensor"):
         vosops.kmeans_predict(torch.randn(5, 3), [[0.0, 0.0, 0.0]])
+    # cluster indices are 32-bit in the kernels; a stride-0 view of 2^31 centres costs no memory
+    with pytest.raises(ValueError, match=r"centroids has K = 2147483648 centres; at most 2\*\*31 - 1"):
+        vosops.kmeans_predict(torch.randn(5, 3), torch.zeros(1, 3).expand(2**31, 3))
 
 
 def test_native_ops_check_their_arguments_too():
@@ -398,6 +405,8 @@ def test_native_ops_check_their_arguments_too():
         torch.ops.vosops.kmeans_assign(x, L.int(), c)
     with pytest.raises(ValueError, match="x must be"):
         torch.ops.vosops.kmeans_assign(torch.randn(5, 3), L, c)
+    with pytest.raises(ValueError, match=r"K = 2147483648 centres; at most 2\^31 - 1"):
+        torch.ops.vosops.kmeans_assign(x, L, torch.zeros(1, 1, 3).expand(2, 2**31, 3))
 
 
 # --- registration and compile -------------------------------------------------------------------------------------

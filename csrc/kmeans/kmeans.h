@@ -17,6 +17,9 @@ inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK_VALUE(centers.dim() == 3 && centers.size(0) == x.size(0) && centers.size(2) == x.size(2) &&
                         centers.size(1) >= 1,
                     op, ": centers must be (B, K, D) with K >= 1 matching x ", x.sizes(), ", got ", centers.sizes());
+  // cluster indices are 32-bit in the kernels (label lanes, per-cluster lists)
+  TORCH_CHECK_VALUE(centers.size(1) <= INT32_MAX, op, ": centers has K = ", centers.size(1),
+                    " centres; at most 2^31 - 1 are supported");
   TORCH_CHECK_TYPE(at::isFloatingType(centers.scalar_type()), op, ": centers must be floating point, got ",
                    centers.scalar_type());
   TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == x.size(0), op, ": lengths must be (B,) = (", x.size(0),

@@ -32,6 +32,8 @@ def _steps(backend: str):
     return torch.ops.vosops.kmeans_step, torch.ops.vosops.kmeans_assign
 
 
+# Cluster indices are 32-bit in the native and Triton kernels (csrc/kmeans/kmeans.h checks the same bound).
+MAX_CLUSTERS = 2**31 - 1
 CUDA_UPDATE_MAX_K = 1024  # csrc/kmeans/kmeans_cuda.cuh kCudaUpdateMaxK: the update kernel's per-cluster lists
 
 
@@ -98,6 +100,8 @@ def _check_centroids(name: str, c, B: int, D: int, device) -> torch.Tensor:
         c = c[None].expand(B, *c.shape)
     if c.dim() != 3 or c.shape[0] != B or c.shape[2] != D or c.shape[1] < 1:
         raise ValueError(f"{name} must be (K, {D}) or ({B}, K, {D}), got shape {tuple(c.shape)}")
+    if c.shape[1] > MAX_CLUSTERS:
+        raise ValueError(f"{name} has K = {c.shape[1]} centres; at most 2**31 - 1 are supported")
     if c.device != device:
         raise ValueError(f"{name} is on {c.device} but x is on {device}; they must match")
     if not bool(torch.isfinite(c).all()):
@@ -143,6 +147,8 @@ def kmeans(
     x, single = _check_points(x)
     B, N, D = x.shape
     K = _int("num_clusters", num_clusters, 1)
+    if K > MAX_CLUSTERS:
+        raise ValueError(f"num_clusters must be <= 2**31 - 1, got {K}")
     _int("iters", iters, 1)
     _int("n_init", n_init, 1)
     if batch_size is not None:
