@@ -85,6 +85,31 @@ def test_local_attention_random_configs(backend, device, seed):
         inputs, dtype=_dtype(backend), grad_inputs=grads, layout=layout, seed=seed)
 
 
+@pytest.mark.parametrize("backend,device,seed", _seed_params("local_affinity"))
+def test_local_affinity_and_aggregate_random_configs(backend, device, seed):
+    """The unfused pair on local_attention's draws: the affinity (-inf and border zeros included) with q/k
+    gradients, then local_aggregate of random weights over the same window, with weights/v gradients."""
+    inputs, kw, layout = _local_attention_config(seed)
+    geometry = dict(radius=kw["radius"], dilation=kw["dilation"])
+    offsets = None if kw["offsets"] is None else kw["offsets"].to(device)
+    dtype = _dtype(backend)
+    low = None if offsets is None else offsets.to(dtype)
+    offsets = None if low is None else low.double()  # the reference sees the offsets the backend sees
+    affinity = dict(geometry, window=kw["window"], scale=kw["scale"], border=kw["border"])
+    testing.check_against_reference(
+        lambda q, k: vosops.local_affinity(q, k, **affinity, offsets=low, backend=backend),
+        lambda q, k: reference.local_affinity(q, k, **affinity, offsets=offsets),
+        {n: inputs[n].to(device) for n in "qk"}, dtype=dtype, grad_inputs=("q", "k"), layout=layout, seed=seed)
+
+    B, N, _, H, W = inputs["v"].shape
+    weights = torch.randn(B, N, (2 * kw["radius"] + 1) ** 2, H, W, dtype=torch.float64, device=device)
+    testing.check_against_reference(
+        lambda weights, v: vosops.local_aggregate(weights, v, **geometry, offsets=low, backend=backend),
+        lambda weights, v: reference.local_aggregate(weights, v, **geometry, offsets=offsets),
+        dict(weights=weights, v=inputs["v"].to(device)), dtype=dtype, grad_inputs=("weights", "v"),
+        layout=layout, seed=seed)
+
+
 def _global_topk_case(rnd, B, M, L):
     C = rnd.choice([1, 4, 9, 33])
     inputs = dict(q=_features(rnd, B, M, C), k=_features(rnd, B, L, C))
