@@ -180,3 +180,87 @@ def test_dataset_sharded_over_two_gloo_processes(tmp_path):
         assert sorted(os.listdir(os.path.join(out, f"seq{s}"))) == [f"{i:05d}.png" for i in range(4)]
     assert "all ranks: 12 frames" in res.stdout
     assert os.path.isfile(os.path.join(out, "results.csv"))
+
+
+def _gt_and_pred(root, seqs=("seqA", "seqB"), T=3, H=32, W=40):
+    """Ground truth for two sequences, and the ground truth itself as the predictions (J&F 1)."""
+    for s, name in enumerate(seqs):
+        _, gts = synthetic_video(T=T, H=H, W=W, seed=20 + s)
+        for t, g in enumerate(gts):
+            write_mask(os.path.join(root, "gt", name, f"{t:05d}.png"), g)
+            write_mask(os.path.join(root, "pred", name, f"{t:05d}.png"), g)
+
+
+def test_eval_scores_only_the_given_sequences_into_pred_results_csv(tmp_path, capsys):
+    _gt_and_pred(str(tmp_path))
+    pred, gt = str(tmp_path / "pred"), str(tmp_path / "gt")
+    assert cli.main(["eval", "--pred", pred, "--gt", gt, "--sequences", "seqB"]) == 0
+    assert "over 2 objects in 1 sequences" in capsys.readouterr().out
+    rows = (tmp_path / "pred" / "results.csv").read_text().splitlines()  # the default CSV path: PRED/results.csv
+    assert any(r.startswith("seqB_") for r in rows) and not any(r.startswith("seqA") for r in rows)
+    assert not (tmp_path / "gt" / "results.csv").exists()
+
+
+def test_propagate_options_reach_the_run(tmp_path, capsys):
+    """--no-overlay for a video; --imageset with --dataset: only its sequences."""
+    frames, gts = synthetic_video(T=3, H=32, W=40, seed=2)
+    _write_video(str(tmp_path / "frames"), frames, ["a", "b", "c"])
+    write_mask(str(tmp_path / "first.png"), gts[0])
+    assert cli.main(["propagate", str(tmp_path / "frames"), "--mask", str(tmp_path / "first.png"), "--out",
+                     str(tmp_path / "out"), "--no-overlay"]) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.png", "b.png", "c.png"]
+    root = str(tmp_path / "davis")
+    _davis_layout(root, seqs=3, T=3, H=32, W=40)
+    os.makedirs(os.path.join(root, "ImageSets", "2017"))
+    with open(os.path.join(root, "ImageSets", "2017", "val.txt"), "w") as f:
+        f.write("seq1\n")
+    assert cli.main(["propagate", "--dataset", root, "--imageset", "2017/val.txt", "--out", str(tmp_path / "ds"),
+                     "--no-overlay"]) == 0
+    assert os.listdir(tmp_path / "ds") == ["seq1"]
+    assert cli.build_parser().parse_args(["propagate", "--out", "x"]).flow == "auto"
+    capsys.readouterr()
+
+
+def test_propagate_refuses_a_mask_of_another_size(tmp_path, capsys):
+    frames, _ = synthetic_video(T=3, H=32, W=40, seed=2)
+    _write_video(str(tmp_path / "frames"), frames, ["a", "b", "c"])
+    write_mask(str(tmp_path / "first.png"), np.ones((16, 20), np.uint8))
+    assert cli.main(["propagate", str(tmp_path / "frames"), "--mask", str(tmp_path / "first.png"), "--out",
+                     str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == "vosops propagate: mask (16, 20) and frames (32, 40) differ in size"
+
+
+def test_demo_options_reach_the_run(tmp_path, capsys):
+    assert cli.main(["demo", "--frames", "4", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert "synthetic video, 4 frames of" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert cli.main(["demo", "--frames", "3", "--out", str(tmp_path), "--device", "cpu", "--backend",
+                         "cuda"]) == 2
+        assert "backend 'cuda' is unavailable" in capsys.readouterr().err
+
+
+def test_device_resolution_on_a_machine_with_two_gpus(monkeypatch):
+    """torchrun's ranks: a bare `cuda` (or no --device) means this rank's GPU, cuda:N that GPU, past the last one
+    an error."""
+    from vosops.commands._args import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda", 1) == "cuda:1" and resolve_device(None, 1) == "cuda:1"
+    assert resolve_device("cuda:0", 1) == "cuda:0" and resolve_device("cpu", 1) == "cpu"
+    with pytest.raises(ValueError, match="this machine has 2 CUDA device"):
+        resolve_device("cuda:2")
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys, monkeypatch):
+    """An OSError (here --out below a regular file) ends the command like any other input error."""
+    monkeypatch.delenv("VOSOPS_DEBUG", raising=False)
+    frames, gts = synthetic_video(T=3, H=32, W=40, seed=1)
+    _write_video(str(tmp_path / "frames"), frames, ["a", "b", "c"])
+    write_mask(str(tmp_path / "first.png"), gts[0])
+    (tmp_path / "afile").write_text("")
+    out = str(tmp_path / "afile" / "out")
+    assert cli.main(["propagate", str(tmp_path / "frames"), "--mask", str(tmp_path / "first.png"), "--out", out,
+                     "--no-overlay"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vosops propagate: ") and out in err[0]

@@ -79,3 +79,12 @@ def test_sanitize_stage_runs_the_selected_tests_under_each_tool(tmp_path):
     for tool in ("memcheck", "racecheck"):
         assert (tmp_path / "out" / f"sanitize-{tool}.log").exists()
     assert "memcheck exited" in done.stdout and "racecheck exited" in done.stdout
+
+
+def test_profile_leaves_baselines_out_unless_named(capsys):
+    spec = importlib.util.spec_from_file_location("gpu_profile", os.path.join(ROOT, "benchmarks", "gpu_profile.py"))
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    assert profile.main(["--device", "cpu", "--op", "flow_warp", "--config", "warp-cpu", "--top", "1"]) == 0
+    cases = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== ")]
+    assert "== flow_warp/warp-cpu/cpu/float32/fwd/cpu" in cases and not any("grid_sample" in c for c in cases)

@@ -50,3 +50,35 @@ def test_every_tunable_sweeps_entries_its_kernels_read():
         spec = make()
         assert spec["values"] and set(spec["values"]) <= set(spec["config"]), op
         assert spec["cases"], op
+
+
+def test_rounds_repeat_the_descent_from_the_best_so_far(monkeypatch):
+    """Each round varies every entry once more, starting from the best found so far: a second round finds a
+    better value of `a` that only pays once `b` has moved (times from a fake timer, so the choice is exact)."""
+    from vosops.bench import timing
+
+    tune = _load()
+    config = {"a": 2, "b": 2}
+    times = {(1, 1): 1.0, (2, 1): 3.0, (3, 1): 4.0, (1, 2): 6.0, (2, 2): 5.0, (3, 2): 7.0}
+    monkeypatch.setattr(timing, "measure_ms", lambda run, device, budget_s: {"ms": run()})
+    run = lambda: times[config["a"], config["b"]]  # noqa: E731
+    spec = {"config": config, "values": {"a": [1, 2, 3], "b": [1, 2]},
+            "cases": {"synthetic": lambda: (run, lambda got, exp: True)}}
+    one = tune.tune("synthetic", spec, rounds=1, budget=0.01, device="cpu", log=lambda s: None)
+    assert one[-1]["config"] == {"a": 2, "b": 1} and one[-1]["ms"] == 3.0
+    two = tune.tune("synthetic", spec, rounds=2, budget=0.01, device="cpu", log=lambda s: None)
+    assert two[-1]["config"] == {"a": 1, "b": 1} and two[-1]["ms"] == 1.0
+    assert config == {"a": 2, "b": 2}, "defaults restored"
+
+
+def test_outputs_agree_on_average_but_not_when_wrong_everywhere():
+    tune = _load()
+    exp = (torch.linspace(1.0, 2.0, 1000), torch.arange(10))
+    near_tie = exp[0].clone()
+    near_tie[3] += 0.5  # one weight moved: a flipped near-tie of a top-k selection
+    assert tune._close_on_average((near_tie, exp[1]), exp)
+    assert not tune._close_on_average((exp[0] * 1.01, exp[1]), exp)  # 1% off everywhere
+    nan = exp[0].clone()
+    nan[0] = float("nan")
+    assert not tune._close_on_average((nan, exp[1]), exp)
+    assert not tune._close_on_average((exp[0][:-1], exp[1]), exp) and not tune._close_on_average(exp[:1], exp)
