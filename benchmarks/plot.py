@@ -37,7 +37,8 @@ def main(argv):
     plot_speedups(rows, argv[2], title=f"vosops speed-up over the PyTorch baseline ({machine})")
     for r in rows:
         sp = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
-        print(f"{r['op']}/{r['config']}/{r['device']}/{r['direction']}/{r['impl']}: {r['ms']:.3f} ms  {sp}")
+        group = "/".join(r[k] for k in ("op", "config", "device", "dtype", "direction", "impl"))
+        print(f"{group}: {r['ms']:.3f} ms  {sp}")
     print(f"wrote {argv[2]}")
     return 0
 

@@ -137,7 +137,8 @@ def test_bench_rejects_rounds_below_one():
 def test_bench_table_shows_the_spread_of_round_ratios_only_with_rounds():
     from vosops.bench.runner import format_table
 
-    row = dict(op="demo", config="tiny", device="cpu", direction="fwd", impl="mine", ms=2.0, speedup=2.0)
+    row = dict(op="demo", config="tiny", device="cpu", dtype="float32", direction="fwd", impl="mine", ms=2.0,
+               speedup=2.0)
     assert "rounds" not in format_table([row])
     table = format_table([dict(row, round_speedups=[3.0, 1.5, 2.0, 2.5, 1.9])])
     assert table.splitlines()[0].endswith("rounds p20-p80") and table.splitlines()[-1].endswith("1.90-3.00x")
@@ -192,11 +193,13 @@ def test_bench_round_speedups_only_against_a_baseline_with_as_many_rounds():
 def test_bench_table_columns_hold_their_values():
     from vosops.bench.runner import format_table
 
-    row = dict(op="demo", config="tiny", device="cpu", direction="fwd", impl="mine", ms=2.0, gbps=200.0,
-               gflops=1000.0, x_floor=0.1, speedup=4.0, peak_extra_mb=3.0)
+    row = dict(op="demo", config="tiny", device="cpu", dtype="float16", direction="fwd", impl="mine", ms=2.0,
+               gbps=200.0, gflops=1000.0, x_floor=0.1, speedup=4.0, peak_extra_mb=3.0)
     head, _, line = format_table([row]).splitlines()
-    assert head.split()[4:] == ["ms", "GB/s", "GFLOP/s", "x", "floor", "speedup", "peak", "MB"]
-    assert line.split() == ["demo/tiny", "cpu", "fwd", "mine", "2.000", "200.0", "1000.0", "0.1", "4.00x", "3.0"]
+    assert head.split()[:5] == ["op/config", "dev", "dtype", "dir", "impl"]
+    assert head.split()[5:] == ["ms", "GB/s", "GFLOP/s", "x", "floor", "speedup", "peak", "MB"]
+    assert line.split() == ["demo/tiny", "cpu", "fp16", "fwd", "mine", "2.000", "200.0", "1000.0", "0.1", "4.00x",
+                            "3.0"]
 
 
 def test_bench_device_name_of_a_gpu_is_its_model(monkeypatch):
@@ -234,6 +237,21 @@ def test_speedup_plot_draws_each_implementations_speedups(tmp_path, monkeypatch)
     plot_speedups(rows, str(tmp_path / "s.png"))
     assert bars == [("mine", [4.0, 0.25])]
     assert (tmp_path / "s.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_speedup_plot_draws_every_dtype_of_a_configuration(tmp_path, monkeypatch):
+    """fp16 and fp32 rows of one configuration are separate comparison groups, each its own bar: the plot used
+    to group by (config, device, direction) and drew only the first dtype's speed-up."""
+    from vosops.bench.runner import _add_speedups, plot_speedups
+
+    bars = _record_bars(monkeypatch)
+    row = dict(op="topk", config="c", device="cuda", direction="fwd")
+    rows = [dict(row, dtype=dt, impl=impl, baseline=impl == "pipeline", ms=ms)
+            for dt, impl, ms in [("float16", "pipeline", 10.0), ("float16", "triton", 1.0),
+                                 ("float32", "pipeline", 10.0), ("float32", "triton", 5.0)]]
+    _add_speedups(rows)
+    plot_speedups(rows, str(tmp_path / "s.png"))
+    assert bars == [("triton", [10.0, 2.0])]
 
 
 @pytest.fixture
@@ -343,7 +361,7 @@ def test_plot_script_titles_the_plot_with_the_device_names(tmp_path, monkeypatch
     monkeypatch.setattr(plot, "plot_speedups", lambda rows, path, title: titles.append(title))
     assert plot.main(["plot.py", str(_pytest_benchmark_json(tmp_path / "bench.json")), str(tmp_path / "s.png")]) == 0
     assert titles == ["vosops speed-up over the PyTorch baseline (Fake CPU, Fake CUDA)"]
-    assert "demo/tiny/cpu/fwd/mine: 2.000 ms  4.00x" in capsys.readouterr().out
+    assert "demo/tiny/cpu/float32/fwd/mine: 2.000 ms  4.00x" in capsys.readouterr().out
     assert plot.main(["plot.py", str(tmp_path / "bench.json")]) == 2
 
 

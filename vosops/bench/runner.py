@@ -124,6 +124,11 @@ def _add_speedups(rows: list[dict]) -> None:
             r["speedup"] = b["ms"] / r["ms"]
 
 
+def short_dtype(dtype: str) -> str:
+    """"float16" -> "fp16", "bfloat16" -> "bf16": the dtype column of tables and plot labels."""
+    return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}.get(dtype, dtype)
+
+
 def format_table(rows: list[dict]) -> str:
     """One line per row; with rounds, a last column gives the spread of the per-round speed-ups (p20-p80)."""
     name = lambda r: f"{r['op']}/{r['config']}"  # noqa: E731
@@ -131,13 +136,14 @@ def format_table(rows: list[dict]) -> str:
     w_impl = max([len("impl")] + [len(r["impl"]) for r in rows]) + 2
     w_dir = max([len("dir")] + [len(r["direction"]) for r in rows]) + 2
     spread = any("round_speedups" in r for r in rows)
-    head = (f"{'op/config':<{w_name}}{'dev':<5}{'dir':<{w_dir}}{'impl':<{w_impl}}{'ms':>10}{'GB/s':>9}"
+    head = (f"{'op/config':<{w_name}}{'dev':<5}{'dtype':<6}{'dir':<{w_dir}}{'impl':<{w_impl}}{'ms':>10}{'GB/s':>9}"
             f"{'GFLOP/s':>9}{'x floor':>9}{'speedup':>9}{'peak MB':>9}" + (f"{'rounds p20-p80':>17}" if spread else ""))
     lines = [head, "-" * len(head)]
     fmt = lambda v, f: (f.format(v) if v is not None else "-")  # noqa: E731
     for r in rows:
         lines.append(
-            f"{name(r):<{w_name}}{r['device']:<5}{r['direction']:<{w_dir}}{r['impl']:<{w_impl}}"
+            f"{name(r):<{w_name}}{r['device']:<5}{short_dtype(r['dtype']):<6}{r['direction']:<{w_dir}}"
+            f"{r['impl']:<{w_impl}}"
             f"{r['ms']:>10.3f}{fmt(r.get('gbps'), '{:.1f}'):>9}{fmt(r.get('gflops'), '{:.1f}'):>9}"
             f"{fmt(r.get('x_floor'), '{:.1f}'):>9}"
             f"{fmt(r.get('speedup'), '{:.2f}x'):>9}{fmt(r.get('peak_extra_mb'), '{:.1f}'):>9}"
@@ -179,7 +185,8 @@ def write_json(rows: list[dict], path: str) -> None:
 
 
 def plot_speedups(rows: list[dict], path: str, title: str = "vosops speed-up over the PyTorch baseline") -> None:
-    """One panel per op; in each, grouped bars per (config, direction), one bar per non-baseline implementation."""
+    """One panel per op; in each, grouped bars per (config, device, dtype, direction), the comparison groups of
+    _add_speedups, one bar per non-baseline implementation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,26 +199,29 @@ def plot_speedups(rows: list[dict], path: str, title: str = "vosops speed-up ove
     fig, axes = plt.subplots(len(ops), 1, figsize=(10, 3.2 * len(ops)), squeeze=False)
     for ax, op in zip(axes[:, 0], ops):
         mine = [r for r in rows if r["op"] == op]
-        groups = list(dict.fromkeys((r["config"], r["device"], r["direction"]) for r in mine))
+        group = lambda r: (r["config"], r["device"], r["dtype"], r["direction"])  # noqa: E731
+        groups = list(dict.fromkeys(group(r) for r in mine))
         impls = list(dict.fromkeys(r["impl"] for r in mine if not r["baseline"] and r.get("speedup")))
         width = 0.8 / max(1, len(impls))
         for k, impl in enumerate(impls):
             vals = []
             for g in groups:
-                match = [r for r in mine if (r["config"], r["device"], r["direction"]) == g and r["impl"] == impl]
+                match = [r for r in mine if group(r) == g and r["impl"] == impl]
                 vals.append(match[0]["speedup"] if match and match[0].get("speedup") else 0.0)
             bars = ax.bar([i + k * width for i in range(len(groups))], vals, width, label=impl)
             ax.bar_label(bars, fmt="%.2g", fontsize=6)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_yscale("log")
         ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(groups))])
-        ax.set_xticklabels([f"{c}\n{d} {dr}" for c, d, dr in groups], fontsize=7)
+        crowded = len(groups) > 6  # long configuration names would overlap: slant them
+        ax.set_xticklabels([f"{c}\n{d} {short_dtype(t)} {dr}" for c, d, t, dr in groups], fontsize=7,
+                           rotation=20 if crowded else 0, ha="right" if crowded else "center")
         ax.set_ylabel("speed-up vs baseline (x)", fontsize=8)
         base = sorted({r["impl"] for r in mine if r["baseline"]})
         ax.set_title(f"{op} (baseline: {', '.join(base) or 'none'})", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / (3.2 * len(ops))))  # room for the title above the first panel
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
