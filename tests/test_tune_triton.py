@@ -68,6 +68,9 @@ def test_rounds_repeat_the_descent_from_the_best_so_far(monkeypatch):
     assert one[-1]["config"] == {"a": 2, "b": 1} and one[-1]["ms"] == 3.0
     two = tune.tune("synthetic", spec, rounds=2, budget=0.01, device="cpu", log=lambda s: None)
     assert two[-1]["config"] == {"a": 1, "b": 1} and two[-1]["ms"] == 1.0
+    # each configuration is timed once: round 2 skips (2, 1), its starting point, and (2, 2), the default
+    timed = [(r["config"]["a"], r["config"]["b"]) for r in two if "best" not in r]
+    assert sorted(timed) == sorted(set(timed)) and len(timed) == 6
     assert config == {"a": 2, "b": 2}, "defaults restored"
 
 
