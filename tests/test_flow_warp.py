@@ -115,6 +115,22 @@ def test_backend_matches_reference(backend, device, mode, padding_mode, layout):
             )
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_backend_frames_spanning_several_pixel_blocks(backend, device, mode):
+    """More pixels than one program's block (the Triton kernels take 256 pixels a program; the shapes above fit in
+    one): 2 x 11 x 13 = 286 pixels, so a second, partial block, with batch 1 starting inside the first; forward and
+    gradients, border padding, against the reference."""
+    B, C, H, W = 2, 3, 11, 13
+    x = torch.randn(B, C, H, W, device=device)
+    flow = random_flow(B, H, W, dtype=torch.float32, device=device)
+    testing.check_against_reference(
+        lambda x, flow: vosops.flow_warp(x, flow, mode=mode, padding_mode="border", backend=backend),
+        lambda x, flow: reference.flow_warp(x, flow, mode, "border"),
+        {"x": x, "flow": flow}, dtype=torch.float32, grad_inputs=("x", "flow") if mode == "bilinear" else ("x",),
+    )
+
+
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "cpu"])
 def test_cpu_gradcheck(backend, device):
     x = torch.randn(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)

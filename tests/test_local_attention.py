@@ -464,6 +464,51 @@ def test_backend_large_logits_do_not_overflow(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_backend_logits_past_the_float32_exp_range(backend, device):
+    """Logits above 88, where exp overflows float32 (each query's centre key in reference 0 is the query itself, at
+    scale 120): every normalisation must subtract the row maximum before exp, the online softmax of a window sweep
+    and the top-k list's softmax alike; the backward then recomputes p from the saved log-sum-exp."""
+    B, C, H, W, N = 1, 4, 4, 5, 2
+    g = torch.Generator().manual_seed(21)
+    q = F.normalize(torch.randn(B, C, H, W, generator=g), dim=1)
+    k = F.normalize(torch.randn(B, N, C, H, W, generator=g), dim=2)
+    k[:, 0] = q
+    v = torch.randn(B, N, 2, H, W, generator=g)
+    for kw in (dict(), dict(topk=5), dict(topk=5, normalize="threshold")):
+        qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+        ref = vosops.local_attention(qd, kd, vd, radius=1, scale=120.0, backend="reference", **kw)
+        qb, kb, vb = (t.to(device).requires_grad_() for t in (q, k, v))
+        out = vosops.local_attention(qb, kb, vb, radius=1, scale=120.0, backend=backend, **kw)
+        assert torch.isfinite(out).all(), kw
+        torch.testing.assert_close(out.double().cpu(), ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"{kw}: {m}")
+        if kw.get("topk"):  # the backward's p = exp(s - lse) needs the saved log-sum-exp of the large logits
+            gout = torch.randn(out.shape, generator=g)
+            (gv,) = torch.autograd.grad(out, vb, gout.to(device))
+            (rgv,) = torch.autograd.grad(ref, vd, gout.double())
+            torch.testing.assert_close(gv.double().cpu(), rgv, atol=1e-4, rtol=1e-4, msg=lambda m: f"{kw} dv: {m}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_backend_negative_zero_scores_tie_with_zeros(backend, device):
+    """A negative scale turns every zero dot product into -0.0, which ties with the zero border's +0.0 and with
+    other zeros: the tie goes to the lower index (torch.sort's stable order; -0.0 == +0.0), so a key must not rank
+    -0.0 below +0.0. Integer features make many such zeros; indices, kept sets and outputs must match."""
+    B, C, H, W, N = 1, 2, 4, 5, 2
+    g = torch.Generator().manual_seed(8)
+    q = torch.randint(-1, 2, (B, C, H, W), generator=g).float()
+    k = torch.randint(-1, 2, (B, N, C, H, W), generator=g).float()
+    v = torch.randn(B, N, 3, H, W, generator=g)
+    for kw in (dict(topk=6, border="zero"), dict(topk=4, normalize="threshold", border="zero")):
+        got, (lg, idx) = vosops.local_attention(q.to(device), k.to(device), v.to(device), radius=1, scale=-1.0,
+                                                return_topk=True, backend=backend, **kw)
+        ref, (rlg, ridx) = vosops.local_attention(q.double(), k.double(), v.double(), radius=1, scale=-1.0,
+                                                  return_topk=True, backend="reference", **kw)
+        assert torch.equal(idx.cpu(), ridx), kw
+        torch.testing.assert_close(lg.double().cpu(), rlg)
+        torch.testing.assert_close(got.double().cpu(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_backward_keeps_the_forwards_top_k(backend, device):
     """dv of top-k softmax must be exactly the forward's kept set weighted: sum over (query, kept j) of
     softmax(returned logits)_j * g(query) at the kept candidate's key. The backends recompute the scores in the
@@ -855,6 +900,26 @@ def test_triton_tiles_channels_last_copy(monkeypatch):
         results.append(_triton_forward_backward(inputs, kw))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@_TRITON_CPU
+@pytest.mark.parametrize("case", [1, 2, 8])
+def test_triton_per_query_kernels_several_query_blocks(monkeypatch, case):
+    """Under the interpreter the per-query kernels give every query of these frames to one program (BQ up to 128):
+    with the blocks a GPU takes (16 queries, channel blocks of 2) a frame spans several programs, the last one
+    partial, batches start mid-block and channels take several blocks; forward, backward (the key-major dk/dv
+    kernel in case 8) and the returned top-k against the reference."""
+    from vosops.triton import local_attention as tla
+
+    monkeypatch.setitem(tla.LOCAL_ATTENTION_CONFIG, "tiled", False)
+    monkeypatch.setattr(tla, "_tiles", lambda queries, mt: (16, 2))
+    B, C, Cv, H, W, N, kw = CASES[case]
+    inputs, kw = make_inputs(B, C, Cv, H, W, N, kw, "cpu", seed=60 + case)
+    ret = kw.get("topk") is not None
+    testing.check_against_reference(
+        lambda **t: vosops.local_attention(**t, **kw, return_topk=ret, backend="triton"),
+        lambda **t: vosops.local_attention(**t, **kw, return_topk=ret, backend="reference"),
+        inputs, dtype=torch.float32, grad_inputs=("q", "k", "v"))
 
 
 @_TRITON_CPU
