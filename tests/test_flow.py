@@ -104,6 +104,45 @@ def test_dis_on_frames_too_small_is_a_clear_error(size):
     assert vflow.estimate_flow(a, a, method="farneback").shape == (1, 2, *size)
 
 
+# Sizes where OpenCV's DIS, given the frames as they are, reads out of bounds and kills the process (8-15 rows
+# from 40 columns for every preset, up to 31 rows from 96 for the fast ones).
+DIS_CRASH_SIZES = [(8, 48), (12, 48), (15, 40), (13, 200), (24, 96), (31, 128)]
+
+
+def test_dis_on_wide_frames_of_few_rows_does_not_crash():
+    """Run in a child process, so that a regression fails this test instead of ending the test session."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from vosops import flow\n"
+        f"for H, W in {DIS_CRASH_SIZES}:\n"
+        "    a = np.random.default_rng(H * W).integers(0, 256, (H, W, 3)).astype(np.uint8)\n"
+        "    for preset in ('ultrafast', 'fast', 'medium'):\n"
+        "        assert flow.estimate_flow(a, np.roll(a, 1, axis=1), preset=preset).shape == (1, 2, H, W)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"exit status {run.returncode}: {run.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("size", [(40, 64), (48, 200)])
+@pytest.mark.parametrize("preset", ["ultrafast", "medium"])
+def test_dis_solved_transposed_keeps_dx_and_dy(size, preset):
+    """Frames DIS solves transposed (wide, under 64 rows; these sizes do not crash it either way, so a regression
+    fails here rather than ending the session): the flow comes back at the frames' size, dx in channel 0, dy in 1."""
+    H, W = size
+    big = _texture(H=H, W=W, seed=3)
+    sx, sy = 3, -2
+    a = big[4:-4, 4:-4]
+    b = big[4 - sy:big.shape[0] - 4 - sy, 4 - sx:big.shape[1] - 4 - sx]
+    flow = vflow.estimate_flow(a, b, preset=preset)
+    assert flow.shape == (1, 2, H, W)
+    inner = flow[:, :, 4:-4, 8:-8]
+    assert abs(inner[:, 0].median().item() - sx) < 0.5
+    assert abs(inner[:, 1].median().item() - sy) < 0.5
+
+
 def test_every_frame_form_gives_the_same_flow():
     """RGB and gray, numpy and tensor, uint8 and float in [0, 1], single frames and batches: one flow."""
     big = _texture(seed=2)

@@ -53,6 +53,20 @@ def _to_gray_batch(x, name: str) -> list[np.ndarray]:
     raise TypeError(f"{name} must be a tensor, a uint8 numpy array or a list of them, got {type(x).__name__}")
 
 
+# OpenCV's DIS re-chooses its patch size and pyramid for small frames from their width alone, and a wide frame under
+# about 32 rows then reads past its coarsest level: the process dies (measured with OpenCV 5.1 over every preset:
+# 8-15 rows from 40 columns, up to 31 rows from 96; frames at least as tall as they are wide never crash). Such a
+# frame is solved transposed, and its flow transposed back.
+_DIS_TRANSPOSE_BELOW_ROWS = 64
+
+
+def _dis_calc(dis, fa: np.ndarray, fb: np.ndarray) -> np.ndarray:
+    if fa.shape[0] < min(fa.shape[1], _DIS_TRANSPOSE_BELOW_ROWS):
+        f = dis.calc(np.ascontiguousarray(fa.T), np.ascontiguousarray(fb.T), None)
+        return np.ascontiguousarray(f.transpose(1, 0, 2)[..., ::-1])  # (dy, dx) of the transposed frame
+    return dis.calc(fa, fb, None)
+
+
 def estimate_flow(a, b, method: str = "dis", *, preset: str = "medium", device=None) -> torch.Tensor:
     """Dense flow from each frame of `a` to the matching frame of `b`: (B, 2, H, W) float32, dx then dy, pixels.
 
@@ -84,7 +98,7 @@ def estimate_flow(a, b, method: str = "dis", *, preset: str = "medium", device=N
         dis = cv2.DISOpticalFlow_create(DIS_PRESETS[preset])
         for fa, fb in zip(ga, gb):
             try:
-                flows.append(dis.calc(fa, fb, None))
+                flows.append(_dis_calc(dis, fa, fb))
             except cv2.error as e:  # e.g. frames too small for its patches (a side under 12 px)
                 raise ValueError(f"OpenCV's DIS flow failed on frames of {fa.shape[0]}x{fa.shape[1]} "
                                  f"({getattr(e, 'err', e)}); method='farneback' takes any size") from None
