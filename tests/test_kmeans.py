@@ -110,6 +110,26 @@ def test_step_and_assign_match_reference(backend, device, layout, shape):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_step_sums_half_inputs_in_float32(backend, device):
+    """float16 points are summed per cluster in float32: two clusters of ~75 points around +-1500, whose sums pass
+    float16's range (65504) after 45 points."""
+    g = torch.Generator().manual_seed(4)
+    B, N, D = 2, 150, 3
+    x = 1500.0 + torch.randint(-16, 17, (B, N, D), generator=g).double()
+    x[:, 1::2] *= -1
+    lengths = torch.tensor([N, 131])
+    centers = x[:, :2] + 0.5
+    step, _ = vosops.ops.kmeans._steps(backend)
+    for dtype in testing.backend_dtypes(backend, device):
+        if dtype == torch.float64:
+            continue
+        testing.check_against_reference(
+            lambda x, c: step(x, lengths.to(device), c.to(R.acc_dtype(dtype))),
+            lambda x, c: reference.kmeans_step(x, lengths, c),
+            {"x": x.to(device), "c": centers.to(device)}, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("batch_size", [None, 16])
 def test_full_kmeans_matches_reference_from_the_same_centres(backend, device, batch_size):
     dtype = torch.float64 if backend == "cpu" else torch.float32

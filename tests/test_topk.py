@@ -462,6 +462,42 @@ def test_global_topk_triton_key_splits_and_channel_chunks(backend, device, split
     torch.testing.assert_close(got[0].double(), exp[0], atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend,device", GT_TRITON)
+def test_global_topk_triton_noncontiguous_inputs(backend, device, monkeypatch):
+    """q and k as strided views (every other element of a buffer whose gaps hold NaN), channels over two chunks of
+    16 and keys over three tiles: the kernel must read through the strides and mask the last chunk's channels."""
+    from vosops.triton import topk as ttk
+    monkeypatch.setitem(ttk.GLOBAL_TOPK_CONFIG, "block_m", 16)
+    monkeypatch.setitem(ttk.GLOBAL_TOPK_CONFIG, "block_n", 16)
+    monkeypatch.setitem(ttk.GLOBAL_TOPK_CONFIG, "block_c", 16)
+    B, M, L, C, topk = 2, 7, 40, 20, 6
+    q, k = small_ints(B, M, C, device=device), small_ints(B, L, C, device=device)
+    key_mask = torch.rand(B, L, device=device) > 0.3
+    testing.check_against_reference(
+        lambda q, k: vosops.global_topk(q, k, topk=topk, scale=0.5, key_mask=key_mask, backend=backend),
+        lambda q, k: reference.global_topk(q, k, topk=topk, scale=0.5, key_mask=key_mask),
+        {"q": q, "k": k}, dtype=torch.float32, grad_inputs=("q", "k"), layout="noncontiguous",
+    )
+
+
+@pytest.mark.parametrize("backend,device", GT_BACKENDS)
+def test_global_topk_never_selects_nan_or_inf_logits(backend, device):
+    """NaN and -inf logits are never selected, on every backend: batch 0 has NaN keys among valid ones, batch 1
+    only 4 keys whose logit is not -inf (fewer than topk: the rest is padded with -inf / -1)."""
+    q, k = small_ints(2, 5, 6), small_ints(2, 30, 6)
+    q[..., 0] = 1.0  # a key whose first channel is -inf scores -inf
+    k[0, [2, 11, 17, 29], 1] = float("nan")
+    k[1, :, 0] = float("-inf")
+    k[1, [3, 8, 21, 26], 0] = 2.0
+    exp = reference.global_topk(q, k, topk=6, scale=0.5)
+    assert (exp[1][1, :, 4:] == -1).all()
+    for dtype in (torch.float32, torch.float16):
+        logits, index = vosops.global_topk(q.to(device, dtype), k.to(device, dtype), topk=6, scale=0.5,
+                                           backend=backend)
+        torch.testing.assert_close(index.cpu(), exp[1], atol=0, rtol=0)
+        torch.testing.assert_close(logits.cpu().double(), exp[0], atol=0, rtol=0)
+
+
 def test_cpu_kernels_never_hold_an_m_by_l_score_matrix():
     """Memory O(M·k), no (M x L) tensor, forward or backward: the peak of what the cpu ops allocate through
     ATen (their outputs, gradients and scratch tensors; the profiler's count) stays far below one score matrix,
@@ -635,6 +671,70 @@ def test_topk_attention_backend_matches_reference(backend, device, layout):
                 lambda q, k, v: reference.topk_attention(q, k, v, topk=topk, scale=0.25, dense_keys=dense),
                 {"q": q, "k": k, "v": v}, dtype=dtype, grad_inputs=("q", "k", "v"), layout=layout,
             )
+
+
+@pytest.mark.parametrize("backend,device", ATT_BACKENDS)
+def test_topk_attention_rows_with_few_or_no_valid_keys(backend, device):
+    """Sparse keys whose logits are NaN or -inf are never selected, so a row may keep fewer than topk sparse keys, or
+    nothing at all (output 0, zero gradient). Per head: (dense 8) 3 valid sparse keys of 32 / no valid sparse key /
+    dense logits all -inf and no valid sparse key; (dense 0) 3 valid keys / none / all valid. Forward and dq, dk, dv
+    against the reference run on each head's valid keys only (its dq through a NaN or infinite key is NaN), except
+    dq of the head whose dense keys are infinite (0 * inf: NaN in SDPA and the reference too)."""
+    q, k, v = attention_inputs(1, 3, 6, 40, 16, 8)
+    q[..., 0] = 1.0  # a key whose first channel is -inf scores -inf with every query
+    few = [j for j in range(40) if j not in (10, 20, 39)]
+    for dense in (8, 0):
+        kk = k.clone()
+        kk[0, 0, few[dense:] if dense else few, 1] = float("nan")
+        kk[0, 1, dense:, 0] = float("-inf")
+        if dense:
+            kk[0, 2, :dense, 0] = float("-inf")
+            kk[0, 2, dense:, 1] = float("nan")
+        up = torch.randn(1, 3, 6, 8, dtype=torch.float64)
+        exp = [torch.zeros(1, 3, 6, 8, dtype=torch.float64), torch.zeros_like(q), torch.zeros_like(kk),
+               torch.zeros_like(v)]
+        for h in range(3):
+            finite = torch.isfinite(q[0, h] @ kk[0, h].T).all(0)
+            keep = finite.nonzero().flatten()
+            n_dense = int(finite[:dense].sum())
+            if n_dense == 0 and int(finite[dense:].sum()) == 0:
+                continue  # nothing to keep: all zeros
+            args = [q[:, h:h + 1].clone(), kk[:, h:h + 1, keep].clone(), v[:, h:h + 1, keep].clone()]
+            args = [t.requires_grad_() for t in args]
+            out = reference.topk_attention(*args, topk=6, scale=0.25, dense_keys=n_dense)
+            dq, dk, dv = torch.autograd.grad(out, args, up[:, h:h + 1])
+            exp[0][:, h:h + 1] = out.detach()
+            exp[1][:, h:h + 1] = dq
+            exp[2][:, h:h + 1, keep] = dk
+            exp[3][:, h:h + 1, keep] = dv
+        assert (exp[0][0, 2 if dense else 1] == 0).all() and all(torch.isfinite(e).all() for e in exp)
+        args = [t.to(device, torch.float32).requires_grad_() for t in (q, kk, v)]
+        with testing.poisoned_outputs():
+            out = vosops.topk_attention(*args, topk=6, scale=0.25, dense_keys=dense, backend=backend)
+            grads = torch.autograd.grad(out, args, up.to(device, torch.float32))
+        testing.assert_close(out, exp[0], torch.float32, f"output (dense {dense})")
+        heads = [0, 1] if dense else [0, 1, 2]
+        grads, want = (grads[0][:, heads], *grads[1:]), (exp[1][:, heads], *exp[2:])
+        for name, g, e in zip("qkv", grads, want):
+            testing.assert_close(g, e, torch.float32, f"grad of {name} (dense {dense})", grad=True)
+
+
+@pytest.mark.parametrize("backend,device", ATT_BACKENDS)
+def test_topk_attention_noncontiguous_upstream_gradient(backend, device):
+    """The backward reads grad_out through its strides: a strided view as the upstream gradient gives the
+    reference's dq, dk, dv."""
+    q, k, v = attention_inputs(1, 2, 9, 30, 16, 8)
+    up = testing.relayout(torch.randn(1, 2, 9, 8, dtype=torch.float64), "noncontiguous")
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    exp = reference.topk_attention(*ref_in, topk=5, scale=0.25, dense_keys=8)
+    exp_grads = torch.autograd.grad(exp, ref_in, up)
+    args = [t.to(device, torch.float32).requires_grad_() for t in (q, k, v)]
+    out = vosops.topk_attention(*args, topk=5, scale=0.25, dense_keys=8, backend=backend)
+    up_d = testing.relayout(up.to(device, torch.float32), "noncontiguous")
+    assert not up_d.is_contiguous()
+    grads = torch.autograd.grad(out, args, up_d)
+    for name, g, e in zip("qkv", grads, exp_grads):
+        testing.assert_close(g, e, torch.float32, f"grad of {name}", grad=True)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in ATT_BACKENDS if p.values[0] == "triton"])

@@ -143,6 +143,47 @@ def test_topk_aggregate_gradient_of_one_input(backend, device, wrt):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend,device", AGG_BACKENDS)
+@pytest.mark.parametrize("normalize,k", [("softmax", None), ("threshold", 3)])
+def test_topk_aggregate_large_logits_are_max_subtracted(backend, device, normalize, k):
+    """Logits around 400 (exp overflows float32 past ~88): the softmax is max-subtracted, so the output is the
+    reference's, not inf/NaN; ties and invalid candidates as usual."""
+    g = torch.Generator().manual_seed(11)
+    B, M, K, L, Cv = 2, 5, 6, 9, 3
+    logits = 400.0 + torch.randint(-4, 5, (B, M, K), generator=g).double() * 0.5
+    index = torch.randint(-1, L, (B, M, K), generator=g)
+    values = torch.randn(B, L, Cv, generator=g, dtype=torch.float64)
+    index = index.to(device)
+    for dtype in testing.backend_dtypes(backend, device):
+        testing.check_against_reference(
+            lambda logits, values: vosops.topk_aggregate(logits, index, values, normalize=normalize, k=k,
+                                                         backend=backend),
+            lambda logits, values: reference.topk_aggregate(logits, index, values, normalize=normalize, k=k),
+            {"logits": logits.to(device), "values": values.to(device)}, dtype=dtype,
+            grad_inputs=("logits", "values"))
+
+
+@pytest.mark.parametrize("backend,device", AGG_BACKENDS)
+def test_topk_aggregate_noncontiguous_upstream_gradient(backend, device):
+    """The backward reads grad_out through its strides: an upstream gradient that is a strided view (every other
+    element of a larger buffer) gives the reference's gradients."""
+    g = torch.Generator().manual_seed(12)
+    B, M, K, L, Cv = 2, 4, 5, 8, 6
+    logits = torch.randn(B, M, K, generator=g).to(device).requires_grad_()
+    values = torch.randn(B, L, Cv, generator=g).to(device).requires_grad_()
+    index = torch.randint(-1, L, (B, M, K), generator=g).to(device)
+    up = testing.relayout(torch.randn(B, M, Cv, generator=g).to(device), "noncontiguous")
+    assert not up.is_contiguous()
+    for normalize, k in (("softmax", None), ("threshold", 2)):
+        out = vosops.topk_aggregate(logits, index, values, normalize=normalize, k=k, backend=backend)
+        got = torch.autograd.grad(out, (logits, values), up)
+        ref_in = [t.detach().double().requires_grad_() for t in (logits, values)]
+        exp = reference.topk_aggregate(ref_in[0], index, ref_in[1], normalize=normalize, k=k)
+        want = torch.autograd.grad(exp, ref_in, up.double())
+        for name, a, e in zip(("logits", "values"), got, want):
+            testing.assert_close(a, e, torch.float32, f"grad of {name} ({normalize})", grad=True)
+
+
 # --- registration, compile, errors -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend,device", [p for p in MERGE_BACKENDS if p.values[0] in ("cpu", "cuda")])
