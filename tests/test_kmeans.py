@@ -516,6 +516,19 @@ def test_opcheck_triton():
     testing.check_opcheck(tk.kmeans_assign_triton, (x, L, c))
 
 
+def test_triton_ops_check_the_cluster_bound_too():
+    """As the native ops do: a direct call with 2^31 centres (a stride-0 view: no memory) is refused before the
+    centres are copied."""
+    pytest.importorskip("triton")
+    if vosops._backends.why_unusable("triton", "kmeans_step", "cpu"):
+        pytest.skip("triton not usable on CPU here")
+    from vosops.triton import kmeans as tk
+
+    x, L = torch.randn(2, 5, 3), torch.tensor([5, 5])
+    with pytest.raises(ValueError, match=r"K = 2147483648 centres; at most 2\*\*31 - 1"):
+        tk.kmeans_assign_triton(x, L, torch.zeros(1, 1, 3).expand(2, 2**31, 3))
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_torch_compile_fullgraph(backend, device):
     x, L, c = _step_inputs(device)
