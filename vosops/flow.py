@@ -71,7 +71,8 @@ def estimate_flow(a, b, method: str = "dis", *, preset: str = "medium", device=N
     """Dense flow from each frame of `a` to the matching frame of `b`: (B, 2, H, W) float32, dx then dy, pixels.
 
     `method`: "dis" (OpenCV DIS, `preset` ultrafast/fast/medium) or "farneback". Pairs are processed on the CPU
-    with OpenCV; the result goes to `device` (default: the device of `a` when it is a tensor, else CPU).
+    with OpenCV; the result goes to `device` (default: the device of `a` when it is a tensor, else CPU). DIS solves
+    frames under 64 rows that are wider than tall transposed (OpenCV's DIS crashes on some of them as they are).
     """
     try:
         import cv2
