@@ -75,7 +75,7 @@ def test_local_attention_random_configs(backend, device, seed):
     inputs = {n: t.to(device) for n, t in inputs.items()}
     if kw["offsets"] is not None:
         kw["offsets"] = kw["offsets"].to(device=device, dtype=_dtype(backend))
-    grads = ("q", "k", "v") if kw["normalize"] == "softmax" else ()  # threshold is not differentiated
+    grads = ("q", "k", "v")
 
     def flat(out):
         return (out[0], *out[1]) if kw["return_topk"] else out
