@@ -1,5 +1,5 @@
-"""Every backend against the reference on randomly drawn configurations of local_attention, the top-k ops and
-flow_warp: the other tests pick their cases by hand, these draw every argument at once (shapes down to 1, radius 0
+"""Every backend against the reference on randomly drawn configurations of local_attention, the top-k ops,
+flow_warp and kmeans_predict: the other tests pick their cases by hand, these draw every argument at once (shapes down to 1, radius 0
 to 3, dilation, window, border, offsets and flows that leave the frame, top-k from 1 to the candidate count,
 normalisation, dense prefixes, masks, empty slots, layouts), so combinations nobody listed are covered too. Half
 the draws use integer-valued features, whose scores tie exactly: ties must then resolve as the reference resolves
@@ -220,3 +220,20 @@ def test_flow_warp_random_configs(backend, device, seed):
         lambda x, flow: vosops.flow_warp(x, flow, **kw, return_valid=True, backend=backend), ref, inputs,
         dtype=_dtype(backend), grad_inputs=("x", "flow") if mode == "bilinear" else ("x",),
         layout=rnd.choice(["contiguous", "noncontiguous", "channels_last"]), seed=seed)
+
+
+@pytest.mark.parametrize("backend,device,seed", _seed_params("kmeans_step"))
+def test_kmeans_predict_random_configs(backend, device, seed):
+    """Integer points and centres: every squared distance is exact in every dtype, so the labels, ties to the lower
+    centre included, must equal the reference's exactly (ragged lengths: -1 past each problem's length)."""
+    rnd = random.Random(seed)
+    torch.manual_seed(seed)
+    B, N, D, K = rnd.randint(1, 4), rnd.randint(1, 70), rnd.choice([1, 2, 3, 8, 17]), rnd.randint(1, 12)
+    x = torch.randint(-3, 4, (B, N, D)).double()
+    centres = torch.randint(-3, 4, (B, K, D)).double()
+    lengths = torch.randint(1, N + 1, (B,))
+    dtype = _dtype(backend)
+    got = vosops.kmeans_predict(testing.relayout(x.to(device, dtype), rnd.choice(["contiguous", "noncontiguous"])),
+                                centres.to(device, dtype), lengths=lengths.to(device), backend=backend)
+    want = vosops.kmeans_predict(x, centres, lengths=lengths, backend="reference")
+    assert torch.equal(got.cpu(), want)
