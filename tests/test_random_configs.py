@@ -1,9 +1,9 @@
 """Every backend against the reference on randomly drawn configurations of local_attention, the top-k ops,
-flow_warp and kmeans_predict: the other tests pick their cases by hand, these draw every argument at once (shapes down to 1, radius 0
-to 3, dilation, window, border, offsets and flows that leave the frame, top-k from 1 to the candidate count,
-normalisation, dense prefixes, masks, empty slots, layouts), so combinations nobody listed are covered too. Half
-the draws use integer-valued features, whose scores tie exactly: ties must then resolve as the reference resolves
-them. Each seed is one test, reproducible from its id.
+flow_warp and kmeans_predict: the other tests pick their cases by hand, these draw every argument at once (shapes
+down to 1, radius 0 to 3, dilation, window, border, offsets and flows that leave the frame, top-k from 1 to the
+candidate count, normalisation, dense prefixes, masks, empty slots, layouts), so combinations nobody listed are
+covered too. Half the draws use integer-valued features, whose scores tie exactly: ties must then resolve as the
+reference resolves them. Each seed is one test, reproducible from its id.
 
 The cpu backend runs in float64 (exact agreement up to rounding), Triton in float32 under the interpreter (fewer
 seeds: it is slow there)."""
