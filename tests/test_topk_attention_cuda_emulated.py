@@ -37,13 +37,21 @@ def test_global_topk_kernel(emu, dtype, B, M, L, C, topk, masked):
     # integer-valued keys: many exact ties, which must go to the lower key index
     k = torch.randint(-2, 3, (B, L, C), generator=g).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
     mask = (torch.rand(B, L, generator=g) > 0.2) if masked else None
+    # integer-valued keys: every score is exact in fp32 too, so the selection must match exactly in every dtype
+    check_global_topk(emu, q, k, mask, topk, 0.5)
+
+
+def check_global_topk(emu, q, k, mask, topk, scale):
+    """The emulated global_topk against the reference in float64: indices exactly, logits within the dtype's
+    tolerance."""
+    B, M, _ = q.shape
+    dtype = q.dtype
     out_l = torch.full((B, M, topk), float("nan"), dtype=dtype)
     out_i = torch.full((B, M, topk), -7777, dtype=torch.int64)
     assert emu.emu_global_topk(dtype_code(dtype), ptr(q), ptr(_shape(q)), ptr(k), ptr(_shape(k)), ptr(mask),
-                               ctypes.c_int64(topk), ctypes.c_double(0.5), ptr(out_l), ptr(out_i)) == 0
-    want_l, want_i = vosops.global_topk(q.double(), k.double(), topk=topk, scale=0.5, key_mask=mask,
+                               ctypes.c_int64(topk), ctypes.c_double(scale), ptr(out_l), ptr(out_i)) == 0
+    want_l, want_i = vosops.global_topk(q.double(), k.double(), topk=topk, scale=scale, key_mask=mask,
                                         backend="reference")
-    # integer-valued keys: every score is exact in fp32 too, so the selection must match exactly in every dtype
     torch.testing.assert_close(out_i, want_i, atol=0, rtol=0)
     torch.testing.assert_close(out_l.double(), want_l, atol=TOL[dtype], rtol=TOL[dtype])
 
@@ -65,7 +73,16 @@ def test_topk_attention_kernels(emu, dtype, case):
     q = torch.randn(B, H, M, D, generator=g).to(dtype)
     k = torch.randn(B, H, L, D, generator=g).to(dtype)
     v = torch.randn(B, H, L, Dv, generator=g).to(dtype).transpose(2, 3).contiguous().transpose(2, 3)  # strided
-    scale = D ** -0.5
+    grad = torch.randn(B, H, M, Dv, generator=g).to(dtype)
+    check_attention(emu, q, k, v, grad, topk, dense_keys, D ** -0.5)
+
+
+def check_attention(emu, q, k, v, grad, topk, dense_keys, scale):
+    """The emulated topk_attention forward and backward against the reference in float64: output, kept sparse keys
+    (fp32/fp64) and dq/dk/dv of (out * grad).sum()."""
+    B, H, M, D = q.shape
+    L, Dv = v.shape[2:]
+    dtype = q.dtype
     kk = kept_sparse(topk, L, dense_keys)
     dense = L if kk == 0 else dense_keys
     out = torch.full((B, H, M, Dv), float("nan"), dtype=dtype)
@@ -82,10 +99,9 @@ def test_topk_attention_kernels(emu, dtype, case):
     # fp32 scores may order near-ties differently from the float64 reference)
     if kk and dtype in (torch.float32, torch.float64):
         s = torch.einsum("bhmd,bhld->bhml", q.double(), k.double())[..., dense_keys:] * scale
-        ref_idx = torch.topk(s, kk, dim=-1).indices + dense_keys
+        ref_idx = s.sort(dim=-1, descending=True, stable=True).indices[..., :kk] + dense_keys  # ties: lower index
         torch.testing.assert_close(index.sort(-1).values, ref_idx.sort(-1).values, atol=0, rtol=0)
 
-    grad = torch.randn(B, H, M, Dv, generator=g).to(dtype)
     dq = torch.full((B, H, M, D), float("nan"), dtype=acc_dtype(dtype))
     dk = torch.zeros(B, H, L, D, dtype=acc_dtype(dtype))  # the glue zero-fills dk, dv: the kernel accumulates into them
     dv = torch.zeros(B, H, L, Dv, dtype=acc_dtype(dtype))
@@ -133,3 +149,31 @@ def test_topk_attention_backward_treats_impossible_indices_as_empty_slots(emu):
     for name, x, y, z in zip(("dq", "dk", "dv"), got, want, clean):
         torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-12, msg=name)
         assert not torch.allclose(y, z), name  # the emptied slots did carry gradient
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_emulated_cuda_random_configs(emu, seed):
+    """Random draws through the emulated kernels in float32 (integer features, so exact ties, in half of them):
+    global_topk with or without a key mask, over one to three key tiles and channel chunks; topk_attention with any
+    dense prefix and topk, forward and backward."""
+    import random
+
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    ints = rnd.random() < 0.5
+
+    def features(*shape):
+        x = torch.randn(*shape, generator=g)
+        return x.round() if ints else x
+
+    B, M, L, C = rnd.randint(1, 2), rnd.randint(1, 13), rnd.randint(1, 300), rnd.randint(1, 70)
+    mask = torch.rand(B, L, generator=g) > 0.3 if rnd.random() < 0.5 else None
+    check_global_topk(emu, features(B, M, C), features(B, L, C), mask, rnd.randint(1, min(L, 40)),
+                      rnd.choice([1.0, 0.3]))
+
+    H, D, Dv = rnd.randint(1, 2), rnd.randint(1, 40), rnd.randint(1, 9)
+    L = rnd.randint(2, 200)
+    dense_keys = rnd.randint(0, L - 1)
+    check_attention(emu, features(B, H, M, D), features(B, H, L, D), torch.randn(B, H, L, Dv, generator=g),
+                    torch.randn(B, H, M, Dv, generator=g), rnd.randint(1, L - dense_keys), dense_keys,
+                    rnd.choice([D ** -0.5, 0.25]))
