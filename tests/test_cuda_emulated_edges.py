@@ -4,8 +4,6 @@ exact ties after a top-k list fills, fewer valid keys than top-k, -inf scores, l
 sizes past the reduction's slices and the update's thread stride, convergence at exactly tol, and indices the
 kernels must skip."""
 
-import ctypes
-
 import pytest
 import torch
 
@@ -13,8 +11,12 @@ import vosops
 from vosops import reference, testing
 from vosops.reference import kmeans as R
 from vosops.reference.local_attention import window_columns
-from _cuda_emulation import acc_dtype, build_emulation, dtype_code, ptr, sizes_strides as _shape
+from _cuda_emulation import build_emulation
+from test_flow_warp_cuda_emulated import emulated_flow_warp
+from test_kmeans_cuda_emulated import emulated_step, emulated_update
 from test_local_attention_cuda_emulated import run_emulated
+from test_topk_attention_cuda_emulated import emulated_global_topk
+from test_topk_cuda_emulated import emulated_aggregate
 
 
 def _emulation(source):
@@ -34,21 +36,9 @@ emu_km = _emulation("kmeans_emu.cpp")
 
 # --- flow_warp ------------------------------------------------------------------------------------------------------
 
-def _flow_warp(emu, x, flow, mode, pad, grad):
-    code = dtype_code(x.dtype)
-    out = torch.full(x.shape, float("nan"), dtype=x.dtype)
-    assert emu.emu_flow_warp_forward(code, ptr(x), ptr(_shape(x)), ptr(flow), ptr(_shape(flow)), ptr(out), mode,
-                                     pad) == 0
-    gx = torch.zeros(x.shape, dtype=acc_dtype(x.dtype))
-    gf = torch.full(flow.shape, float("nan"), dtype=x.dtype)
-    assert emu.emu_flow_warp_backward(code, ptr(grad), ptr(_shape(grad)), ptr(x), ptr(_shape(x)), ptr(flow),
-                                      ptr(_shape(flow)), ptr(gx), ptr(gf), mode, pad) == 0
-    return out, gx, gf
-
-
 def _check_bilinear_against_reference(emu, x, flow, padding_mode, grad):
     """Bilinear forward and both gradients of the emulated kernels against the reference; returns d(flow)."""
-    out, gx, gf = _flow_warp(emu, x, flow, 0, int(padding_mode == "border"), grad)
+    out, gx, gf = emulated_flow_warp(emu, x, flow, "bilinear", padding_mode, grad)
     xr, fr = x.clone().requires_grad_(), flow.clone().requires_grad_()
     want = vosops.flow_warp(xr, fr, mode="bilinear", padding_mode=padding_mode, backend="reference")
     want_gx, want_gf = torch.autograd.grad(want, (xr, fr), grad)
@@ -140,21 +130,6 @@ def test_local_attention_backward_skips_out_of_circle_index_of_an_in_frame_query
 
 # --- topk_aggregate (topk_emu.cpp) ----------------------------------------------------------------------------------
 
-def _aggregate(emu, logits, index, values, M, K, kth, grad):
-    dbl = int(logits.dtype == torch.float64)
-    B, L, Cv = values.shape
-    ws = torch.full((3 * B * M * K,), float("nan"), dtype=logits.dtype)
-    out = torch.full((B, M, Cv), float("nan"), dtype=logits.dtype)
-    assert emu.emu_aggregate(dbl, ptr(logits), ptr(index), ptr(values), ptr(_shape(values)), ctypes.c_int64(M),
-                             ctypes.c_int64(K), ctypes.c_int64(kth), ptr(ws), ptr(out)) == 0
-    gl = torch.full((B, M, K), float("nan"), dtype=logits.dtype)
-    gv = torch.zeros(B, L, Cv, dtype=logits.dtype)
-    assert emu.emu_aggregate_backward(dbl, ptr(grad), ptr(_shape(grad)), ptr(logits), ptr(index), ptr(values),
-                                      ptr(_shape(values)), ctypes.c_int64(M), ctypes.c_int64(K), ctypes.c_int64(kth),
-                                      ptr(ws), ptr(gl), ptr(gv)) == 0
-    return out, gl, gv
-
-
 @pytest.mark.parametrize("kth", [0, 3])
 def test_topk_aggregate_large_logits(emu_tk, kth):
     """fp32 logits around 200 (exp overflows without the row-max subtraction). Catches `mx = 0`."""
@@ -164,7 +139,7 @@ def test_topk_aggregate_large_logits(emu_tk, kth):
     index = torch.randint(0, L, (B, M, K), generator=g)
     values = torch.randn(B, L, Cv, generator=g)
     grad = torch.randn(B, M, Cv, generator=g)
-    out, gl, gv = _aggregate(emu_tk, logits, index, values, M, K, kth, grad)
+    out, gl, gv = emulated_aggregate(emu_tk, logits, index, values, kth, grad)
     rl, rv = logits.double().requires_grad_(), values.double().requires_grad_()
     ref = reference.topk_aggregate(rl, index, rv, **(dict(normalize="threshold", k=kth) if kth else {}))
     d_l, d_v = torch.autograd.grad((ref * grad.double()).sum(), (rl, rv))
@@ -188,23 +163,14 @@ def test_topk_aggregate_skips_index_equal_to_L(emu_tk):
     bad, empty = index.clone(), index.clone()
     bad[0, 1, 2], empty[0, 1, 2] = L, -1
     grad = torch.randn(B, M, Cv, generator=g, dtype=torch.float64)
-    got = _aggregate(emu_tk, logits, bad, values, M, K, 0, grad)
-    want = _aggregate(emu_tk, logits, empty, values, M, K, 0, grad)
+    got = emulated_aggregate(emu_tk, logits, bad, values, 0, grad)
+    want = emulated_aggregate(emu_tk, logits, empty, values, 0, grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert (big[:, L] == 100.0).all()
 
 
 # --- global_topk (topk_attention_emu.cpp) ---------------------------------------------------------------------------
-
-def _global_topk(emu, q, k, mask, topk, scale):
-    B, M, _ = q.shape
-    out_l = torch.full((B, M, topk), float("nan"), dtype=q.dtype)
-    out_i = torch.full((B, M, topk), -7777, dtype=torch.int64)
-    assert emu.emu_global_topk(dtype_code(q.dtype), ptr(q), ptr(_shape(q)), ptr(k), ptr(_shape(k)), ptr(mask),
-                               ctypes.c_int64(topk), ctypes.c_double(scale), ptr(out_l), ptr(out_i)) == 0
-    return out_l, out_i
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_global_topk_exact_ties_within_one_warp_chunk(emu_ta, dtype):
@@ -215,7 +181,7 @@ def test_global_topk_exact_ties_within_one_warp_chunk(emu_ta, dtype):
     B, M, L, C, topk = 2, 9, 150, 3, 5
     q = torch.randint(-1, 2, (B, M, C), generator=g).to(dtype)
     k = torch.randint(-1, 2, (B, L, C), generator=g).to(dtype)
-    out_l, out_i = _global_topk(emu_ta, q, k, None, topk, 1.0)
+    out_l, out_i = emulated_global_topk(emu_ta, q, k, None, topk, 1.0)
     want_l, want_i = vosops.global_topk(q.double(), k.double(), topk=topk, scale=1.0, backend="reference")
     torch.testing.assert_close(out_i, want_i, atol=0, rtol=0)
     torch.testing.assert_close(out_l.double(), want_l, atol=0, rtol=0)
@@ -230,7 +196,7 @@ def test_global_topk_fewer_valid_keys_than_topk(emu_ta):
     mask = torch.zeros(B, L, dtype=torch.bool)
     mask[0, [3, 17, 30]] = True  # 3 < topk valid keys
     mask[1, :] = True
-    out_l, out_i = _global_topk(emu_ta, q, k, mask, topk, 0.5)
+    out_l, out_i = emulated_global_topk(emu_ta, q, k, mask, topk, 0.5)
     want_l, want_i = vosops.global_topk(q.double(), k.double(), topk=topk, scale=0.5, key_mask=mask,
                                         backend="reference")
     torch.testing.assert_close(out_i, want_i, atol=0, rtol=0)
@@ -248,7 +214,7 @@ def test_global_topk_minus_inf_scores_never_enter(emu_ta):
     k = torch.randn(B, L, C, generator=g, dtype=torch.float64)
     k[..., 0] = 1.0
     k[0, [5, 22], 0] = -1.0  # these two keys score +inf, every other -inf
-    out_l, out_i = _global_topk(emu_ta, q, k, None, topk, 1.0)
+    out_l, out_i = emulated_global_topk(emu_ta, q, k, None, topk, 1.0)
     want_l, want_i = vosops.global_topk(q, k, topk=topk, scale=1.0, backend="reference")
     torch.testing.assert_close(out_i, want_i, atol=0, rtol=0)
     torch.testing.assert_close(out_l, want_l, atol=0, rtol=0)
@@ -256,33 +222,6 @@ def test_global_topk_minus_inf_scores_never_enter(emu_ta):
 
 
 # --- kmeans ---------------------------------------------------------------------------------------------------------
-
-def _step(emu, x, lengths, centers):
-    B, N, D = x.shape
-    K = centers.shape[1]
-    labels = torch.full((B, N), -7777, dtype=torch.int64)
-    mindist = torch.full((B, N), float("nan"), dtype=acc_dtype(x.dtype))
-    sums = torch.full((B, K, D), float("nan"), dtype=acc_dtype(x.dtype))
-    counts = torch.full((B, K), -7777, dtype=torch.int64)
-    assert emu.emu_kmeans_step(dtype_code(x.dtype), ptr(x), ctypes.c_int64(B), ctypes.c_int64(N), ctypes.c_int64(D),
-                               ptr(lengths), ptr(centers), ctypes.c_int64(K), ptr(labels), ptr(mindist), ptr(sums),
-                               ptr(counts)) == 0
-    return labels, mindist, sums, counts
-
-
-def _update(emu, args):
-    x, lengths, labels, mind, sums, counts, centers, active, n_iter, labels_equal, tol = args
-    B, N, D = x.shape
-    K = centers.shape[1]
-    centers_out = torch.full_like(centers, float("nan"))
-    active_out = torch.zeros(B, dtype=torch.bool)
-    n_iter_out = torch.full((B,), -7777, dtype=torch.int64)
-    assert emu.emu_kmeans_update(dtype_code(x.dtype), ptr(x), ctypes.c_int64(B), ctypes.c_int64(N), ctypes.c_int64(D),
-                                 ctypes.c_int64(K), ptr(lengths), ptr(labels), ptr(mind), ptr(sums), ptr(counts),
-                                 ptr(centers), ptr(active), ptr(n_iter), ptr(labels_equal), ptr(tol),
-                                 ptr(centers_out), ptr(active_out), ptr(n_iter_out)) == 0
-    return centers_out, active_out, n_iter_out
-
 
 def test_kmeans_step_reduces_more_than_eight_chunks(emu_km):
     """N > 8 * 1024 points: the reduction's slices hold several chunks and all 8 slice sums are added. Integer
@@ -292,7 +231,7 @@ def test_kmeans_step_reduces_more_than_eight_chunks(emu_km):
     x = torch.randint(-3, 4, (B, N, D), generator=g).float()
     centers = torch.randint(-2, 3, (B, K, D), generator=g).float()
     lengths = torch.tensor([N - 50])
-    labels, mind, sums, counts = _step(emu_km, x, lengths, centers)
+    labels, mind, sums, counts = emulated_step(emu_km, x, lengths, centers)
     want = R.kmeans_step(x.double(), lengths, centers.double())
     torch.testing.assert_close(labels, want[0], atol=0, rtol=0)
     torch.testing.assert_close(sums.double(), want[2], atol=0, rtol=0)
@@ -317,7 +256,7 @@ def test_kmeans_update_farthest_point_tie_within_one_thread(emu_km):
     mind = args[3]
     mind[0, 10] = mind[0, 10 + 256] = mind.max() + 5.0
     exp = torch.ops.vosops.kmeans_update(*args)
-    got = _update(emu_km, args)
+    got = emulated_update(emu_km, args)
     torch.testing.assert_close(got[0], exp[0], atol=0, rtol=0)
     assert torch.equal(got[1], exp[1]) and torch.equal(got[2], exp[2])
     torch.testing.assert_close(got[0][0, -1], args[0][0, 10], atol=0, rtol=0)  # the empty cluster took point 10
@@ -330,11 +269,11 @@ def test_kmeans_update_shift_equal_to_tol_converges(emu_km):
     args[6] = args[0][:, :3].clone()  # centres on three of the points: no empty cluster, K = 3
     args[2], args[3], args[4], args[5] = R.kmeans_step(args[0], args[1], args[6])
     assert (args[5] > 0).all()
-    first, _, _ = _update(emu_km, args)
+    first, _, _ = emulated_update(emu_km, args)
     args[6] = first  # centres = the means of the same assignment
     args[10] = torch.zeros(1, dtype=torch.float64)
     exp = torch.ops.vosops.kmeans_update(*args)
-    got = _update(emu_km, args)
+    got = emulated_update(emu_km, args)
     torch.testing.assert_close(got[0], first, atol=0, rtol=0)
     assert got[1].tolist() == [False] and torch.equal(got[1], exp[1]) and torch.equal(got[2], exp[2])
 
@@ -375,7 +314,7 @@ def test_kmeans_update_with_fewer_points_than_empty_clusters(emu_km):
     assert counts.tolist() == [[2, 0, 0, 0]]
     args = [x, lengths, labels, mind, sums, counts, centers, torch.tensor([True]), torch.tensor([1]),
             torch.tensor([False]), torch.full((1,), 1e-4, dtype=torch.float64)]
-    got = _update(emu_km, args)
+    got = emulated_update(emu_km, args)
     # two points for three empty clusters: cluster 1 takes the farther point (3, 0), cluster 2 the other (0, 0);
     # cluster 0, left with no point, keeps its centre, and so does cluster 3
     want = torch.tensor([[[0.0, 0.0], [3.0, 0.0], [0.0, 0.0], [100.0, 100.0]]], dtype=torch.float64)

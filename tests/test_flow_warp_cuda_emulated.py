@@ -3,8 +3,6 @@ csrc/flow_warp/flow_warp_cuda.cu as host code with one host thread per CUDA thre
 atomics into d(x) contend for real) and the launchers' geometry, in float32, float64, float16 and bfloat16, against
 the reference, forward and backward. Timing and the glue need a GPU (the cuda-marked tests in test_flow_warp.py)."""
 
-import ctypes
-
 import pytest
 import torch
 
@@ -20,6 +18,20 @@ def emu(tmp_path_factory):
     return build_emulation(tmp_path_factory, "flow_warp_emu.cpp")
 
 
+def emulated_flow_warp(emu, x, flow, mode: str, padding_mode: str, grad):
+    """The emulated forward, then the backward of `grad`: (out, d(x) in the accumulation dtype, d(flow)); outputs
+    start as NaN (d(x) as zeros: the kernel accumulates into it)."""
+    code, m, p = dtype_code(x.dtype), MODES[mode], PADDINGS[padding_mode]
+    out = torch.full(x.shape, float("nan"), dtype=x.dtype)
+    assert emu.emu_flow_warp_forward(code, ptr(x), ptr(_shape(x)), ptr(flow), ptr(_shape(flow)), ptr(out), m,
+                                     p) == 0
+    grad_x = torch.zeros(x.shape, dtype=acc_dtype(x.dtype))
+    grad_flow = torch.full(flow.shape, float("nan"), dtype=x.dtype)
+    assert emu.emu_flow_warp_backward(code, ptr(grad), ptr(_shape(grad)), ptr(x), ptr(_shape(x)), ptr(flow),
+                                      ptr(_shape(flow)), ptr(grad_x), ptr(grad_flow), m, p) == 0
+    return out, grad_x, grad_flow
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
@@ -31,21 +43,13 @@ def test_flow_warp_kernels(emu, dtype, mode, padding_mode, B, C, H, W):
     flow = (torch.randn(B, 2, H, W, generator=g) * 3).to(dtype)
     flow[0, :, 0, 0] = torch.tensor([1.0, 2.0], dtype=dtype)  # a sample exactly on a pixel
     flow[-1, 0, -1, :] = W + 2.0  # fully outside the frame
-    out = torch.full((B, C, H, W), float("nan"), dtype=dtype)
-    code = dtype_code(dtype)
-    m, p = MODES[mode], PADDINGS[padding_mode]
-    assert emu.emu_flow_warp_forward(code, ptr(x), ptr(_shape(x)), ptr(flow), ptr(_shape(flow)), ptr(out), m,
-                                     p) == 0
+    grad = torch.randn(B, C, H, W, generator=g).to(dtype)
+    out, grad_x, grad_flow = emulated_flow_warp(emu, x, flow, mode, padding_mode, grad)
     xr, fr = x.double().requires_grad_(), flow.double().requires_grad_()
     want = vosops.flow_warp(xr, fr, mode=mode, padding_mode=padding_mode, backend="reference")
     tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(out.double(), want.detach(), atol=tol, rtol=tol)
 
-    grad = torch.randn(B, C, H, W, generator=g).to(dtype)
-    grad_x = torch.zeros(B, C, H, W, dtype=acc_dtype(dtype))
-    grad_flow = torch.full((B, 2, H, W), float("nan"), dtype=dtype)
-    assert emu.emu_flow_warp_backward(code, ptr(grad), ptr(_shape(grad)), ptr(x), ptr(_shape(x)), ptr(flow),
-                                      ptr(_shape(flow)), ptr(grad_x), ptr(grad_flow), m, p) == 0
     want_gx, want_gf = torch.autograd.grad(want, (xr, fr), grad.double(), allow_unused=True)
     torch.testing.assert_close(grad_x.double(), want_gx, atol=10 * tol, rtol=10 * tol)
     if mode == "bilinear":

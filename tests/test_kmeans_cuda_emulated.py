@@ -29,6 +29,36 @@ def lloyd_step(x, lengths, centers):
     return labels, mind, torch.einsum("bnk,bnd->bkd", onehot, x), onehot.sum(1).long()
 
 
+def emulated_step(emu, x, lengths, centers, accumulate=True):
+    """The emulated step kernel: labels, mindist and, with `accumulate`, per-cluster sums and counts (else None);
+    outputs start as NaN / -7777."""
+    B, N, D = x.shape
+    K = centers.shape[1]
+    labels = torch.full((B, N), -7777, dtype=torch.int64)
+    mindist = torch.full((B, N), float("nan"), dtype=acc_dtype(x.dtype))
+    sums = torch.full((B, K, D), float("nan"), dtype=acc_dtype(x.dtype)) if accumulate else None
+    counts = torch.full((B, K), -7777, dtype=torch.int64) if accumulate else None
+    assert emu.emu_kmeans_step(dtype_code(x.dtype), ptr(x), ctypes.c_int64(B), ctypes.c_int64(N), ctypes.c_int64(D),
+                               ptr(lengths), ptr(centers), ctypes.c_int64(K), ptr(labels), ptr(mindist), ptr(sums),
+                               ptr(counts)) == 0
+    return labels, mindist, sums, counts
+
+
+def emulated_update(emu, args):
+    """The emulated update kernel on kmeans_update's arguments: (centres, active, n_iter) after it."""
+    x, lengths, labels, mind, sums, counts, centers, active, n_iter, labels_equal, tol = args
+    B, N, D = x.shape
+    K = centers.shape[1]
+    centers_out = torch.full_like(centers, float("nan"))
+    active_out = torch.zeros(B, dtype=torch.bool)
+    n_iter_out = torch.full((B,), -7777, dtype=torch.int64)
+    assert emu.emu_kmeans_update(dtype_code(x.dtype), ptr(x), ctypes.c_int64(B), ctypes.c_int64(N), ctypes.c_int64(D),
+                                 ctypes.c_int64(K), ptr(lengths), ptr(labels), ptr(mind), ptr(sums), ptr(counts),
+                                 ptr(centers), ptr(active), ptr(n_iter), ptr(labels_equal), ptr(tol),
+                                 ptr(centers_out), ptr(active_out), ptr(n_iter_out)) == 0
+    return centers_out, active_out, n_iter_out
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,N,D,K,accumulate", [
     (2, 1500, 5, 3, True),    # two chunks of 1024 points, a partial tile
@@ -43,13 +73,7 @@ def test_step_kernel(emu, dtype, B, N, D, K, accumulate):
     centers = torch.randint(-2, 3, (B, K, D), generator=g).to(acc_dtype(dtype))  # centres: accumulation type
     centers[:, 1] = centers[:, 0]  # a duplicated centre: never chosen over centre 0
     lengths = torch.tensor([N, N // 2, 0][:B], dtype=torch.int64)
-    labels = torch.full((B, N), -7777, dtype=torch.int64)
-    mindist = torch.full((B, N), float("nan"), dtype=acc_dtype(dtype))
-    sums = torch.full((B, K, D), float("nan"), dtype=acc_dtype(dtype)) if accumulate else None
-    counts = torch.full((B, K), -7777, dtype=torch.int64) if accumulate else None
-    assert emu.emu_kmeans_step(dtype_code(dtype), ptr(x), ctypes.c_int64(B), ctypes.c_int64(N),
-                               ctypes.c_int64(D), ptr(lengths), ptr(centers), ctypes.c_int64(K), ptr(labels),
-                               ptr(mindist), ptr(sums), ptr(counts)) == 0
+    labels, mindist, sums, counts = emulated_step(emu, x, lengths, centers, accumulate)
     want_labels, want_mind, want_sums, want_counts = lloyd_step(x.double(), lengths, centers.double())
     torch.testing.assert_close(labels, want_labels, atol=0, rtol=0)
     assert not (labels == 1).any()
@@ -71,16 +95,7 @@ def test_update_kernel_equals_the_native_cpu_update(emu, dtype):
     if dtype == torch.bfloat16:
         args[0] = args[0].to(torch.bfloat16)
     args[3][0, 30:] = args[3][0, :30]  # every distance of problem 0 twice: the lower index must win
-    x, lengths, labels, mind, sums, counts, centers, active, n_iter, labels_equal, tol = args
     exp = torch.ops.vosops.kmeans_update(*args)
-    B, N, D = x.shape
-    K = centers.shape[1]
-    centers_out = torch.full_like(centers, float("nan"))
-    active_out = torch.zeros(B, dtype=torch.bool)
-    n_iter_out = torch.full((B,), -7777, dtype=torch.int64)
-    assert emu.emu_kmeans_update(dtype_code(dtype), ptr(x), ctypes.c_int64(B), ctypes.c_int64(N), ctypes.c_int64(D),
-                                 ctypes.c_int64(K), ptr(lengths), ptr(labels), ptr(mind), ptr(sums), ptr(counts),
-                                 ptr(centers), ptr(active), ptr(n_iter), ptr(labels_equal), ptr(tol),
-                                 ptr(centers_out), ptr(active_out), ptr(n_iter_out)) == 0
+    centers_out, active_out, n_iter_out = emulated_update(emu, args)
     torch.testing.assert_close(centers_out, exp[0], atol=0, rtol=0)
     assert torch.equal(active_out, exp[1]) and torch.equal(n_iter_out, exp[2])

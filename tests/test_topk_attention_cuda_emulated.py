@@ -44,16 +44,21 @@ def test_global_topk_kernel(emu, dtype, B, M, L, C, topk, masked):
 def check_global_topk(emu, q, k, mask, topk, scale):
     """The emulated global_topk against the reference in float64: indices exactly, logits within the dtype's
     tolerance."""
-    B, M, _ = q.shape
-    dtype = q.dtype
-    out_l = torch.full((B, M, topk), float("nan"), dtype=dtype)
-    out_i = torch.full((B, M, topk), -7777, dtype=torch.int64)
-    assert emu.emu_global_topk(dtype_code(dtype), ptr(q), ptr(_shape(q)), ptr(k), ptr(_shape(k)), ptr(mask),
-                               ctypes.c_int64(topk), ctypes.c_double(scale), ptr(out_l), ptr(out_i)) == 0
+    out_l, out_i = emulated_global_topk(emu, q, k, mask, topk, scale)
     want_l, want_i = vosops.global_topk(q.double(), k.double(), topk=topk, scale=scale, key_mask=mask,
                                         backend="reference")
     torch.testing.assert_close(out_i, want_i, atol=0, rtol=0)
-    torch.testing.assert_close(out_l.double(), want_l, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(out_l.double(), want_l, atol=TOL[q.dtype], rtol=TOL[q.dtype])
+
+
+def emulated_global_topk(emu, q, k, mask, topk, scale):
+    """The emulated global_topk: (logits, index), each (B, M, topk), starting as NaN / -7777."""
+    B, M, _ = q.shape
+    out_l = torch.full((B, M, topk), float("nan"), dtype=q.dtype)
+    out_i = torch.full((B, M, topk), -7777, dtype=torch.int64)
+    assert emu.emu_global_topk(dtype_code(q.dtype), ptr(q), ptr(_shape(q)), ptr(k), ptr(_shape(k)), ptr(mask),
+                               ctypes.c_int64(topk), ctypes.c_double(scale), ptr(out_l), ptr(out_i)) == 0
+    return out_l, out_i
 
 
 ATTENTION_CASES = [  # (B, H, M, L, D, Dv, topk, dense_keys)

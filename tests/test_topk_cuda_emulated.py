@@ -53,6 +53,23 @@ def test_merge_kernel(emu, dtype, B, M, N, topk):
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+def emulated_aggregate(emu, logits, index, values, kth, grad):
+    """The emulated topk_aggregate forward (kth 0: softmax, else threshold at the kth) and the backward of `grad`:
+    (out, d(logits), d(values)); outputs start as NaN (d(values) as zeros: the kernel accumulates into it)."""
+    dbl = int(logits.dtype == torch.float64)
+    B, M, K = logits.shape
+    L, Cv = values.shape[1:]
+    ws = torch.full((3 * B * M * K,), float("nan"), dtype=logits.dtype)
+    out = torch.full((B, M, Cv), float("nan"), dtype=logits.dtype)
+    assert emu.emu_aggregate(dbl, ptr(logits), ptr(index), ptr(values), ptr(_shape(values)), _i64(M), _i64(K),
+                             _i64(kth), ptr(ws), ptr(out)) == 0
+    gl = torch.full((B, M, K), float("nan"), dtype=logits.dtype)
+    gv = torch.zeros(B, L, Cv, dtype=logits.dtype)
+    assert emu.emu_aggregate_backward(dbl, ptr(grad), ptr(_shape(grad)), ptr(logits), ptr(index), ptr(values),
+                                      ptr(_shape(values)), _i64(M), _i64(K), _i64(kth), ptr(ws), ptr(gl), ptr(gv)) == 0
+    return out, gl, gv
+
+
 AGG_CASES = [  # (B, M, K, L, Cv, kth); kth 0 = softmax
     (2, 5, 6, 11, 3, 0),
     (1, 4, 9, 20, 5, 3),
@@ -74,15 +91,7 @@ def test_aggregate_kernels(emu, dtype, case):
     values = testing.relayout(torch.randn(B, L, Cv, generator=g, dtype=torch.float64).to(dtype), "noncontiguous")
     grad = testing.relayout(torch.randn(B, M, Cv, generator=g, dtype=torch.float64).to(dtype), "noncontiguous")
     lo = logits.to(dtype).contiguous()
-    dbl = int(dtype == torch.float64)
-    ws = torch.full((3 * B * M * K,), float("nan"), dtype=dtype)
-    out = torch.full((B, M, Cv), float("nan"), dtype=dtype)
-    assert emu.emu_aggregate(dbl, ptr(lo), ptr(index), ptr(values), ptr(_shape(values)), _i64(M), _i64(K), _i64(kth),
-                             ptr(ws), ptr(out)) == 0
-    gl = torch.full((B, M, K), float("nan"), dtype=dtype)
-    gv = torch.zeros(B, L, Cv, dtype=dtype)
-    assert emu.emu_aggregate_backward(dbl, ptr(grad), ptr(_shape(grad)), ptr(lo), ptr(index), ptr(values),
-                                      ptr(_shape(values)), _i64(M), _i64(K), _i64(kth), ptr(ws), ptr(gl), ptr(gv)) == 0
+    out, gl, gv = emulated_aggregate(emu, lo, index, values, kth, grad)
     rl, rv = lo.double().requires_grad_(), values.double().requires_grad_()
     kw = dict(normalize="threshold", k=kth) if kth else {}
     ref = reference.topk_aggregate(rl, index, rv, **kw)
