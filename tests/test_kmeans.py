@@ -518,10 +518,8 @@ def test_opcheck_triton():
 
 def test_triton_ops_check_the_cluster_bound_too():
     """As the native ops do: a direct call with 2^31 centres (a stride-0 view: no memory) is refused before the
-    centres are copied."""
-    pytest.importorskip("triton")
-    if vosops._backends.why_unusable("triton", "kmeans_step", "cpu"):
-        pytest.skip("triton not usable on CPU here")
+    centres are copied. The check comes before any launch, so it runs wherever triton imports (CPU tensors)."""
+    pytest.importorskip("triton")  # the optional [triton] extra
     from vosops.triton import kmeans as tk
 
     x, L = torch.randn(2, 5, 3), torch.tensor([5, 5])
