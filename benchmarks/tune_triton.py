@@ -158,15 +158,15 @@ def tune(op: str, spec: dict, rounds: int, budget: float, device: str = "cuda", 
         _sync(device)
         best = dict(default)
         best_ms = _try(run, agree, expected, budget, device).get("ms", float("inf"))
-        tried = {repr(sorted(default.items()))}  # a later round passes configs it has timed: device time is scarce
+        tried = [default]  # a later round passes configs it has timed: device time is scarce
         rows.append({"op": op, "case": case_name, "config": dict(default), "ms": best_ms, "default": True})
         log(f"{op} {case_name} default {default}: {best_ms:.3f} ms")
         for _, key in itertools.product(range(rounds), values):
             for value in values[key]:
                 trial = {**best, key: value}
-                if repr(sorted(trial.items())) in tried:
+                if trial in tried:
                     continue
-                tried.add(repr(sorted(trial.items())))
+                tried.append(trial)
                 config.clear()
                 config.update(trial)
                 res = _try(run, agree, expected, budget, device)
