@@ -15,6 +15,7 @@ import torch
 
 import vosops
 from vosops import reference, testing
+from vosops.ops.local_attention import candidate_count
 from conftest import backend_device_params
 
 # Seeds per (backend, device). On a GPU each Triton draw may compile new kernel specialisations (seconds each),
@@ -37,13 +38,6 @@ def _features(rnd: random.Random, *shape) -> torch.Tensor:
     return x.round() if rnd.random() < 0.5 else x
 
 
-def _window_size(radius: int, window: str) -> int:
-    if window == "square":
-        return (2 * radius + 1) ** 2
-    return sum(dy * dy + dx * dx < radius * radius for dy in range(-radius, radius + 1)
-               for dx in range(-radius, radius + 1))
-
-
 def _local_attention_config(seed: int):
     rnd = random.Random(seed)
     torch.manual_seed(seed)
@@ -52,7 +46,7 @@ def _local_attention_config(seed: int):
     radius, dilation = rnd.randint(0, 3), rnd.randint(1, 3)
     window = rnd.choice(["square", "circle"]) if radius >= 2 else "square"
     normalize = rnd.choice(["softmax", "softmax", "threshold"])
-    cands = N * _window_size(radius, window)
+    cands = candidate_count(radius, window, N)
     if normalize == "threshold":
         topk = rnd.randint(1, min(cands, 64))
     else:
