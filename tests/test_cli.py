@@ -30,7 +30,8 @@ def test_no_command_prints_the_commands_and_exits_2(capsys):
 def test_info_reports_versions_and_backends():
     res = run_cli("info")
     assert res.returncode == 0, res.stderr
-    for needle in ("vosops", "torch", "native extension: loaded", "reference", "cpu", "cuda", "triton"):
+    for needle in ("vosops", "torch", "native extension: loaded", "reference", "cpu", "cuda", "triton",
+                   "float32 products in the Triton kernels: exact"):
         assert needle in res.stdout
 
 
@@ -62,8 +63,18 @@ def test_bench_writes_table_json_and_png(tmp_path):
     assert all(r["ms"] > 0 for r in data["results"])
     assert all(r["speedup"] is not None for r in data["results"])
     assert "torch" in data["environment"] and data["results"][0]["device_name"]
+    assert data["environment"]["fp32_products"] == "ieee" and "float32 products: exact" in res.stdout
     png = (tmp_path / "speedup.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+def test_bench_tf32_switch_is_recorded(tmp_path):
+    """--tf32 sets PyTorch's switch (Triton kernels and baselines' matmuls follow it) and the JSON says so."""
+    res = run_cli("bench", "--op", "flow_warp", "--device", "cpu", "--config", "warp-cpu", "--impl", "cpu",
+                  "--budget", "0.02", "--no-memory", "--tf32", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "float32 products: TF32" in res.stdout
+    assert json.loads((tmp_path / "results.json").read_text())["environment"]["fp32_products"] == "tf32"
 
 
 def test_bench_rejects_unknown_op():

@@ -134,15 +134,15 @@ def test_triton_topk_attention_backward_skips_impossible_indices():
     g = torch.Generator().manual_seed(5)
     B, H, M, L, D, Dv, topk, dense = 1, 2, 6, 20, 4, 3, 3, 4
     q, k, v = (torch.randn(B, H, n, d, generator=g) for n, d in ((M, D), (L, D), (L, Dv)))
-    out, lse, index = triton_topk.topk_attention_triton(q, k, v, topk, 0.5, dense)
+    out, lse, index = triton_topk.topk_attention_triton(q, k, v, topk, 0.5, dense, "ieee")
     grad = torch.randn(B, H, M, Dv, generator=g)
     corrupted, emptied = index.clone(), index.clone()
     for (h, m), bad in zip(((0, 1), (1, 4), (1, 0)), (L, 10**12, dense - 1)):
         corrupted[0, h, m, 1] = bad
         emptied[0, h, m, 1] = -1
-    got = triton_topk.topk_attention_triton_backward(grad, q, k, v, out, lse, corrupted, 0.5, dense)
-    want = triton_topk.topk_attention_triton_backward(grad, q, k, v, out, lse, emptied, 0.5, dense)
-    clean = triton_topk.topk_attention_triton_backward(grad, q, k, v, out, lse, index, 0.5, dense)
+    got = triton_topk.topk_attention_triton_backward(grad, q, k, v, out, lse, corrupted, 0.5, dense, "ieee")
+    want = triton_topk.topk_attention_triton_backward(grad, q, k, v, out, lse, emptied, 0.5, dense, "ieee")
+    clean = triton_topk.topk_attention_triton_backward(grad, q, k, v, out, lse, index, 0.5, dense, "ieee")
     for name, x, y, z in zip(("dq", "dk", "dv"), got, want, clean):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6, msg=name)
         assert not torch.allclose(y, z), name  # the emptied slots did carry gradient

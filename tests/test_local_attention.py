@@ -631,8 +631,9 @@ def test_opcheck_triton(kw):
 
     inputs, kw = make_inputs(1, 3, 2, 4, 5, 2, kw, "cpu")
     q, k, v = (inputs[n].requires_grad_() for n in ("q", "k", "v"))
-    for tiled in (True, False):
-        testing.check_opcheck(tla.local_attention_triton, (q, k, v, *_native_args(kw, inputs.get("offsets")), tiled))
+    for tiled, precision in ((True, "ieee"), (True, "tf32"), (False, "ieee")):
+        testing.check_opcheck(tla.local_attention_triton,
+                              (q, k, v, *_native_args(kw, inputs.get("offsets")), tiled, precision))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS + [pytest.param("reference", "cpu", id="reference-cpu")])

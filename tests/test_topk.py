@@ -834,7 +834,8 @@ def test_opcheck_triton():
 
     q, k, v = attention_inputs(1, 1, 16, 40, 16, 16)
     q, k, v = (t.float().requires_grad_() for t in (q, k, v))
-    testing.check_opcheck(ttk.topk_attention_triton, (q, k, v, 5, 0.25, 16))
+    testing.check_opcheck(ttk.topk_attention_triton, (q, k, v, 5, 0.25, 16, "ieee"))
+    testing.check_opcheck(ttk.topk_attention_triton, (q, k, v, 5, 0.25, 16, "tf32"))
     qq, kk = torch.randn(1, 4, 5, requires_grad=True), torch.randn(1, 20, 5, requires_grad=True)
     testing.check_opcheck(ttk.global_topk_triton, (qq, kk, 3, 0.5, torch.rand(1, 20) > 0.3))
 

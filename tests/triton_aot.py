@@ -131,7 +131,7 @@ def _scenarios():
 
     for name, spec in bench_att.FULL.items():
         for dtype in dtypes:
-            yield f"local_attention {name} {dtype}", lambda s=spec, d=dtype: attention(s, d, name in bench_att.TRAIN)
+            yield f"local_attention {name} {dtype}", lambda s=spec, d=dtype, t=name in bench_att.TRAIN: attention(s, d, t)
     odd = (2, 3, 1, 7, 9, 2, dict(radius=2, scale=0.5), True, False)
     for dtype in dtypes:
         for over in (dict(), dict(topk=4), dict(normalize="threshold", topk=3), dict(window="circle", dilation=2),
@@ -189,6 +189,28 @@ def _scenarios():
                     s["M"], s["M"] * s["frames"], s["C"], s["k"], d, True)
     for dtype in dtypes:
         yield f"global_topk odd {dtype}", lambda d=dtype: global_topk(13, 50, 5, 3, d, False)
+
+    def with_tf32(call):
+        """call() with PyTorch's TF32 switch on: the float32 products' tf32 specializations (vosops/_precision.py)."""
+        saved = torch.backends.cuda.matmul.fp32_precision
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        try:
+            call()
+        finally:
+            torch.backends.cuda.matmul.fp32_precision = saved
+
+    f32 = torch.float32
+    for name, spec in bench_att.FULL.items():
+        yield f"local_attention {name} tf32", lambda s=spec, t=name in bench_att.TRAIN: with_tf32(
+            lambda: attention(s, f32, t))
+    for name, spec in bench_topk.ATTENTION.items():
+        if "cuda" in spec["devices"]:
+            yield f"topk_attention {name} tf32", lambda s=spec: with_tf32(
+                lambda: topk_attention(s["M"], s["T"], s["topk"], f32))
+    for name, spec in bench_topk.GLOBAL.items():
+        if "cuda" in spec["devices"]:
+            yield f"global_topk {name} tf32", lambda s=spec: with_tf32(
+                lambda: global_topk(s["M"], s["M"] * s["frames"], s["C"], s["k"], f32, True))
 
     def kmeans(B, N, D, K, dtype, **kw):
         x = torch.randn(B, N, D, dtype=dtype)

@@ -11,6 +11,7 @@ from typing import Iterable
 
 import torch
 
+from .._precision import fp32_dot_precision
 from .registry import Case
 from .timing import measure_ms, peak_extra_bytes, peak_fp32_gflops, quantile
 
@@ -165,6 +166,8 @@ def environment() -> dict:
         "vosops": vosops.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
         "cpu_threads": torch.get_num_threads(), "command": " ".join(sys.argv),
         "platform": platform.platform(),
+        # float32 products of the Triton kernels and of the baselines' matmuls: "ieee" (exact) or "tf32"
+        "fp32_products": fp32_dot_precision(),
     }
     if torch.cuda.is_available():
         env["cuda"] = torch.version.cuda

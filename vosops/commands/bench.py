@@ -25,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--all", action="store_true",
                    help="also run the cases marked slow (baselines that take many seconds a call)")
+    p.add_argument("--tf32", action="store_true",
+                   help="allow TF32 for float32 products, as torch.backends.cuda.matmul.fp32_precision = 'tf32' "
+                        "does: in the Triton kernels and in the baselines' matmuls alike (default: exact)")
     p.set_defaults(func=run)
 
 
@@ -43,6 +46,17 @@ def select_configs(cases, wanted):
     return [c for c in cases if c.config in chosen]
 
 
+def allow_tf32() -> None:
+    """PyTorch's TF32 switch for float32 matmuls, which vosops' Triton kernels follow (vosops/_precision.py)."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32"
+    else:  # PyTorch before 2.9
+        matmul.allow_tf32 = True
+
+
 def run(args) -> int:
     import torch
 
@@ -55,6 +69,8 @@ def run(args) -> int:
         raise ValueError("--device cuda asked for, but no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tf32:
+        allow_tf32()
     ops = args.op or OPS
     unknown = [o for o in ops if o not in OPS]
     if unknown:
@@ -71,7 +87,10 @@ def run(args) -> int:
               + ", ".join(sorted({f'{c.config}/{c.impl}' for c in slow})))
     if not cases:
         raise ValueError("nothing to run for this selection")
-    print(f"vosops bench: {len(cases)} cases on {device} ({torch.get_num_threads()} CPU threads)")
+    from vosops._precision import fp32_dot_precision
+
+    print(f"vosops bench: {len(cases)} cases on {device} ({torch.get_num_threads()} CPU threads, float32 products: "
+          f"{'exact' if fp32_dot_precision() == 'ieee' else 'TF32'})")
     from vosops.bench.runner import run_cases
 
     json_path = os.path.join(args.out, "results.json")

@@ -44,6 +44,10 @@ def run(args) -> int:
             why = _backends.why_unusable(backend, "flow_warp", d)
             if why is not None and not (backend, d) in (("cuda", "cpu"), ("cpu", "cuda")):
                 print(f"  note: {backend} on {d}: {why}")
+    from vosops._precision import fp32_dot_precision
+
+    print("float32 products in the Triton kernels: " + ("exact" if fp32_dot_precision() == "ieee" else
+          "TF32 (torch.backends.cuda.matmul.fp32_precision allows it)"))
     print(f"auto order: {_backends.AUTO_ORDER}")
     for op, orders in _backends.AUTO_OVERRIDES.items():
         print(f"  {op}: {orders} (measured faster)")

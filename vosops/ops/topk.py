@@ -293,24 +293,26 @@ def attention_autograd_rules(backward_op):
     """(backward, setup_context) for a topk_attention forward op returning (out, lse, index)."""
 
     def setup_context(ctx, inputs, output):
-        q, k, v, topk, scale, dense_keys = inputs
+        q, k, v, topk, scale, dense_keys, *extra = inputs
         out, lse, index = output
         ctx.save_for_backward(q, k, v, out, lse, index)
-        ctx.scale, ctx.dense_keys = scale, dense_keys
+        # extra: a backend's own trailing arguments (the Triton op's product precision), handed on unchanged
+        ctx.scale, ctx.dense_keys, ctx.extra = scale, dense_keys, tuple(extra)
         # lse and index never receive a gradient: do not have autograd allocate and fill zeros for them.
         ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_out, _grad_lse, _grad_index):
+        no_grads = (None,) * (3 + len(ctx.extra))
         if grad_out is None:
-            return None, None, None, None, None, None
+            return (None, None, None) + no_grads
         q, k, v, out, lse, index = ctx.saved_tensors
-        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, index, ctx.scale, ctx.dense_keys)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, index, ctx.scale, ctx.dense_keys, *ctx.extra)
+        return (dq, dk, dv) + no_grads
 
     return backward, setup_context
 
 
-def attention_fake(q, k, v, topk, scale, dense_keys):
+def attention_fake(q, k, v, topk, scale, dense_keys, *_backend_args):
     B, H, M, _ = q.shape
     L = k.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -43,6 +43,7 @@ import triton.language as tl
 
 from .. import _alloc
 from .._determinism import alert_atomic_backward
+from .._precision import check_precision, fp32_dot_precision
 from .. import _validate
 from ..ops import local_attention as _ops
 from . import local_attention_tiled as _tiled
@@ -411,10 +412,10 @@ def _inverse_table(radius: int, window: str, device) -> torch.Tensor:
     return _TABLES[key]
 
 
-def _tile_args(q, radius, window, mt) -> dict:
+def _tile_args(q, radius, window, mt, precision) -> dict:
     """Constexprs and the inverse window table of the query-tile kernels."""
-    return dict(inv=_inverse_table(radius, window, q.device), SQUARE=window == "square",
-                PREC="ieee" if q.dtype == torch.float32 else "tf32", **_tiled.tiles(mt["C"], mt["CV"]))
+    return dict(inv=_inverse_table(radius, window, q.device), SQUARE=window == "square", PREC=precision,
+                **_tiled.tiles(mt["C"], mt["CV"]))
 
 
 def _rounded(offsets, radius, dilation, like):
@@ -437,12 +438,14 @@ def _meta(q, k, v, radius, window, topk, normalize):
 def local_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor | None, radius: int, dilation: int,
     scale: float, topk: int, normalize: str, window: str, border: str, return_topk: bool, tiled: bool,
+    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, lse, kth_key, top_logits, top_index); the last two are (B, H, W, topk) with return_topk, else
-    (B, H, W, 0)."""
+    (B, H, W, 0). precision: the query-tile kernels' float32 products (vosops._precision)."""
     _ops.check_attention_args(q, k, v, offsets, radius, dilation, scale, topk or None, normalize, window, border,
                               return_topk)
     _check(q)
+    check_precision(precision)
     mt = _meta(q, k, v, radius, window, topk, normalize)
     if _copy_channels_last(tiled):
         q, k, v = _channels_last(q, 1), _channels_last(k, 2), _channels_last(v, 2)
@@ -456,7 +459,7 @@ def local_attention_triton(
     index = _alloc.empty(B, H, W, K, dtype=torch.int64, device=q.device)
     idx_type = _index_type(q, k, v, off, out, logits, index)
     if tiled:
-        ta = _tile_args(q, radius, window, mt)
+        ta = _tile_args(q, radius, window, mt, precision)
         inv = ta.pop("inv")
         _tiled.forward_kernel[_tiled.grid(B, H, W, ta)](
             q, k, v, off, tab, inv, out, lse, thr, logits, index,
@@ -481,7 +484,7 @@ def local_attention_triton(
 
 
 @local_attention_triton.register_fake
-def _(q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border, return_topk, tiled):
+def _(q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border, return_topk, tiled, precision):
     B, _, H, W = q.shape
     K = topk if return_topk else 0
     return (q.new_empty(B, v.shape[2], H, W), q.new_empty(B, H, W, dtype=torch.float32),
@@ -494,10 +497,11 @@ def local_attention_triton_backward(
     grad_out: torch.Tensor, grad_logits: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
     thr: torch.Tensor, index: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     offsets: torch.Tensor | None, radius: int, dilation: int, scale: float, topk: int, normalize: str,
-    window: str, border: str, need_q: bool, need_k: bool, need_v: bool, tiled: bool,
+    window: str, border: str, need_q: bool, need_k: bool, need_v: bool, tiled: bool, precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_backward_args(grad_out, grad_logits, out, lse, thr, index, q, k, v, offsets, radius, dilation, scale,
                          topk, normalize, window, border)
+    check_precision(precision)
     mt = _meta(q, k, v, radius, window, topk, normalize)
     B, C, CV, H, W, N = mt["B"], mt["C"], mt["CV"], mt["H"], mt["W"], mt["N"]
     dtypes = (q.dtype, k.dtype, v.dtype)
@@ -521,7 +525,7 @@ def local_attention_triton_backward(
         alert_atomic_backward("vosops local_attention backward (triton: the gradients of k and v)")
     if tiled and (need_q or ((need_k or need_v) and not gather_kv)):
         # the forward's scores, recomputed by the same tile code: the kept set is the forward's exactly
-        ta = _tile_args(q, radius, window, mt)
+        ta = _tile_args(q, radius, window, mt, precision)
         inv = ta.pop("inv")
         _tiled.backward_kernel[_tiled.grid(B, H, W, ta)](
             grad_out, grad_logits.contiguous() if has_glg else dummy, index.contiguous() if has_glg else dummy,
@@ -545,7 +549,7 @@ def local_attention_triton_backward(
             CB=cb, CVP=mt["CVP"], IDX=idx_type, **launch,
         )
     if gather_kv and tiled:
-        ta = _tile_args(q, radius, window, mt)
+        ta = _tile_args(q, radius, window, mt, precision)
         inv = ta.pop("inv")
         _tiled.backward_kv_kernel[(B * N * _tiled.grid(1, H, W, ta)[0],)](
             grad_out, q, k, v, inv, lse, delta, dk if need_k else dummy, dv if need_v else dummy,
@@ -569,17 +573,18 @@ def local_attention_triton_backward(
 
 @local_attention_triton_backward.register_fake
 def _(grad_out, grad_logits, out, lse, thr, index, q, k, v, offsets, radius, dilation, scale, topk, normalize,
-      window, border, need_q, need_k, need_v, tiled):
+      window, border, need_q, need_k, need_v, tiled, precision):
     return (q.new_empty(q.shape) if need_q else q.new_empty(0), k.new_empty(k.shape) if need_k else k.new_empty(0),
             v.new_empty(v.shape) if need_v else v.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border, return_topk, tiled = inputs
+    q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border, return_topk, tiled, precision = inputs
     out, lse, thr, _, index = output
     ctx.save_for_backward(q, k, v, offsets, out, lse, thr, index)
     ctx.args = (radius, dilation, scale, topk, normalize, window, border)
-    ctx.tiled = tiled  # the forward's kernel family: thr and the kept set are its, so the backward must match
+    # the forward's kernel family and product precision: thr and the kept set are theirs, so the backward must match
+    ctx.tiled, ctx.precision = tiled, precision
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_thr, grad_logits, _grad_index):
@@ -588,8 +593,8 @@ def _backward(ctx, grad_out, _grad_lse, _grad_thr, grad_logits, _grad_index):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = local_attention_triton_backward(grad_out, grad_logits, out, lse, thr, index, q, k, v, offsets,
-                                                 *ctx.args, need[0], need[1], need[2], ctx.tiled)
-    return ((dq if need[0] else None), (dk if need[1] else None), (dv if need[2] else None)) + (None,) * 10
+                                                 *ctx.args, need[0], need[1], need[2], ctx.tiled, ctx.precision)
+    return ((dq if need[0] else None), (dk if need[1] else None), (dv if need[2] else None)) + (None,) * 11
 
 
 local_attention_triton.register_autograd(_backward, setup_context=_setup_context)
@@ -597,8 +602,10 @@ local_attention_triton.register_autograd(_backward, setup_context=_setup_context
 
 def local_attention(q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border, return_topk):
     """(out, top_logits, top_index) through the custom op."""
-    # the kernel family is read once here and handed to the forward and, through the autograd context, the
-    # backward: a config changed in between (a tuning thread) cannot pair one family's saved state with the other
+    # the kernel family and the product precision are read once here and handed to the forward and, through the
+    # autograd context, the backward: a config or TF32 switch changed in between (a tuning thread) cannot pair one
+    # family's or precision's saved state with the other
     out, _, _, logits, index = local_attention_triton(q, k, v, offsets, radius, dilation, scale, topk, normalize,
-                                                      window, border, return_topk, LOCAL_ATTENTION_CONFIG["tiled"])
+                                                      window, border, return_topk, LOCAL_ATTENTION_CONFIG["tiled"],
+                                                      fp32_dot_precision())
     return out, logits, index

@@ -12,8 +12,9 @@ local_attention.py, so both kernel families return the same results up to the or
 
 Compared with the per-query kernels, a key is read once per tile instead of once per query whose window holds it
 (the halo at r=12 and a 4 x 8 tile: 896 positions shared by 32 queries, against 32 x 625 gathers), and the dot
-products run as block matrix products (fp32: input_precision="ieee", exact fp32 products, no TF32; fp16/bf16:
-tensor cores with fp32 accumulation). The price is the halo positions outside a query's window, scored and
+products run as block matrix products (fp32: exact products, input_precision="ieee", unless PyTorch allows TF32
+for float32 matmuls, vosops._precision; fp16/bf16: tensor cores; fp32 accumulation). Every product of a call, the
+probability-value products included, takes the call's one precision PREC. The price is the halo positions outside a query's window, scored and
 discarded: ~1.4x at r=12, less at larger radii, more when offsets spread the windows apart (random offsets in
 [-16, 16], the mamp-480p benchmark, make the box about 60 x 64 for a 4 x 8 tile).
 
@@ -229,7 +230,7 @@ def forward_kernel(q_ptr, k_ptr, v_ptr, off_ptr, tab_ptr, inv_ptr, out_ptr, lse_
                 vaddr = b * svb + n * svn + tl.where(inside, hy, 0) * svh + tl.where(inside, hx, 0) * svw
                 vt = tl.load(v_ptr + vaddr[:, None] + cv[None, :] * svc, mask=inside[:, None] & cvm[None, :],
                              other=0.0).to(tl.float32)
-                acc = tl.dot(p, vt, acc=acc * alpha[:, None], input_precision="ieee")
+                acc = tl.dot(p, vt, acc=acc * alpha[:, None], input_precision=PREC)
     store_rows(acc, l, m, thr, out_ptr, lse_ptr, thr_ptr, b, i, j, pix, pm, cv, CV, H, W)
 
 
@@ -268,7 +269,7 @@ def backward_kernel(g_ptr, glg_ptr, idx_ptr, q_ptr, k_ptr, v_ptr, off_ptr, inv_p
             xx = tl.where(inside, hx, 0)
             vt = tl.load(v_ptr + (b * svb + n * svn + yy * svh + xx * svw)[:, None] + cv[None, :] * svc,
                          mask=inside[:, None] & cvm[None, :], other=0.0).to(tl.float32)
-            ds = p * (tl.dot(g, tl.trans(vt), input_precision="ieee") - delta[:, None])
+            ds = p * (tl.dot(g, tl.trans(vt), input_precision=PREC) - delta[:, None])
             if HAS_GLG:
                 # gradient of the returned top-k logits: each saved index adds its gradient to its candidate
                 full = n * P + wp
@@ -280,7 +281,7 @@ def backward_kernel(g_ptr, glg_ptr, idx_ptr, q_ptr, k_ptr, v_ptr, off_ptr, inv_p
             pos = ((b * N + n) * H + yy) * W + xx  # fp32 channels-last accumulators (B, N, H, W, C|Cv)
             if NEED_V:
                 tl.atomic_add(dv_ptr + (pos * CV)[:, None] + cv[None, :],
-                              tl.dot(tl.trans(p), g, input_precision="ieee"), mask=inside[:, None] & cvm[None, :])
+                              tl.dot(tl.trans(p), g, input_precision=PREC), mask=inside[:, None] & cvm[None, :])
             for c0 in range(0, C, CB):
                 c = c0 + tl.arange(0, CB).to(IDX)
                 cm = c < C
@@ -289,12 +290,12 @@ def backward_kernel(g_ptr, glg_ptr, idx_ptr, q_ptr, k_ptr, v_ptr, off_ptr, inv_p
                                  mask=inside[:, None] & cm[None, :], other=0.0).to(tl.float32)
                     qa = dq_ptr + (pix * C)[:, None] + c[None, :]
                     qm = pm[:, None] & cm[None, :]
-                    tl.store(qa, tl.load(qa, mask=qm, other=0.0) + tl.dot(ds, kv, input_precision="ieee"), mask=qm)
+                    tl.store(qa, tl.load(qa, mask=qm, other=0.0) + tl.dot(ds, kv, input_precision=PREC), mask=qm)
                 if NEED_K:
                     qv = tl.load(q_ptr + qbase[:, None] + c[None, :] * sqc, mask=pm[:, None] & cm[None, :],
                                  other=0.0).to(tl.float32)
                     tl.atomic_add(dk_ptr + (pos * C)[:, None] + c[None, :],
-                                  tl.dot(tl.trans(ds), qv, input_precision="ieee"),
+                                  tl.dot(tl.trans(ds), qv, input_precision=PREC),
                                   mask=inside[:, None] & cm[None, :])
 
 
@@ -340,10 +341,10 @@ def backward_kv_kernel(g_ptr, q_ptr, k_ptr, v_ptr, inv_ptr, lse_ptr, dlt_ptr, dk
         gq = tl.load(g_ptr + (b * sgb + qy * sgh + qx * sgw)[:, None] + cv[None, :] * sgc,
                      mask=qin[:, None] & cvm[None, :], other=0.0).to(tl.float32)
         if NEED_V:
-            dv_acc = tl.dot(p, gq, acc=dv_acc, input_precision="ieee")
+            dv_acc = tl.dot(p, gq, acc=dv_acc, input_precision=PREC)
         if NEED_K:
             delta = tl.load(dlt_ptr + qpix, mask=qin, other=0.0)
-            ds = p * (tl.dot(vk, tl.trans(gq), input_precision="ieee") - delta[None, :]) * scale
+            ds = p * (tl.dot(vk, tl.trans(gq), input_precision=PREC) - delta[None, :]) * scale
             for c0 in range(0, C, CB):
                 c = c0 + tl.arange(0, CB).to(IDX)
                 cm = c < C
@@ -351,7 +352,7 @@ def backward_kv_kernel(g_ptr, q_ptr, k_ptr, v_ptr, inv_ptr, lse_ptr, dlt_ptr, dk
                              other=0.0).to(tl.float32)
                 ka = dk_ptr + (((bn * H + ky) * W + kx) * C)[:, None] + c[None, :]  # this program's rows
                 kmask = km[:, None] & cm[None, :]
-                tl.store(ka, tl.load(ka, mask=kmask, other=0.0) + tl.dot(ds, qv, input_precision="ieee"),
+                tl.store(ka, tl.load(ka, mask=kmask, other=0.0) + tl.dot(ds, qv, input_precision=PREC),
                          mask=kmask)
     if NEED_V:
         tl.store(dv_ptr + (((bn * H + ky) * W + kx) * CV)[:, None] + cv[None, :], dv_acc,

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .._precision import check_precision, fp32_dot_precision
 from ._select import MAXKEY, insert_entrants, merge_tile
 from ._softmax import online_softmax_step
 from ..ops import topk as _ops
@@ -34,11 +35,9 @@ _SENTINEL = tl.constexpr(-(2**63))
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
+def _dot(a, b, PREC: tl.constexpr):
+    """a @ b with fp32 accumulation; PREC ("ieee" or "tf32", vosops._precision) matters for float32 operands only."""
+    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -58,10 +57,10 @@ def _unpack(key):
 
 
 @triton.jit
-def _sparse_tile(q, kt, offs_n, n_ok, scale, IEEE: tl.constexpr):
+def _sparse_tile(q, kt, offs_n, n_ok, scale, PREC: tl.constexpr):
     """A sparse key tile's logits and packed keys (_SENTINEL where invalid). Both forward sweeps call this, so a
     key's logit comes out bit-identical in each."""
-    s = _dot(q, tl.trans(kt), IEEE) * scale
+    s = _dot(q, tl.trans(kt), PREC) * scale
     keys = tl.where(n_ok[None, :] & (s > float("-inf")), _pack(s, offs_n[None, :]), _SENTINEL)
     return s, keys
 
@@ -71,7 +70,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr,
                 sqb, sqh, sqm, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                 H, M, L, D, DV, DENSE, KK, scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                SPARSE: tl.constexpr, IEEE: tl.constexpr, SORT_MIN: tl.constexpr):
+                SPARSE: tl.constexpr, PREC: tl.constexpr, SORT_MIN: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -95,10 +94,10 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr,
                      mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * svl + offs_dv[None, :] * svd,
                      mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        s = _dot(q, tl.trans(kt), IEEE) * scale
+        s = _dot(q, tl.trans(kt), PREC) * scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_i, l_i, alpha, p = online_softmax_step(m_i, l_i, s)
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PREC)
     if SPARSE:
         col = tl.arange(0, BLOCK_N)
         best = tl.where(col[None, :] < KK, tl.full((BLOCK_M, BLOCK_N), _SENTINEL, tl.int64), MAXKEY)
@@ -107,7 +106,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr,
             n_ok = offs_n < L
             kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * skl + offs_d[None, :] * skd,
                          mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            s, keys = _sparse_tile(q, kt, offs_n, n_ok, scale, IEEE)
+            s, keys = _sparse_tile(q, kt, offs_n, n_ok, scale, PREC)
             best = merge_tile(best, keys, col, KK, _SENTINEL, SORT_MIN)
         # The row's kk-th best key (its list's minimum; _SENTINEL while fewer than kk keys are valid): a key is
         # kept exactly when it is >= this one.
@@ -134,11 +133,11 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr,
                          mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
             vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * svl + offs_dv[None, :] * svd,
                          mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            s, keys = _sparse_tile(q, kt, offs_n, n_ok, scale, IEEE)
+            s, keys = _sparse_tile(q, kt, offs_n, n_ok, scale, PREC)
             kept = (keys >= kth[:, None]) & (keys != _SENTINEL)
             p = tl.where(kept, tl.exp(s - m_safe[:, None]), 0.0)
             l_i += tl.sum(p, 1)
-            acc += _dot(p.to(vt.dtype), vt, IEEE)
+            acc += _dot(p.to(vt.dtype), vt, PREC)
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     row = (bh * M + offs_m).to(tl.int64)
@@ -153,7 +152,7 @@ def _bwd_dq_kernel(g_ptr, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, dq_ptr, 
                    sgb, sgh, sgm, sgd, sqb, sqh, sqm, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                    H, M, L, D, DV, DENSE, KK, scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   SPARSE: tl.constexpr, IEEE: tl.constexpr):
+                   SPARSE: tl.constexpr, PREC: tl.constexpr):
     """Query-major: dq of a block of queries, from the dense keys by tiles and the kept sparse keys by gathers.
     Also writes di = dO . O per query for the key-major kernels."""
     pid_m = tl.program_id(0)
@@ -186,11 +185,11 @@ def _bwd_dq_kernel(g_ptr, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, dq_ptr, 
                      mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * svl + offs_dv[None, :] * svd,
                      mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
-        s = _dot(q, tl.trans(kt), IEEE) * scale
+        s = _dot(q, tl.trans(kt), PREC) * scale
         p = tl.where(n_ok[None, :] & m_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
-        dp = _dot(g, tl.trans(vt), IEEE)
+        dp = _dot(g, tl.trans(vt), PREC)
         ds = p * (dp - di[:, None])
-        dq += _dot(ds.to(kt.dtype), kt, IEEE) * scale
+        dq += _dot(ds.to(kt.dtype), kt, PREC) * scale
     if SPARSE:
         # one kept column at a time: (BLOCK_M, BLOCK_D) gathers, so registers do not grow with topk
         qf = q.to(tl.float32)
@@ -216,7 +215,7 @@ def _bwd_dense_kv_kernel(g_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, di_ptr, dk_ptr, dv
                          sgb, sgh, sgm, sgd, sqb, sqh, sqm, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                          H, M, L, D, DV, DENSE, scale,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
+                         BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
     """Key-major (flash-attention 2 style): dk, dv of a block of dense keys, summed over every query block in
     registers and stored once: no atomics, and a fixed summation order."""
     pid_n = tl.program_id(0)
@@ -254,12 +253,12 @@ def _bwd_dense_kv_kernel(g_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, di_ptr, dk_ptr, dv
         lse = tl.load(lse_ptr + row, mask=m_ok, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # nothing kept: every P is 0
         di = tl.load(di_ptr + row, mask=m_ok, other=0.0)
-        sT = _dot(kt, qT, IEEE) * scale
+        sT = _dot(kt, qT, PREC) * scale
         pT = tl.where(n_ok[:, None] & m_ok[None, :], tl.exp(sT - lse[None, :]), 0.0)
-        dpT = _dot(vt, gT, IEEE)
+        dpT = _dot(vt, gT, PREC)
         dsT = pT * (dpT - di[None, :])
-        dv += _dot(pT.to(g.dtype), g, IEEE)
-        dk += _dot(dsT.to(q.dtype), q, IEEE)
+        dv += _dot(pT.to(g.dtype), g, PREC)
+        dk += _dot(dsT.to(q.dtype), q, PREC)
     rows_n = (bh * L + offs_n).to(tl.int64)  # dk, dv are contiguous fp32 (B*H, L, D|DV)
     tl.store(dk_ptr + rows_n[:, None] * D + offs_d[None, :], dk * scale, mask=n_ok[:, None] & d_ok[None, :])
     tl.store(dv_ptr + rows_n[:, None] * DV + offs_dv[None, :], dv, mask=n_ok[:, None] & dv_ok[None, :])
@@ -355,9 +354,12 @@ def _split(topk: int, L: int, dense_keys: int):
 
 @torch.library.custom_op("vosops::topk_attention_triton", mutates_args=())
 def topk_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, scale: float,
-                          dense_keys: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          dense_keys: int, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """precision: the float32 products' input_precision (vosops._precision), read by the caller so that the
+    backward, which receives it through the autograd context, recomputes the forward's scores."""
     _ops.check_attention_args(q, k, v, topk, scale, dense_keys)
     _check_dtype(q)
+    check_precision(precision)
     B, H, M, D = q.shape
     L, DV = k.shape[2], v.shape[3]
     dense, kk = _split(topk, L, dense_keys)
@@ -372,7 +374,7 @@ def topk_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top
         q, k, v, out, lse, index if kk else lse, *q.stride(), *k.stride(), *v.stride(),
         H, M, L, D, DV, dense, kk, float(scale),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), SPARSE=kk > 0,
-        IEEE=q.dtype == torch.float32, SORT_MIN=cfg["sort_min"], num_warps=cfg["num_warps"],
+        PREC=precision, SORT_MIN=cfg["sort_min"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     return out, lse, index
@@ -384,9 +386,10 @@ topk_attention_triton.register_fake(attention_fake)
 @torch.library.custom_op("vosops::topk_attention_triton_backward", mutates_args=())
 def topk_attention_triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                    out: torch.Tensor, lse: torch.Tensor, index: torch.Tensor, scale: float,
-                                   dense_keys: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                   dense_keys: int, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _ops.check_attention_backward_args(grad_out, q, k, v, out, lse, index, scale, dense_keys)
     _check_dtype(q)
+    check_precision(precision)
     B, H, M, D = q.shape
     L, DV = k.shape[2], v.shape[3]
     kk = index.shape[3]
@@ -402,18 +405,17 @@ def topk_attention_triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: t
     index = index.contiguous()
     cfg = dict(TOPK_ATTENTION_CONFIG)  # one snapshot: grid and block sizes read below must agree
     strides = (*grad_out.stride(), *q.stride(), *k.stride(), *v.stride())
-    ieee = q.dtype == torch.float32
     block_d, block_dv = _pow2(D), _pow2(DV)
     _bwd_dq_kernel[(triton.cdiv(M, cfg["bwd_block_m"]), B * H)](
         grad_out, q, k, v, out, lse, index if kk else lse, dq, di, *strides,
         H, M, L, D, DV, dense, kk, float(scale),
         BLOCK_M=cfg["bwd_block_m"], BLOCK_N=cfg["bwd_block_n"], BLOCK_D=block_d, BLOCK_DV=block_dv,
-        SPARSE=kk > 0, IEEE=ieee, num_warps=cfg["bwd_num_warps"], num_stages=cfg["num_stages"],
+        SPARSE=kk > 0, PREC=precision, num_warps=cfg["bwd_num_warps"], num_stages=cfg["num_stages"],
     )
     if dense > 0:
         _bwd_dense_kv_kernel[(triton.cdiv(dense, cfg["kv_block_n"]), B * H)](
             grad_out, q, k, v, lse, di, dk, dv, *strides, H, M, L, D, DV, dense, float(scale),
-            BLOCK_M=cfg["kv_block_m"], BLOCK_N=cfg["kv_block_n"], BLOCK_D=block_d, BLOCK_DV=block_dv, IEEE=ieee,
+            BLOCK_M=cfg["kv_block_m"], BLOCK_N=cfg["kv_block_n"], BLOCK_D=block_d, BLOCK_DV=block_dv, PREC=precision,
             num_warps=cfg["kv_num_warps"], num_stages=cfg["num_stages"],
         )
     if L > dense:
@@ -427,7 +429,7 @@ def topk_attention_triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: t
 
 
 @topk_attention_triton_backward.register_fake
-def _(grad_out, q, k, v, out, lse, index, scale, dense_keys):
+def _(grad_out, q, k, v, out, lse, index, scale, dense_keys, precision):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -436,7 +438,7 @@ topk_attention_triton.register_autograd(_backward, setup_context=_setup_context)
 
 
 def topk_attention(q, k, v, topk, scale, dense_keys):
-    return topk_attention_triton(q, k, v, topk, scale, dense_keys)[0]
+    return topk_attention_triton(q, k, v, topk, scale, dense_keys, fp32_dot_precision())[0]
 
 
 # --- global_topk -------------------------------------------------------------------------------------------------
@@ -445,7 +447,7 @@ def topk_attention(q, k, v, topk, scale, dense_keys):
 def _global_topk_split_kernel(q_ptr, k_ptr, mask_ptr, part_ptr, sqb, sqm, sqc, skb, skl, skc,
                               M, L, C, TOPK, SPLIT, CHUNK, scale,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                              KPAD: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
+                              KPAD: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
     """One program per (block of queries, batch x key split): scores a (BLOCK_M, BLOCK_N) tile at a time (tl.dot
     over BLOCK_C-channel chunks) over its CHUNK keys and keeps each row's best TOPK as packed keys; writes them,
     unsorted, to part[(b*M + m)*SPLIT + split, :KPAD] (_SENTINEL where empty). The key splits give the grid enough
@@ -471,7 +473,7 @@ def _global_topk_split_kernel(q_ptr, k_ptr, mask_ptr, part_ptr, sqb, sqm, sqc, s
             c_ok = (c0 + offs_c) < C
             qt = tl.load(q_rows + (c0 + offs_c)[None, :] * sqc, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
             kt = tl.load(k_rows + (c0 + offs_c)[None, :] * skc, mask=n_ok[:, None] & c_ok[None, :], other=0.0)
-            s += _dot(qt, tl.trans(kt), IEEE)
+            s += _dot(qt, tl.trans(kt), PREC)
         s = s * scale
         valid = n_ok
         if HAS_MASK:
@@ -552,7 +554,7 @@ def global_topk_triton(q: torch.Tensor, k: torch.Tensor, topk: int, scale: float
         q, k, mask, parts, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         M, L, C, topk, split, plan["chunk"], float(scale),
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_C=min(plan["block_c"], _pow2(C)), KPAD=kpad,
-        HAS_MASK=key_mask is not None, IEEE=q.dtype == torch.float32,
+        HAS_MASK=key_mask is not None, PREC=fp32_dot_precision(),
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
     width = _pow2(split * kpad)
