@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import torch
 
+from .._device import on_input_device
 from ..reference import kmeans as _ref
 
 
+@on_input_device  # the capture stream is the current device's: it must be x's
 def lloyd_cuda_graph(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, iters: int, tol: torch.Tensor,
                      *, step, assign, check_every: int, update=_ref.lloyd_update) -> _ref.KMeansResult:
     B, N, _ = x.shape

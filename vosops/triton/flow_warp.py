@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .._device import on_input_device
 from ..ops import flow_warp as _ops
 from .._determinism import alert_atomic_backward
 from ..ops.flow_warp import autograd_rules
@@ -169,6 +170,7 @@ def _check_dtype(x: torch.Tensor) -> None:
 
 
 @torch.library.custom_op("vosops::flow_warp_triton", mutates_args=())
+@on_input_device
 def flow_warp_triton(x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
     _ops.check_args(x, flow, mode, padding_mode)
     _check_dtype(x)
@@ -187,6 +189,7 @@ def _(x, flow, mode, padding_mode):
 
 
 @torch.library.custom_op("vosops::flow_warp_triton_backward", mutates_args=())
+@on_input_device
 def flow_warp_triton_backward(
     grad_out: torch.Tensor, x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str,
     need_x_grad: bool, need_flow_grad: bool,

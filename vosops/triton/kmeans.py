@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .._device import on_input_device
 
 
 @triton.jit
@@ -91,6 +92,7 @@ def _launch(x, lengths, centers, accum: bool):
 
 
 @torch.library.custom_op("vosops::kmeans_step_triton", mutates_args=())
+@on_input_device
 def kmeans_step_triton(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch(x, lengths, centers, True)
@@ -105,6 +107,7 @@ def _(x, lengths, centers):
 
 
 @torch.library.custom_op("vosops::kmeans_assign_triton", mutates_args=())
+@on_input_device
 def kmeans_assign_triton(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(x, lengths, centers, False)

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .._device import on_input_device
 from .._determinism import alert_atomic_backward
 from ..ops import local_attention as _ops
 from ..ops._local_affinity_native import (affinity_autograd_rules, aggregate_autograd_rules, fake_affinity,
@@ -172,6 +173,7 @@ def _scatter(w, a, off, has_off, radius, dilation, circle, scale, op):
 
 
 @torch.library.custom_op("vosops::local_affinity_triton", mutates_args=())
+@on_input_device
 def local_affinity_triton(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tensor | None, radius: int,
                           dilation: int, window: str, scale: float, border: str) -> torch.Tensor:
     _ops.check_affinity_args(q, k, offsets, radius, dilation, window, scale, border)
@@ -188,6 +190,7 @@ local_affinity_triton.register_fake(fake_affinity)
 
 
 @torch.library.custom_op("vosops::local_affinity_triton_backward", mutates_args=())
+@on_input_device
 def local_affinity_triton_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                    offsets: torch.Tensor | None, radius: int, dilation: int, window: str,
                                    scale: float, need_q: bool, need_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,6 +216,7 @@ local_affinity_triton.register_autograd(_backward, setup_context=_setup)
 
 
 @torch.library.custom_op("vosops::local_aggregate_triton", mutates_args=())
+@on_input_device
 def local_aggregate_triton(weights: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor | None, radius: int,
                            dilation: int) -> torch.Tensor:
     _ops.check_aggregate_args(weights, v, offsets, radius, dilation)
@@ -227,6 +231,7 @@ local_aggregate_triton.register_fake(fake_aggregate)
 
 
 @torch.library.custom_op("vosops::local_aggregate_triton_backward", mutates_args=())
+@on_input_device
 def local_aggregate_triton_backward(grad_out: torch.Tensor, weights: torch.Tensor, v: torch.Tensor,
                                     offsets: torch.Tensor | None, radius: int, dilation: int, need_weights: bool,
                                     need_v: bool) -> tuple[torch.Tensor, torch.Tensor]:

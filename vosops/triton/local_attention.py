@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .._device import on_input_device
 from .._determinism import alert_atomic_backward
 from .._precision import check_precision, fp32_dot_precision
 from .. import _validate
@@ -435,6 +436,7 @@ def _meta(q, k, v, radius, window, topk, normalize):
 
 
 @torch.library.custom_op("vosops::local_attention_triton", mutates_args=())
+@on_input_device
 def local_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor | None, radius: int, dilation: int,
     scale: float, topk: int, normalize: str, window: str, border: str, return_topk: bool, tiled: bool,
@@ -493,6 +495,7 @@ def _(q, k, v, offsets, radius, dilation, scale, topk, normalize, window, border
 
 
 @torch.library.custom_op("vosops::local_attention_triton_backward", mutates_args=())
+@on_input_device
 def local_attention_triton_backward(
     grad_out: torch.Tensor, grad_logits: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
     thr: torch.Tensor, index: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

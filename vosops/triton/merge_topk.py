@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .._device import on_input_device
 from ..ops import _topk_rules
 from ..ops import topk as _ops
 
@@ -59,6 +60,7 @@ def _pow2(n: int, lo: int = 4) -> int:
 
 
 @torch.library.custom_op("vosops::merge_topk_triton", mutates_args=())
+@on_input_device
 def merge_topk_triton(logits: torch.Tensor, index: torch.Tensor,
                       topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _ops.check_merge_args(logits, index, topk)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .._device import on_input_device
 from .._precision import check_precision, fp32_dot_precision
 from ._select import MAXKEY, insert_entrants, merge_tile
 from ._softmax import online_softmax_step
@@ -353,6 +354,7 @@ def _split(topk: int, L: int, dense_keys: int):
 
 
 @torch.library.custom_op("vosops::topk_attention_triton", mutates_args=())
+@on_input_device
 def topk_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, scale: float,
                           dense_keys: int, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """precision: the float32 products' input_precision (vosops._precision), read by the caller so that the
@@ -384,6 +386,7 @@ topk_attention_triton.register_fake(attention_fake)
 
 
 @torch.library.custom_op("vosops::topk_attention_triton_backward", mutates_args=())
+@on_input_device
 def topk_attention_triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                    out: torch.Tensor, lse: torch.Tensor, index: torch.Tensor, scale: float,
                                    dense_keys: int, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -536,6 +539,7 @@ def global_topk_plan(B: int, M: int, L: int, topk: int, device: torch.device) ->
 
 
 @torch.library.custom_op("vosops::global_topk_triton", mutates_args=())
+@on_input_device
 def global_topk_triton(q: torch.Tensor, k: torch.Tensor, topk: int, scale: float,
                        key_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     _ops.check_global_topk_args(q, k, topk, scale, key_mask)

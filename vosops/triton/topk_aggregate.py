@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .._device import on_input_device
 from .._determinism import alert_atomic_backward
 from ..ops import _topk_rules
 from ..ops import topk as _ops
@@ -132,6 +133,7 @@ def _kk(normalize: str, k: int, K: int) -> int:
 
 
 @torch.library.custom_op("vosops::topk_aggregate_triton", mutates_args=())
+@on_input_device
 def topk_aggregate_triton(logits: torch.Tensor, index: torch.Tensor, values: torch.Tensor, normalize: str,
                           k: int) -> torch.Tensor:
     _check(logits, index, values, normalize, k)
@@ -153,6 +155,7 @@ topk_aggregate_triton.register_fake(_topk_rules.aggregate_fake)
 
 
 @torch.library.custom_op("vosops::topk_aggregate_triton_backward", mutates_args=())
+@on_input_device
 def topk_aggregate_triton_backward(grad_out: torch.Tensor, logits: torch.Tensor, index: torch.Tensor,
                                    values: torch.Tensor, normalize: str, k: int, need_logits: bool,
                                    need_values: bool) -> tuple[torch.Tensor, torch.Tensor]:
