@@ -91,6 +91,12 @@ def test_bench_fma_peak_measures_with_tf32_off_and_restores_the_users_switch(cle
     assert MATMUL.fp32_precision == user_setting
 
 
+def test_precision_is_exact_on_rocm(clean_precision, monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    MATMUL.fp32_precision = "tf32"
+    assert fp32_dot_precision() == "ieee"
+
+
 class _LaunchSpy:
     """Stands in for a Triton kernel: records (kernel, PREC) of every launch and runs the kernel."""
 

@@ -37,6 +37,8 @@ def _matmul_precision_setting() -> str:
 def fp32_dot_precision() -> str:
     """`input_precision` for the float32 `tl.dot`s of a call: "tf32" when PyTorch allows TF32 for float32 matmuls,
     else "ieee". Read once per op call (and handed to its backward), never inside a kernel."""
+    if torch.version.hip:  # as FlexAttention: not every ROCm GPU has TF32 (xf32) products
+        return "ieee"
     try:
         setting = _matmul_precision_setting()
     except RuntimeError:
