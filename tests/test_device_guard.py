@@ -136,6 +136,8 @@ def test_kmeans_cuda_graph_on_a_second_gpu(backend):
         pytest.skip(f"no usable {backend} backend on this GPU")
     torch.cuda.set_device(0)
     x = torch.randn(3, 500, 8, generator=torch.Generator().manual_seed(2))
+    # a capture on cuda:0 first: torch.cuda.graph's default capture stream would then be cuda:0's for good
+    vosops.kmeans(x.to("cuda:0"), 4, iters=30, seed=1, backend=backend, cuda_graph=True)
     eager = vosops.kmeans(x.to("cuda:1"), 4, iters=30, seed=1, backend=backend)
     graphed = vosops.kmeans(x.to("cuda:1"), 4, iters=30, seed=1, backend=backend, cuda_graph=True)
     torch.testing.assert_close(graphed.centroids, eager.centroids)

@@ -47,8 +47,10 @@ def lloyd_cuda_graph(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tens
     if chunk > 0 and bool(active.any()):
         graph = torch.cuda.CUDAGraph()
         # thread_local: other host threads (a mask writer waiting on an event, a decoder allocating) may go on
-        # during the capture; the default "global" mode would make their CUDA calls fail it
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        # during the capture; the default "global" mode would make their CUDA calls fail it. The capture stream is
+        # ours, on x's device: torch.cuda.graph's default one is created once per process, on whichever device was
+        # current then, so a later capture on another device would run on the wrong one.
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
             for _ in range(chunk):
                 iteration()
         while done + chunk <= iters:
