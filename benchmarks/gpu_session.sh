@@ -12,6 +12,7 @@
 #             side: both are mostly Triton compilation (CPU work), and the timed `bench` stage then finds every
 #             kernel in Triton's cache
 #   bench     `vosops bench --device cuda`, one process per op, into $OUT/results.json and speedup.png
+#   bench-tf32  the same with PyTorch's TF32 switch on (`vosops bench --tf32`), into $OUT/tf32/
 #   profile   the top kernels of one call of each BENCH_CONFIGS case (benchmarks/gpu_profile.py) into $OUT/profile.txt
 #   tune      tile sweeps of the Triton kernels with config dicts (benchmarks/tune_triton.py; TUNE_OPS, TUNE_CASE,
 #             TUNE_KEYS, TUNE_S) into
@@ -45,6 +46,38 @@ fi
 
 summarize_tests() {
   grep -E "^(FAILED|ERROR)|passed|failed|no tests ran" "$1" | cut -c1-300 | tail -60
+}
+
+run_bench() {
+  # run_bench DIR DEST STAGE EXTRA: one `vosops bench` process per op into DIR/OP, each under its own time limit
+  # (a crash or a hang in one loses no other op's rows), then the rows merged into DEST/results.json and a plot
+  local dir="$1" dest="$2" stage="$3" extra="$4" cfgs="" c op left limit
+  for c in ${BENCH_CONFIGS:-}; do cfgs="$cfgs --config $c"; done
+  mkdir -p "$dest"
+  for op in $OPS; do
+    left=$(( ${DEADLINE_S:-100000} - ($(date +%s) - start) ))
+    limit=$(( left < ${BENCH_OP_S:-150} ? left : ${BENCH_OP_S:-150} ))
+    if [ "$limit" -lt 10 ]; then echo "$stage $op skipped: past the deadline"; continue; fi
+    step "$stage $op (limit ${limit}s)"
+    timeout "$limit" python3 -m vosops bench --device cuda --op "$op" --out "$dir/$op" \
+      $cfgs $extra ${BENCH_ARGS:-} >> "$OUT/$stage.log" 2>&1 || echo "$stage $op exited $?"
+    grep -E "FAILED|Error" "$OUT/$stage.log" | cut -c1-300 | tail -5
+  done
+  python3 - "$dest" "$dir" "$stage" <<'PYEOF'
+import glob, json, os, sys
+from vosops.bench.runner import format_table, plot_speedups
+out, bench_dir, stage = sys.argv[1:4]
+rows, env = [], None
+for path in sorted(glob.glob(os.path.join(bench_dir, "*", "results.json"))):
+    d = json.load(open(path))
+    env = env or d["environment"]
+    rows += d["results"]
+if rows:
+    env["command"] = f"bash benchmarks/gpu_session.sh {stage} (one `vosops bench --device cuda --op OP` per op)"
+    json.dump({"environment": env, "results": rows}, open(os.path.join(out, "results.json"), "w"), indent=1)
+    plot_speedups(rows, os.path.join(out, "speedup.png"), title=f"vosops speed-up ({rows[0]['device_name']})")
+    print(format_table(rows))
+PYEOF
 }
 
 for stage in "$@"; do
@@ -123,32 +156,12 @@ for op in sys.argv[1].split():
       step "tests done"; summarize_tests "$OUT/test-cuda.log"
       ;;
     bench)
-      # one process per op, each under its own time limit, so a crash or a hang in one loses no other op's rows
-      cfgs=""; for c in ${BENCH_CONFIGS:-}; do cfgs="$cfgs --config $c"; done
-      for op in $OPS; do
-        left=$(( ${DEADLINE_S:-100000} - ($(date +%s) - start) ))
-        limit=$(( left < ${BENCH_OP_S:-150} ? left : ${BENCH_OP_S:-150} ))
-        if [ "$limit" -lt 10 ]; then echo "bench $op skipped: past the deadline"; continue; fi
-        step "bench $op (limit ${limit}s)"
-        timeout "$limit" python3 -m vosops bench --device cuda --op "$op" --out "$BENCH_DIR/$op" \
-          $cfgs ${BENCH_ARGS:-} >> "$OUT/bench.log" 2>&1 || echo "bench $op exited $?"
-        grep -E "FAILED|Error" "$OUT/bench.log" | cut -c1-300 | tail -5
-      done
-      python3 - "$OUT" "$BENCH_DIR" <<'PYEOF'
-import glob, json, os, sys
-from vosops.bench.runner import format_table, plot_speedups
-out, bench_dir = sys.argv[1:3]
-rows, env = [], None
-for path in sorted(glob.glob(os.path.join(bench_dir, "*", "results.json"))):
-    d = json.load(open(path))
-    env = env or d["environment"]
-    rows += d["results"]
-if rows:
-    env["command"] = "bash benchmarks/gpu_session.sh bench (one `vosops bench --device cuda --op OP` per op)"
-    json.dump({"environment": env, "results": rows}, open(os.path.join(out, "results.json"), "w"), indent=1)
-    plot_speedups(rows, os.path.join(out, "speedup.png"), title=f"vosops speed-up ({rows[0]['device_name']})")
-    print(format_table(rows))
-PYEOF
+      run_bench "$BENCH_DIR" "$OUT" "bench" ""
+      ;;
+    bench-tf32)
+      # the same cases with PyTorch's TF32 switch on (`vosops bench --tf32`: the Triton kernels' and the baselines'
+      # float32 products on TF32 tensor cores), beside the exact run: into $OUT/tf32
+      run_bench "$BENCH_DIR-tf32" "$OUT/tf32" "bench-tf32" "--tf32"
       ;;
     profile)
       # the top kernels of one call of each BENCH_CONFIGS case (cuda and triton implementations)

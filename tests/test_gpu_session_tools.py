@@ -45,6 +45,23 @@ def test_bench_stage_merges_each_ops_results(tmp_path):
     assert (tmp_path / "out" / "speedup.png").stat().st_size > 0
 
 
+def test_bench_tf32_stage_merges_into_its_own_folder(tmp_path):
+    """bench-tf32 reads its per-op results from BENCH_DIR-tf32 and writes $OUT/tf32, beside the exact run's."""
+    bench_dir = tmp_path / "bench"
+    subprocess.run([sys.executable, "-m", "vosops", "bench", "--device", "cpu", "--op", "flow_warp", "--config",
+                    "warp-cpu", "--impl", "cpu", "--budget", "0.01", "--no-memory", "--tf32",
+                    "--out", str(tmp_path / "bench-tf32" / "flow_warp")],
+                   check=True, capture_output=True, cwd=ROOT, timeout=300)
+    done = _session(tmp_path, "bench-tf32", BENCH_DIR=str(bench_dir), DEADLINE_S="0", BENCH_OPS="flow_warp")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "bench-tf32 flow_warp skipped: past the deadline" in done.stdout
+    merged = json.loads((tmp_path / "out" / "tf32" / "results.json").read_text())
+    assert {row["op"] for row in merged["results"]} == {"flow_warp"}
+    assert merged["environment"]["fp32_products"] == "tf32"
+    assert "gpu_session.sh bench-tf32" in merged["environment"]["command"]
+    assert not (tmp_path / "out" / "results.json").exists()  # the exact run's file is left alone
+
+
 def test_profile_prints_the_top_ops_of_a_case(capsys):
     spec = importlib.util.spec_from_file_location("gpu_profile", os.path.join(ROOT, "benchmarks", "gpu_profile.py"))
     profile = importlib.util.module_from_spec(spec)
