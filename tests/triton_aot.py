@@ -131,7 +131,8 @@ def _scenarios():
 
     for name, spec in bench_att.FULL.items():
         for dtype in dtypes:
-            yield f"local_attention {name} {dtype}", lambda s=spec, d=dtype, t=name in bench_att.TRAIN: attention(s, d, t)
+            yield f"local_attention {name} {dtype}", lambda s=spec, d=dtype, t=name in bench_att.TRAIN: attention(
+                s, d, t)
     odd = (2, 3, 1, 7, 9, 2, dict(radius=2, scale=0.5), True, False)
     for dtype in dtypes:
         for over in (dict(), dict(topk=4), dict(normalize="threshold", topk=3), dict(window="circle", dilation=2),

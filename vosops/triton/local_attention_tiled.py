@@ -14,9 +14,9 @@ Compared with the per-query kernels, a key is read once per tile instead of once
 (the halo at r=12 and a 4 x 8 tile: 896 positions shared by 32 queries, against 32 x 625 gathers), and the dot
 products run as block matrix products (fp32: exact products, input_precision="ieee", unless PyTorch allows TF32
 for float32 matmuls, vosops._precision; fp16/bf16: tensor cores; fp32 accumulation). Every product of a call, the
-probability-value products included, takes the call's one precision PREC. The price is the halo positions outside a query's window, scored and
-discarded: ~1.4x at r=12, less at larger radii, more when offsets spread the windows apart (random offsets in
-[-16, 16], the mamp-480p benchmark, make the box about 60 x 64 for a 4 x 8 tile).
+probability-value products included, takes the call's one precision PREC. The price is the halo positions outside
+a query's window, scored and discarded: ~1.4x at r=12, less at larger radii, more when offsets spread the windows
+apart (random offsets in [-16, 16], the mamp-480p benchmark, make the box about 60 x 64 for a 4 x 8 tile).
 
 The backward recomputes each chunk's scores with the same function and tile shapes, so the kept set it derives
 (key >= the saved k-th key) is the forward's bit for bit; dq is accumulated per tile (its rows are the program's
