@@ -257,3 +257,60 @@ def test_triton_ops_called_directly_reject_an_unknown_precision():
     ql, kl, vl = torch.randn(1, 4, 5, 6), torch.randn(1, 2, 4, 5, 6), torch.randn(1, 2, 3, 5, 6)
     with pytest.raises(ValueError, match="precision: expected 'ieee' or 'tf32', got 'fast'"):
         tla.local_attention_triton(ql, kl, vl, None, 1, 1, 1.0, 0, "softmax", "square", "mask", False, True, "fast")
+
+
+def _tf32_global_topk_case(device):
+    """(exact, tf32, q, k) of global_topk on random floats: scale 1 keeps logits O(10), TF32's error O(1e-2)."""
+    g = torch.Generator().manual_seed(8)
+    q, k = torch.randn(2, 300, 64, generator=g).to(device), torch.randn(2, 900, 64, generator=g).to(device)
+    exact = vosops.global_topk(q, k, topk=10, backend="triton")
+    MATMUL.fp32_precision = "tf32"
+    tf32 = vosops.global_topk(q, k, topk=10, backend="triton")
+    return exact, tf32, q, k
+
+
+def _tf32_local_attention_case(device):
+    """(exact, tf32, float64 reference) of the query-tile local_attention, softmax over every candidate (no
+    selection, so no kept set can change), forward and the gradient of q."""
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 32, 12, 20, generator=g).to(device)
+    k = torch.randn(2, 2, 32, 12, 20, generator=g).to(device)
+    v = torch.randn(2, 2, 5, 12, 20, generator=g).to(device)
+    gout = torch.randn(2, 5, 12, 20, generator=g).to(device)
+
+    def run(backend, dtype):
+        qq = q.to(dtype).requires_grad_()
+        out = vosops.local_attention(qq, k.to(dtype), v.to(dtype), radius=3, scale=0.2, backend=backend)
+        (dq,) = torch.autograd.grad(out, qq, gout.to(dtype))
+        return out.detach().double(), dq.double()
+
+    reference = run("reference", torch.float64)
+    exact = run("triton", torch.float32)
+    MATMUL.fp32_precision = "tf32"
+    return exact, run("triton", torch.float32), reference
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device")
+def test_tf32_global_topk_on_a_gpu(clean_precision):
+    """TF32 scores select the definition's keys except within TF32's rounding of a tie, and differ from exact."""
+    if _backends.why_unusable("triton", "global_topk", "cuda") is not None:
+        pytest.skip("no usable triton backend on this GPU")
+    from test_topk import assert_topk_of_random_floats
+
+    exact, tf32, q, k = _tf32_global_topk_case("cuda")
+    assert_topk_of_random_floats(exact, q, k, 10, 1.0)
+    assert_topk_of_random_floats(tf32, q, k, 10, 1.0, tol=0.1)
+    assert (tf32[0] - exact[0]).abs().max() > 1e-5, "TF32 scores equal the exact ones: the switch did nothing"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device")
+def test_tf32_local_attention_tiles_on_a_gpu(clean_precision, tiled_local_attention):
+    if _backends.why_unusable("triton", "local_attention", "cuda") is not None:
+        pytest.skip("no usable triton backend on this GPU")
+    exact, tf32, reference = _tf32_local_attention_case("cuda")
+    for name, e, t, r in zip(("out", "dq"), exact, tf32, reference):
+        torch.testing.assert_close(e.cpu(), r.cpu(), rtol=1e-4, atol=1e-4, msg=name)
+        torch.testing.assert_close(t.cpu(), r.cpu(), rtol=2e-2, atol=2e-2, msg=name)
+        assert (t - e).abs().max() > 1e-6, f"{name}: TF32 equals exact: the switch did nothing"
