@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .. import _alloc
 from .._device import on_input_device
+from ..ops.kmeans import MAX_CLUSTERS
 
 
 @triton.jit
@@ -62,7 +63,7 @@ def _check(x: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor) -> Non
     if x.dim() != 3 or centers.dim() != 3 or centers.shape[0] != x.shape[0] or centers.shape[2] != x.shape[2]:
         raise ValueError(f"kmeans: x must be (B, N, D) and centers (B, K, D), got {tuple(x.shape)} and "
                          f"{tuple(centers.shape)}")
-    if centers.shape[1] > 2**31 - 1:  # cluster indices are int32 in the kernel
+    if centers.shape[1] > MAX_CLUSTERS:  # cluster indices are int32 in the kernel
         raise ValueError(f"kmeans: centers has K = {centers.shape[1]} centres; at most 2**31 - 1 are supported")
     if x.shape[0] > 65535:  # problems go on the grid's second axis, which CUDA caps at 65535
         raise ValueError(f"kmeans: the triton backend takes at most 65535 problems per call, got {x.shape[0]}")
