@@ -83,10 +83,10 @@ def test_precision_is_exact_when_pytorch_refuses_to_answer(monkeypatch):
 def test_bench_fma_peak_measures_with_tf32_off_and_restores_the_users_switch(clean_precision, user_setting):
     """The FMA floor's matmul runs exact whatever the user set, through the new API (reading the legacy allow_tf32
     after the new API was used raises)."""
-    from vosops.bench.timing import exact_fp32_matmuls
+    from vosops._precision import tf32_matmuls
 
     MATMUL.fp32_precision = user_setting
-    with exact_fp32_matmuls():
+    with tf32_matmuls(False):
         assert MATMUL.fp32_precision == "ieee" and fp32_dot_precision() == "ieee"
     assert MATMUL.fp32_precision == user_setting
 

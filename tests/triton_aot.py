@@ -89,6 +89,7 @@ def _record_launch(records: dict, fn: JITFunction, args, kwargs) -> None:
 def _scenarios():
     """(name, callable) pairs: every public op that has a Triton backend, at GPU sizes and at odd small sizes."""
     import vosops
+    from vosops._precision import tf32_matmuls
     from vosops.bench import local_affinity as bench_aff
     from vosops.bench import local_attention as bench_att
     from vosops.bench import topk as bench_topk
@@ -193,12 +194,8 @@ def _scenarios():
 
     def with_tf32(call):
         """call() with PyTorch's TF32 switch on: the float32 products' tf32 specializations (vosops/_precision.py)."""
-        saved = torch.backends.cuda.matmul.fp32_precision
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        try:
+        with tf32_matmuls(True):
             call()
-        finally:
-            torch.backends.cuda.matmul.fp32_precision = saved
 
     f32 = torch.float32
     for name, spec in bench_att.FULL.items():

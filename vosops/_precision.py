@@ -13,6 +13,8 @@ The CUDA C++ kernels compute with FMA and ignore the switch; so do float16/bfloa
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -51,3 +53,29 @@ def check_precision(precision: str) -> None:
     """The precision argument of the Triton ops, which a direct call may pass wrong."""
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"precision: expected 'ieee' or 'tf32', got {precision!r}")
+
+
+def _switch() -> tuple[str, object, object]:
+    """(attribute of torch.backends.cuda.matmul, its TF32 value, its exact value): the new API where it exists
+    (PyTorch >= 2.9), since reading the legacy `allow_tf32` raises once a user has set the new one."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return "fp32_precision", "tf32", "ieee"
+    return "allow_tf32", True, False
+
+
+def allow_tf32() -> None:
+    """Sets PyTorch's TF32 switch for float32 matmuls (`vosops bench --tf32`)."""
+    attr, tf32, _ = _switch()
+    setattr(torch.backends.cuda.matmul, attr, tf32)
+
+
+@contextlib.contextmanager
+def tf32_matmuls(allowed: bool):
+    """PyTorch's TF32 switch set to `allowed` inside, the caller's setting restored after."""
+    attr, tf32, exact = _switch()
+    saved = getattr(torch.backends.cuda.matmul, attr)
+    setattr(torch.backends.cuda.matmul, attr, tf32 if allowed else exact)
+    try:
+        yield
+    finally:
+        setattr(torch.backends.cuda.matmul, attr, saved)

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from .._precision import tf32_matmuls
+
 _L2_FLUSH_BYTES = 256 * 1024 * 1024  # larger than any current GPU's L2
 
 
@@ -74,28 +76,12 @@ def peak_fp32_gflops(device: str) -> float:
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     if device == "cuda":
-        with exact_fp32_matmuls():
+        with tf32_matmuls(False):  # the plain-FMA peak, whatever the user allowed
             ms = _cuda_ms(lambda: a @ b, min_reps=5, max_reps=20, budget_s=0.5, warmup=2)["p20_ms"]
     else:
         ms = measure_ms(lambda: a @ b, device, min_reps=5, max_reps=20, budget_s=0.5)["p20_ms"]
     _PEAK_CACHE[device] = 2.0 * n**3 / (ms * 1e6)
     return _PEAK_CACHE[device]
-
-
-@contextlib.contextmanager
-def exact_fp32_matmuls():
-    """TF32 off for CUDA float32 matmuls inside, the caller's setting restored after. Through PyTorch's new API
-    where it exists: reading the legacy `allow_tf32` raises once a user has set the new `fp32_precision`."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        saved, attr, exact = matmul.fp32_precision, "fp32_precision", "ieee"
-    else:  # PyTorch before 2.9
-        saved, attr, exact = matmul.allow_tf32, "allow_tf32", False
-    setattr(matmul, attr, exact)
-    try:
-        yield
-    finally:
-        setattr(matmul, attr, saved)
 
 
 def quantile(values: list[float], f: float) -> float:

@@ -46,17 +46,6 @@ def select_configs(cases, wanted):
     return [c for c in cases if c.config in chosen]
 
 
-def allow_tf32() -> None:
-    """PyTorch's TF32 switch for float32 matmuls, which vosops' Triton kernels follow (vosops/_precision.py)."""
-    import torch
-
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        matmul.fp32_precision = "tf32"
-    else:  # PyTorch before 2.9
-        matmul.allow_tf32 = True
-
-
 def run(args) -> int:
     import torch
 
@@ -70,6 +59,8 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tf32:
+        from vosops._precision import allow_tf32
+
         allow_tf32()
     ops = args.op or OPS
     unknown = [o for o in ops if o not in OPS]
