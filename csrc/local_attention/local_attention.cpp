@@ -1,7 +1,8 @@
 // local_attention: op schemas and the fused CPU kernels.
 //
 // Forward, per query pixel: score its N*Q in-window candidates into per-thread scratch (channels-last q and k, so
-// each score is one contiguous dot product), select (running top-k / threshold / all), then a max-subtracted
+// each score is one contiguous dot product; without offsets, eight queries of a row at a time: local_attention_rows.h),
+// select (running top-k / threshold / all), then a max-subtracted
 // softmax over the kept set and a gather of only the kept values. The (B, N*P, H, W) affinity never exists.
 // Saved per query: log-sum-exp and threshold (stats) and the top-k list (also the op's top-k outputs).
 // Backward recomputes the kept scores from q and k (flash-style): dq per query, dk/dv scattered into per-task
@@ -14,11 +15,13 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "common/native.h"
 #include "local_attention/local_attention.h"
+#include "local_attention/local_attention_rows.h"
 
 namespace vosops {
 namespace local_attention {
@@ -64,31 +67,41 @@ VOSOPS_INLINE void dot4(const T* __restrict q, const T* __restrict k0, const T* 
   out[3] = s3;
 }
 
-// Channels-last, accumulation-precision views of the inputs plus the window geometry.
+// Channels-last, accumulation-precision views of the inputs plus the window geometry; with row scores also the
+// padded channels-first copies that score_rows reads (then the forward needs no channels-last q and k).
 template <typename acc_t>
 struct Views {
-  const acc_t* q;      // (B, H, W, C)
-  const acc_t* k;      // (B, N, H, W, C)
+  const acc_t* q;      // (B, H, W, C), or null when only the row scores read q
+  const acc_t* k;      // (B, N, H, W, C), or null when only the row scores read k
   const acc_t* v;      // (B, N, H, W, Cv)
   const int32_t* off;  // (B, N, 2, H, W) rounded, or nullptr
   std::vector<int64_t> dy, dx;  // per in-window column, times dilation
   std::vector<int64_t> colpos;  // window column p -> its position t among the in-window columns, -1 if none
+  RowViews rows;                // on() when the scores are computed eight queries of a row at a time
 };
 
+// Pointer of a tensor that may be absent.
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// qp / kp: the row-score copies (pad_rows_q / pad_rows_k), undefined for the per-query path.
 template <typename acc_t>
 Views<acc_t> make_views(const Config& c, const at::Tensor& qc, const at::Tensor& kc, const at::Tensor& vc,
-                        const at::Tensor& oc) {
+                        const at::Tensor& oc, const at::Tensor& qp = {}, const at::Tensor& kp = {}) {
   Views<acc_t> x;
-  x.q = qc.const_data_ptr<acc_t>();
-  x.k = kc.const_data_ptr<acc_t>();
-  x.v = vc.defined() ? vc.const_data_ptr<acc_t>() : nullptr;
-  x.off = oc.defined() ? oc.const_data_ptr<int32_t>() : nullptr;
+  x.q = ptr_or_null<acc_t>(qc);
+  x.k = ptr_or_null<acc_t>(kc);
+  x.v = ptr_or_null<acc_t>(vc);
+  x.off = ptr_or_null<int32_t>(oc);
   x.colpos.assign(c.P, -1);
   for (int64_t t = 0; t < c.Q(); ++t) {
     x.dy.push_back((c.cols[t] / c.D - c.radius) * c.dilation);
     x.dx.push_back((c.cols[t] % c.D - c.radius) * c.dilation);
     x.colpos[c.cols[t]] = t;
   }
+  if (qp.defined()) x.rows = make_row_views(qp, kp, x.dy, x.dx);  // x.dx's buffer moves with x
   return x;
 }
 
@@ -106,9 +119,14 @@ inline int64_t key_pos(const Config& c, const Views<acc_t>& x, int64_t b, int64_
   return (y >= 0 && y < c.H && xx >= 0 && xx < c.W) ? y * c.W + xx : -1;
 }
 
+// One candidate's score (the key at flat position pos of frame n), computed as the forward computed it.
 template <typename acc_t>
-inline acc_t score(const Config& c, const Views<acc_t>& x, const acc_t* qv, int64_t b, int64_t n, int64_t pos) {
+inline acc_t score(const Config& c, const Views<acc_t>& x, const acc_t* qv, int64_t b, int64_t n, int64_t i,
+                   int64_t j, int64_t pos) {
   if (pos < 0) return c.zero_border ? acc_t(0) : -std::numeric_limits<acc_t>::infinity();
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (x.rows.on()) return score_row_chain(c, x.rows, b, n, i, j, pos / c.W, pos % c.W);
+  }
   const acc_t* kv = x.k + ((b * c.N + n) * c.H * c.W + pos) * c.C;
   return static_cast<acc_t>(c.scale) * dot(qv, kv, c.C);
 }
@@ -183,6 +201,23 @@ inline void score_all(const Config& c, const Views<acc_t>& x, int64_t b, int64_t
   score_all_base(c, x, b, i, j, s, pos);
 }
 
+// Queries scored per call of score_block: eight on the row path, else one.
+template <typename acc_t>
+inline int64_t block_lanes(const Views<acc_t>& x) {
+  return x.rows.on() ? kRowLanes : 1;
+}
+
+// Scores and key positions of queries (b, i, j0 + l), l < block_lanes (clipped at W): lane l's candidates at
+// s + l * N*Q and pos + l * N*Q.
+template <typename acc_t>
+inline void score_block(const Config& c, const Views<acc_t>& x, int64_t b, int64_t i, int64_t j0, acc_t* s,
+                        int64_t* pos) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (x.rows.on()) return score_rows(c, x.rows, b, i, j0, s, pos);
+  }
+  score_all(c, x, b, i, j0, s, pos);
+}
+
 // Whether any score is NaN (from a NaN or inf feature): one vectorised pass, so that the selection's hot loop
 // compares numbers only and a row with a NaN takes the NaN-aware order.
 template <typename acc_t>
@@ -191,6 +226,25 @@ inline bool any_nan(const acc_t* s, int64_t n) {
 #pragma omp simd reduction(| : nan)
   for (int64_t e = 0; e < n; ++e) nan |= s[e] != s[e];
   return nan != 0;
+}
+
+// Largest of n scores known not to be NaN (-inf when all are -inf); vectorised.
+template <typename acc_t>
+inline acc_t max_of(const acc_t* s, int64_t n) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t e = 0; e < n; ++e) m = s[e] > m ? s[e] : m;
+  return m;
+}
+
+// w[e] = exp(s[e] - shift) for e < n (float: vectorised, exp_shifted).
+template <typename acc_t>
+inline void exp_all(const acc_t* s, int64_t n, acc_t shift, acc_t* w) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    exp_shifted(s, n, shift, w);
+  } else {
+    for (int64_t e = 0; e < n; ++e) w[e] = std::exp(s[e] - shift);
+  }
 }
 
 // Running top-k over candidates visited in increasing index order: a heap whose top is the worst kept entry, so a
@@ -227,23 +281,27 @@ void forward_cpu(const Config& c, const Views<at::opmath_type<scalar_t>>& x, at:
   acc_t* sp = stats.data_ptr<acc_t>();
   scalar_t* lp = K ? top_logits.data_ptr<scalar_t>() : nullptr;
   int64_t* ip = K ? top_index.data_ptr<int64_t>() : nullptr;
+  const int64_t lanes = block_lanes(x);
   at::parallel_for(0, c.B * c.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s(NQ), acc(Cv);
-    std::vector<int64_t> pos(NQ);
+    std::vector<acc_t> s_block(lanes * NQ), acc(Cv), wts(K ? 0 : NQ);
+    std::vector<int64_t> pos_block(lanes * NQ);
     std::vector<std::pair<acc_t, int64_t>> heap;
     heap.reserve(K);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / c.H, i = row % c.H;
       for (int64_t j = 0; j < c.W; ++j) {
         const int64_t qi = row * c.W + j;  // (b, i, j) in (B, H, W)
-        score_all(c, x, b, i, j, s.data(), pos.data());
+        const int64_t lane = j % lanes;
+        if (lane == 0) score_block(c, x, b, i, j, s_block.data(), pos_block.data());
+        const acc_t* s = s_block.data() + lane * NQ;
+        const int64_t* pos = pos_block.data() + lane * NQ;
         acc_t m = -kInf, thr = -kInf;
-        const bool nan_row = any_nan(s.data(), NQ);
+        const bool nan_row = any_nan(s, NQ);
         if (K) {
           if (nan_row) {
-            select_topk<true>(s.data(), NQ, K, heap);
+            select_topk<true>(s, NQ, K, heap);
           } else {
-            select_topk<false>(s.data(), NQ, K, heap);
+            select_topk<false>(s, NQ, K, heap);
           }
           for (int64_t e = 0; e < K; ++e) {
             const int64_t cand = heap[e].second;
@@ -252,8 +310,8 @@ void forward_cpu(const Config& c, const Views<at::opmath_type<scalar_t>>& x, at:
           }
           m = heap[0].first;
           if (c.normalize == Normalize::Threshold) thr = heap[K - 1].first;
-        } else {
-          for (int64_t e = 0; e < NQ; ++e) m = std::max(m, s[e]);
+        } else if (!nan_row) {
+          m = max_of(s, NQ);
         }
         if (nan_row) {  // a NaN score (from a NaN or inf feature): the query's output is NaN, as the reference's
           constexpr acc_t kNan = std::numeric_limits<acc_t>::quiet_NaN();
@@ -264,9 +322,12 @@ void forward_cpu(const Config& c, const Views<at::opmath_type<scalar_t>>& x, at:
         }
         std::fill(acc.begin(), acc.end(), acc_t(0));
         acc_t sum = acc_t(0);
+        // Softmax over every candidate: all the exponentials at once (vectorised), the values after.
+        const bool all = !K && m > -kInf;
+        if (all) exp_all(s, NQ, m, wts.data());
         // vframe: the values of the candidate's reference frame (B, N, H, W, Cv)
         auto take = [&](int64_t e, const acc_t* vframe) {
-          const acc_t w = std::exp(s[e] - m);
+          const acc_t w = all ? wts[e] : std::exp(s[e] - m);
           sum += w;
           if (pos[e] >= 0) {
             const acc_t* vv = vframe + pos[e] * Cv;
@@ -297,12 +358,15 @@ void forward_cpu(const Config& c, const Views<at::opmath_type<scalar_t>>& x, at:
   });
 }
 
-// Per-thread scratch of the backward: one query's candidates.
+// Per-thread scratch of the backward: one query's candidates (scores and positions: one block of queries').
 template <typename acc_t>
 struct BwdScratch {
   std::vector<acc_t> s, p, dp, ds;
   std::vector<int64_t> pos, krow, items;  // krow: a kept candidate's key row in (B*N*H*W), -1 out of frame
-  explicit BwdScratch(int64_t NQ) : s(NQ), p(NQ), dp(NQ), ds(NQ), pos(NQ), krow(NQ) { items.reserve(NQ); }
+  BwdScratch(int64_t NQ, int64_t lanes)
+      : s(lanes * NQ), p(NQ), dp(NQ), ds(NQ), pos(lanes * NQ), krow(NQ) {
+    items.reserve(NQ);
+  }
 };
 
 template <typename acc_t>
@@ -347,21 +411,24 @@ VOSOPS_INLINE void dq_of_query(const acc_t* k, const int64_t* krow, const acc_t*
 template <typename acc_t>
 VOSOPS_INLINE void backward_rows_impl(const Config& c, const Views<acc_t>& x, const BwdIO<acc_t>& io, acc_t* dkb,
                                       acc_t* dvb, int64_t r0, int64_t r1, BwdScratch<acc_t>& sc) {
-  const int64_t Q = c.Q(), K = c.topk, HW = c.H * c.W, C = c.C, Cv = c.Cv, P = c.P;
+  const int64_t Q = c.Q(), K = c.topk, HW = c.H * c.W, C = c.C, Cv = c.Cv, P = c.P, NQ = c.N * Q;
   const acc_t scale = static_cast<acc_t>(c.scale);
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   const bool topk_list = K && c.normalize == Normalize::Softmax;  // the kept set is exactly the saved list
-  acc_t* s = sc.s.data();
+  const int64_t lanes = topk_list ? 1 : block_lanes(x);  // a top-k list is rescored candidate by candidate
   acc_t* p = sc.p.data();
   acc_t* dp = sc.dp.data();
   acc_t* ds = sc.ds.data();
-  int64_t* pos = sc.pos.data();
   int64_t* krow = sc.krow.data();
   std::vector<int64_t>& items = sc.items;
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t b = row / c.H, i = row % c.H;
     for (int64_t j = 0; j < c.W; ++j) {
       const int64_t qi = row * c.W + j;
+      const int64_t lane = j % lanes;
+      if (lane == 0 && !topk_list) score_block(c, x, b, i, j, sc.s.data(), sc.pos.data());
+      acc_t* s = sc.s.data() + lane * NQ;
+      int64_t* pos = sc.pos.data() + lane * NQ;
       const acc_t lse = io.st[qi * 2], thr = io.st[qi * 2 + 1];
       if (lse == kInf) continue;  // no candidate kept: zero gradient (a NaN lse goes on: NaN gradients)
       const acc_t* __restrict qv = x.q + qi * C;
@@ -374,12 +441,11 @@ VOSOPS_INLINE void backward_rows_impl(const Config& c, const Views<acc_t>& x, co
           const int64_t n = full / P, t = x.colpos[full % P];
           const int64_t cand = n * Q + t;
           pos[cand] = key_pos(c, x, b, n, t, i, j);
-          s[cand] = score(c, x, qv, b, n, pos[cand]);
+          s[cand] = score(c, x, qv, b, n, i, j, pos[cand]);
           krow[cand] = pos[cand] >= 0 ? (b * c.N + n) * HW + pos[cand] : -1;
           if (s[cand] > -kInf) items.push_back(cand);
         }
       } else {
-        score_all(c, x, b, i, j, s, pos);
         // Key rows by frame, so no candidate index is divided (a division per candidate stalled the scatters below)
         for (int64_t n = 0, e = 0; n < c.N; ++n) {
           const int64_t frame = (b * c.N + n) * HW;
@@ -392,8 +458,10 @@ VOSOPS_INLINE void backward_rows_impl(const Config& c, const Views<acc_t>& x, co
         }
       }
       acc_t D = acc_t(0);
+      const bool all = !K;  // softmax over every candidate: all the exponentials at once (vectorised)
+      if (all) exp_all(s, NQ, lse, p);
       for (int64_t e : items) {
-        p[e] = std::exp(s[e] - lse);
+        if (!all) p[e] = std::exp(s[e] - lse);
         const acc_t d = krow[e] >= 0 ? dot_short(gv, x.v + krow[e] * Cv, Cv) : acc_t(0);
         dp[e] = d;
         D += p[e] * d;
@@ -451,7 +519,7 @@ void backward_cpu(const Config& c, const Views<at::opmath_type<scalar_t>>& x,
   // by_batch: tasks own whole batches, whose dk/dv regions are disjoint, so they share one accumulator.
   const int64_t dk_size = by_batch ? 0 : c.B * c.N * HW * c.C, dv_size = by_batch ? 0 : c.B * c.N * HW * c.Cv;
   at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
-    BwdScratch<acc_t> sc(c.N * c.Q());
+    BwdScratch<acc_t> sc(c.N * c.Q(), block_lanes(x));
     for (int64_t task = tb; task < te; ++task) {
       acc_t* dkb = dk ? dk + task * dk_size : nullptr;
       acc_t* dvb = dv ? dv + task * dv_size : nullptr;
@@ -491,11 +559,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_cpu(
   at::Tensor top_index = new_output({c.B, c.H, c.W, c.topk}, opts.dtype(at::kLong));
   // Empty channels (C or Cv = 0) still run: scores are then 0 and the statistics / top-k lists are defined.
   if (c.B * c.H * c.W == 0) return {out, stats, top_logits, top_index};
-  const at::Tensor qc = to_cl(q), kc = to_cl(k), vc = to_cl(v);
+  // The row path reads padded channels-first copies of q and k instead of channels-last ones.
+  const bool rows = use_row_scores(c, acc_type(q.scalar_type()), offsets.has_value());
+  const at::Tensor qc = rows ? at::Tensor() : to_cl(q), kc = rows ? at::Tensor() : to_cl(k), vc = to_cl(v);
+  const at::Tensor qp = rows ? pad_rows_q(q) : at::Tensor(), kp = rows ? pad_rows_k(k) : at::Tensor();
   const at::Tensor oc = offsets.has_value() ? rounded_offsets_cpu(*offsets, c) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "local_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Views<acc_t> x = make_views<acc_t>(c, qc, kc, vc, oc);
+    const Views<acc_t> x = make_views<acc_t>(c, qc, kc, vc, oc, qp, kp);
     forward_cpu<scalar_t>(c, x, out, stats, top_logits, top_index);
   });
   return {out, stats, top_logits, top_index};
@@ -525,13 +596,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_backward_cpu(
   if (need_v) dv_buf = at::zeros({copies, c.B, c.N, c.H, c.W, c.Cv}, aopts);
   if ((need_q || need_k || need_v) && c.B * c.H * c.W > 0) {
     const at::Tensor qc = to_cl(q), kc = to_cl(k), vc = to_cl(v);
+    // Scores recomputed as the forward computed them (the row path's copies too); dq/dk read channels-last.
+    const bool rows = use_row_scores(c, a, offsets.has_value());
+    const at::Tensor qp = rows ? pad_rows_q(q) : at::Tensor(), kp = rows ? pad_rows_k(k) : at::Tensor();
     const at::Tensor oc = offsets.has_value() ? rounded_offsets_cpu(*offsets, c) : at::Tensor();
     const at::Tensor gc = to_cl(grad_out);
     const at::Tensor glc = with_gl ? grad_topk_logits->to(a).contiguous() : at::Tensor();
     const at::Tensor sc = stats.contiguous(), ic = topk_index.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "local_attention_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const Views<acc_t> x = make_views<acc_t>(c, qc, kc, vc, oc);
+      const Views<acc_t> x = make_views<acc_t>(c, qc, kc, vc, oc, qp, kp);
       const BwdIO<acc_t> io{gc.const_data_ptr<acc_t>(), with_gl ? glc.const_data_ptr<acc_t>() : nullptr,
                             sc.const_data_ptr<acc_t>(), c.topk ? ic.const_data_ptr<int64_t>() : nullptr,
                             need_q ? dq_cl.data_ptr<acc_t>() : nullptr};

@@ -1,0 +1,218 @@
+// local_attention's row scores (see local_attention_rows.h): AVX2/FMA kernels, chosen at run time.
+#include "local_attention/local_attention_rows.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <utility>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define VOSOPS_ROWS_AVX2 1
+#endif
+
+namespace vosops {
+namespace local_attention {
+
+bool use_row_scores(const Config& c, at::ScalarType acc_type, bool has_offsets) {
+#ifdef VOSOPS_ROWS_AVX2
+  static const bool cpu_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* env = std::getenv("VOSOPS_CPU_ROW_SCORES");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  // Eight queries' scores and positions must stay in cache: with a window far larger than the frame (INO's r = 40
+  // on small frames) most candidates are out-of-frame fills, and eight rows of them ran 1.8x slower than one.
+  const int64_t scratch = kRowLanes * c.N * c.Q() * static_cast<int64_t>(sizeof(float) + sizeof(int64_t));
+  return cpu_ok && acc_type == at::kFloat && !has_offsets && c.W >= kRowLanes && scratch <= kRowScratchBytes;
+#else
+  (void)c, (void)acc_type, (void)has_offsets;
+  return false;
+#endif
+}
+
+at::Tensor pad_rows_q(const at::Tensor& q) {
+  const int64_t W = q.size(3), Wq = (W + kRowLanes - 1) / kRowLanes * kRowLanes;
+  if (Wq == W && q.scalar_type() == at::kFloat && q.is_contiguous()) return q;  // already the layout: no copy
+  at::Tensor p = at::zeros({q.size(0), q.size(1), q.size(2), Wq}, q.options().dtype(at::kFloat));
+  p.narrow(3, 0, W).copy_(q);
+  return p;
+}
+
+at::Tensor pad_rows_k(const at::Tensor& k) {
+  const int64_t W = k.size(4);
+  at::Tensor p = at::zeros({k.size(0), k.size(1), k.size(2), k.size(3), W + 2 * kRowPad}, k.options().dtype(at::kFloat));
+  p.narrow(4, kRowPad, W).copy_(k);
+  return p;
+}
+
+RowViews make_row_views(const at::Tensor& qp, const at::Tensor& kp, const std::vector<int64_t>& dy,
+                        const std::vector<int64_t>& dx) {
+  RowViews r;
+  r.q = qp.const_data_ptr<float>();
+  r.k = kp.const_data_ptr<float>();
+  r.Wq = qp.size(3);
+  r.Wk = kp.size(4);
+  r.dx = dx.data();
+  const int64_t Q = static_cast<int64_t>(dy.size());
+  for (int64_t t = 0; t < Q; ++t) {
+    if (r.rows.empty() || r.rows.back().dy != dy[t]) r.rows.push_back({dy[t], t, t});
+    r.rows.back().t1 = t + 1;
+  }
+  return r;
+}
+
+#ifdef VOSOPS_ROWS_AVX2
+namespace {
+
+// Columns scored at once: up to kGroup accumulators, the query vector and a key vector in the 16 ymm registers.
+constexpr int kGroup = 14;
+
+// acc[u][l] = sum over channels of q[ch][l] * k[ch][u * step + l], one fused multiply-add per channel in channel
+// order. kUnit: dilation 1, so the column offsets are compile-time constants of the addressing.
+template <int G, bool kUnit>
+__attribute__((target("avx2,fma"))) void score_group(const float* qb, int64_t q_stride, const float* kb,
+                                                      int64_t k_stride, int64_t step, int64_t C, float* out) {
+  __m256 acc[G];
+#pragma GCC unroll 14
+  for (int u = 0; u < G; ++u) acc[u] = _mm256_setzero_ps();
+  for (int64_t ch = 0; ch < C; ++ch) {
+    const __m256 qv = _mm256_loadu_ps(qb + ch * q_stride);
+    const float* kr = kb + ch * k_stride;
+#pragma GCC unroll 14
+    for (int u = 0; u < G; ++u) acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr + (kUnit ? u : u * step)), acc[u]);
+  }
+#pragma GCC unroll 14
+  for (int u = 0; u < G; ++u) _mm256_storeu_ps(out + u * kRowLanes, acc[u]);
+}
+
+using GroupFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*);
+
+template <bool kUnit, int... G>
+constexpr std::array<GroupFn, sizeof...(G)> group_table(std::integer_sequence<int, G...>) {
+  return {&score_group<G + 1, kUnit>...};
+}
+
+const auto kUnitGroups = group_table<true>(std::make_integer_sequence<int, kGroup>{});
+const auto kStepGroups = group_table<false>(std::make_integer_sequence<int, kGroup>{});
+
+}  // namespace
+
+__attribute__((target("avx2,fma"))) void score_rows(const Config& c, const RowViews& r, int64_t b, int64_t i,
+                                                     int64_t j0, float* s, int64_t* pos) {
+  const int64_t N = c.N, H = c.H, W = c.W, C = c.C, Q = c.Q(), NQ = N * Q;
+  const int64_t lanes = std::min(kRowLanes, W - j0);
+  const float scale = static_cast<float>(c.scale);
+  const float fill = c.zero_border ? 0.f : -std::numeric_limits<float>::infinity();
+  const int64_t q_stride = H * r.Wq, k_stride = H * r.Wk;
+  const float* qb = r.q + (b * C * H + i) * r.Wq + j0;
+  const auto& groups = c.dilation == 1 ? kUnitGroups : kStepGroups;
+  alignas(32) float tile[kGroup * kRowLanes];
+  auto put_fill = [&](int64_t e) {
+    for (int64_t l = 0; l < lanes; ++l) {
+      s[l * NQ + e] = fill;
+      pos[l * NQ + e] = -1;
+    }
+  };
+  for (int64_t n = 0; n < N; ++n) {
+    const float* kf = r.k + (b * N + n) * C * H * r.Wk;
+    for (const WindowRow& row : r.rows) {
+      const int64_t y = i + row.dy, e0 = n * Q;
+      if (y < 0 || y >= H) {
+        for (int64_t t = row.t0; t < row.t1; ++t) put_fill(e0 + t);
+        continue;
+      }
+      // Columns whose lanes all fall outside the frame are not scored; the others read at most kRowLanes - 1
+      // columns past either edge, inside the zero border.
+      int64_t ta = row.t0, tb = row.t1;
+      while (ta < tb && j0 + lanes - 1 + r.dx[ta] < 0) put_fill(e0 + ta++);
+      while (tb > ta && j0 + r.dx[tb - 1] >= W) put_fill(e0 + --tb);
+      const float* krow = kf + y * r.Wk + kRowPad + j0;
+      // Equal groups: a row of 15 columns as 8 + 7, not 14 + 1 (a one-column group loads q for one product)
+      const int64_t ngroups = (tb - ta + kGroup - 1) / kGroup;
+      for (int64_t t = ta, gi = ngroups; t < tb; t += (tb - t + gi - 1) / gi, --gi) {
+        const int64_t g = (tb - t + gi - 1) / gi;
+        groups[g - 1](qb, q_stride, krow + r.dx[t], k_stride, c.dilation, C, tile);
+        for (int64_t u = 0; u < g; ++u) {
+          const int64_t e = e0 + t + u, x0 = j0 + r.dx[t + u];
+          for (int64_t l = 0; l < lanes; ++l) {
+            const int64_t x = x0 + l;
+            const bool in = x >= 0 && x < W;
+            s[l * NQ + e] = in ? scale * tile[u * kRowLanes + l] : fill;
+            pos[l * NQ + e] = in ? y * W + x : -1;
+          }
+        }
+      }
+    }
+  }
+}
+
+// exp of eight floats (Cephes' single-precision polynomial, within 2 ulp of std::exp); x below -87.33 (the normal
+// range's end, -inf included) gives 0, a NaN stays NaN.
+__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3365447505531f), hi = _mm256_set1_ps(88.3762626647949f);
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), xc);  // x - fx * ln2, ln2 in two parts
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  __m256 out = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  out = _mm256_blendv_ps(out, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+  return _mm256_blendv_ps(out, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+__attribute__((target("avx2,fma"))) void exp_shifted_avx2(const float* s, int64_t n, float shift, float* w) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  int64_t e = 0;
+  for (; e + kRowLanes <= n; e += kRowLanes) _mm256_storeu_ps(w + e, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + e), sh)));
+  if (e < n) {  // the tail through a zero-padded vector
+    alignas(32) float in[kRowLanes] = {}, out[kRowLanes];
+    std::copy(s + e, s + n, in);
+    _mm256_store_ps(out, exp8(_mm256_sub_ps(_mm256_load_ps(in), sh)));
+    std::copy(out, out + (n - e), w + e);
+  }
+}
+
+// std::fma rounds once, as the vector FMA does: the same chain in the same order gives the same float.
+__attribute__((target("avx2,fma"))) float score_row_chain(const Config& c, const RowViews& r, int64_t b, int64_t n,
+                                                          int64_t i, int64_t j, int64_t y, int64_t x) {
+  const int64_t C = c.C, q_stride = c.H * r.Wq, k_stride = c.H * r.Wk;
+  const float* qp = r.q + (b * C * c.H + i) * r.Wq + j;
+  const float* kp = r.k + ((b * c.N + n) * C * c.H + y) * r.Wk + kRowPad + x;
+  float acc = 0.f;
+  for (int64_t ch = 0; ch < C; ++ch) acc = std::fma(qp[ch * q_stride], kp[ch * k_stride], acc);
+  return static_cast<float>(c.scale) * acc;
+}
+
+#endif
+
+void exp_shifted(const float* s, int64_t n, float shift, float* w) {
+#ifdef VOSOPS_ROWS_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) return exp_shifted_avx2(s, n, shift, w);
+#endif
+  for (int64_t e = 0; e < n; ++e) w[e] = std::exp(s[e] - shift);
+}
+
+#ifndef VOSOPS_ROWS_AVX2
+
+void score_rows(const Config&, const RowViews&, int64_t, int64_t, int64_t, float*, int64_t*) {
+  TORCH_CHECK(false, "local_attention: the row scores need an x86-64 build (use_row_scores is false here)");
+}
+
+float score_row_chain(const Config&, const RowViews&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) {
+  TORCH_CHECK(false, "local_attention: the row scores need an x86-64 build (use_row_scores is false here)");
+}
+
+#endif
+
+}  // namespace local_attention
+}  // namespace vosops

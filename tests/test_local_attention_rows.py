@@ -1,0 +1,149 @@
+"""The CPU kernel's row path: calls without offsets score eight queries of a row at a time (csrc/local_attention/
+local_attention_rows.h) in float accumulation. The backend tests in test_local_attention.py use frames under eight
+columns, which take the per-query path; these use rows of one to three blocks (partial last blocks included),
+windows wider than the frame, dilation, circles and both borders, against the float64 reference. Each runs on the
+row path (VOSOPS_CPU_ROW_SCORES unset) and, for the comparison of the two, with it turned off."""
+
+import pytest
+import torch
+
+import vosops
+from vosops import _backends, testing
+
+pytestmark = pytest.mark.skipif(_backends.why_unusable("cpu", "local_attention", "cpu") is not None,
+                                reason="no native CPU kernel in this build")
+
+ROW_CASES = [
+    # (B, C, Cv, H, W, N, kwargs)
+    (2, 24, 3, 5, 16, 1, dict(radius=3, scale=0.3, border="zero")),  # MAMP training's form: softmax over all
+    (1, 40, 7, 4, 13, 2, dict(radius=2, topk=7, window="circle", scale=0.2)),  # CRW's form, a partial 2nd block
+    (1, 17, 2, 6, 21, 3, dict(radius=4, topk=5, normalize="threshold", scale=0.4)),  # DINO's form, 3 blocks
+    (1, 9, 2, 3, 9, 2, dict(radius=6, border="mask", scale=0.5)),  # window wider and taller than the frame
+    (1, 5, 3, 5, 8, 1, dict(radius=2, dilation=3, topk=6, border="zero")),  # dilation: strided column groups
+    (2, 3, 1, 4, 11, 2, dict(radius=1, dilation=2, window="circle", border="mask", scale=2.0)),
+    (1, 70, 4, 3, 10, 1, dict(radius=7, topk=30, border="zero", scale=0.1)),  # 15-column rows: two groups
+]
+
+
+def make_inputs(B, C, Cv, H, W, N, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"q": torch.randn(B, C, H, W, generator=g), "k": torch.randn(B, N, C, H, W, generator=g),
+            "v": torch.randn(B, N, Cv, H, W, generator=g)}
+
+
+@pytest.fixture
+def row_path(monkeypatch):
+    monkeypatch.delenv("VOSOPS_CPU_ROW_SCORES", raising=False)
+
+
+@pytest.mark.parametrize("case", range(len(ROW_CASES)))
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+def test_row_path_matches_reference(row_path, case, layout):
+    B, C, Cv, H, W, N, kw = ROW_CASES[case]
+    inputs = make_inputs(B, C, Cv, H, W, N, seed=case)
+    ret = kw.get("topk") is not None
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        low = dtype != torch.float32
+        testing.check_against_reference(
+            lambda **t: vosops.local_attention(**t, **kw, return_topk=ret and not low, backend="cpu"),
+            lambda **t: vosops.local_attention(**t, **kw, return_topk=ret and not low, backend="reference"),
+            inputs, dtype=dtype, grad_inputs=("q", "k", "v"), layout=layout,
+            atol=5e-2 if low and kw.get("topk") else None, grad_atol=2e-1 if low and kw.get("topk") else None)
+
+
+def _outputs(monkeypatch, rows, inputs, kw):
+    """(out, dq, dk, dv) of the cpu backend with the row path on or off."""
+    monkeypatch.setenv("VOSOPS_CPU_ROW_SCORES", "1" if rows else "0")
+    t = {n: x.clone().requires_grad_(n != "offsets") for n, x in inputs.items()}
+    out = vosops.local_attention(**t, **kw, backend="cpu")
+    grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                                [t["q"], t["k"], t["v"]])
+    return [out, *grads]
+
+
+def test_row_path_is_taken_without_offsets(monkeypatch):
+    """The two paths sum each score's channels in different orders (one fused multiply-add chain per lane against
+    vectorised dot products), so on random inputs their float32 results differ in the last bits: equal results
+    would mean the row path never ran. Both stay within float32 rounding of each other."""
+    inputs = make_inputs(1, 40, 3, 5, 16, 2, seed=11)
+    kw = dict(radius=3, scale=0.3)
+    rows, per_query = _outputs(monkeypatch, True, inputs, kw), _outputs(monkeypatch, False, inputs, kw)
+    assert not torch.equal(rows[0], per_query[0])
+    for a, b in zip(rows, per_query):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("why", ["narrow", "offsets", "float64", "many_candidates"])
+def test_per_query_path_where_rows_do_not_apply(monkeypatch, why):
+    """Frames under eight columns, offsets, float64 and candidate sets whose eight-query scratch would not stay in
+    cache (over 21845 candidates) keep the per-query path: the switch then changes nothing, bit for bit."""
+    B, C, Cv, H, W, N, kw = 1, 12, 2, 4, 16, 1, dict(radius=2, scale=0.3)
+    if why == "narrow":
+        W = 7
+    if why == "many_candidates":
+        H, W, N, kw = 3, 8, 6, dict(radius=30, topk=5)  # 6 * 61^2 = 22326 candidates
+    inputs = make_inputs(B, C, Cv, H, W, N, seed=3)
+    if why == "offsets":
+        inputs["offsets"] = torch.randn(B, N, 2, H, W) * 2
+    if why == "float64":
+        inputs = {n: x.double() for n, x in inputs.items()}
+    for a, b in zip(_outputs(monkeypatch, True, inputs, kw), _outputs(monkeypatch, False, inputs, kw)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kw", [dict(topk=4), dict(topk=4, normalize="threshold"), dict()],
+                         ids=["topk", "threshold", "softmax"])
+def test_row_path_nan_key_makes_its_queries_nan(row_path, kw):
+    """A NaN key makes exactly the queries whose windows hold it NaN, as in the reference, also when the scores
+    are computed eight at a time (and the softmax's exponentials vectorised)."""
+    inputs = make_inputs(1, 10, 2, 6, 12, 2, seed=5)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    k[0, 1, :, 2, 9] = float("nan")
+    ret = bool(kw.get("topk"))
+    got = vosops.local_attention(q, k, v, radius=1, return_topk=ret, backend="cpu", **kw)
+    exp = vosops.local_attention(q.double(), k.double(), v.double(), radius=1, return_topk=ret,
+                                 backend="reference", **kw)
+    if ret:
+        (got, (gl, gi)), (exp, (el, ei)) = got, exp
+        assert torch.equal(gi, ei)
+        torch.testing.assert_close(gl.double(), el, equal_nan=True, rtol=1e-5, atol=1e-5)
+    assert exp.isnan().any(dim=1).sum() == 9
+    torch.testing.assert_close(got.double(), exp, equal_nan=True, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 40.0])
+def test_row_path_softmax_exponentials_over_a_wide_range(row_path, scale):
+    """Softmax over every candidate takes its exponentials eight at a time (a polynomial within 2 ulp of exp):
+    at scale 40 the logits spread over hundreds, so most weights underflow to 0 (arguments below -87), the largest
+    is exp(0) = 1. (Much larger scales magnify float32's rounding of the scores past any float32 tolerance on
+    either path.)"""
+    inputs = make_inputs(1, 16, 3, 5, 12, 2, seed=7)
+    testing.check_against_reference(
+        lambda **t: vosops.local_attention(**t, radius=2, scale=scale, backend="cpu"),
+        lambda **t: vosops.local_attention(**t, radius=2, scale=scale, backend="reference"),
+        inputs, dtype=torch.float32, grad_inputs=("q", "k", "v"))
+
+
+def test_row_path_integer_ties_resolve_as_the_reference(row_path):
+    """Integer features make scores exact in float32 on either path, with many ties: the top-k lists (ties to the
+    lower candidate index) and the threshold's tied keepers must equal the reference's exactly."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randint(-2, 3, (1, 6, 4, 10), generator=g).float()
+    k = torch.randint(-2, 3, (1, 2, 6, 4, 10), generator=g).float()
+    v = torch.randn(1, 2, 3, 4, 10, generator=g)
+    for kw in (dict(topk=6), dict(topk=6, normalize="threshold")):
+        out, (lg, idx) = vosops.local_attention(q, k, v, radius=2, return_topk=True, backend="cpu", **kw)
+        eout, (elg, eidx) = vosops.local_attention(q.double(), k.double(), v.double(), radius=2, return_topk=True,
+                                                  backend="reference", **kw)
+        assert torch.equal(idx, eidx)
+        assert torch.equal(lg.double(), elg)
+        torch.testing.assert_close(out.double(), eout, rtol=1e-5, atol=1e-6)
+
+
+def test_row_path_opcheck(row_path):
+    inputs = make_inputs(1, 5, 2, 3, 9, 2, seed=1)
+    for kw in (dict(topk=0, normalize="softmax"), dict(topk=4, normalize="softmax"),
+               dict(topk=3, normalize="threshold")):
+        args = (inputs["q"].requires_grad_(), inputs["k"].requires_grad_(), inputs["v"].requires_grad_(), None,
+                2, 1, 0.5, kw["topk"], kw["normalize"], "square", "zero", kw["topk"] > 0)
+        torch.library.opcheck(torch.ops.vosops.local_attention.default, args)
