@@ -8,6 +8,7 @@
 // circle window are skipped (their logits are constants, their values zero). A row of W queries shares one
 // candidate column at a time, so the inner loops run over j with contiguous query-side reads and writes.
 // The scatter is split into tasks that own disjoint (b, n, channel-block) planes: no atomics, deterministic.
+// local_affinity without offsets takes the register-blocked row kernels of local_affinity_rows.h instead.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -21,6 +22,7 @@
 #include "common/native.h"
 #include "local_attention/local_affinity_math.h"
 #include "local_attention/local_affinity.h"
+#include "local_attention/local_affinity_rows.h"
 
 namespace vosops {
 namespace local_affinity {
@@ -294,6 +296,17 @@ at::Tensor local_affinity_cpu(const at::Tensor& q, const at::Tensor& k, const st
   if (out.numel() > 0) {
     const at::Tensor off = rounded_offsets_cpu(offsets, g);
     g.offsets = off.defined() ? off.const_data_ptr<int32_t>() : nullptr;
+    // Wide channels-last float q and k (ViT tokens viewed as images) are read in place by the dot products below;
+    // the row kernels would copy k to channels-first.
+    const bool in_place = q.size(1) >= kDotMinChannels && q.scalar_type() == a &&
+                          q.permute({0, 2, 3, 1}).is_contiguous() && k.permute({0, 1, 3, 4, 2}).is_contiguous();
+    if (use_rows(g, a) && !in_place) {  // no offsets: eight queries of a row at a time (local_affinity_rows.h)
+      const at::Tensor qp = row_kernels::pad_tail(q), kp = row_kernels::pad_ends(k);
+      scores_rows(g, qp.const_data_ptr<float>(), qp.size(3), kp.const_data_ptr<float>(), kp.size(4), q.size(1),
+                  static_cast<float>(scale),
+                  border == "zero" ? 0.f : -std::numeric_limits<float>::infinity(), out.data_ptr<float>());
+      return out.to(q.scalar_type());
+    }
     // Channels-last views for per-query dot products (rows broken by flows; every row when C is wide), taken
     // from the inputs directly: channels-last inputs (ViT tokens viewed as images) are then read in place. The
     // (B, C, H, W) layout only serves the runs' loop over channels, which `scores` takes for narrow C alone.
@@ -330,6 +343,20 @@ std::tuple<at::Tensor, at::Tensor> local_affinity_backward_cpu(const at::Tensor&
   if ((need_q || need_k) && grad.numel() > 0) {
     const at::Tensor off = rounded_offsets_cpu(offsets, g), ga = grad.to(a).contiguous();
     g.offsets = off.defined() ? off.const_data_ptr<int32_t>() : nullptr;
+    if (use_rows(g, a)) {  // no offsets: gathers over eight pixels of a row at a time (local_affinity_rows.h)
+      const float s = static_cast<float>(scale);
+      if (need_q) {
+        const at::Tensor kp = row_kernels::pad_ends(k);
+        dq_rows(g, ga.const_data_ptr<float>(), kp.const_data_ptr<float>(), kp.size(4), q.size(1), s,
+                gq.data_ptr<float>());
+      }
+      if (need_k) {
+        const at::Tensor qp = row_kernels::pad_ends(q);
+        dk_rows(g, ga.const_data_ptr<float>(), qp.const_data_ptr<float>(), qp.size(3), q.size(1), s,
+                gk.data_ptr<float>());
+      }
+      return {gq.to(q.scalar_type()), gk.to(k.scalar_type())};
+    }
     AT_DISPATCH_FLOATING_TYPES(a, "local_affinity_backward_cpu", [&] {
       const scalar_t s = static_cast<scalar_t>(scale);
       if (need_q) gather<scalar_t>(g, ga.const_data_ptr<scalar_t>(), to_acc(k).const_data_ptr<scalar_t>(), q.size(1),

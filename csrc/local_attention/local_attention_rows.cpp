@@ -2,49 +2,18 @@
 #include "local_attention/local_attention_rows.h"
 
 #include <algorithm>
-#include <array>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
-#include <utility>
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define VOSOPS_ROWS_AVX2 1
-#endif
 
 namespace vosops {
 namespace local_attention {
 
 bool use_row_scores(const Config& c, at::ScalarType acc_type, bool has_offsets) {
-#ifdef VOSOPS_ROWS_AVX2
-  static const bool cpu_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* env = std::getenv("VOSOPS_CPU_ROW_SCORES");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   // Eight queries' scores and positions must stay in cache: with a window far larger than the frame (INO's r = 40
   // on small frames) most candidates are out-of-frame fills, and eight rows of them ran 1.8x slower than one.
   const int64_t scratch = kRowLanes * c.N * c.Q() * static_cast<int64_t>(sizeof(float) + sizeof(int64_t));
-  return cpu_ok && acc_type == at::kFloat && !has_offsets && c.W >= kRowLanes && scratch <= kRowScratchBytes;
-#else
-  (void)c, (void)acc_type, (void)has_offsets;
-  return false;
-#endif
-}
-
-at::Tensor pad_rows_q(const at::Tensor& q) {
-  const int64_t W = q.size(3), Wq = (W + kRowLanes - 1) / kRowLanes * kRowLanes;
-  if (Wq == W && q.scalar_type() == at::kFloat && q.is_contiguous()) return q;  // already the layout: no copy
-  at::Tensor p = at::zeros({q.size(0), q.size(1), q.size(2), Wq}, q.options().dtype(at::kFloat));
-  p.narrow(3, 0, W).copy_(q);
-  return p;
-}
-
-at::Tensor pad_rows_k(const at::Tensor& k) {
-  const int64_t W = k.size(4);
-  at::Tensor p = at::zeros({k.size(0), k.size(1), k.size(2), k.size(3), W + 2 * kRowPad}, k.options().dtype(at::kFloat));
-  p.narrow(4, kRowPad, W).copy_(k);
-  return p;
+  return row_kernels::enabled() && acc_type == at::kFloat && !has_offsets && c.W >= kRowLanes &&
+         scratch <= kRowScratchBytes;
 }
 
 RowViews make_row_views(const at::Tensor& qp, const at::Tensor& kp, const std::vector<int64_t>& dy,
@@ -64,40 +33,6 @@ RowViews make_row_views(const at::Tensor& qp, const at::Tensor& kp, const std::v
 }
 
 #ifdef VOSOPS_ROWS_AVX2
-namespace {
-
-// Columns scored at once: up to kGroup accumulators, the query vector and a key vector in the 16 ymm registers.
-constexpr int kGroup = 14;
-
-// acc[u][l] = sum over channels of q[ch][l] * k[ch][u * step + l], one fused multiply-add per channel in channel
-// order. kUnit: dilation 1, so the column offsets are compile-time constants of the addressing.
-template <int G, bool kUnit>
-__attribute__((target("avx2,fma"))) void score_group(const float* qb, int64_t q_stride, const float* kb,
-                                                      int64_t k_stride, int64_t step, int64_t C, float* out) {
-  __m256 acc[G];
-#pragma GCC unroll 14
-  for (int u = 0; u < G; ++u) acc[u] = _mm256_setzero_ps();
-  for (int64_t ch = 0; ch < C; ++ch) {
-    const __m256 qv = _mm256_loadu_ps(qb + ch * q_stride);
-    const float* kr = kb + ch * k_stride;
-#pragma GCC unroll 14
-    for (int u = 0; u < G; ++u) acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr + (kUnit ? u : u * step)), acc[u]);
-  }
-#pragma GCC unroll 14
-  for (int u = 0; u < G; ++u) _mm256_storeu_ps(out + u * kRowLanes, acc[u]);
-}
-
-using GroupFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*);
-
-template <bool kUnit, int... G>
-constexpr std::array<GroupFn, sizeof...(G)> group_table(std::integer_sequence<int, G...>) {
-  return {&score_group<G + 1, kUnit>...};
-}
-
-const auto kUnitGroups = group_table<true>(std::make_integer_sequence<int, kGroup>{});
-const auto kStepGroups = group_table<false>(std::make_integer_sequence<int, kGroup>{});
-
-}  // namespace
 
 __attribute__((target("avx2,fma"))) void score_rows(const Config& c, const RowViews& r, int64_t b, int64_t i,
                                                      int64_t j0, float* s, int64_t* pos) {
@@ -107,8 +42,7 @@ __attribute__((target("avx2,fma"))) void score_rows(const Config& c, const RowVi
   const float fill = c.zero_border ? 0.f : -std::numeric_limits<float>::infinity();
   const int64_t q_stride = H * r.Wq, k_stride = H * r.Wk;
   const float* qb = r.q + (b * C * H + i) * r.Wq + j0;
-  const auto& groups = c.dilation == 1 ? kUnitGroups : kStepGroups;
-  alignas(32) float tile[kGroup * kRowLanes];
+  alignas(32) float tile[row_kernels::kGroup * kRowLanes];
   auto put_fill = [&](int64_t e) {
     for (int64_t l = 0; l < lanes; ++l) {
       s[l * NQ + e] = fill;
@@ -129,11 +63,8 @@ __attribute__((target("avx2,fma"))) void score_rows(const Config& c, const RowVi
       while (ta < tb && j0 + lanes - 1 + r.dx[ta] < 0) put_fill(e0 + ta++);
       while (tb > ta && j0 + r.dx[tb - 1] >= W) put_fill(e0 + --tb);
       const float* krow = kf + y * r.Wk + kRowPad + j0;
-      // Equal groups: a row of 15 columns as 8 + 7, not 14 + 1 (a one-column group loads q for one product)
-      const int64_t ngroups = (tb - ta + kGroup - 1) / kGroup;
-      for (int64_t t = ta, gi = ngroups; t < tb; t += (tb - t + gi - 1) / gi, --gi) {
-        const int64_t g = (tb - t + gi - 1) / gi;
-        groups[g - 1](qb, q_stride, krow + r.dx[t], k_stride, c.dilation, C, tile);
+      row_kernels::for_each_group(ta, tb - ta, [&](int64_t t, int64_t g) {
+        row_kernels::score_group_fn(g, c.dilation)(qb, q_stride, krow + r.dx[t], k_stride, c.dilation, C, tile);
         for (int64_t u = 0; u < g; ++u) {
           const int64_t e = e0 + t + u, x0 = j0 + r.dx[t + u];
           for (int64_t l = 0; l < lanes; ++l) {
@@ -143,7 +74,7 @@ __attribute__((target("avx2,fma"))) void score_rows(const Config& c, const RowVi
             pos[l * NQ + e] = in ? y * W + x : -1;
           }
         }
-      }
+      });
     }
   }
 }

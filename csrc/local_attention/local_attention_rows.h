@@ -1,11 +1,9 @@
-// local_attention's CPU scores for calls without offsets, eight query pixels of a row at a time.
+// local_attention's CPU scores for calls without offsets, eight query pixels of a row at a time (row_kernels.h).
 //
-// Without offsets the window of query (i, j + 1) is the window of (i, j) moved one pixel right, so candidate
-// (n, dy, dx) of eight consecutive queries of a row is eight consecutive keys of one key row. In channels-first
-// q and k that is one 8-wide load, and each score is a chain of fused multiply-adds over the channels in its own
-// vector lane: no horizontal sums, and a key load shared by eight queries (the per-query path does one contiguous
-// dot product per candidate in channels-last, then a horizontal sum). The backward's recomputation of a single
-// kept score (score_row_chain) runs the same chain, so it is bit-identical to the forward's.
+// Each score is a chain of fused multiply-adds over the channels in its own vector lane; the backward's
+// recomputation of a single kept score (score_row_chain) runs the same chain, so it is bit-identical to the
+// forward's. The per-query path does one contiguous dot product per candidate in channels-last, then a
+// horizontal sum.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -13,12 +11,13 @@
 #include <vector>
 
 #include "local_attention/local_attention.h"
+#include "local_attention/row_kernels.h"
 
 namespace vosops {
 namespace local_attention {
 
-constexpr int64_t kRowLanes = 8;  // query pixels per block: one AVX2 vector of floats
-constexpr int64_t kRowPad = 8;    // zero columns on each side of a padded key row (>= kRowLanes - 1)
+constexpr int64_t kRowLanes = row_kernels::kLanes;
+constexpr int64_t kRowPad = row_kernels::kPad;
 
 // In-window columns [t0, t1) of one window row: they share the row offset dy (times dilation) and their column
 // offsets increase with t (the candidate order is raster order over the window).
@@ -39,14 +38,14 @@ struct RowViews {
 
 constexpr int64_t kRowScratchBytes = 2 << 20;  // a block's scores and key positions, per thread
 
-// Whether a call takes the row path: float accumulation (fp32/fp16/bf16 inputs), no offsets, a CPU with AVX2 and
-// FMA, rows of at least one full block, and a block's scratch within kRowScratchBytes (N * Q <= 21845
-// candidates). VOSOPS_CPU_ROW_SCORES=0 turns it off (the tests run both paths).
+// Whether a call takes the row path: row_kernels::enabled(), float accumulation (fp32/fp16/bf16 inputs), no
+// offsets, rows of at least one full block, and a block's scratch within kRowScratchBytes (N * Q <= 21845
+// candidates).
 bool use_row_scores(const Config& c, at::ScalarType acc_type, bool has_offsets);
 
 // The padded copies (kept alive by the caller while the views are used).
-at::Tensor pad_rows_q(const at::Tensor& q);  // (B, C, H, W) -> (B, C, H, Wq) float
-at::Tensor pad_rows_k(const at::Tensor& k);  // (B, N, C, H, W) -> (B, N, C, H, Wk) float
+inline at::Tensor pad_rows_q(const at::Tensor& q) { return row_kernels::pad_tail(q); }  // (B, C, H, Wq)
+inline at::Tensor pad_rows_k(const at::Tensor& k) { return row_kernels::pad_ends(k); }  // (B, N, C, H, Wk)
 
 // dy / dx: per in-window column, times dilation (Views' tables; dx must outlive the views).
 RowViews make_row_views(const at::Tensor& qp, const at::Tensor& kp, const std::vector<int64_t>& dy,

@@ -1,8 +1,10 @@
-"""The CPU kernel's row path: calls without offsets score eight queries of a row at a time (csrc/local_attention/
-local_attention_rows.h) in float accumulation. The backend tests in test_local_attention.py use frames under eight
-columns, which take the per-query path; these use rows of one to three blocks (partial last blocks included),
-windows wider than the frame, dilation, circles and both borders, against the float64 reference. Each runs on the
-row path (VOSOPS_CPU_ROW_SCORES unset) and, for the comparison of the two, with it turned off."""
+"""The CPU kernels' row paths (csrc/local_attention/row_kernels.h): calls without offsets work on eight pixels of a
+row at a time in float accumulation. local_attention scores eight queries at once (local_attention_rows.h);
+local_affinity scores them and gathers its dq and dk over them (local_affinity_rows.h). The backend tests in
+test_local_attention.py and test_local_affinity.py mostly use frames under eight columns, which take the other
+paths; these use rows of one to four blocks (partial last blocks included), windows wider than the frame,
+dilation, circles and both borders, against the float64 reference. Each runs on the row path
+(VOSOPS_CPU_ROW_KERNELS unset) and, for the comparison of the paths, with it turned off."""
 
 import pytest
 import torch
@@ -33,7 +35,10 @@ def make_inputs(B, C, Cv, H, W, N, seed):
 
 @pytest.fixture
 def row_path(monkeypatch):
-    monkeypatch.delenv("VOSOPS_CPU_ROW_SCORES", raising=False)
+    monkeypatch.delenv("VOSOPS_CPU_ROW_KERNELS", raising=False)
+
+
+# --- local_attention ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("case", range(len(ROW_CASES)))
@@ -53,7 +58,7 @@ def test_row_path_matches_reference(row_path, case, layout):
 
 def _outputs(monkeypatch, rows, inputs, kw):
     """(out, dq, dk, dv) of the cpu backend with the row path on or off."""
-    monkeypatch.setenv("VOSOPS_CPU_ROW_SCORES", "1" if rows else "0")
+    monkeypatch.setenv("VOSOPS_CPU_ROW_KERNELS", "1" if rows else "0")
     t = {n: x.clone().requires_grad_(n != "offsets") for n, x in inputs.items()}
     out = vosops.local_attention(**t, **kw, backend="cpu")
     grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
@@ -147,3 +152,112 @@ def test_row_path_opcheck(row_path):
         args = (inputs["q"].requires_grad_(), inputs["k"].requires_grad_(), inputs["v"].requires_grad_(), None,
                 2, 1, 0.5, kw["topk"], kw["normalize"], "square", "zero", kw["topk"] > 0)
         torch.library.opcheck(torch.ops.vosops.local_attention.default, args)
+
+
+# --- local_affinity ----------------------------------------------------------------------------------------------
+
+AFFINITY_CASES = [
+    # (B, C, H, W, N, kwargs)
+    (2, 24, 5, 16, 1, dict(radius=3, scale=0.3, border="zero")),  # MAMP training's form
+    (1, 70, 4, 13, 2, dict(radius=2, window="circle", scale=0.2)),  # 70 channels: eight-channel blocks and 6 more
+    (1, 5, 6, 21, 3, dict(radius=4, border="mask")),  # three blocks, the last partial
+    (1, 9, 3, 9, 2, dict(radius=6, border="zero", scale=0.5)),  # window wider and taller than the frame
+    (1, 3, 5, 8, 1, dict(radius=2, dilation=3, window="circle", border="zero")),  # dilation: strided columns
+    (1, 1, 7, 30, 2, dict(radius=7, dilation=2, border="mask", scale=2.0)),  # one channel, 15-column rows
+]
+
+
+def affinity_inputs(B, C, H, W, N, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"q": torch.randn(B, C, H, W, generator=g), "k": torch.randn(B, N, C, H, W, generator=g)}
+
+
+def split_inf(out):
+    """Logits -> (finite part with -inf as 0, -inf mask): -inf must match exactly and a NaN (poison) still fails."""
+    inf = torch.isneginf(out)
+    return torch.where(inf, torch.zeros_like(out), out), inf.to(torch.int8)
+
+
+@pytest.mark.parametrize("case", range(len(AFFINITY_CASES)))
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+def test_affinity_row_path_matches_reference(row_path, case, layout):
+    B, C, H, W, N, kw = AFFINITY_CASES[case]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        testing.check_against_reference(
+            lambda q, k: split_inf(vosops.local_affinity(q, k, **kw, backend="cpu")),
+            lambda q, k: split_inf(vosops.local_affinity(q, k, **kw, backend="reference")),
+            affinity_inputs(B, C, H, W, N, seed=case), dtype=dtype, grad_inputs=("q", "k"), layout=layout,
+            seed=case)
+
+
+def _affinity_outputs(monkeypatch, rows, q, k, kw, offsets=None):
+    """(logits, dq, dk) of the cpu backend with the row kernels on or off."""
+    monkeypatch.setenv("VOSOPS_CPU_ROW_KERNELS", "1" if rows else "0")
+    q, k = q.clone().requires_grad_(), k.clone().requires_grad_()
+    out = vosops.local_affinity(q, k, offsets=offsets, **kw, backend="cpu")
+    weight = torch.linspace(-1, 1, out.numel()).view_as(out)
+    dq, dk = torch.autograd.grad(torch.where(out.isinf(), 0, out * weight).sum(), [q, k])
+    return [out, dq, dk]
+
+
+def test_affinity_row_path_is_taken_without_offsets(monkeypatch):
+    """Different summation orders on the two paths for the logits (a fused multiply-add chain per lane against the
+    channels-last dot products) and for dk (a gather over queries against a scatter): equal float32 results would
+    mean the row kernels never ran. (dq sums the same products in the same order on both paths.)"""
+    t = affinity_inputs(1, 40, 5, 16, 2, seed=4)
+    kw = dict(radius=3, scale=0.3)
+    rows, other = (_affinity_outputs(monkeypatch, on, t["q"], t["k"], kw) for on in (True, False))
+    assert not torch.equal(rows[0], other[0]) and not torch.equal(rows[2], other[2])
+    for a, b in zip(rows, other):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("why", ["narrow", "offsets", "float64", "channels_last"])
+def test_affinity_other_paths_where_rows_do_not_apply(monkeypatch, why):
+    """Frames under eight columns, offsets, float64, and wide channels-last float inputs (read in place by the
+    channels-last dot products, where the row kernels would copy k) keep the other paths: the switch then changes
+    nothing in the forward, bit for bit."""
+    B, C, H, W, N, kw = 1, 24, 4, 16, 2, dict(radius=2, scale=0.3)
+    if why == "narrow":
+        W = 7
+    t = affinity_inputs(B, C, H, W, N, seed=5)
+    q, k, off = t["q"], t["k"], None
+    if why == "offsets":
+        off = torch.randn(B, N, 2, H, W) * 2
+    if why == "float64":
+        q, k = q.double(), k.double()
+    if why == "channels_last":
+        q = q.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        k = k.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    on, off_ = (_affinity_outputs(monkeypatch, rows, q, k, kw, off) for rows in (True, False))
+    assert torch.equal(on[0], off_[0])
+    if why != "channels_last":  # the backward of channels-last inputs takes the row gathers: checked above
+        for a, b in zip(on[1:], off_[1:]):
+            assert torch.equal(a, b)
+
+
+def test_affinity_row_gathers_ignore_gradients_of_constant_logits(row_path):
+    """Out-of-frame candidates (border "zero": logit 0) and columns outside a circle (-inf) are constants: a
+    gradient given for them, even inf or NaN, must not reach dq or dk (the row gathers mask those lanes)."""
+    t = affinity_inputs(1, 10, 6, 12, 2, seed=6)
+    q, k = t["q"].requires_grad_(), t["k"].requires_grad_()
+    kw = dict(radius=3, window="circle", border="zero", scale=0.5)
+    out = vosops.local_affinity(q, k, **kw, backend="cpu")
+    ref = vosops.local_affinity(q.double(), k.double(), **kw, backend="reference")
+    zero_border = (ref == 0) & (vosops.local_affinity(q.double(), k.double(), radius=3, window="circle",
+                                                      backend="reference") == float("-inf"))
+    assert zero_border.any() and ref.isneginf().any()
+    g = torch.randn_like(out)
+    g_poisoned = torch.where(zero_border | ref.isneginf(), torch.tensor(float("nan")), g)
+    got = torch.autograd.grad(out, [q, k], g_poisoned, retain_graph=True)
+    expected = torch.autograd.grad(out, [q, k], torch.where(zero_border | ref.isneginf(), 0, g))
+    for a, b in zip(got, expected):
+        assert a.isfinite().all()
+        torch.testing.assert_close(a, b)
+
+
+def test_affinity_row_path_opcheck(row_path):
+    t = affinity_inputs(1, 5, 3, 9, 2, seed=1)
+    for window, border in (("square", "zero"), ("circle", "mask")):
+        args = (t["q"].requires_grad_(), t["k"].requires_grad_(), None, 2, 1, window, 0.5, border)
+        torch.library.opcheck(torch.ops.vosops.local_affinity.default, args)

@@ -1,0 +1,265 @@
+// local_affinity's row kernels (see local_affinity_rows.h): AVX2/FMA, chosen at run time.
+#include "local_attention/local_affinity_rows.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace vosops {
+namespace local_affinity {
+
+using row_kernels::kLanes;
+using row_kernels::kPad;
+
+bool use_rows(const Geometry& g, at::ScalarType acc_type) {
+  // The lane masks compute column indices in int32.
+  const bool fits = g.W + 2 * kPad + g.radius * g.dilation < std::numeric_limits<int32_t>::max();
+  return row_kernels::enabled() && acc_type == at::kFloat && g.offsets == nullptr && g.W >= kLanes && fits;
+}
+
+namespace {
+
+// In-window columns [lo, hi) of window row a (a circle's rows are contiguous runs of columns).
+struct ColumnRange {
+  int64_t lo, hi;
+};
+
+ColumnRange window_row(const Geometry& g, int64_t a) {
+  const int64_t D = 2 * g.radius + 1;
+  int64_t lo = 0;
+  while (lo < D && !in_window(a * D + lo, g.radius, g.circle)) ++lo;
+  int64_t hi = lo;
+  while (hi < D && in_window(a * D + hi, g.radius, g.circle)) ++hi;
+  return {lo, hi};
+}
+
+// Groups of at most kGroup columns, as equal as possible: n = 15 gives 8 + 7, not 14 + 1 (a one-column group
+// loads the query for a single product). The size of the next group when `left` columns remain for `groups`.
+inline int64_t next_group(int64_t left, int64_t groups) { return (left + groups - 1) / groups; }
+
+}  // namespace
+
+#ifdef VOSOPS_ROWS_AVX2
+
+namespace {
+
+// One candidate column of a block for the gathers: where its eight gradients are (masked to the lanes whose
+// candidate is in frame) and where its eight channel-0 operands are.
+struct Column {
+  int64_t grad_at, src_at;
+  int32_t mask[kLanes];  // all ones in the lanes to read (no __m256i member: std::vector need not align it)
+};
+
+__attribute__((target("avx2,fma"))) inline Column make_column(int64_t grad_at, int64_t src_at, __m256i mask) {
+  Column col{grad_at, src_at, {}};
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(col.mask), mask);
+  return col;
+}
+
+// acc[cc][l] = sum over the columns of grad[col.grad_at + l] * src[col.src_at + cc * stride + l], masked lanes 0.
+template <int CN>
+__attribute__((target("avx2,fma"))) void gather_chunk(const std::vector<Column>& cols, const float* grad,
+                                                       const float* src, int64_t stride, float* out) {
+  __m256 acc[CN];
+#pragma GCC unroll 8
+  for (int cc = 0; cc < CN; ++cc) acc[cc] = _mm256_setzero_ps();
+  for (const Column& col : cols) {
+    const __m256 w = _mm256_maskload_ps(grad + col.grad_at, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col.mask)));
+    const float* s = src + col.src_at;
+#pragma GCC unroll 8
+    for (int cc = 0; cc < CN; ++cc) acc[cc] = _mm256_fmadd_ps(w, _mm256_loadu_ps(s + cc * stride), acc[cc]);
+  }
+#pragma GCC unroll 8
+  for (int cc = 0; cc < CN; ++cc) _mm256_storeu_ps(out + cc * kLanes, acc[cc]);
+}
+
+using ChunkFn = void (*)(const std::vector<Column>&, const float*, const float*, int64_t, float*);
+constexpr ChunkFn kChunks[8] = {&gather_chunk<1>, &gather_chunk<2>, &gather_chunk<3>, &gather_chunk<4>,
+                                &gather_chunk<5>, &gather_chunk<6>, &gather_chunk<7>, &gather_chunk<8>};
+
+// For every channel block of eight: the gather of the block's columns, scaled into dst[c * dst_stride + l],
+// l < lanes (dst points at channel 0 of the block's first pixel).
+__attribute__((target("avx2,fma"))) void gather_channels(const std::vector<Column>& cols, const float* grad,
+                                                          const float* src, int64_t src_stride, int64_t C,
+                                                          float scale, float* dst, int64_t dst_stride,
+                                                          int64_t lanes) {
+  alignas(32) float tile[8 * kLanes];
+  for (int64_t c0 = 0; c0 < C; c0 += 8) {
+    const int64_t cn = std::min<int64_t>(8, C - c0);
+    kChunks[cn - 1](cols, grad, src + c0 * src_stride, src_stride, tile);
+    for (int64_t cc = 0; cc < cn; ++cc) {
+      float* o = dst + (c0 + cc) * dst_stride;
+      for (int64_t l = 0; l < lanes; ++l) o[l] = scale * tile[cc * kLanes + l];
+    }
+  }
+}
+
+}  // namespace
+
+static std::vector<ColumnRange> window_rows(const Geometry& g) {
+  std::vector<ColumnRange> rows;
+  for (int64_t a = 0; a < 2 * g.radius + 1; ++a) rows.push_back(window_row(g, a));
+  return rows;
+}
+
+namespace {
+
+// One (b, n, i) row of scores_rows. (The parallel loops' lambdas call functions like this one: a lambda does not
+// take its enclosing function's target attribute, so the vector code may not sit in it.)
+__attribute__((target("avx2,fma"))) void score_row(const Geometry& g, const std::vector<ColumnRange>& ranges,
+                                                    const float* q, int64_t Wq, const float* k, int64_t Wk,
+                                                    int64_t C, float scale, float fill, float* out, int64_t row) {
+  const int64_t H = g.H, W = g.W, HW = H * W, D = 2 * g.radius + 1, P = g.P, r = g.radius, d = g.dilation;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  alignas(32) float tile[row_kernels::kGroup * kLanes];
+  const int64_t i = row % H, bn = row / H, b = bn / g.N;
+  float* ob = out + bn * P * HW + i * W;  // window column p of this row at ob + p * HW
+  const float* qb = q + (b * C * H + i) * Wq;
+  const float* kf = k + bn * C * H * Wk;
+  auto fill_columns = [&](int64_t a, int64_t cx0, int64_t cx1, int64_t j0, int64_t len, float value) {
+    for (int64_t cx = cx0; cx < cx1; ++cx) std::fill_n(ob + (a * D + cx) * HW + j0, len, value);
+  };
+  const __m256 vfill = _mm256_set1_ps(fill), vscale = _mm256_set1_ps(scale);
+  for (int64_t a = 0; a < D; ++a) {
+    const ColumnRange cr = ranges[a];
+    fill_columns(a, 0, cr.lo, 0, W, kNegInf);  // outside a circle window
+    fill_columns(a, cr.hi, D, 0, W, kNegInf);
+    const int64_t y = i + (a - r) * d;
+    if (y < 0 || y >= H) {
+      fill_columns(a, cr.lo, cr.hi, 0, W, fill);
+      continue;
+    }
+    const float* krow = kf + y * Wk + kPad;
+    for (int64_t j0 = 0; j0 < W; j0 += kLanes) {
+      const int64_t lanes = std::min(kLanes, W - j0);
+      // Columns whose lanes all fall outside the frame are not scored; the others read at most kLanes - 1
+      // columns past either edge, inside k's zero border.
+      int64_t ta = cr.lo, tb = cr.hi;
+      while (ta < tb && j0 + lanes - 1 + (ta - r) * d < 0) ++ta;
+      while (tb > ta && j0 + (tb - 1 - r) * d >= W) --tb;
+      fill_columns(a, cr.lo, ta, j0, lanes, fill);
+      fill_columns(a, tb, cr.hi, j0, lanes, fill);
+      const int64_t groups = (tb - ta + row_kernels::kGroup - 1) / row_kernels::kGroup;
+      for (int64_t t = ta, gi = groups; gi > 0; --gi) {
+        const int64_t n = next_group(tb - t, gi);
+        row_kernels::score_group_fn(n, d)(qb + j0, H * Wq, krow + j0 + (t - r) * d, H * Wk, d, C, tile);
+        for (int64_t u = 0; u < n; ++u) {
+          float* o = ob + (a * D + t + u) * HW + j0;
+          const int64_t x0 = j0 + (t + u - r) * d;
+          if (lanes == kLanes) {
+            const __m256 in = _mm256_castsi256_ps(row_kernels::lane_mask(x0, 0, W, kLanes));
+            const __m256 v = _mm256_mul_ps(vscale, _mm256_load_ps(tile + u * kLanes));
+            _mm256_storeu_ps(o, _mm256_blendv_ps(vfill, v, in));
+          } else {
+            for (int64_t l = 0; l < lanes; ++l)
+              o[l] = (x0 + l >= 0 && x0 + l < W) ? scale * tile[u * kLanes + l] : fill;
+          }
+        }
+        t += n;
+      }
+    }
+  }
+}
+
+// The columns of dq's block (b, i, j0 .. j0 + lanes - 1): every in-frame candidate of every reference.
+__attribute__((target("avx2,fma"))) void dq_columns(const Geometry& g, const std::vector<ColumnRange>& ranges,
+                                                     int64_t Wk, int64_t C, int64_t b, int64_t i, int64_t j0,
+                                                     int64_t lanes, std::vector<Column>& cols) {
+  const int64_t H = g.H, W = g.W, HW = H * W, D = 2 * g.radius + 1, P = g.P, r = g.radius, d = g.dilation;
+  cols.clear();
+  for (int64_t n = 0; n < g.N; ++n) {
+    const int64_t bn = b * g.N + n;
+    for (int64_t a = 0; a < D; ++a) {
+      const int64_t y = i + (a - r) * d;
+      if (y < 0 || y >= H) continue;
+      for (int64_t cx = ranges[a].lo; cx < ranges[a].hi; ++cx) {
+        const int64_t x0 = j0 + (cx - r) * d;  // lane l's key column x0 + l
+        if (x0 + lanes - 1 < 0 || x0 >= W) continue;
+        cols.push_back(make_column((bn * P + a * D + cx) * HW + i * W + j0, (bn * C * H + y) * Wk + kPad + x0,
+                                   row_kernels::lane_mask(x0, 0, W, lanes)));
+      }
+    }
+  }
+}
+
+// The columns of dk's block (b, n, y, x0 .. x0 + lanes - 1): the queries (i, j) = (y - d*dy, x - d*dx) whose
+// window column (dy, dx) is the key.
+__attribute__((target("avx2,fma"))) void dk_columns(const Geometry& g, const std::vector<ColumnRange>& ranges,
+                                                     int64_t Wk, int64_t C, int64_t bn, int64_t y, int64_t x0,
+                                                     int64_t lanes, std::vector<Column>& cols) {
+  const int64_t H = g.H, W = g.W, HW = H * W, D = 2 * g.radius + 1, P = g.P, r = g.radius, d = g.dilation;
+  const int64_t b = bn / g.N;
+  cols.clear();
+  for (int64_t a = 0; a < D; ++a) {
+    const int64_t i = y - (a - r) * d;
+    if (i < 0 || i >= H) continue;
+    for (int64_t cx = ranges[a].lo; cx < ranges[a].hi; ++cx) {
+      const int64_t j0 = x0 - (cx - r) * d;  // lane l's query column j0 + l
+      if (j0 + lanes - 1 < 0 || j0 >= W) continue;
+      // grad_at may point before its row's start: the mask keeps those lanes unread.
+      cols.push_back(make_column((bn * P + a * D + cx) * HW + i * W + j0, (b * C * H + i) * Wk + kPad + j0,
+                                 row_kernels::lane_mask(j0, 0, W, lanes)));
+    }
+  }
+}
+
+}  // namespace
+
+void scores_rows(const Geometry& g, const float* q, int64_t Wq, const float* k, int64_t Wk, int64_t C, float scale,
+                 float fill, float* out) {
+  const std::vector<ColumnRange> ranges = window_rows(g);
+  at::parallel_for(0, g.B * g.N * g.H, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) score_row(g, ranges, q, Wq, k, Wk, C, scale, fill, out, row);
+  });
+}
+
+void dq_rows(const Geometry& g, const float* grad, const float* k, int64_t Wk, int64_t C, float scale, float* dq) {
+  const std::vector<ColumnRange> ranges = window_rows(g);
+  const int64_t H = g.H, W = g.W;
+  at::parallel_for(0, g.B * H, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<Column> cols;
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t b = row / H, i = row % H;
+      for (int64_t j0 = 0; j0 < W; j0 += kLanes) {
+        const int64_t lanes = std::min(kLanes, W - j0);
+        dq_columns(g, ranges, Wk, C, b, i, j0, lanes, cols);
+        gather_channels(cols, grad, k, H * Wk, C, scale, dq + (b * C * H + i) * W + j0, H * W, lanes);
+      }
+    }
+  });
+}
+
+void dk_rows(const Geometry& g, const float* grad, const float* q, int64_t Wk, int64_t C, float scale, float* dk) {
+  const std::vector<ColumnRange> ranges = window_rows(g);
+  const int64_t H = g.H, W = g.W;
+  at::parallel_for(0, g.B * g.N * H, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<Column> cols;
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t y = row % H, bn = row / H;
+      for (int64_t x0 = 0; x0 < W; x0 += kLanes) {
+        const int64_t lanes = std::min(kLanes, W - x0);
+        dk_columns(g, ranges, Wk, C, bn, y, x0, lanes, cols);
+        gather_channels(cols, grad, q, H * Wk, C, scale, dk + (bn * C * H + y) * W + x0, H * W, lanes);
+      }
+    }
+  });
+}
+
+#else
+
+void scores_rows(const Geometry&, const float*, int64_t, const float*, int64_t, int64_t, float, float, float*) {
+  TORCH_CHECK(false, "local_affinity: the row kernels need an x86-64 build (use_rows is false here)");
+}
+void dq_rows(const Geometry&, const float*, const float*, int64_t, int64_t, float, float*) {
+  TORCH_CHECK(false, "local_affinity: the row kernels need an x86-64 build (use_rows is false here)");
+}
+void dk_rows(const Geometry&, const float*, const float*, int64_t, int64_t, float, float*) {
+  TORCH_CHECK(false, "local_affinity: the row kernels need an x86-64 build (use_rows is false here)");
+}
+
+#endif
+
+}  // namespace local_affinity
+}  // namespace vosops

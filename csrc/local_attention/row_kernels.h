@@ -1,0 +1,127 @@
+// Building blocks of the CPU row kernels of local_attention and local_affinity (calls without offsets).
+//
+// Without offsets the window of query (i, j + 1) is the window of (i, j) moved one pixel right, so a candidate
+// column (dy, dx) of eight consecutive queries of a row is eight consecutive keys of one key row: in channels-first
+// tensors one 8-wide load, every product vertical in its own lane (no horizontal sums), and a key load shared by
+// eight queries. The kernels here are AVX2/FMA, compiled with target attributes and chosen at run time.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define VOSOPS_ROWS_AVX2 1
+#endif
+
+namespace vosops {
+namespace row_kernels {
+
+constexpr int64_t kLanes = 8;  // query pixels per block: one AVX2 vector of floats
+constexpr int64_t kPad = 8;    // zero columns on each side of a padded row (>= kLanes - 1)
+
+// A CPU with AVX2 and FMA, and the row kernels not turned off by VOSOPS_CPU_ROW_KERNELS=0 (the tests run both).
+inline bool enabled() {
+#ifdef VOSOPS_ROWS_AVX2
+  static const bool cpu_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* env = std::getenv("VOSOPS_CPU_ROW_KERNELS");
+  return cpu_ok && !(env != nullptr && std::strcmp(env, "0") == 0);
+#else
+  return false;
+#endif
+}
+
+// Float copy of t with its last dimension rounded up to a multiple of kLanes, zero past the end; t itself when it
+// already is that.
+inline at::Tensor pad_tail(const at::Tensor& t) {
+  const int64_t W = t.size(-1), Wq = (W + kLanes - 1) / kLanes * kLanes;
+  if (Wq == W && t.scalar_type() == at::kFloat && t.is_contiguous()) return t;
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+  shape.back() = Wq;
+  at::Tensor p = at::zeros(shape, t.options().dtype(at::kFloat));
+  p.narrow(-1, 0, W).copy_(t);
+  return p;
+}
+
+// Float copy of t with kPad zero columns before and after its last dimension: column x at kPad + x.
+inline at::Tensor pad_ends(const at::Tensor& t) {
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+  shape.back() += 2 * kPad;
+  at::Tensor p = at::zeros(shape, t.options().dtype(at::kFloat));
+  p.narrow(-1, kPad, t.size(-1)).copy_(t);
+  return p;
+}
+
+#ifdef VOSOPS_ROWS_AVX2
+
+// Columns scored at once: up to kGroup accumulators, the query vector and a key vector in the 16 ymm registers.
+constexpr int kGroup = 14;
+
+// out[u][l] = sum over channels ch < C of q[ch * q_stride + l] * k[ch * k_stride + u * step + l], one fused
+// multiply-add per channel in channel order. kUnit: step 1, a compile-time part of the addressing.
+template <int G, bool kUnit>
+__attribute__((target("avx2,fma"))) void score_group(const float* q, int64_t q_stride, const float* k,
+                                                      int64_t k_stride, int64_t step, int64_t C, float* out) {
+  __m256 acc[G];
+#pragma GCC unroll 14
+  for (int u = 0; u < G; ++u) acc[u] = _mm256_setzero_ps();
+  for (int64_t ch = 0; ch < C; ++ch) {
+    const __m256 qv = _mm256_loadu_ps(q + ch * q_stride);
+    const float* kr = k + ch * k_stride;
+#pragma GCC unroll 14
+    for (int u = 0; u < G; ++u) acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr + (kUnit ? u : u * step)), acc[u]);
+  }
+#pragma GCC unroll 14
+  for (int u = 0; u < G; ++u) _mm256_storeu_ps(out + u * kLanes, acc[u]);
+}
+
+using GroupFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*);
+
+template <bool kUnit, int... G>
+constexpr std::array<GroupFn, sizeof...(G)> group_table(std::integer_sequence<int, G...>) {
+  return {&score_group<G + 1, kUnit>...};
+}
+
+// score_group for g columns (1 <= g <= kGroup) spaced `step` apart.
+inline GroupFn score_group_fn(int64_t g, int64_t step) {
+  static const auto unit = group_table<true>(std::make_integer_sequence<int, kGroup>{});
+  static const auto strided = group_table<false>(std::make_integer_sequence<int, kGroup>{});
+  return (step == 1 ? unit : strided)[g - 1];
+}
+
+// Lanes l with lo <= base + l < hi and l < lanes, as a mask for maskload/blend.
+__attribute__((target("avx2,fma"))) inline __m256i lane_mask(int64_t base, int64_t lo, int64_t hi, int64_t lanes) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i x = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(base)), lane);
+  const __m256i ge = _mm256_cmpgt_epi32(x, _mm256_set1_epi32(static_cast<int32_t>(lo - 1)));
+  const __m256i lt = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(hi)), x);
+  const __m256i real = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(lanes)), lane);
+  return _mm256_and_si256(_mm256_and_si256(ge, lt), real);
+}
+
+#endif
+
+// Split of n columns into groups of at most kGroup, as equal as possible (15 columns as 8 + 7, not 14 + 1: a
+// one-column group loads the query for a single product). Calls f(first, count) in order.
+template <typename F>
+inline void for_each_group(int64_t first, int64_t n, F&& f) {
+#ifdef VOSOPS_ROWS_AVX2
+  const int64_t groups = (n + kGroup - 1) / kGroup;
+  for (int64_t t = first, left = n, g = groups; left > 0; --g) {
+    const int64_t count = (left + g - 1) / g;
+    f(t, count);
+    t += count;
+    left -= count;
+  }
+#else
+  (void)first, (void)n, (void)f;
+#endif
+}
+
+}  // namespace row_kernels
+}  // namespace vosops
