@@ -1,5 +1,6 @@
 """The CPU kernels' row paths (csrc/local_attention/row_kernels.h): calls without offsets work on eight pixels of a
-row at a time in float accumulation. local_attention scores eight queries at once (local_attention_rows.h);
+row at a time in float accumulation. local_attention scores eight queries at once (local_attention_rows.h) and, for a softmax over every candidate,
+differentiates through local_affinity's row gathers;
 local_affinity scores them and gathers its dq and dk over them (local_affinity_rows.h). The backend tests in
 test_local_attention.py and test_local_affinity.py mostly use frames under eight columns, which take the other
 paths; these use rows of one to four blocks (partial last blocks included), windows wider than the frame,
@@ -78,10 +79,11 @@ def test_row_path_is_taken_without_offsets(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("why", ["narrow", "offsets", "float64", "many_candidates"])
+@pytest.mark.parametrize("why", ["narrow", "offsets", "float64", "many_candidates", "channels_last_k"])
 def test_per_query_path_where_rows_do_not_apply(monkeypatch, why):
-    """Frames under eight columns, offsets, float64 and candidate sets whose eight-query scratch would not stay in
-    cache (over 21845 candidates) keep the per-query path: the switch then changes nothing, bit for bit."""
+    """Frames under eight columns, offsets, float64, candidate sets whose eight-query scratch would not stay in
+    cache (over 21845 candidates) and a float channels-last k (read in place there; the row path would copy it)
+    keep the per-query path: the switch then changes nothing, bit for bit."""
     B, C, Cv, H, W, N, kw = 1, 12, 2, 4, 16, 1, dict(radius=2, scale=0.3)
     if why == "narrow":
         W = 7
@@ -92,8 +94,21 @@ def test_per_query_path_where_rows_do_not_apply(monkeypatch, why):
         inputs["offsets"] = torch.randn(B, N, 2, H, W) * 2
     if why == "float64":
         inputs = {n: x.double() for n, x in inputs.items()}
+    if why == "channels_last_k":
+        inputs["k"] = inputs["k"].permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
     for a, b in zip(_outputs(monkeypatch, True, inputs, kw), _outputs(monkeypatch, False, inputs, kw)):
         assert torch.equal(a, b)
+
+
+def test_row_softmax_backward_too_large_for_its_buffers_takes_the_per_query_backward(row_path):
+    """Softmax over every candidate differentiates through the affinity-layout buffers of ds and p (64 MiB for a
+    chunk of batches); a batch whose buffers would not fit (here 2 x 3721 x 46 x 50 floats = 68 MB) keeps the
+    row scores but takes the per-query backward. Both against the reference."""
+    inputs = make_inputs(1, 2, 2, 46, 50, 1, seed=9)
+    testing.check_against_reference(
+        lambda **t: vosops.local_attention(**t, radius=30, scale=0.5, backend="cpu"),
+        lambda **t: vosops.local_attention(**t, radius=30, scale=0.5, backend="reference"),
+        inputs, dtype=torch.float32, grad_inputs=("q", "k", "v"))
 
 
 @pytest.mark.parametrize("kw", [dict(topk=4), dict(topk=4, normalize="threshold"), dict()],

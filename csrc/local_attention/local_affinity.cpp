@@ -296,10 +296,9 @@ at::Tensor local_affinity_cpu(const at::Tensor& q, const at::Tensor& k, const st
   if (out.numel() > 0) {
     const at::Tensor off = rounded_offsets_cpu(offsets, g);
     g.offsets = off.defined() ? off.const_data_ptr<int32_t>() : nullptr;
-    // Wide channels-last float q and k (ViT tokens viewed as images) are read in place by the dot products below;
-    // the row kernels would copy k to channels-first.
-    const bool in_place = q.size(1) >= kDotMinChannels && q.scalar_type() == a &&
-                          q.permute({0, 2, 3, 1}).is_contiguous() && k.permute({0, 1, 3, 4, 2}).is_contiguous();
+    // A wide channels-last float k (ViT tokens viewed as images) is read in place by the dot products below; the
+    // row kernels would copy it to channels-first.
+    const bool in_place = q.size(1) >= kDotMinChannels && row_kernels::read_in_place(k);
     if (use_rows(g, a) && !in_place) {  // no offsets: eight queries of a row at a time (local_affinity_rows.h)
       const at::Tensor qp = row_kernels::pad_tail(q), kp = row_kernels::pad_ends(k);
       scores_rows(g, qp.const_data_ptr<float>(), qp.size(3), kp.const_data_ptr<float>(), kp.size(4), q.size(1),

@@ -21,6 +21,7 @@
 
 #include "common/native.h"
 #include "local_attention/local_attention.h"
+#include "local_attention/local_affinity_rows.h"
 #include "local_attention/local_attention_rows.h"
 
 namespace vosops {
@@ -560,7 +561,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_cpu(
   // Empty channels (C or Cv = 0) still run: scores are then 0 and the statistics / top-k lists are defined.
   if (c.B * c.H * c.W == 0) return {out, stats, top_logits, top_index};
   // The row path reads padded channels-first copies of q and k instead of channels-last ones.
-  const bool rows = use_row_scores(c, acc_type(q.scalar_type()), offsets.has_value());
+  const bool rows = use_row_scores(c, k, offsets.has_value());
   const at::Tensor qc = rows ? at::Tensor() : to_cl(q), kc = rows ? at::Tensor() : to_cl(k), vc = to_cl(v);
   const at::Tensor qp = rows ? pad_rows_q(q) : at::Tensor(), kp = rows ? pad_rows_k(k) : at::Tensor();
   const at::Tensor oc = offsets.has_value() ? rounded_offsets_cpu(*offsets, c) : at::Tensor();
@@ -570,6 +571,106 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_cpu(
     forward_cpu<scalar_t>(c, x, out, stats, top_logits, top_index);
   });
   return {out, stats, top_logits, top_index};
+}
+
+// Softmax over every candidate on the row path (MAMP training's form): the backward through local_affinity's row
+// gathers. Per chunk of whole batches, the gradient of every logit (ds) and every weight (p) is written in the
+// affinity layout (b, n, p, i, j); dq and dk are then gathered from ds and dv from p, each gradient element
+// written once (local_affinity_rows.h). The per-query backward's scatters of dk and dv into per-task accumulators
+// cost it most of its time. A chunk's two buffers stay within kRowBackwardBytes; a call whose one batch would not
+// fit takes the per-query backward.
+constexpr int64_t kRowBackwardBytes = int64_t(64) << 20;
+
+int64_t row_backward_batches(const Config& c) {
+  const int64_t per_batch = 2 * c.N * c.P * c.H * c.W * static_cast<int64_t>(sizeof(float));
+  return std::min(c.B, kRowBackwardBytes / std::max<int64_t>(per_batch, 1));
+}
+
+// ds and p of batches [b0, b0 + nb) into ds_buf / p_buf (nb, N, P, H, W); p_buf may be null. Only the in-window
+// columns are written (the gathers read no other).
+void row_softmax_weights(const Config& c, const Views<float>& x, const float* g, const float* st, int64_t b0,
+                         int64_t nb, float* ds_buf, float* p_buf) {
+  const int64_t N = c.N, Q = c.Q(), NQ = N * Q, H = c.H, W = c.W, HW = H * W, P = c.P, Cv = c.Cv;
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  at::parallel_for(0, nb * H, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> s(kRowLanes * NQ), p(NQ), dp(NQ);
+    std::vector<int64_t> pos(kRowLanes * NQ);
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t bl = row / H, i = row % H, b = b0 + bl;
+      for (int64_t j0 = 0; j0 < W; j0 += kRowLanes) {
+        score_rows(c, x.rows, b, i, j0, s.data(), pos.data());
+        for (int64_t j = j0; j < std::min(W, j0 + kRowLanes); ++j) {
+          const int64_t qi = (b * H + i) * W + j;
+          const float* sl = s.data() + (j - j0) * NQ;
+          const int64_t* pl = pos.data() + (j - j0) * NQ;
+          const float lse = st[qi * 2];
+          // (n, t) -> its element of the buffers
+          auto at = [&](int64_t n, int64_t t) { return ((bl * N + n) * P + c.cols[t]) * HW + i * W + j; };
+          if (lse == kInf) {  // no candidate kept: zero gradient (a NaN lse goes on: NaN gradients)
+            for (int64_t n = 0; n < N; ++n)
+              for (int64_t t = 0; t < Q; ++t) {
+                ds_buf[at(n, t)] = 0.f;
+                if (p_buf) p_buf[at(n, t)] = 0.f;
+              }
+            continue;
+          }
+          exp_all(sl, NQ, lse, p.data());
+          const float* gv = g + qi * Cv;
+          float D = 0.f;
+          for (int64_t n = 0, e = 0; n < N; ++n) {
+            const float* vframe = x.v + (b * N + n) * HW * Cv;
+            for (int64_t t = 0; t < Q; ++t, ++e) {
+              dp[e] = pl[e] >= 0 ? dot_short(gv, vframe + pl[e] * Cv, Cv) : 0.f;
+              D += p[e] * dp[e];
+            }
+          }
+          for (int64_t n = 0, e = 0; n < N; ++n)
+            for (int64_t t = 0; t < Q; ++t, ++e) {
+              ds_buf[at(n, t)] = p[e] * (dp[e] - D);
+              if (p_buf) p_buf[at(n, t)] = p[e];
+            }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> row_softmax_backward(const Config& c, const at::Tensor& grad_out,
+                                                                    const at::Tensor& q, const at::Tensor& k,
+                                                                    const at::Tensor& v, const at::Tensor& stats,
+                                                                    bool need_q, bool need_k, bool need_v) {
+  const auto f = q.options().dtype(at::kFloat);
+  const int64_t B = c.B, N = c.N, C = c.C, Cv = c.Cv, H = c.H, W = c.W;
+  const at::Tensor qp = pad_rows_q(q), kp = pad_rows_k(k), vc = to_cl(v), gc = to_cl(grad_out);
+  const at::Tensor sc = stats.contiguous();
+  const at::Tensor qe = need_k ? row_kernels::pad_ends(q) : at::Tensor();
+  const at::Tensor ge = need_v ? row_kernels::pad_ends(grad_out) : at::Tensor();
+  at::Tensor dq = need_q ? at::empty({B, C, H, W}, f) : q.new_empty({0});
+  at::Tensor dk = need_k ? at::empty({B, N, C, H, W}, f) : k.new_empty({0});
+  at::Tensor dv = need_v ? at::empty({B, N, Cv, H, W}, f) : v.new_empty({0});
+  const Views<float> x = make_views<float>(c, at::Tensor(), at::Tensor(), vc, at::Tensor(), qp, kp);
+  const int64_t chunk = row_backward_batches(c), Wk = kp.size(4);
+  at::Tensor ds_buf = at::empty({chunk, N, c.P, H, W}, f);
+  at::Tensor p_buf = need_v ? at::empty({chunk, N, c.P, H, W}, f) : at::Tensor();
+  local_affinity::Geometry g{chunk, N, H, W, c.radius, c.dilation, c.P, c.Q() != c.P, nullptr};
+  const float scale = static_cast<float>(c.scale);
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    g.B = std::min(chunk, B - b0);
+    float* ds = ds_buf.data_ptr<float>();
+    float* p = need_v ? p_buf.data_ptr<float>() : nullptr;
+    row_softmax_weights(c, x, gc.const_data_ptr<float>(), sc.const_data_ptr<float>(), b0, g.B, ds, p);
+    if (need_q)
+      local_affinity::dq_rows(g, ds, kp.const_data_ptr<float>() + b0 * N * C * H * Wk, Wk, C, scale,
+                              dq.data_ptr<float>() + b0 * C * H * W);
+    if (need_k)
+      local_affinity::dk_rows(g, ds, qe.const_data_ptr<float>() + b0 * C * H * Wk, Wk, C, scale,
+                              dk.data_ptr<float>() + b0 * N * C * H * W);
+    if (need_v)
+      local_affinity::dk_rows(g, p, ge.const_data_ptr<float>() + b0 * Cv * H * Wk, Wk, Cv, 1.f,
+                              dv.data_ptr<float>() + b0 * N * Cv * H * W);
+  }
+  const auto st = q.scalar_type();
+  return {need_q ? dq.to(st) : dq, need_k ? dk.to(st) : dk, need_v ? dv.to(st) : dv};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_backward_cpu(
@@ -582,6 +683,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_backward_cpu(
   const bool with_gl =
       check_backward_inputs(c, grad_out, grad_topk_logits, stats, topk_index, acc_type(q.scalar_type()));
   const at::ScalarType a = acc_type(q.scalar_type());
+  if (c.topk == 0 && use_row_scores(c, k, offsets.has_value()) && row_backward_batches(c) > 0 &&
+      c.B * c.H * c.W > 0 && (need_q || need_k || need_v))
+    return row_softmax_backward(c, grad_out, q, k, v, stats, need_q, need_k, need_v);
   const auto aopts = q.options().dtype(a);
   at::Tensor dq_cl, dk_buf, dv_buf;
   const int64_t rows = c.B * c.H;
@@ -597,7 +701,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_backward_cpu(
   if ((need_q || need_k || need_v) && c.B * c.H * c.W > 0) {
     const at::Tensor qc = to_cl(q), kc = to_cl(k), vc = to_cl(v);
     // Scores recomputed as the forward computed them (the row path's copies too); dq/dk read channels-last.
-    const bool rows = use_row_scores(c, a, offsets.has_value());
+    const bool rows = use_row_scores(c, k, offsets.has_value());
     const at::Tensor qp = rows ? pad_rows_q(q) : at::Tensor(), kp = rows ? pad_rows_k(k) : at::Tensor();
     const at::Tensor oc = offsets.has_value() ? rounded_offsets_cpu(*offsets, c) : at::Tensor();
     const at::Tensor gc = to_cl(grad_out);

@@ -8,12 +8,13 @@
 namespace vosops {
 namespace local_attention {
 
-bool use_row_scores(const Config& c, at::ScalarType acc_type, bool has_offsets) {
+bool use_row_scores(const Config& c, const at::Tensor& k, bool has_offsets) {
+  const bool float_acc = k.scalar_type() != at::kDouble;
   // Eight queries' scores and positions must stay in cache: with a window far larger than the frame (INO's r = 40
   // on small frames) most candidates are out-of-frame fills, and eight rows of them ran 1.8x slower than one.
   const int64_t scratch = kRowLanes * c.N * c.Q() * static_cast<int64_t>(sizeof(float) + sizeof(int64_t));
-  return row_kernels::enabled() && acc_type == at::kFloat && !has_offsets && c.W >= kRowLanes &&
-         scratch <= kRowScratchBytes;
+  return row_kernels::enabled() && float_acc && !has_offsets && c.W >= kRowLanes && scratch <= kRowScratchBytes &&
+         !row_kernels::read_in_place(k);
 }
 
 RowViews make_row_views(const at::Tensor& qp, const at::Tensor& kp, const std::vector<int64_t>& dy,

@@ -39,9 +39,9 @@ struct RowViews {
 constexpr int64_t kRowScratchBytes = 2 << 20;  // a block's scores and key positions, per thread
 
 // Whether a call takes the row path: row_kernels::enabled(), float accumulation (fp32/fp16/bf16 inputs), no
-// offsets, rows of at least one full block, and a block's scratch within kRowScratchBytes (N * Q <= 21845
-// candidates).
-bool use_row_scores(const Config& c, at::ScalarType acc_type, bool has_offsets);
+// offsets, rows of at least one full block, a block's scratch within kRowScratchBytes (N * Q <= 21845
+// candidates), and a k that the per-query path does not read in place (row_kernels::read_in_place).
+bool use_row_scores(const Config& c, const at::Tensor& k, bool has_offsets);
 
 // The padded copies (kept alive by the caller while the views are used).
 inline at::Tensor pad_rows_q(const at::Tensor& q) { return row_kernels::pad_tail(q); }  // (B, C, H, Wq)

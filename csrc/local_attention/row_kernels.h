@@ -36,6 +36,12 @@ inline bool enabled() {
 #endif
 }
 
+// Whether k (B, N, C, H, W) is float channels-last, which the other paths read in place and the row kernels would
+// copy to channels-first: such a k (ViT tokens viewed as images, possibly gigabytes) keeps those paths.
+inline bool read_in_place(const at::Tensor& k) {
+  return k.scalar_type() == at::kFloat && k.permute({0, 1, 3, 4, 2}).is_contiguous();
+}
+
 // Float copy of t with its last dimension rounded up to a multiple of kLanes, zero past the end; t itself when it
 // already is that.
 inline at::Tensor pad_tail(const at::Tensor& t) {
