@@ -1,7 +1,7 @@
 """The CPU kernels' row paths (csrc/local_attention/row_kernels.h): calls without offsets work on eight pixels of a
-row at a time in float accumulation. local_attention scores eight queries at once (local_attention_rows.h) and, for a softmax over every candidate,
-differentiates through local_affinity's row gathers;
-local_affinity scores them and gathers its dq and dk over them (local_affinity_rows.h). The backend tests in
+row at a time in float accumulation. local_attention scores eight queries at once (local_attention_rows.h) and,
+for a softmax over every candidate, differentiates through local_affinity's row gathers; local_affinity scores
+eight queries at once and gathers its dq and dk over eight pixels (local_affinity_rows.h). The backend tests in
 test_local_attention.py and test_local_affinity.py mostly use frames under eight columns, which take the other
 paths; these use rows of one to four blocks (partial last blocks included), windows wider than the frame,
 dilation, circles and both borders, against the float64 reference. Each runs on the row path

@@ -19,6 +19,8 @@ bool use_rows(const Geometry& g, at::ScalarType acc_type) {
   return row_kernels::enabled() && acc_type == at::kFloat && g.offsets == nullptr && g.W >= kLanes && fits;
 }
 
+#ifdef VOSOPS_ROWS_AVX2
+
 namespace {
 
 // In-window columns [lo, hi) of window row a (a circle's rows are contiguous runs of columns).
@@ -35,13 +37,7 @@ ColumnRange window_row(const Geometry& g, int64_t a) {
   return {lo, hi};
 }
 
-// Groups of at most kGroup columns, as equal as possible: n = 15 gives 8 + 7, not 14 + 1 (a one-column group
-// loads the query for a single product). The size of the next group when `left` columns remain for `groups`.
-inline int64_t next_group(int64_t left, int64_t groups) { return (left + groups - 1) / groups; }
-
 }  // namespace
-
-#ifdef VOSOPS_ROWS_AVX2
 
 namespace {
 
@@ -66,7 +62,8 @@ __attribute__((target("avx2,fma"))) void gather_chunk(const std::vector<Column>&
 #pragma GCC unroll 8
   for (int cc = 0; cc < CN; ++cc) acc[cc] = _mm256_setzero_ps();
   for (const Column& col : cols) {
-    const __m256 w = _mm256_maskload_ps(grad + col.grad_at, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col.mask)));
+    const __m256i mask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col.mask));
+    const __m256 w = _mm256_maskload_ps(grad + col.grad_at, mask);
     const float* s = src + col.src_at;
 #pragma GCC unroll 8
     for (int cc = 0; cc < CN; ++cc) acc[cc] = _mm256_fmadd_ps(w, _mm256_loadu_ps(s + cc * stride), acc[cc]);
@@ -141,9 +138,9 @@ __attribute__((target("avx2,fma"))) void score_row(const Geometry& g, const std:
       while (tb > ta && j0 + (tb - 1 - r) * d >= W) --tb;
       fill_columns(a, cr.lo, ta, j0, lanes, fill);
       fill_columns(a, tb, cr.hi, j0, lanes, fill);
-      const int64_t groups = (tb - ta + row_kernels::kGroup - 1) / row_kernels::kGroup;
+      const int64_t groups = row_kernels::group_count(tb - ta);
       for (int64_t t = ta, gi = groups; gi > 0; --gi) {
-        const int64_t n = next_group(tb - t, gi);
+        const int64_t n = row_kernels::next_group(tb - t, gi);
         row_kernels::score_group_fn(n, d)(qb + j0, H * Wq, krow + j0 + (t - r) * d, H * Wk, d, C, tile);
         for (int64_t u = 0; u < n; ++u) {
           float* o = ob + (a * D + t + u) * HW + j0;

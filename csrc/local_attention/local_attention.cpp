@@ -1,12 +1,14 @@
 // local_attention: op schemas and the fused CPU kernels.
 //
 // Forward, per query pixel: score its N*Q in-window candidates into per-thread scratch (channels-last q and k, so
-// each score is one contiguous dot product; without offsets, eight queries of a row at a time: local_attention_rows.h),
-// select (running top-k / threshold / all), then a max-subtracted
-// softmax over the kept set and a gather of only the kept values. The (B, N*P, H, W) affinity never exists.
+// each score is one contiguous dot product; without offsets eight queries of a row at a time, local_attention_rows.h),
+// select (running top-k / threshold / all), then a max-subtracted softmax over the kept set and a gather of only
+// the kept values. The (B, N*P, H, W) affinity never exists.
 // Saved per query: log-sum-exp and threshold (stats) and the top-k list (also the op's top-k outputs).
 // Backward recomputes the kept scores from q and k (flash-style): dq per query, dk/dv scattered into per-task
-// private accumulators that are summed at the end (no atomics, deterministic).
+// private accumulators that are summed at the end (no atomics, deterministic). A softmax over every candidate
+// without offsets instead writes the logits' gradient per chunk of batches and gathers dq, dk and dv from it
+// (row_softmax_backward).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -110,24 +110,24 @@ __attribute__((target("avx2,fma"))) inline __m256i lane_mask(int64_t base, int64
   return _mm256_and_si256(_mm256_and_si256(ge, lt), real);
 }
 
-#endif
+// Columns are scored in groups of at most kGroup, as equal as possible: 15 columns as 8 + 7, not 14 + 1 (a
+// one-column group loads the query for a single product). group_count(n) groups; the next one's size when `left`
+// columns remain for `groups` groups.
+inline int64_t group_count(int64_t n) { return (n + kGroup - 1) / kGroup; }
+inline int64_t next_group(int64_t left, int64_t groups) { return (left + groups - 1) / groups; }
 
-// Split of n columns into groups of at most kGroup, as equal as possible (15 columns as 8 + 7, not 14 + 1: a
-// one-column group loads the query for a single product). Calls f(first, count) in order.
+// Calls f(first column, count) for each group of the n columns from `first`, in order.
 template <typename F>
 inline void for_each_group(int64_t first, int64_t n, F&& f) {
-#ifdef VOSOPS_ROWS_AVX2
-  const int64_t groups = (n + kGroup - 1) / kGroup;
-  for (int64_t t = first, left = n, g = groups; left > 0; --g) {
-    const int64_t count = (left + g - 1) / g;
+  for (int64_t t = first, left = n, g = group_count(n); left > 0; --g) {
+    const int64_t count = next_group(left, g);
     f(t, count);
     t += count;
     left -= count;
   }
-#else
-  (void)first, (void)n, (void)f;
-#endif
 }
+
+#endif
 
 }  // namespace row_kernels
 }  // namespace vosops
