@@ -42,7 +42,8 @@ ColumnRange window_row(const Geometry& g, int64_t a) {
 namespace {
 
 // One candidate column of a block for the gathers: where its eight gradients are (masked to the lanes whose
-// candidate is in frame) and where its eight channel-0 operands are.
+// candidate is in frame) and where its eight channel-0 operands are, relative to a (batch, reference) base. A
+// block's columns are the same for every batch and reference, so they are listed once per row of blocks.
 struct Column {
   int64_t grad_at, src_at;
   int32_t mask[kLanes];  // all ones in the lanes to read (no __m256i member: std::vector need not align it)
@@ -54,44 +55,65 @@ __attribute__((target("avx2,fma"))) inline Column make_column(int64_t grad_at, i
   return col;
 }
 
-// acc[cc][l] = sum over the columns of grad[col.grad_at + l] * src[col.src_at + cc * stride + l], masked lanes 0.
+// The (grad, src) bases the columns are added to: one per reference summed over.
+struct Base {
+  int64_t grad, src;
+};
+
+// acc[cc][l] = sum over the bases and the columns [c0, c1) of grad[base.grad + col.grad_at + l] *
+// src[base.src + col.src_at + cc * stride + l], masked lanes 0.
 template <int CN>
-__attribute__((target("avx2,fma"))) void gather_chunk(const std::vector<Column>& cols, const float* grad,
-                                                       const float* src, int64_t stride, float* out) {
+__attribute__((target("avx2,fma"))) void gather_chunk(const Column* c0, const Column* c1, const Base* b0,
+                                                       const Base* b1, const float* grad, const float* src,
+                                                       int64_t stride, float* out) {
   __m256 acc[CN];
 #pragma GCC unroll 8
   for (int cc = 0; cc < CN; ++cc) acc[cc] = _mm256_setzero_ps();
-  for (const Column& col : cols) {
-    const __m256i mask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col.mask));
-    const __m256 w = _mm256_maskload_ps(grad + col.grad_at, mask);
-    const float* s = src + col.src_at;
+  for (const Base* base = b0; base != b1; ++base) {
+    const float* gb = grad + base->grad;
+    const float* sb = src + base->src;
+    for (const Column* col = c0; col != c1; ++col) {
+      const __m256i mask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col->mask));
+      const __m256 w = _mm256_maskload_ps(gb + col->grad_at, mask);
+      const float* s = sb + col->src_at;
 #pragma GCC unroll 8
-    for (int cc = 0; cc < CN; ++cc) acc[cc] = _mm256_fmadd_ps(w, _mm256_loadu_ps(s + cc * stride), acc[cc]);
+      for (int cc = 0; cc < CN; ++cc) acc[cc] = _mm256_fmadd_ps(w, _mm256_loadu_ps(s + cc * stride), acc[cc]);
+    }
   }
 #pragma GCC unroll 8
   for (int cc = 0; cc < CN; ++cc) _mm256_storeu_ps(out + cc * kLanes, acc[cc]);
 }
 
-using ChunkFn = void (*)(const std::vector<Column>&, const float*, const float*, int64_t, float*);
+using ChunkFn = void (*)(const Column*, const Column*, const Base*, const Base*, const float*, const float*,
+                         int64_t, float*);
 constexpr ChunkFn kChunks[8] = {&gather_chunk<1>, &gather_chunk<2>, &gather_chunk<3>, &gather_chunk<4>,
                                 &gather_chunk<5>, &gather_chunk<6>, &gather_chunk<7>, &gather_chunk<8>};
 
-// For every channel block of eight: the gather of the block's columns, scaled into dst[c * dst_stride + l],
-// l < lanes (dst points at channel 0 of the block's first pixel).
-__attribute__((target("avx2,fma"))) void gather_channels(const std::vector<Column>& cols, const float* grad,
+// For every channel block of eight: the gather of one block's columns over the bases, scaled into
+// dst[c * dst_stride + l], l < lanes (dst points at channel 0 of the block's first pixel).
+__attribute__((target("avx2,fma"))) void gather_channels(const Column* c0, const Column* c1,
+                                                          const std::vector<Base>& bases, const float* grad,
                                                           const float* src, int64_t src_stride, int64_t C,
                                                           float scale, float* dst, int64_t dst_stride,
                                                           int64_t lanes) {
   alignas(32) float tile[8 * kLanes];
-  for (int64_t c0 = 0; c0 < C; c0 += 8) {
-    const int64_t cn = std::min<int64_t>(8, C - c0);
-    kChunks[cn - 1](cols, grad, src + c0 * src_stride, src_stride, tile);
+  for (int64_t ch = 0; ch < C; ch += 8) {
+    const int64_t cn = std::min<int64_t>(8, C - ch);
+    kChunks[cn - 1](c0, c1, bases.data(), bases.data() + bases.size(), grad, src + ch * src_stride, src_stride,
+                    tile);
     for (int64_t cc = 0; cc < cn; ++cc) {
-      float* o = dst + (c0 + cc) * dst_stride;
+      float* o = dst + (ch + cc) * dst_stride;
       for (int64_t l = 0; l < lanes; ++l) o[l] = scale * tile[cc * kLanes + l];
     }
   }
 }
+
+// The columns of one row of blocks, block after block: block x0 / kLanes's are [starts[blk], starts[blk + 1]).
+struct RowPlan {
+  std::vector<Column> cols;
+  std::vector<int64_t> starts;
+  int64_t row = -1;  // the row it was built for
+};
 
 }  // namespace
 
@@ -160,46 +182,52 @@ __attribute__((target("avx2,fma"))) void score_row(const Geometry& g, const std:
   }
 }
 
-// The columns of dq's block (b, i, j0 .. j0 + lanes - 1): every in-frame candidate of every reference.
-__attribute__((target("avx2,fma"))) void dq_columns(const Geometry& g, const std::vector<ColumnRange>& ranges,
-                                                     int64_t Wk, int64_t C, int64_t b, int64_t i, int64_t j0,
-                                                     int64_t lanes, std::vector<Column>& cols) {
-  const int64_t H = g.H, W = g.W, HW = H * W, D = 2 * g.radius + 1, P = g.P, r = g.radius, d = g.dilation;
-  cols.clear();
-  for (int64_t n = 0; n < g.N; ++n) {
-    const int64_t bn = b * g.N + n;
+// dq's columns for query row i, block after block: every in-frame candidate (key row y, key column x0 + l).
+__attribute__((target("avx2,fma"))) void plan_dq_row(const Geometry& g, const std::vector<ColumnRange>& ranges,
+                                                      int64_t Wk, int64_t i, RowPlan& plan) {
+  const int64_t H = g.H, W = g.W, HW = H * W, D = 2 * g.radius + 1, r = g.radius, d = g.dilation;
+  plan.cols.clear();
+  plan.starts.assign(1, 0);
+  for (int64_t j0 = 0; j0 < W; j0 += kLanes) {
+    const int64_t lanes = std::min(kLanes, W - j0);
     for (int64_t a = 0; a < D; ++a) {
       const int64_t y = i + (a - r) * d;
       if (y < 0 || y >= H) continue;
       for (int64_t cx = ranges[a].lo; cx < ranges[a].hi; ++cx) {
         const int64_t x0 = j0 + (cx - r) * d;  // lane l's key column x0 + l
         if (x0 + lanes - 1 < 0 || x0 >= W) continue;
-        cols.push_back(make_column((bn * P + a * D + cx) * HW + i * W + j0, (bn * C * H + y) * Wk + kPad + x0,
-                                   row_kernels::lane_mask(x0, 0, W, lanes)));
+        plan.cols.push_back(make_column((a * D + cx) * HW + i * W + j0, y * Wk + kPad + x0,
+                                        row_kernels::lane_mask(x0, 0, W, lanes)));
       }
     }
+    plan.starts.push_back(static_cast<int64_t>(plan.cols.size()));
   }
+  plan.row = i;
 }
 
-// The columns of dk's block (b, n, y, x0 .. x0 + lanes - 1): the queries (i, j) = (y - d*dy, x - d*dx) whose
-// window column (dy, dx) is the key.
-__attribute__((target("avx2,fma"))) void dk_columns(const Geometry& g, const std::vector<ColumnRange>& ranges,
-                                                     int64_t Wk, int64_t C, int64_t bn, int64_t y, int64_t x0,
-                                                     int64_t lanes, std::vector<Column>& cols) {
-  const int64_t H = g.H, W = g.W, HW = H * W, D = 2 * g.radius + 1, P = g.P, r = g.radius, d = g.dilation;
-  const int64_t b = bn / g.N;
-  cols.clear();
-  for (int64_t a = 0; a < D; ++a) {
-    const int64_t i = y - (a - r) * d;
-    if (i < 0 || i >= H) continue;
-    for (int64_t cx = ranges[a].lo; cx < ranges[a].hi; ++cx) {
-      const int64_t j0 = x0 - (cx - r) * d;  // lane l's query column j0 + l
-      if (j0 + lanes - 1 < 0 || j0 >= W) continue;
-      // grad_at may point before its row's start: the mask keeps those lanes unread.
-      cols.push_back(make_column((bn * P + a * D + cx) * HW + i * W + j0, (b * C * H + i) * Wk + kPad + j0,
-                                 row_kernels::lane_mask(j0, 0, W, lanes)));
+// dk's columns for key row y, block after block: the queries (i, j) = (y - d*dy, x - d*dx) whose window column
+// (dy, dx) is the key.
+__attribute__((target("avx2,fma"))) void plan_dk_row(const Geometry& g, const std::vector<ColumnRange>& ranges,
+                                                      int64_t Wk, int64_t y, RowPlan& plan) {
+  const int64_t H = g.H, W = g.W, HW = H * W, D = 2 * g.radius + 1, r = g.radius, d = g.dilation;
+  plan.cols.clear();
+  plan.starts.assign(1, 0);
+  for (int64_t x0 = 0; x0 < W; x0 += kLanes) {
+    const int64_t lanes = std::min(kLanes, W - x0);
+    for (int64_t a = 0; a < D; ++a) {
+      const int64_t i = y - (a - r) * d;
+      if (i < 0 || i >= H) continue;
+      for (int64_t cx = ranges[a].lo; cx < ranges[a].hi; ++cx) {
+        const int64_t j0 = x0 - (cx - r) * d;  // lane l's query column j0 + l
+        if (j0 + lanes - 1 < 0 || j0 >= W) continue;
+        // grad_at may point before its row's start: the mask keeps those lanes unread.
+        plan.cols.push_back(make_column((a * D + cx) * HW + i * W + j0, i * Wk + kPad + j0,
+                                        row_kernels::lane_mask(j0, 0, W, lanes)));
+      }
     }
+    plan.starts.push_back(static_cast<int64_t>(plan.cols.size()));
   }
+  plan.row = y;
 }
 
 }  // namespace
@@ -212,34 +240,37 @@ void scores_rows(const Geometry& g, const float* q, int64_t Wq, const float* k, 
   });
 }
 
+// Tasks run row-major over (row, batch[, reference]) so that consecutive tasks of a thread reuse one row's plan.
 void dq_rows(const Geometry& g, const float* grad, const float* k, int64_t Wk, int64_t C, float scale, float* dq) {
   const std::vector<ColumnRange> ranges = window_rows(g);
-  const int64_t H = g.H, W = g.W;
-  at::parallel_for(0, g.B * H, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<Column> cols;
-    for (int64_t row = r0; row < r1; ++row) {
-      const int64_t b = row / H, i = row % H;
-      for (int64_t j0 = 0; j0 < W; j0 += kLanes) {
-        const int64_t lanes = std::min(kLanes, W - j0);
-        dq_columns(g, ranges, Wk, C, b, i, j0, lanes, cols);
-        gather_channels(cols, grad, k, H * Wk, C, scale, dq + (b * C * H + i) * W + j0, H * W, lanes);
-      }
+  const int64_t H = g.H, W = g.W, HW = H * W, P = g.P, N = g.N;
+  at::parallel_for(0, H * g.B, 1, [&](int64_t t0, int64_t t1) {
+    RowPlan plan;
+    std::vector<Base> bases(N);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t i = task / g.B, b = task % g.B;
+      if (plan.row != i) plan_dq_row(g, ranges, Wk, i, plan);
+      for (int64_t n = 0; n < N; ++n) bases[n] = {(b * N + n) * P * HW, (b * N + n) * C * H * Wk};
+      for (int64_t blk = 0, j0 = 0; j0 < W; ++blk, j0 += kLanes)
+        gather_channels(plan.cols.data() + plan.starts[blk], plan.cols.data() + plan.starts[blk + 1], bases, grad,
+                        k, H * Wk, C, scale, dq + (b * C * H + i) * W + j0, HW, std::min(kLanes, W - j0));
     }
   });
 }
 
 void dk_rows(const Geometry& g, const float* grad, const float* q, int64_t Wk, int64_t C, float scale, float* dk) {
   const std::vector<ColumnRange> ranges = window_rows(g);
-  const int64_t H = g.H, W = g.W;
-  at::parallel_for(0, g.B * g.N * H, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<Column> cols;
-    for (int64_t row = r0; row < r1; ++row) {
-      const int64_t y = row % H, bn = row / H;
-      for (int64_t x0 = 0; x0 < W; x0 += kLanes) {
-        const int64_t lanes = std::min(kLanes, W - x0);
-        dk_columns(g, ranges, Wk, C, bn, y, x0, lanes, cols);
-        gather_channels(cols, grad, q, H * Wk, C, scale, dk + (bn * C * H + y) * W + x0, H * W, lanes);
-      }
+  const int64_t H = g.H, W = g.W, HW = H * W, P = g.P, BN = g.B * g.N;
+  at::parallel_for(0, H * BN, 1, [&](int64_t t0, int64_t t1) {
+    RowPlan plan;
+    std::vector<Base> base(1);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t y = task / BN, bn = task % BN;
+      if (plan.row != y) plan_dk_row(g, ranges, Wk, y, plan);
+      base[0] = {bn * P * HW, (bn / g.N) * C * H * Wk};
+      for (int64_t blk = 0, x0 = 0; x0 < W; ++blk, x0 += kLanes)
+        gather_channels(plan.cols.data() + plan.starts[blk], plan.cols.data() + plan.starts[blk + 1], base, grad,
+                        q, H * Wk, C, scale, dk + (bn * C * H + y) * W + x0, HW, std::min(kLanes, W - x0));
     }
   });
 }
