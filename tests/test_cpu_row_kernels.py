@@ -1,7 +1,8 @@
 """The CPU kernels' row paths (csrc/local_attention/row_kernels.h): calls without offsets work on eight pixels of a
 row at a time in float accumulation. local_attention scores eight queries at once (local_attention_rows.h) and,
 for a softmax over every candidate, differentiates through local_affinity's row gathers; local_affinity scores
-eight queries at once and gathers its dq and dk over eight pixels (local_affinity_rows.h). The backend tests in
+eight queries at once and gathers its dq and dk over eight pixels, and local_aggregate gathers its output and dv
+and scores its d/dweights the same way (local_affinity_rows.h). The backend tests in
 test_local_attention.py and test_local_affinity.py mostly use frames under eight columns, which take the other
 paths; these use rows of one to four blocks (partial last blocks included), windows wider than the frame,
 dilation, circles and both borders, against the float64 reference. Each runs on the row path
@@ -79,12 +80,15 @@ def test_row_path_is_taken_without_offsets(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("why", ["narrow", "offsets", "float64", "many_candidates", "channels_last_k"])
+@pytest.mark.parametrize("why", ["narrow", "offsets", "float64", "many_candidates", "channels_last_k", "wide"])
 def test_per_query_path_where_rows_do_not_apply(monkeypatch, why):
     """Frames under eight columns, offsets, float64, candidate sets whose eight-query scratch would not stay in
-    cache (over 21845 candidates) and a float channels-last k (read in place there; the row path would copy it)
-    keep the per-query path: the switch then changes nothing, bit for bit."""
+    cache (over 21845 candidates), a float channels-last k (read in place there; the row path would copy it) and
+    over 256 channels (where the per-query dot products are as fast) keep the per-query path: the switch then
+    changes nothing, bit for bit."""
     B, C, Cv, H, W, N, kw = 1, 12, 2, 4, 16, 1, dict(radius=2, scale=0.3)
+    if why == "wide":
+        C = 257
     if why == "narrow":
         W = 7
     if why == "many_candidates":
@@ -276,3 +280,56 @@ def test_affinity_row_path_opcheck(row_path):
     for window, border in (("square", "zero"), ("circle", "mask")):
         args = (t["q"].requires_grad_(), t["k"].requires_grad_(), None, 2, 1, window, 0.5, border)
         torch.library.opcheck(torch.ops.vosops.local_affinity.default, args)
+
+
+# --- local_aggregate ---------------------------------------------------------------------------------------------
+
+def aggregate_inputs(B, Cv, H, W, N, radius, seed):
+    g = torch.Generator().manual_seed(seed)
+    P = (2 * radius + 1) ** 2
+    return {"weights": torch.randn(B, N, P, H, W, generator=g), "v": torch.randn(B, N, Cv, H, W, generator=g)}
+
+
+@pytest.mark.parametrize("case", range(len(AFFINITY_CASES)))
+@pytest.mark.parametrize("Cv", [1, 3, 10])
+def test_aggregate_row_path_matches_reference(row_path, case, Cv):
+    B, _, H, W, N, kw = AFFINITY_CASES[case]
+    agg_kw = {n: kw[n] for n in ("radius", "dilation") if n in kw}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        testing.check_against_reference(
+            lambda weights, v: vosops.local_aggregate(weights, v, **agg_kw, backend="cpu"),
+            lambda weights, v: vosops.local_aggregate(weights, v, **agg_kw, backend="reference"),
+            aggregate_inputs(B, Cv, H, W, N, agg_kw["radius"], seed=case), dtype=dtype,
+            grad_inputs=("weights", "v"), layout="noncontiguous" if case % 2 else "contiguous", seed=case)
+
+
+def test_aggregate_row_path_is_taken_without_offsets(monkeypatch):
+    """dv is gathered over the queries on the row path and scattered on the other: different summation orders, so
+    equal float32 results would mean the row kernels never ran (the output and d/dweights sum the same products in
+    the same order on both)."""
+    t = aggregate_inputs(1, 5, 5, 16, 2, 3, seed=8)
+    results = []
+    for on in (True, False):
+        monkeypatch.setenv("VOSOPS_CPU_ROW_KERNELS", "1" if on else "0")
+        w, v = t["weights"].clone().requires_grad_(), t["v"].clone().requires_grad_()
+        out = vosops.local_aggregate(w, v, radius=3, backend="cpu")
+        results.append([out, *torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                                                   [w, v])])
+    assert not torch.equal(results[0][2], results[1][2])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_aggregate_row_path_ignores_weights_of_out_of_frame_candidates(row_path):
+    """Out-of-frame candidates carry zero values whatever their weight, even inf or NaN, on the row path too."""
+    t = aggregate_inputs(1, 3, 4, 12, 2, 2, seed=9)
+    w, v = t["weights"], t["v"]
+    out_of_frame = vosops.local_affinity(torch.ones(1, 1, 4, 12), torch.ones(1, 2, 1, 4, 12), radius=2,
+                                         backend="reference").isneginf()
+    assert out_of_frame.any()
+    poisoned = torch.where(out_of_frame, torch.tensor(float("nan")), w)
+    expected = vosops.local_aggregate(torch.where(out_of_frame, 0, w).double(), v.double(), radius=2,
+                                      backend="reference")
+    got = vosops.local_aggregate(poisoned, v, radius=2, backend="cpu")
+    assert got.isfinite().all()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)

@@ -8,8 +8,7 @@
 // circle window are skipped (their logits are constants, their values zero). A row of W queries shares one
 // candidate column at a time, so the inner loops run over j with contiguous query-side reads and writes.
 // The scatter is split into tasks that own disjoint (b, n, channel-block) planes: no atomics, deterministic.
-// local_affinity without offsets takes the register-blocked row kernels of local_affinity_rows.h instead (on
-// local_aggregate's few value channels they measured no faster: its calls are bound by reading the weights).
+// Both ops without offsets take the register-blocked row kernels of local_affinity_rows.h instead.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -300,7 +299,7 @@ at::Tensor local_affinity_cpu(const at::Tensor& q, const at::Tensor& k, const st
     // A wide channels-last float k (ViT tokens viewed as images) is read in place by the dot products below; the
     // row kernels would copy it to channels-first.
     const bool in_place = q.size(1) >= kDotMinChannels && row_kernels::read_in_place(k);
-    if (use_rows(g, a) && !in_place) {  // no offsets: eight queries of a row at a time (local_affinity_rows.h)
+    if (use_rows(g, a, k) && !in_place) {  // no offsets: eight queries of a row at a time (local_affinity_rows.h)
       const at::Tensor qp = row_kernels::pad_tail(q), kp = row_kernels::pad_ends(k);
       scores_rows(g, qp.const_data_ptr<float>(), qp.size(3), kp.const_data_ptr<float>(), kp.size(4), q.size(1),
                   static_cast<float>(scale),
@@ -343,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor> local_affinity_backward_cpu(const at::Tensor&
   if ((need_q || need_k) && grad.numel() > 0) {
     const at::Tensor off = rounded_offsets_cpu(offsets, g), ga = grad.to(a).contiguous();
     g.offsets = off.defined() ? off.const_data_ptr<int32_t>() : nullptr;
-    if (use_rows(g, a)) {  // no offsets: gathers over eight pixels of a row at a time (local_affinity_rows.h)
+    if (use_rows(g, a, k)) {  // no offsets: gathers over eight pixels of a row at a time (local_affinity_rows.h)
       const float s = static_cast<float>(scale);
       if (need_q) {
         const at::Tensor kp = row_kernels::pad_ends(k);
@@ -375,8 +374,14 @@ at::Tensor local_aggregate_cpu(const at::Tensor& weights, const at::Tensor& v, c
   const int64_t Cv = v.size(2);
   at::Tensor out = new_output({g.B, Cv, g.H, g.W}, v.options().dtype(a));
   if (out.numel() > 0) {
-    const at::Tensor off = rounded_offsets_cpu(offsets, g), wa = to_acc(weights), va = to_acc(v);
+    const at::Tensor off = rounded_offsets_cpu(offsets, g), wa = to_acc(weights);
     g.offsets = off.defined() ? off.const_data_ptr<int32_t>() : nullptr;
+    if (use_rows(g, a, v)) {  // no offsets: the weights of eight queries at once against padded value rows
+      const at::Tensor vp = row_kernels::pad_ends(v);
+      dq_rows(g, wa.const_data_ptr<float>(), vp.const_data_ptr<float>(), vp.size(4), Cv, 1.f, out.data_ptr<float>());
+      return out.to(v.scalar_type());
+    }
+    const at::Tensor va = to_acc(v);
     AT_DISPATCH_FLOATING_TYPES(a, "local_aggregate_cpu", [&] {
       gather<scalar_t>(g, wa.const_data_ptr<scalar_t>(), va.const_data_ptr<scalar_t>(), Cv, scalar_t(1),
                        out.data_ptr<scalar_t>());
@@ -398,8 +403,21 @@ std::tuple<at::Tensor, at::Tensor> local_aggregate_backward_cpu(const at::Tensor
   at::Tensor gw = need_weights ? at::empty(weights.sizes(), weights.options().dtype(a)) : weights.new_empty({0});
   at::Tensor gv = need_v ? at::zeros(v.sizes(), v.options().dtype(a)) : v.new_empty({0});
   if ((need_weights || need_v) && weights.numel() > 0) {  // Cv = 0 still runs: d/dweights is then all 0
-    const at::Tensor off = rounded_offsets_cpu(offsets, g), ga = to_acc(grad_out), va = to_acc(v);
+    const at::Tensor off = rounded_offsets_cpu(offsets, g);
     g.offsets = off.defined() ? off.const_data_ptr<int32_t>() : nullptr;
+    if (use_rows(g, a, v)) {  // no offsets: d/dweights as row scores, dv gathered (local_affinity_rows.h)
+      if (need_weights) {
+        const at::Tensor gp = row_kernels::pad_tail(grad_out), vp = row_kernels::pad_ends(v);
+        scores_rows(g, gp.const_data_ptr<float>(), gp.size(3), vp.const_data_ptr<float>(), vp.size(4), Cv, 1.f, 0.f,
+                    gw.data_ptr<float>());
+      }
+      if (need_v) {
+        const at::Tensor wa = to_acc(weights), ge = row_kernels::pad_ends(grad_out);
+        dk_rows(g, wa.const_data_ptr<float>(), ge.const_data_ptr<float>(), ge.size(3), Cv, 1.f, gv.data_ptr<float>());
+      }
+      return {gw.to(weights.scalar_type()), gv.to(v.scalar_type())};
+    }
+    const at::Tensor ga = to_acc(grad_out), va = to_acc(v);
     AT_DISPATCH_FLOATING_TYPES(a, "local_aggregate_backward_cpu", [&] {
       // d/dweights: an unscaled affinity of grad_out against v, 0 out of frame (every column of the window).
       if (need_weights) scores<scalar_t>(g, ga.const_data_ptr<scalar_t>(), va.const_data_ptr<scalar_t>(), nullptr,

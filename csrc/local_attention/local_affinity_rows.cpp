@@ -13,10 +13,11 @@ namespace local_affinity {
 using row_kernels::kLanes;
 using row_kernels::kPad;
 
-bool use_rows(const Geometry& g, at::ScalarType acc_type) {
+bool use_rows(const Geometry& g, at::ScalarType acc_type, const at::Tensor& frames) {
   // The lane masks compute column indices in int32.
   const bool fits = g.W + 2 * kPad + g.radius * g.dilation < std::numeric_limits<int32_t>::max();
-  return row_kernels::enabled() && acc_type == at::kFloat && g.offsets == nullptr && g.W >= kLanes && fits;
+  return row_kernels::enabled() && acc_type == at::kFloat && g.offsets == nullptr && g.W >= kLanes && fits &&
+         row_kernels::copy_fits(frames);
 }
 
 #ifdef VOSOPS_ROWS_AVX2
@@ -135,7 +136,7 @@ __attribute__((target("avx2,fma"))) void score_row(const Geometry& g, const std:
   alignas(32) float tile[row_kernels::kGroup * kLanes];
   const int64_t i = row % H, bn = row / H, b = bn / g.N;
   float* ob = out + bn * P * HW + i * W;  // window column p of this row at ob + p * HW
-  const float* qb = q + (b * C * H + i) * Wq;
+  const float* qb = q + (b * H + i) * C * Wq;
   const float* kf = k + bn * C * H * Wk;
   auto fill_columns = [&](int64_t a, int64_t cx0, int64_t cx1, int64_t j0, int64_t len, float value) {
     for (int64_t cx = cx0; cx < cx1; ++cx) std::fill_n(ob + (a * D + cx) * HW + j0, len, value);
@@ -150,7 +151,7 @@ __attribute__((target("avx2,fma"))) void score_row(const Geometry& g, const std:
       fill_columns(a, cr.lo, cr.hi, 0, W, fill);
       continue;
     }
-    const float* krow = kf + y * Wk + kPad;
+    const float* krow = kf + y * C * Wk + kPad;
     for (int64_t j0 = 0; j0 < W; j0 += kLanes) {
       const int64_t lanes = std::min(kLanes, W - j0);
       // Columns whose lanes all fall outside the frame are not scored; the others read at most kLanes - 1
@@ -163,7 +164,7 @@ __attribute__((target("avx2,fma"))) void score_row(const Geometry& g, const std:
       const int64_t groups = row_kernels::group_count(tb - ta);
       for (int64_t t = ta, gi = groups; gi > 0; --gi) {
         const int64_t n = row_kernels::next_group(tb - t, gi);
-        row_kernels::score_group_fn(n, d)(qb + j0, H * Wq, krow + j0 + (t - r) * d, H * Wk, d, C, tile);
+        row_kernels::score_group_fn(n, d)(qb + j0, Wq, krow + j0 + (t - r) * d, Wk, d, C, tile);
         for (int64_t u = 0; u < n; ++u) {
           float* o = ob + (a * D + t + u) * HW + j0;
           const int64_t x0 = j0 + (t + u - r) * d;
@@ -184,7 +185,7 @@ __attribute__((target("avx2,fma"))) void score_row(const Geometry& g, const std:
 
 // dq's columns for query row i, block after block: every in-frame candidate (key row y, key column x0 + l).
 __attribute__((target("avx2,fma"))) void plan_dq_row(const Geometry& g, const std::vector<ColumnRange>& ranges,
-                                                      int64_t Wk, int64_t i, RowPlan& plan) {
+                                                      int64_t Wk, int64_t C, int64_t i, RowPlan& plan) {
   const int64_t H = g.H, W = g.W, HW = H * W, D = 2 * g.radius + 1, r = g.radius, d = g.dilation;
   plan.cols.clear();
   plan.starts.assign(1, 0);
@@ -196,7 +197,7 @@ __attribute__((target("avx2,fma"))) void plan_dq_row(const Geometry& g, const st
       for (int64_t cx = ranges[a].lo; cx < ranges[a].hi; ++cx) {
         const int64_t x0 = j0 + (cx - r) * d;  // lane l's key column x0 + l
         if (x0 + lanes - 1 < 0 || x0 >= W) continue;
-        plan.cols.push_back(make_column((a * D + cx) * HW + i * W + j0, y * Wk + kPad + x0,
+        plan.cols.push_back(make_column((a * D + cx) * HW + i * W + j0, y * C * Wk + kPad + x0,
                                         row_kernels::lane_mask(x0, 0, W, lanes)));
       }
     }
@@ -208,7 +209,7 @@ __attribute__((target("avx2,fma"))) void plan_dq_row(const Geometry& g, const st
 // dk's columns for key row y, block after block: the queries (i, j) = (y - d*dy, x - d*dx) whose window column
 // (dy, dx) is the key.
 __attribute__((target("avx2,fma"))) void plan_dk_row(const Geometry& g, const std::vector<ColumnRange>& ranges,
-                                                      int64_t Wk, int64_t y, RowPlan& plan) {
+                                                      int64_t Wk, int64_t C, int64_t y, RowPlan& plan) {
   const int64_t H = g.H, W = g.W, HW = H * W, D = 2 * g.radius + 1, r = g.radius, d = g.dilation;
   plan.cols.clear();
   plan.starts.assign(1, 0);
@@ -221,7 +222,7 @@ __attribute__((target("avx2,fma"))) void plan_dk_row(const Geometry& g, const st
         const int64_t j0 = x0 - (cx - r) * d;  // lane l's query column j0 + l
         if (j0 + lanes - 1 < 0 || j0 >= W) continue;
         // grad_at may point before its row's start: the mask keeps those lanes unread.
-        plan.cols.push_back(make_column((a * D + cx) * HW + i * W + j0, i * Wk + kPad + j0,
+        plan.cols.push_back(make_column((a * D + cx) * HW + i * W + j0, i * C * Wk + kPad + j0,
                                         row_kernels::lane_mask(j0, 0, W, lanes)));
       }
     }
@@ -249,11 +250,11 @@ void dq_rows(const Geometry& g, const float* grad, const float* k, int64_t Wk, i
     std::vector<Base> bases(N);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t i = task / g.B, b = task % g.B;
-      if (plan.row != i) plan_dq_row(g, ranges, Wk, i, plan);
+      if (plan.row != i) plan_dq_row(g, ranges, Wk, C, i, plan);
       for (int64_t n = 0; n < N; ++n) bases[n] = {(b * N + n) * P * HW, (b * N + n) * C * H * Wk};
       for (int64_t blk = 0, j0 = 0; j0 < W; ++blk, j0 += kLanes)
         gather_channels(plan.cols.data() + plan.starts[blk], plan.cols.data() + plan.starts[blk + 1], bases, grad,
-                        k, H * Wk, C, scale, dq + (b * C * H + i) * W + j0, HW, std::min(kLanes, W - j0));
+                        k, Wk, C, scale, dq + (b * C * H + i) * W + j0, HW, std::min(kLanes, W - j0));
     }
   });
 }
@@ -266,11 +267,11 @@ void dk_rows(const Geometry& g, const float* grad, const float* q, int64_t Wk, i
     std::vector<Base> base(1);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t y = task / BN, bn = task % BN;
-      if (plan.row != y) plan_dk_row(g, ranges, Wk, y, plan);
+      if (plan.row != y) plan_dk_row(g, ranges, Wk, C, y, plan);
       base[0] = {bn * P * HW, (bn / g.N) * C * H * Wk};
       for (int64_t blk = 0, x0 = 0; x0 < W; ++blk, x0 += kLanes)
         gather_channels(plan.cols.data() + plan.starts[blk], plan.cols.data() + plan.starts[blk + 1], base, grad,
-                        q, H * Wk, C, scale, dk + (bn * C * H + y) * W + x0, HW, std::min(kLanes, W - x0));
+                        q, Wk, C, scale, dk + (bn * C * H + y) * W + x0, HW, std::min(kLanes, W - x0));
     }
   });
 }

@@ -14,7 +14,7 @@ bool use_row_scores(const Config& c, const at::Tensor& k, bool has_offsets) {
   // on small frames) most candidates are out-of-frame fills, and eight rows of them ran 1.8x slower than one.
   const int64_t scratch = kRowLanes * c.N * c.Q() * static_cast<int64_t>(sizeof(float) + sizeof(int64_t));
   return row_kernels::enabled() && float_acc && !has_offsets && c.W >= kRowLanes && scratch <= kRowScratchBytes &&
-         !row_kernels::read_in_place(k);
+         c.C <= row_kernels::kMaxScoreChannels && !row_kernels::read_in_place(k) && row_kernels::copy_fits(k);
 }
 
 RowViews make_row_views(const at::Tensor& qp, const at::Tensor& kp, const std::vector<int64_t>& dy,
@@ -41,8 +41,8 @@ __attribute__((target("avx2,fma"))) void score_rows(const Config& c, const RowVi
   const int64_t lanes = std::min(kRowLanes, W - j0);
   const float scale = static_cast<float>(c.scale);
   const float fill = c.zero_border ? 0.f : -std::numeric_limits<float>::infinity();
-  const int64_t q_stride = H * r.Wq, k_stride = H * r.Wk;
-  const float* qb = r.q + (b * C * H + i) * r.Wq + j0;
+  const int64_t q_stride = r.Wq, k_stride = r.Wk;  // channel to channel
+  const float* qb = r.q + (b * H + i) * C * r.Wq + j0;
   alignas(32) float tile[row_kernels::kGroup * kRowLanes];
   auto put_fill = [&](int64_t e) {
     for (int64_t l = 0; l < lanes; ++l) {
@@ -63,7 +63,7 @@ __attribute__((target("avx2,fma"))) void score_rows(const Config& c, const RowVi
       int64_t ta = row.t0, tb = row.t1;
       while (ta < tb && j0 + lanes - 1 + r.dx[ta] < 0) put_fill(e0 + ta++);
       while (tb > ta && j0 + r.dx[tb - 1] >= W) put_fill(e0 + --tb);
-      const float* krow = kf + y * r.Wk + kRowPad + j0;
+      const float* krow = kf + y * C * r.Wk + kRowPad + j0;
       row_kernels::for_each_group(ta, tb - ta, [&](int64_t t, int64_t g) {
         row_kernels::score_group_fn(g, c.dilation)(qb, q_stride, krow + r.dx[t], k_stride, c.dilation, C, tile);
         for (int64_t u = 0; u < g; ++u) {
@@ -116,9 +116,9 @@ __attribute__((target("avx2,fma"))) void exp_shifted_avx2(const float* s, int64_
 // std::fma rounds once, as the vector FMA does: the same chain in the same order gives the same float.
 __attribute__((target("avx2,fma"))) float score_row_chain(const Config& c, const RowViews& r, int64_t b, int64_t n,
                                                           int64_t i, int64_t j, int64_t y, int64_t x) {
-  const int64_t C = c.C, q_stride = c.H * r.Wq, k_stride = c.H * r.Wk;
-  const float* qp = r.q + (b * C * c.H + i) * r.Wq + j;
-  const float* kp = r.k + ((b * c.N + n) * C * c.H + y) * r.Wk + kRowPad + x;
+  const int64_t C = c.C, q_stride = r.Wq, k_stride = r.Wk;
+  const float* qp = r.q + (b * c.H + i) * C * r.Wq + j;
+  const float* kp = r.k + ((b * c.N + n) * c.H + y) * C * r.Wk + kRowPad + x;
   float acc = 0.f;
   for (int64_t ch = 0; ch < C; ++ch) acc = std::fma(qp[ch * q_stride], kp[ch * k_stride], acc);
   return static_cast<float>(c.scale) * acc;

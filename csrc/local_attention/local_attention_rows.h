@@ -28,8 +28,8 @@ struct WindowRow {
 // Padded channels-first float copies of q and k and the window's rows. Lanes past W read q's zero tail and keys
 // up to kRowPad - 1 columns outside the frame read the key rows' zero borders, so no load needs a bounds check.
 struct RowViews {
-  const float* q = nullptr;  // (B, C, H, Wq), zero in columns [W, Wq)
-  const float* k = nullptr;  // (B, N, C, H, Wk), key column x stored at kRowPad + x, zero elsewhere
+  const float* q = nullptr;  // (B, H, C, Wq), zero in columns [W, Wq) (row_kernels::pad_tail)
+  const float* k = nullptr;  // (B, N, H, C, Wk), key column x at kRowPad + x, zero elsewhere (pad_ends)
   int64_t Wq = 0, Wk = 0;
   const int64_t* dx = nullptr;  // column offset of each in-window column, times dilation
   std::vector<WindowRow> rows;
@@ -40,12 +40,13 @@ constexpr int64_t kRowScratchBytes = 2 << 20;  // a block's scores and key posit
 
 // Whether a call takes the row path: row_kernels::enabled(), float accumulation (fp32/fp16/bf16 inputs), no
 // offsets, rows of at least one full block, a block's scratch within kRowScratchBytes (N * Q <= 21845
-// candidates), and a k that the per-query path does not read in place (row_kernels::read_in_place).
+// candidates), at most row_kernels::kMaxScoreChannels channels, a k that the per-query path does not read in
+// place (row_kernels::read_in_place), and a padded copy of k within row_kernels::kMaxCopyBytes.
 bool use_row_scores(const Config& c, const at::Tensor& k, bool has_offsets);
 
 // The padded copies (kept alive by the caller while the views are used).
-inline at::Tensor pad_rows_q(const at::Tensor& q) { return row_kernels::pad_tail(q); }  // (B, C, H, Wq)
-inline at::Tensor pad_rows_k(const at::Tensor& k) { return row_kernels::pad_ends(k); }  // (B, N, C, H, Wk)
+inline at::Tensor pad_rows_q(const at::Tensor& q) { return row_kernels::pad_tail(q); }  // (B, H, C, Wq)
+inline at::Tensor pad_rows_k(const at::Tensor& k) { return row_kernels::pad_ends(k); }  // (B, N, H, C, Wk)
 
 // dy / dx: per in-window column, times dilation (Views' tables; dx must outlive the views).
 RowViews make_row_views(const at::Tensor& qp, const at::Tensor& kp, const std::vector<int64_t>& dy,
