@@ -116,15 +116,11 @@ struct RowPlan {
   int64_t row = -1;  // the row it was built for
 };
 
-}  // namespace
-
-static std::vector<ColumnRange> window_rows(const Geometry& g) {
+std::vector<ColumnRange> window_rows(const Geometry& g) {
   std::vector<ColumnRange> rows;
   for (int64_t a = 0; a < 2 * g.radius + 1; ++a) rows.push_back(window_row(g, a));
   return rows;
 }
-
-namespace {
 
 // One (b, n, i) row of scores_rows. (The parallel loops' lambdas call functions like this one: a lambda does not
 // take its enclosing function's target attribute, so the vector code may not sit in it.)
