@@ -179,52 +179,36 @@ __attribute__((target("avx2,fma"))) void score_row(const Geometry& g, const std:
   }
 }
 
-// dq's columns for query row i, block after block: every in-frame candidate (key row y, key column x0 + l).
-__attribute__((target("avx2,fma"))) void plan_dq_row(const Geometry& g, const std::vector<ColumnRange>& ranges,
-                                                      int64_t Wk, int64_t C, int64_t i, RowPlan& plan) {
-  const int64_t H = g.H, W = g.W, HW = H * W, D = 2 * g.radius + 1, r = g.radius, d = g.dilation;
+// The columns of row R's blocks for the gathers. dq (mirror = false): R is a query row, each block's columns are
+// its queries' in-frame candidates, the operand rows are key rows. dk (mirror = true): R is a key row, each
+// block's columns are the queries (i, j) = (y - d*dy, x - d*dx) whose window column (dy, dx) is the key, the
+// operand rows are those queries' rows. Either way the gradient is read at the query and the mask keeps the
+// lanes whose other end lies in the frame.
+__attribute__((target("avx2,fma"))) void plan_row(const Geometry& g, const std::vector<ColumnRange>& ranges,
+                                                   int64_t Wk, int64_t C, int64_t R, bool mirror, RowPlan& plan) {
+  const int64_t H = g.H, W = g.W, HW = H * W, D = 2 * g.radius + 1, r = g.radius;
+  const int64_t d = mirror ? -g.dilation : g.dilation;
   plan.cols.clear();
   plan.starts.assign(1, 0);
-  for (int64_t j0 = 0; j0 < W; j0 += kLanes) {
-    const int64_t lanes = std::min(kLanes, W - j0);
+  for (int64_t c0 = 0; c0 < W; c0 += kLanes) {
+    const int64_t lanes = std::min(kLanes, W - c0);
     for (int64_t a = 0; a < D; ++a) {
-      const int64_t y = i + (a - r) * d;
-      if (y < 0 || y >= H) continue;
+      const int64_t other_row = R + (a - r) * d;
+      if (other_row < 0 || other_row >= H) continue;
+      const int64_t query_row = mirror ? other_row : R;
       for (int64_t cx = ranges[a].lo; cx < ranges[a].hi; ++cx) {
-        const int64_t x0 = j0 + (cx - r) * d;  // lane l's key column x0 + l
-        if (x0 + lanes - 1 < 0 || x0 >= W) continue;
-        plan.cols.push_back(make_column((a * D + cx) * HW + i * W + j0, y * C * Wk + kPad + x0,
-                                        row_kernels::lane_mask(x0, 0, W, lanes)));
+        const int64_t other_col = c0 + (cx - r) * d;  // lane l's other end at column other_col + l
+        if (other_col + lanes - 1 < 0 || other_col >= W) continue;
+        const int64_t query_col = mirror ? other_col : c0;
+        // With mirror, grad_at may point before its row's start: the mask keeps those lanes unread.
+        plan.cols.push_back(make_column((a * D + cx) * HW + query_row * W + query_col,
+                                        other_row * C * Wk + kPad + other_col,
+                                        row_kernels::lane_mask(other_col, 0, W, lanes)));
       }
     }
     plan.starts.push_back(static_cast<int64_t>(plan.cols.size()));
   }
-  plan.row = i;
-}
-
-// dk's columns for key row y, block after block: the queries (i, j) = (y - d*dy, x - d*dx) whose window column
-// (dy, dx) is the key.
-__attribute__((target("avx2,fma"))) void plan_dk_row(const Geometry& g, const std::vector<ColumnRange>& ranges,
-                                                      int64_t Wk, int64_t C, int64_t y, RowPlan& plan) {
-  const int64_t H = g.H, W = g.W, HW = H * W, D = 2 * g.radius + 1, r = g.radius, d = g.dilation;
-  plan.cols.clear();
-  plan.starts.assign(1, 0);
-  for (int64_t x0 = 0; x0 < W; x0 += kLanes) {
-    const int64_t lanes = std::min(kLanes, W - x0);
-    for (int64_t a = 0; a < D; ++a) {
-      const int64_t i = y - (a - r) * d;
-      if (i < 0 || i >= H) continue;
-      for (int64_t cx = ranges[a].lo; cx < ranges[a].hi; ++cx) {
-        const int64_t j0 = x0 - (cx - r) * d;  // lane l's query column j0 + l
-        if (j0 + lanes - 1 < 0 || j0 >= W) continue;
-        // grad_at may point before its row's start: the mask keeps those lanes unread.
-        plan.cols.push_back(make_column((a * D + cx) * HW + i * W + j0, i * C * Wk + kPad + j0,
-                                        row_kernels::lane_mask(j0, 0, W, lanes)));
-      }
-    }
-    plan.starts.push_back(static_cast<int64_t>(plan.cols.size()));
-  }
-  plan.row = y;
+  plan.row = R;
 }
 
 }  // namespace
@@ -246,7 +230,7 @@ void dq_rows(const Geometry& g, const float* grad, const float* k, int64_t Wk, i
     std::vector<Base> bases(N);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t i = task / g.B, b = task % g.B;
-      if (plan.row != i) plan_dq_row(g, ranges, Wk, C, i, plan);
+      if (plan.row != i) plan_row(g, ranges, Wk, C, i, false, plan);
       for (int64_t n = 0; n < N; ++n) bases[n] = {(b * N + n) * P * HW, (b * N + n) * C * H * Wk};
       for (int64_t blk = 0, j0 = 0; j0 < W; ++blk, j0 += kLanes)
         gather_channels(plan.cols.data() + plan.starts[blk], plan.cols.data() + plan.starts[blk + 1], bases, grad,
@@ -263,7 +247,7 @@ void dk_rows(const Geometry& g, const float* grad, const float* q, int64_t Wk, i
     std::vector<Base> base(1);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t y = task / BN, bn = task % BN;
-      if (plan.row != y) plan_dk_row(g, ranges, Wk, C, y, plan);
+      if (plan.row != y) plan_row(g, ranges, Wk, C, y, true, plan);
       base[0] = {bn * P * HW, (bn / g.N) * C * H * Wk};
       for (int64_t blk = 0, x0 = 0; x0 < W; ++blk, x0 += kLanes)
         gather_channels(plan.cols.data() + plan.starts[blk], plan.cols.data() + plan.starts[blk + 1], base, grad,

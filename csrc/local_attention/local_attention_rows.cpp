@@ -1,6 +1,8 @@
 // local_attention's row scores (see local_attention_rows.h): AVX2/FMA kernels, chosen at run time.
 #include "local_attention/local_attention_rows.h"
 
+#include "common/avx2_exp.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -80,35 +82,15 @@ __attribute__((target("avx2,fma"))) void score_rows(const Config& c, const RowVi
   }
 }
 
-// exp of eight floats (Cephes' single-precision polynomial, within 2 ulp of std::exp); x below -87.33 (the normal
-// range's end, -inf included) gives 0, a NaN stays NaN.
-__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3365447505531f), hi = _mm256_set1_ps(88.3762626647949f);
-  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), xc);  // x - fx * ln2, ln2 in two parts
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  __m256 out = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-  out = _mm256_blendv_ps(out, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
-  return _mm256_blendv_ps(out, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-}
-
 __attribute__((target("avx2,fma"))) void exp_shifted_avx2(const float* s, int64_t n, float shift, float* w) {
   const __m256 sh = _mm256_set1_ps(shift);
   int64_t e = 0;
-  for (; e + kRowLanes <= n; e += kRowLanes) _mm256_storeu_ps(w + e, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + e), sh)));
+  for (; e + kRowLanes <= n; e += kRowLanes)
+    _mm256_storeu_ps(w + e, exp256(_mm256_sub_ps(_mm256_loadu_ps(s + e), sh)));
   if (e < n) {  // the tail through a zero-padded vector
     alignas(32) float in[kRowLanes] = {}, out[kRowLanes];
     std::copy(s + e, s + n, in);
-    _mm256_store_ps(out, exp8(_mm256_sub_ps(_mm256_load_ps(in), sh)));
+    _mm256_store_ps(out, exp256(_mm256_sub_ps(_mm256_load_ps(in), sh)));
     std::copy(out, out + (n - e), w + e);
   }
 }

@@ -15,6 +15,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "common/avx2_exp.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define VOSOPS_TOPK_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
@@ -78,33 +80,11 @@ inline T rounded_mul(T a, T b) {
 }
 
 // --- exp ------------------------------------------------------------------------------------------------------------
-// libm's exp is a call per element; the softmax needs millions per call. Cephes' expf (Cody-Waite reduction, degree-6
-// polynomial, about 1 ulp) in AVX2 intrinsics, as explicit vectors because GCC will not if-convert the clamps of a
-// scalar version under the default -ftrapping-math. Defined for x <= 88 (callers pass logit - row max); x below
-// -87.3 (and -inf) gives exactly 0, NaN stays NaN.
+// exp256 (common/avx2_exp.h) for the vectors; the scalar tails match its 0 below -87.3.
 inline float exp_scalar(float x) { return x < -87.33654f ? 0.0f : std::exp(x); }
 inline double exp_scalar(double x) { return std::exp(x); }
 
 #if VOSOPS_TOPK_AVX2
-__attribute__((target("avx2,fma"))) inline __m256 exp256(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.33654f);
-  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0f));
-  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  __m256 out = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-  out = _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), out);           // far below: 0
-  return _mm256_blendv_ps(out, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));     // NaN in, NaN out
-}
-
 // scale * s as a rounded product, the value scaled_max compared. Left to itself the compiler fuses the product and
 // the subtraction of m into one FMA, which leaves the row's maximum at minus the product's rounding error instead
 // of 0: past |scale * s| ~ 1e9 that error is beyond exp's range, and the softmax came out 0 or inf.
