@@ -297,7 +297,7 @@ at::Tensor local_affinity_cpu(const at::Tensor& q, const at::Tensor& k, const st
     const at::Tensor off = rounded_offsets_cpu(offsets, g);
     g.offsets = off.defined() ? off.const_data_ptr<int32_t>() : nullptr;
     // A wide channels-last float k (ViT tokens viewed as images) is read in place by the dot products below; the
-    // row kernels would copy it to channels-first.
+    // row kernels would copy it to their row layout.
     const bool in_place = q.size(1) >= kDotMinChannels && row_kernels::read_in_place(k);
     if (use_rows(g, a, k) && !in_place) {  // no offsets: eight queries of a row at a time (local_affinity_rows.h)
       const at::Tensor qp = row_kernels::pad_tail(q), kp = row_kernels::pad_ends(k);

@@ -71,7 +71,7 @@ VOSOPS_INLINE void dot4(const T* __restrict q, const T* __restrict k0, const T* 
 }
 
 // Channels-last, accumulation-precision views of the inputs plus the window geometry; with row scores also the
-// padded channels-first copies that score_rows reads (then the forward needs no channels-last q and k).
+// padded row-layout copies that score_rows reads (then the forward needs no channels-last q and k).
 template <typename acc_t>
 struct Views {
   const acc_t* q;      // (B, H, W, C), or null when only the row scores read q
@@ -89,7 +89,7 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-// qp / kp: the row-score copies (pad_rows_q / pad_rows_k), undefined for the per-query path.
+// qp / kp: the row-score copies (row_kernels::pad_tail / pad_ends), undefined for the per-query path.
 template <typename acc_t>
 Views<acc_t> make_views(const Config& c, const at::Tensor& qc, const at::Tensor& kc, const at::Tensor& vc,
                         const at::Tensor& oc, const at::Tensor& qp = {}, const at::Tensor& kp = {}) {
@@ -562,10 +562,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_cpu(
   at::Tensor top_index = new_output({c.B, c.H, c.W, c.topk}, opts.dtype(at::kLong));
   // Empty channels (C or Cv = 0) still run: scores are then 0 and the statistics / top-k lists are defined.
   if (c.B * c.H * c.W == 0) return {out, stats, top_logits, top_index};
-  // The row path reads padded channels-first copies of q and k instead of channels-last ones.
+  // The row path reads padded row-layout copies of q and k (row_kernels.h) instead of channels-last ones.
   const bool rows = use_row_scores(c, k, offsets.has_value());
   const at::Tensor qc = rows ? at::Tensor() : to_cl(q), kc = rows ? at::Tensor() : to_cl(k), vc = to_cl(v);
-  const at::Tensor qp = rows ? pad_rows_q(q) : at::Tensor(), kp = rows ? pad_rows_k(k) : at::Tensor();
+  const at::Tensor qp = rows ? row_kernels::pad_tail(q) : at::Tensor();
+  const at::Tensor kp = rows ? row_kernels::pad_ends(k) : at::Tensor();
   const at::Tensor oc = offsets.has_value() ? rounded_offsets_cpu(*offsets, c) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "local_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -643,7 +644,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_softmax_backward(const Config
                                                                     bool need_q, bool need_k, bool need_v) {
   const auto f = q.options().dtype(at::kFloat);
   const int64_t B = c.B, N = c.N, C = c.C, Cv = c.Cv, H = c.H, W = c.W;
-  const at::Tensor qp = pad_rows_q(q), kp = pad_rows_k(k), vc = to_cl(v), gc = to_cl(grad_out);
+  const at::Tensor qp = row_kernels::pad_tail(q), kp = row_kernels::pad_ends(k), vc = to_cl(v), gc = to_cl(grad_out);
   const at::Tensor sc = stats.contiguous();
   const at::Tensor qe = need_k ? row_kernels::pad_ends(q) : at::Tensor();
   const at::Tensor ge = need_v ? row_kernels::pad_ends(grad_out) : at::Tensor();
@@ -685,8 +686,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_backward_cpu(
   const bool with_gl =
       check_backward_inputs(c, grad_out, grad_topk_logits, stats, topk_index, acc_type(q.scalar_type()));
   const at::ScalarType a = acc_type(q.scalar_type());
-  if (c.topk == 0 && use_row_scores(c, k, offsets.has_value()) && row_backward_batches(c) > 0 &&
-      c.B * c.H * c.W > 0 && (need_q || need_k || need_v))
+  // Scores recomputed as the forward computed them: on the row path when the forward took it.
+  const bool row_path = use_row_scores(c, k, offsets.has_value());
+  if (c.topk == 0 && row_path && row_backward_batches(c) > 0 && c.B * c.H * c.W > 0 && (need_q || need_k || need_v))
     return row_softmax_backward(c, grad_out, q, k, v, stats, need_q, need_k, need_v);
   const auto aopts = q.options().dtype(a);
   at::Tensor dq_cl, dk_buf, dv_buf;
@@ -702,9 +704,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_backward_cpu(
   if (need_v) dv_buf = at::zeros({copies, c.B, c.N, c.H, c.W, c.Cv}, aopts);
   if ((need_q || need_k || need_v) && c.B * c.H * c.W > 0) {
     const at::Tensor qc = to_cl(q), kc = to_cl(k), vc = to_cl(v);
-    // Scores recomputed as the forward computed them (the row path's copies too); dq/dk read channels-last.
-    const bool rows = use_row_scores(c, k, offsets.has_value());
-    const at::Tensor qp = rows ? pad_rows_q(q) : at::Tensor(), kp = rows ? pad_rows_k(k) : at::Tensor();
+    // dq/dk read channels-last; the row path's copies serve the recomputed scores.
+    const at::Tensor qp = row_path ? row_kernels::pad_tail(q) : at::Tensor();
+    const at::Tensor kp = row_path ? row_kernels::pad_ends(k) : at::Tensor();
     const at::Tensor oc = offsets.has_value() ? rounded_offsets_cpu(*offsets, c) : at::Tensor();
     const at::Tensor gc = to_cl(grad_out);
     const at::Tensor glc = with_gl ? grad_topk_logits->to(a).contiguous() : at::Tensor();

@@ -25,7 +25,7 @@ struct WindowRow {
   int64_t dy, t0, t1;
 };
 
-// Padded channels-first float copies of q and k and the window's rows. Lanes past W read q's zero tail and keys
+// Padded row-layout float copies of q and k and the window's rows. Lanes past W read q's zero tail and keys
 // up to kRowPad - 1 columns outside the frame read the key rows' zero borders, so no load needs a bounds check.
 struct RowViews {
   const float* q = nullptr;  // (B, H, C, Wq), zero in columns [W, Wq) (row_kernels::pad_tail)
@@ -44,10 +44,7 @@ constexpr int64_t kRowScratchBytes = 2 << 20;  // a block's scores and key posit
 // place (row_kernels::read_in_place), and a padded copy of k within row_kernels::kMaxCopyBytes.
 bool use_row_scores(const Config& c, const at::Tensor& k, bool has_offsets);
 
-// The padded copies (kept alive by the caller while the views are used).
-inline at::Tensor pad_rows_q(const at::Tensor& q) { return row_kernels::pad_tail(q); }  // (B, H, C, Wq)
-inline at::Tensor pad_rows_k(const at::Tensor& k) { return row_kernels::pad_ends(k); }  // (B, N, H, C, Wk)
-
+// qp / kp: row_kernels::pad_tail(q) and pad_ends(k), kept alive by the caller while the views are used.
 // dy / dx: per in-window column, times dilation (Views' tables; dx must outlive the views).
 RowViews make_row_views(const at::Tensor& qp, const at::Tensor& kp, const std::vector<int64_t>& dy,
                         const std::vector<int64_t>& dx);

@@ -1,8 +1,9 @@
-// Building blocks of the CPU row kernels of local_attention and local_affinity (calls without offsets).
+// Building blocks of the CPU row kernels of local_attention, local_affinity and local_aggregate (calls without
+// offsets).
 //
 // Without offsets the window of query (i, j + 1) is the window of (i, j) moved one pixel right, so a candidate
-// column (dy, dx) of eight consecutive queries of a row is eight consecutive keys of one key row: in channels-first
-// tensors one 8-wide load, every product vertical in its own lane (no horizontal sums), and a key load shared by
+// column (dy, dx) of eight consecutive queries of a row is eight consecutive keys of one key row: with the
+// columns innermost (the row layout below) one 8-wide load, every product vertical in its own lane (no horizontal sums), and a key load shared by
 // eight queries. The kernels here are AVX2/FMA, compiled with target attributes and chosen at run time.
 #pragma once
 #include <ATen/ATen.h>
@@ -43,7 +44,7 @@ inline bool enabled() {
 }
 
 // Whether k (B, N, C, H, W) is float channels-last, which the other paths read in place and the row kernels would
-// copy to channels-first: such a k (ViT tokens viewed as images, possibly gigabytes) keeps those paths.
+// copy to their row layout: such a k (ViT tokens viewed as images, possibly gigabytes) keeps those paths.
 inline bool read_in_place(const at::Tensor& k) {
   return k.scalar_type() == at::kFloat && k.permute({0, 1, 3, 4, 2}).is_contiguous();
 }
